@@ -1,0 +1,23 @@
+"""Dask clusters whose workers are rented Vast.ai GPUs.
+
+``VastAICluster`` is imported lazily so that ``import dask_vastai`` (the CLI, the emulator)
+does not pay for distributed's import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import config  # noqa: F401  (registers the vastai: defaults with dask.config)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["VastAICluster", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "VastAICluster":
+        from .cluster import VastAICluster
+
+        return VastAICluster
+    raise AttributeError(f"module 'dask_vastai' has no attribute {name!r}")
