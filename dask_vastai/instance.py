@@ -1,0 +1,258 @@
+"""``VastInstance``: one rental as a SpecCluster ``ProcessInterface``.
+
+The life of a rental, in order: rent (through the cluster's broker) -> wait until it runs
+with SSH -> connect (tunnel hub) -> probe the hardware -> forward fresh ports -> write the
+worker incarnation(s) over SFTP -> the on-instance supervisor starts ``dask worker`` ->
+registered. ``start()`` returns once Vast accepted the rental, like dask-jobqueue's
+``sbatch``; the boot continues in a task so that ``scale()``/``close()`` never wait minutes
+behind a booting machine. ``close()`` always destroys, whatever state the boot was in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from distributed.core import Status
+from distributed.deploy.spec import ProcessInterface
+
+from .bootstrap import (
+    PROBE_COMMAND,
+    Incarnation,
+    incarnation_path,
+    incarnation_payload,
+    parse_probe,
+)
+from .rentals import BootFailed, RentalBroker, RentalRecord
+from .tunnel import InstanceLink, SSHEndpoint, TunnelHub
+
+if TYPE_CHECKING:
+    from .api import Instance
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterContext:
+    """What every instance of one cluster shares (one object, not copied per worker)."""
+
+    broker: RentalBroker
+    hub: TunnelHub
+    scheduler_address: str
+    tls_ca: str
+    tls_cert: str
+    tls_key: str
+    boot_timeout_s: float
+    heartbeat_interval_s: float
+    registered: Callable[[Sequence[str]], bool]
+    log: Callable[[str], None]
+    worker_per_gpu: bool = True
+    worker_options: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    max_boot_attempts: int = 3
+    failures: dict[str, BaseException] = field(default_factory=dict)
+    heartbeat_path: str = "/root/.dask-vastai/heartbeat"
+
+
+class VastInstance(ProcessInterface):
+    """One rented instance running one dask worker per GPU (or one for all of them)."""
+
+    def __init__(
+        self,
+        scheduler: str,
+        name: str,
+        *,
+        context: ClusterContext,
+        group: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(scheduler=scheduler, name=name)
+        self.name = name
+        self.context = context
+        self.worker_names = [name + suffix for suffix in group] if group else [name]
+        self.record: RentalRecord | None = None
+        self.link: InstanceLink | None = None
+        self.worker_ports: list[int] = []
+        self.registered_at: float | None = None
+        self.error: BaseException | None = None
+        self._boot: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------- start
+    async def start(self) -> None:
+        self.record = await self.context.broker.rent(self.name)
+        self._boot = asyncio.create_task(self._bring_up(), name=f"boot {self.name}")
+        await super().start()
+
+    async def _bring_up(self) -> None:
+        """Boot, connect and start the workers; retry on a different machine up to a bound."""
+        attempts = 0
+        while True:
+            attempts += 1
+            assert self.record is not None
+            try:
+                await self._boot_once(self.record)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - every boot failure destroys and maybe retries
+                self.context.log(f"{self.name}: instance {self.record.instance_id} failed: {e}")
+                await self._teardown_link()
+                await self.context.broker.destroy(self.record.instance_id)
+                if attempts >= self.context.max_boot_attempts or not isinstance(e, BootFailed | TimeoutError | OSError):
+                    self.error = e
+                    self.context.failures[self.name] = e
+                    self.status = Status.failed
+                    return
+                self.record = await self.context.broker.rent(self.name)
+
+    async def _boot_once(self, record: RentalRecord) -> None:
+        ctx = self.context
+        row = await ctx.broker.wait_until_ready(record.instance_id, ctx.boot_timeout_s)
+        started = time.monotonic()
+        self.link = await ctx.hub.connect(self.name, _ssh_endpoint(row), timeout_s=ctx.boot_timeout_s)
+        self.link.on_lost(self._on_link_lost)
+        _, out, _ = await self.link.run(PROBE_COMMAND, timeout_s=60)
+        probe = parse_probe(out)
+        incarnations = self._incarnations(probe, record)
+        await self._start_workers(incarnations)
+        left = max(5.0, ctx.boot_timeout_s - (time.monotonic() - started))
+        await _wait_for(lambda: ctx.registered(self.worker_names), left, f"workers {self.worker_names} to register")
+        self.registered_at = time.time()
+        ctx.log(
+            f"{self.name}: instance {record.instance_id} ready, workers {', '.join(self.worker_names)} "
+            f"registered {time.time() - record.rented_at:.0f}s after renting"
+        )
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._beat())
+
+    def _incarnations(self, probe: dict[str, Any], record: RentalRecord) -> list[Incarnation]:
+        """Worker specs from what the box really has, checked against what was rented."""
+        gpus = probe.get("gpus") or []
+        wanted = record.offer.num_gpus
+        if len(gpus) < wanted:
+            raise BootFailed(
+                f"instance {record.instance_id} shows {len(gpus)} GPU(s) in nvidia-smi but {wanted} were rented"
+            )
+        per_gpu = self.context.worker_per_gpu and len(self.worker_names) > 1
+        count = len(self.worker_names)
+        cpus = float(probe.get("cpus") or record.offer.cpu_cores_effective or 1)
+        memory = int(probe.get("memory_bytes") or record.offer.cpu_ram_mb * 2**20)
+        opts = self.context.worker_options
+        out = []
+        for k, worker_name in enumerate(self.worker_names):
+            if per_gpu:
+                visible = str(gpus[k].get("index", k))
+                n_gpu = 1
+            else:
+                visible = ",".join(str(g.get("index", i)) for i, g in enumerate(gpus[:wanted]))
+                n_gpu = wanted
+            cpu = max(1.0, cpus / count)
+            mem = memory // count
+            resources = {"GPU": float(n_gpu), "CPU": cpu, "MEMORY": float(mem)}
+            resources.update(opts.get("resources", {}))
+            env = dict(self.context.env)
+            env["CUDA_VISIBLE_DEVICES"] = visible
+            out.append(
+                Incarnation(
+                    worker_name=worker_name,
+                    scheduler_address=self.context.scheduler_address,
+                    worker_port=0,
+                    nanny_port=0,
+                    nthreads=int(opts.get("nthreads", max(1, int(cpu)))),
+                    memory_limit=int(opts.get("memory_limit", mem)),
+                    resources=resources,
+                    env=env,
+                    tls_ca=self.context.tls_ca,
+                    tls_cert=self.context.tls_cert,
+                    tls_key=self.context.tls_key,
+                    death_timeout_s=int(opts.get("death_timeout", 60)),
+                )
+            )
+        return out
+
+    async def _start_workers(self, incarnations: list[Incarnation]) -> None:
+        """Fresh ports, forwards in place everywhere, then the incarnation files."""
+        from dataclasses import replace
+
+        assert self.link is not None
+        ports = await self.context.hub.allocate_ports(2 * len(incarnations))
+        ready = []
+        for k, inc in enumerate(incarnations):
+            worker_port, nanny_port = ports[2 * k], ports[2 * k + 1]
+            await self.context.hub.expose_worker(self.link, worker_port, nanny_port)
+            ready.append(replace(inc, worker_port=worker_port, nanny_port=nanny_port))
+        self.worker_ports = [inc.worker_port for inc in ready]
+        await asyncio.gather(
+            *(self.link.put(incarnation_path(inc.worker_name), incarnation_payload(inc)) for inc in ready)
+        )
+
+    async def _beat(self) -> None:
+        """Tell the on-instance watchdog the client is alive."""
+        while self.link is not None and not self.link.closed.is_set():
+            with contextlib.suppress(Exception):
+                await self.link.put(self.context.heartbeat_path, str(time.time()).encode())
+            await asyncio.sleep(self.context.heartbeat_interval_s)
+
+    def _on_link_lost(self) -> None:
+        if self.status in (Status.closing, Status.closed) or self.record is None:
+            return
+        self.context.log(f"{self.name}: SSH link to instance {self.record.instance_id} lost; reconnecting")
+        if self._boot is None or self._boot.done():
+            self._boot = asyncio.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """A worker cannot rejoin a scheduler it lost: new link, new ports, new incarnation."""
+        await self._teardown_link()
+        await self._bring_up()
+
+    # ----------------------------------------------------------------- close
+    async def _teardown_link(self) -> None:
+        for port in self.worker_ports:
+            with contextlib.suppress(Exception):
+                await self.context.hub.unexpose_worker(port)
+        self.worker_ports = []
+        if self.link is not None:
+            link, self.link = self.link, None
+            with contextlib.suppress(Exception):
+                await self.context.hub.close_link(link)
+
+    async def close(self) -> None:
+        """Close SSH, then destroy the rental: always, whatever the boot reached."""
+        for task in (self._boot, self._heartbeat):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        await self._teardown_link()
+        if self.record is not None:
+            await self.context.broker.destroy(self.record.instance_id)
+        await super().close()
+
+    # ------------------------------------------------------------------ info
+    @property
+    def instance_id(self) -> int | None:
+        return self.record.instance_id if self.record else None
+
+    def __repr__(self) -> str:
+        rid = self.record.instance_id if self.record else None
+        return f"<VastInstance {self.name}: instance={rid} status={self.status.name}>"
+
+
+def _ssh_endpoint(row: Instance) -> SSHEndpoint:
+    """The direct endpoint when the offer has one (faster), else Vast's SSH proxy."""
+    direct = row.direct_ssh()
+    host, port = direct if direct is not None else row.proxy_ssh()  # type: ignore[misc]
+    return SSHEndpoint(host=host, port=port)
+
+
+async def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        await asyncio.sleep(0.2)

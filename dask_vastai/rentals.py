@@ -1,0 +1,376 @@
+"""The one place a cluster rents and destroys instances, and watches them boot.
+
+Vast rate-limits every endpoint per account (create ~4.5 s, destroy 3 s, list 1 s), while
+SpecCluster starts and closes all workers at once. So a cluster's rentals go through one
+:class:`RentalBroker`: rent requests arriving together become one bulk create, destroys
+become one bulk destroy, and one poller lists all the cluster's rentals per interval
+instead of one GET per instance. Every rental is registered in a process-wide ledger the
+moment Vast accepts it, so the exit and signal handlers (``safety.py``) can destroy it even
+if the cluster object is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from .api import CreateRequest, Instance, Offer, OfferUnavailable, VastAPI, VastError
+from .labels import cluster_label_prefix, rental_label
+from .offers import OfferRequirements, no_match_message
+from .safety import LEDGER
+
+logger = logging.getLogger(__name__)
+
+#: Vast's own self-test treats these status messages as fatal (vast_api.md §5).
+_FATAL_STATUS_MSG = re.compile(
+    r"error|failed|failure|exception|traceback|oci runtime|permission denied|pull rate limit|"
+    r"manifest unknown|unauthorized|no space left",
+    re.IGNORECASE,
+)
+
+
+class NoOfferAvailable(RuntimeError):
+    """No offer matches the requirements (the message shows the query and the nearest offers)."""
+
+
+class BootFailed(RuntimeError):
+    """A rental did not reach a usable running state; it has been destroyed."""
+
+
+@dataclass
+class RentalRecord:
+    """What the cluster knows of one rental: for cost, repr and cleanup."""
+
+    instance_id: int
+    worker_name: str
+    offer: Offer
+    dph_total: float
+    rented_at: float
+    destroyed_at: float | None = None
+    instance: Instance | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def uptime_s(self) -> float:
+        """Seconds billed so far (Vast bills from the rental's start until destroy)."""
+        start = self.instance.start_date if self.instance and self.instance.start_date else self.rented_at
+        end = self.destroyed_at if self.destroyed_at is not None else time.time()
+        return max(0.0, end - start)
+
+    @property
+    def cost_usd(self) -> float:
+        return self.dph_total * self.uptime_s / 3600.0
+
+    @property
+    def state(self) -> str:
+        if self.destroyed_at is not None:
+            return "destroyed"
+        if self.instance is None or not self.instance.actual_status:
+            return "created"
+        return str(self.instance.actual_status)
+
+
+def boot_failure(instance: Instance) -> str | None:
+    """Why ``instance`` will never become usable, or None while it still may."""
+    status = instance.actual_status
+    if status in ("exited", "offline", "unknown"):
+        return f"instance {instance.id} is {status}: {instance.status_msg or 'no message'}"
+    if status == "stopped" and instance.intended_status != "stopped":
+        return f"instance {instance.id} stopped (outbid or host problem): {instance.status_msg or ''}"
+    if status != "running" and instance.status_msg and _FATAL_STATUS_MSG.search(instance.status_msg):
+        return f"instance {instance.id} failed to boot: {instance.status_msg}"
+    return None
+
+
+def ssh_ready(instance: Instance) -> bool:
+    """Running with an SSH endpoint we can use."""
+    return instance.actual_status == "running" and (
+        instance.direct_ssh() is not None or instance.proxy_ssh() is not None
+    )
+
+
+class RentalBroker:
+    """Rents, watches and destroys the instances of one cluster."""
+
+    def __init__(
+        self,
+        api: VastAPI,
+        *,
+        cluster_name: str,
+        requirements: OfferRequirements,
+        create_request: CreateRequest,
+        poll_interval_s: float = 2.0,
+        batch_window_s: float = 0.2,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.api = api
+        self.cluster_name = cluster_name
+        self.requirements = requirements
+        self.create_request = create_request
+        self.poll_interval_s = poll_interval_s
+        self.batch_window_s = batch_window_s
+        self.records: dict[int, RentalRecord] = {}
+        self._log = log or logger.info
+        self._rent_queue: list[tuple[str, asyncio.Future[RentalRecord]]] = []
+        self._rent_flush: asyncio.Task[None] | None = None
+        self._destroy_queue: list[tuple[int, asyncio.Future[None]]] = []
+        self._destroy_flush: asyncio.Task[None] | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._tried_offers: set[int] = set()
+
+    # ------------------------------------------------------------------ renting
+    async def rent(self, worker_name: str) -> RentalRecord:
+        """Rent one instance for ``worker_name``; calls arriving together share one bulk create."""
+        fut: asyncio.Future[RentalRecord] = asyncio.get_running_loop().create_future()
+        self._rent_queue.append((worker_name, fut))
+        if self._rent_flush is None or self._rent_flush.done():
+            self._rent_flush = asyncio.create_task(self._flush_rents())
+        return await fut
+
+    async def _flush_rents(self) -> None:
+        await asyncio.sleep(self.batch_window_s)
+        batch, self._rent_queue = self._rent_queue, []
+        try:
+            records = await self._rent_batch([name for name, _ in batch])
+        except BaseException as e:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (_, fut), record in zip(batch, records, strict=True):
+            if fut.cancelled():
+                # The waiter went away (its start was cancelled): nothing will use this rental.
+                asyncio.create_task(self.destroy(record.instance_id))
+            else:
+                fut.set_result(record)
+
+    async def _rent_batch(self, names: list[str]) -> list[RentalRecord]:
+        """Rent one instance per name, taking the next offers when some are gone (races)."""
+        rented: dict[str, RentalRecord] = {}
+        for _attempt in range(4):
+            wanted = [n for n in names if n not in rented]
+            if not wanted:
+                break
+            offers = await self._candidate_offers(len(wanted))
+            pairs = list(zip(wanted, offers, strict=True))
+            self._tried_offers.update(offer.id for _, offer in pairs)
+            results = await self._create(pairs)
+            for (name, offer), result in zip(pairs, results, strict=True):
+                if isinstance(result, OfferUnavailable):
+                    logger.info("offer %s was taken before we rented it; trying another", offer.id)
+                    continue
+                if isinstance(result, BaseException):
+                    # Not a race: a rejected request. Destroy what this batch got, then raise.
+                    await self._destroy_now([r.instance_id for r in rented.values()])
+                    raise result
+                record = RentalRecord(
+                    instance_id=result,
+                    worker_name=name,
+                    offer=offer,
+                    dph_total=offer.dph_total,
+                    rented_at=time.time(),
+                )
+                self.records[result] = record
+                rented[name] = record
+        missing = [n for n in names if n not in rented]
+        if missing:
+            await self._destroy_now([r.instance_id for r in rented.values()])
+            raise NoOfferAvailable(
+                f"could not rent {len(missing)} instance(s): every matching offer was taken "
+                f"while we rented. Query: {self.requirements.query_text()}"
+            )
+        for record in rented.values():
+            self._log(
+                f"rented instance {record.instance_id} ({record.offer.num_gpus}x {record.offer.gpu_name}, "
+                f"${record.dph_total:.3f}/h, {record.offer.geolocation}) for {record.worker_name}"
+            )
+        self._ensure_poller()
+        return [rented[n] for n in names]
+
+    async def _candidate_offers(self, count: int) -> list[Offer]:
+        req = self.requirements
+        offers = await self.api.search_offers(
+            req.query(), order=req.order, limit=max(3 * count, 10) + len(self._tried_offers),
+            type="bid" if req.interruptible else "on-demand", storage_gb=req.disk_gb,
+        )
+        fresh = [o for o in offers if o.id not in self._tried_offers]
+        if len(fresh) < count:
+            if not fresh:
+                nearest = await self.nearest_offers()
+                raise NoOfferAvailable(no_match_message(req, req.query(), nearest))
+            raise NoOfferAvailable(
+                f"only {len(fresh)} offer(s) match, {count} instance(s) wanted. "
+                f"Query: {req.query_text()}. Ask for fewer instances or relax the requirements."
+            )
+        return fresh[:count]
+
+    async def nearest_offers(self, limit: int = 5) -> list[Offer]:
+        """The cheapest offers for the same GPU ignoring price, region and reliability limits."""
+        relaxed = replace(self.requirements, max_price=None, region=None, reliability=0.0, datacenter=False, query="")
+        try:
+            return await self.api.search_offers(relaxed.query(), order="dph_total", limit=limit)
+        except VastError:
+            return []
+
+    async def _create(self, pairs: list[tuple[str, Offer]]) -> list[int | BaseException]:
+        """Create one rental per (worker, offer): bulk for several, with per-worker labels."""
+        if not pairs:
+            return []
+        if len(pairs) == 1:
+            name, offer = pairs[0]
+            request = self._request_for(offer, rental_label(self.cluster_name, name))
+            try:
+                rental = await self.api.create_instance(offer.id, request)
+            except VastError as e:
+                return [e]
+            LEDGER.add(self.api, rental.instance_id)
+            return [rental.instance_id]
+        # One bulk call for the batch. It carries one label, so each rental is relabelled
+        # with its worker name next; until then the cluster prefix already finds it.
+        request = self._request_for(pairs[0][1], rental_label(self.cluster_name, "booting"))
+        results = await self.api.create_instances([o.id for _, o in pairs], request)
+        out: list[int | BaseException] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                out.append(result)
+                continue
+            LEDGER.add(self.api, result.instance_id)
+            out.append(result.instance_id)
+        await asyncio.gather(
+            *(
+                self.api.label_instance(r, rental_label(self.cluster_name, name))
+                for (name, _), r in zip(pairs, out, strict=True)
+                if isinstance(r, int)
+            ),
+            return_exceptions=True,
+        )
+        return out
+
+    def _request_for(self, offer: Offer, label: str) -> CreateRequest:
+        price = offer.min_bid if self.requirements.interruptible else None
+        return replace(self.create_request, label=label, price=price)
+
+    # --------------------------------------------------------------- watching
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll())
+
+    async def _poll(self) -> None:
+        """One list call per interval for all of this cluster's rentals."""
+        prefix = cluster_label_prefix(self.cluster_name)
+        while any(r.destroyed_at is None for r in self.records.values()):
+            try:
+                rows = {i.id: i for i in await self.api.list_instances(label_prefix=prefix)}
+            except VastError as e:
+                logger.warning("listing rentals failed (will retry): %s", e)
+                rows = None
+            if rows is not None:
+                for record in list(self.records.values()):
+                    if record.destroyed_at is not None:
+                        continue
+                    row = rows.get(record.instance_id)
+                    if row is not None and row != record.instance:
+                        record.instance = row
+                        if row.dph_total:
+                            record.dph_total = row.dph_total
+                        record.changed.set()
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def wait_until_ready(self, instance_id: int, timeout_s: float) -> Instance:
+        """The instance row once it runs with an SSH endpoint; BootFailed on a fatal state or timeout."""
+        record = self.records[instance_id]
+        self._ensure_poller()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            row = record.instance
+            if record.destroyed_at is not None:
+                raise BootFailed(f"instance {instance_id} was destroyed while booting")
+            if row is not None:
+                if ssh_ready(row):
+                    return row
+                failure = boot_failure(row)
+                if failure:
+                    raise BootFailed(failure)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                status = row.actual_status if row else "not listed yet"
+                raise BootFailed(
+                    f"instance {instance_id} did not start within boot_timeout={timeout_s:.0f}s "
+                    f"(last status: {status}, {row.status_msg if row else ''}); raise boot_timeout "
+                    "for large images or pick another offer"
+                )
+            record.changed.clear()
+            try:
+                await asyncio.wait_for(record.changed.wait(), timeout=left)
+            except TimeoutError:
+                pass
+
+    # -------------------------------------------------------------- destroying
+    async def destroy(self, instance_id: int) -> None:
+        """Destroy one rental; calls arriving together share one bulk destroy."""
+        record = self.records.get(instance_id)
+        if record is not None and record.destroyed_at is not None:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._destroy_queue.append((instance_id, fut))
+        if self._destroy_flush is None or self._destroy_flush.done():
+            self._destroy_flush = asyncio.create_task(self._flush_destroys())
+        await asyncio.shield(fut)
+
+    async def _flush_destroys(self) -> None:
+        await asyncio.sleep(self.batch_window_s)
+        batch, self._destroy_queue = self._destroy_queue, []
+        try:
+            await self._destroy_now(sorted({i for i, _ in batch}))
+        except BaseException as e:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _destroy_now(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        if len(ids) == 1:
+            await self.api.destroy_instance(ids[0])
+        else:
+            await self.api.destroy_instances(ids)
+        now = time.time()
+        for i in ids:
+            LEDGER.discard(self.api, i)
+            record = self.records.get(i)
+            if record is not None and record.destroyed_at is None:
+                record.destroyed_at = now
+                record.changed.set()
+        self._log(f"destroyed instance{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}")
+
+    async def destroy_all(self) -> None:
+        """Destroy every rental of this cluster still alive (close path)."""
+        alive = [i for i, r in self.records.items() if r.destroyed_at is None]
+        await self._destroy_now(alive)
+
+    async def close(self) -> None:
+        await self.destroy_all()
+        for task in (self._poller, self._rent_flush, self._destroy_flush):
+            if task is not None and not task.done():
+                task.cancel()
+
+    # ------------------------------------------------------------------ money
+    @property
+    def cost_usd(self) -> float:
+        return sum(r.cost_usd for r in self.records.values())
+
+    @property
+    def hourly_rate_usd(self) -> float:
+        return sum(r.dph_total for r in self.records.values() if r.destroyed_at is None)
