@@ -1,0 +1,328 @@
+"""Emulated instances as real sandboxes: namespaces, OpenSSH, onstart, mapped ports, GPUs.
+
+:class:`SandboxRuntime` implements :class:`~dask_vastai.emulator.runtime.InstanceRuntime`.
+Each rental becomes a process tree started by ``nsinit.py`` (read its docstring for the
+namespaces and the root it builds). The host side, here, only makes the listening sockets
+on the host's loopback (the "public IP"), the API relay socket, the logs and the host key,
+hands them to the launcher, and waits for it to report ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..runtime import SandboxEndpoints, SandboxSpec
+from . import gpus as gpu_mod
+from .apirelay import ApiRelay
+from .sshd import SSHD_CONFIG, find_sshd, new_host_key
+from .support import available
+
+__all__ = ["SandboxRuntime"]
+
+log = logging.getLogger(__name__)
+
+NSINIT = Path(__file__).with_name("nsinit.py")
+FAKE_NVIDIA_SMI = Path(__file__).with_name("fake_nvidia_smi.py")
+SYSTEM_PATHS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+UID_RANGE = 65536
+#: where the sandboxes' uid ranges start on the host when we run as root: far above any
+#: real account or subuid range, so a sandbox's root owns nothing of the host's
+UID_BASE = 0x60000000
+LOG_TAIL_BYTES = 1 << 20
+
+
+@dataclass
+class _Sandbox:
+    spec: SandboxSpec
+    directory: Path
+    process: asyncio.subprocess.Process
+    sockets: list[socket.socket]
+    slot: int
+    gpus: list[gpu_mod.HostGPU] = field(default_factory=list)
+    pidfd: int | None = None
+    pid1_host: int | None = None
+    exit_code: int | None = None
+    stopping: bool = False
+    waiter: asyncio.Task | None = None
+
+
+class SandboxRuntime:
+    """Runs each rental in its own Linux namespaces with OpenSSH and its onstart script.
+
+    ``state_dir`` holds one directory per running instance (its logs); the instance's own
+    files live in a size-limited tmpfs that vanishes with it.
+    """
+
+    available = staticmethod(available)
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        public_ipaddr: str = "127.0.0.1",
+        tmpfs_max_mb: int = 4096,
+        gpu_passthrough: bool | None = None,
+        boot_timeout_s: float = 30.0,
+    ) -> None:
+        ok, reason = available()
+        if not ok:
+            raise RuntimeError(reason)
+        self.state_dir = Path(state_dir)
+        self.public_ipaddr = public_ipaddr
+        self.tmpfs_max_mb = tmpfs_max_mb
+        self.boot_timeout_s = boot_timeout_s
+        self._root = os.geteuid() == 0
+        self._sshd = find_sshd()
+        self._sandboxes: dict[int, _Sandbox] = {}
+        self._logs_after_stop: dict[int, str] = {}
+        self._api = ApiRelay()
+        self._gpu_passthrough = gpu_passthrough
+        self._host_gpus: list[gpu_mod.HostGPU] | None = None
+        self._lock = asyncio.Lock()
+        self._slots: set[int] = set()  # uid ranges in use, reserved before the sandbox exists
+        self._gpus_taken: set[int] = set()
+
+    # ------------------------------------------------------------------ InstanceRuntime
+
+    async def start(self, spec: SandboxSpec) -> SandboxEndpoints:
+        """Start the sandbox; return once its init reports its relays and sshd ready."""
+        if spec.instance_id in self._sandboxes:
+            raise RuntimeError(f"instance {spec.instance_id} already has a running sandbox")
+        ssh = not _is_args_runtype(spec.runtype)
+        ports = list(dict.fromkeys(([22] if ssh else []) + list(spec.container_ports)))
+        if ssh and not self._root:
+            log.warning("instance %s: OpenSSH needs a mapped uid range (run as root); no SSH server",
+                        spec.instance_id)
+        directory = self.state_dir / str(spec.instance_id)
+        await asyncio.to_thread(_fresh_directory, directory)
+        sockets = [_listen(self.public_ipaddr) for _ in ports]
+        proxy = _listen(self.public_ipaddr) if ssh else None
+        mapped = {port: sock.getsockname()[1] for port, sock in zip(ports, sockets, strict=True)}
+        host_gpus = await self._allocate_gpus(spec)
+        slot = next(i for i in range(len(self._slots) + 1) if i not in self._slots)
+        self._slots.add(slot)
+        api_sock = await self._api.socket_for(spec.api_url) if spec.api_url else None
+        env = self._environment(spec, mapped, host_gpus)
+        fake = [] if host_gpus else gpu_mod.fake_gpus(spec.instance_id, spec.num_gpus, spec.gpu_name,
+                                                      spec.gpu_ram_mb)
+        host_key, _ = await asyncio.to_thread(new_host_key)
+        status_r, status_w = os.pipe()
+        log_fd = os.open(directory / "container.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        sshd_log_fd = os.open(directory / "sshd.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        all_sockets = sockets + ([proxy] if proxy else [])
+        cfg = {
+            "status_fd": status_w, "log_fd": log_fd, "sshd_log_fd": sshd_log_fd,
+            "hostname": f"C.{spec.instance_id}",
+            "uid_base": UID_BASE + slot * UID_RANGE if self._root else None,
+            "uid_count": UID_RANGE if self._root else 1,
+            "tmpfs_size": f"{min(int(spec.disk_gb * 1024) or 1024, self.tmpfs_max_mb)}m",
+            "system_paths": list(SYSTEM_PATHS),
+            "python_prefixes": list(dict.fromkeys([sys.base_prefix, sys.prefix])),
+            "api_sock": api_sock,
+            "api_port": ApiRelay.api_port(spec.api_url)[1] if spec.api_url else None,
+            "listen": [{"fd": s.fileno(), "port": p, "kind": "ssh" if p == 22 and ssh else "tcp"}
+                       for p, s in zip(ports, sockets, strict=True)]
+            + ([{"fd": proxy.fileno(), "port": 22, "kind": "ssh"}] if proxy else []),
+            "mode": "ssh" if ssh else "args",
+            "onstart": spec.onstart,
+            "args": list(spec.args or []),
+            "env": env,
+            "ssh_environment": env,
+            "openssh": bool(self._root and self._sshd),
+            "sshd": self._sshd or "/usr/sbin/sshd",
+            "sshd_config": SSHD_CONFIG,
+            "host_key": host_key,
+            "authorized_keys": "".join(k.strip() + "\n" for k in spec.authorized_keys if k.strip()),
+            "fake_gpus": fake,
+            "gpu_devices": gpu_mod.device_nodes(host_gpus) if host_gpus else [],
+            "bin_files": {} if host_gpus else {
+                "nvidia-smi": f"#!{sys.executable} -IS\n" + FAKE_NVIDIA_SMI.read_text()},
+        }
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-S", str(NSINIT),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=sshd_log_fd,
+                pass_fds=[status_w, log_fd, sshd_log_fd, *(s.fileno() for s in all_sockets)],
+            )
+        finally:
+            for fd in (status_w, log_fd, sshd_log_fd):
+                os.close(fd)
+        box = _Sandbox(spec, directory, process, all_sockets, slot, host_gpus)
+        self._sandboxes[spec.instance_id] = box
+        box.waiter = asyncio.create_task(self._wait(box))
+        try:
+            assert process.stdin is not None
+            process.stdin.write(json.dumps(cfg).encode())
+            process.stdin.close()
+            await asyncio.wait_for(self._until_ready(box, status_r), self.boot_timeout_s)
+        except BaseException as exc:
+            reason = (f"did not report ready within {self.boot_timeout_s:.0f} s"
+                      if isinstance(exc, TimeoutError) else str(exc))
+            sshd_log = await asyncio.to_thread(_tail, directory / "sshd.log", 2000)
+            await self.stop(spec.instance_id)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise RuntimeError(
+                f"the sandbox of instance {spec.instance_id} failed to start: {reason}"
+                + (f"\n--- its sshd/init log ---\n{sshd_log}" if sshd_log.strip() else "")
+            ) from exc
+        finally:
+            os.close(status_r)
+        return SandboxEndpoints(
+            public_ipaddr=self.public_ipaddr,
+            ports=mapped,
+            ssh_host=self.public_ipaddr if proxy else None,
+            ssh_port=proxy.getsockname()[1] if proxy else None,
+        )
+
+    async def stop(self, instance_id: int) -> None:
+        """Kill the sandbox's pid 1 (the kernel then kills all it holds) and remove its files."""
+        box = self._sandboxes.get(instance_id)
+        if box is None:
+            return
+        box.stopping = True
+        if box.pidfd is not None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(box.pidfd, signal.SIGKILL)
+        if box.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                box.process.kill()  # the launcher: before it reported pid 1, or already alone
+        try:
+            await asyncio.wait_for(asyncio.shield(box.process.wait()), 10)
+        except TimeoutError:
+            log.error("sandbox of instance %s: launcher pid %s did not exit 10 s after SIGKILL",
+                      instance_id, box.process.pid)
+        for sock in box.sockets:
+            sock.close()
+        if box.pidfd is not None:
+            os.close(box.pidfd)
+            box.pidfd = None
+        self._logs_after_stop[instance_id] = await asyncio.to_thread(
+            _tail, box.directory / "container.log", LOG_TAIL_BYTES)
+        await asyncio.to_thread(shutil.rmtree, box.directory, True)
+        self._sandboxes.pop(instance_id, None)
+        self._slots.discard(box.slot)
+        self._gpus_taken.difference_update(g.index for g in box.gpus)
+
+    def exited(self, instance_id: int) -> int | None:
+        """Exit code of the workload once the sandbox ended on its own (args runtype)."""
+        box = self._sandboxes.get(instance_id)
+        return None if box is None or box.stopping else box.exit_code
+
+    def logs(self, instance_id: int) -> str:
+        """The container log: what onstart (or the args workload) wrote to stdout/stderr."""
+        box = self._sandboxes.get(instance_id)
+        if box is None:
+            return self._logs_after_stop.get(instance_id, "")
+        return _tail(box.directory / "container.log", LOG_TAIL_BYTES)
+
+    async def close(self) -> None:
+        """Stop every sandbox, then the API relay."""
+        await asyncio.gather(*(self.stop(i) for i in list(self._sandboxes)))
+        await self._api.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def pid1(self, instance_id: int) -> int | None:
+        """Host pid of the sandbox's init (for tests and diagnostics)."""
+        box = self._sandboxes.get(instance_id)
+        return None if box is None else box.pid1_host
+
+    async def _until_ready(self, box: _Sandbox, status_r: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(status_r), "rb", 0))
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    code = await box.process.wait()
+                    raise RuntimeError(f"its launcher exited with code {code} before reporting ready")
+                message = json.loads(line)
+                if "pid" in message:
+                    box.pid1_host = message["pid"]
+                    with contextlib.suppress(OSError):
+                        box.pidfd = os.pidfd_open(message["pid"])
+                elif "error" in message:
+                    raise RuntimeError(message["error"] + ("\n" + message["trace"] if "trace" in message else ""))
+                elif message.get("ready"):
+                    return
+        finally:
+            transport.close()
+
+    async def _wait(self, box: _Sandbox) -> None:
+        box.exit_code = await box.process.wait()
+
+    def _environment(self, spec: SandboxSpec, mapped: dict[int, int],
+                     host_gpus: list[gpu_mod.HostGPU]) -> dict[str, str]:
+        bins = list(dict.fromkeys(os.path.join(p, "bin") for p in (sys.prefix, sys.base_prefix)))
+        path = ":".join(["/run/vast-emu/bin", *bins, "/usr/local/sbin", "/usr/local/bin",
+                         "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+        env = {"PATH": path, "HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash",
+               "LANG": "C.UTF-8", "TERM": "xterm"}
+        env.update(spec.env)
+        env["PUBLIC_IPADDR"] = self.public_ipaddr
+        for container_port, host_port in mapped.items():
+            env[f"VAST_TCP_PORT_{container_port}"] = str(host_port)
+        if host_gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(g.uuid for g in host_gpus)
+        elif spec.num_gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(spec.num_gpus))
+        return env
+
+    async def _allocate_gpus(self, spec: SandboxSpec) -> list[gpu_mod.HostGPU]:
+        """Real GPUs for this rental where the host has enough free ones, else none (fake)."""
+        if self._gpu_passthrough is False or spec.num_gpus <= 0:
+            return []
+        async with self._lock:
+            if self._host_gpus is None:
+                self._host_gpus = await asyncio.to_thread(gpu_mod.probe_host_gpus)
+            free = [g for g in self._host_gpus if g.index not in self._gpus_taken]
+            if len(free) >= spec.num_gpus:
+                self._gpus_taken.update(g.index for g in free[: spec.num_gpus])
+                return free[: spec.num_gpus]
+        if self._gpu_passthrough:
+            raise RuntimeError(f"instance {spec.instance_id} rents {spec.num_gpus} GPUs but only "
+                               f"{len(free)} of the host's are free; rent fewer or stop one")
+        if self._host_gpus:
+            log.warning("instance %s: not enough free host GPUs, it gets fake ones", spec.instance_id)
+        return []
+
+
+def _is_args_runtype(runtype: str) -> bool:
+    return "args" in runtype.split()
+
+
+def _listen(address: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, 0))
+    sock.listen(128)
+    return sock
+
+
+def _fresh_directory(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+
+
+def _tail(path: Path, limit: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""

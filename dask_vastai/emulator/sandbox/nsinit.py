@@ -1,0 +1,529 @@
+"""The init of one emulated instance: builds its namespaces, root and relays, then runs it.
+
+This file is executed as a script (``python -I -S nsinit.py``) by
+:class:`~dask_vastai.emulator.sandbox.SandboxRuntime`, never imported by the emulator:
+it forks and unshares, which must not happen inside the emulator's event loop, and it
+pivots into a root where our package is not visible. It uses the standard library only.
+
+Process tree (host pids on the left)::
+
+    L  launcher, host root, child subreaper: writes the outer uid/gid maps, waits
+    '- P1  pid 1 of the sandbox: new user/mount/net/pid/uts/ipc namespaces
+           builds a tmpfs root with read-only binds of the system, pivots into it,
+           enters a nested user+mount namespace (the kernel then locks every mount
+           flag: ``mount -o remount,rw /usr`` fails), and runs an event loop that
+           reaps orphans, hands each SSH connection to ``sshd -i``, relays mapped
+           ports and the API, and runs the onstart script / args workload.
+
+When run by root the outer namespace maps 65536 uids onto an unprivileged host range, so
+the sandbox's root owns nothing of the host's and OpenSSH can switch users. Unprivileged,
+only uid 0 is mapped (onto the caller) and OpenSSH cannot run (setgroups is denied).
+
+Inputs: the configuration as JSON on stdin, naming the inherited fds: a status channel
+(JSON lines: ``pid``, ``ready`` or ``error``), the container log (onstart/args output),
+the sshd log, and the listening sockets made on the host's loopback. The
+launcher exits with the workload's exit code (args runtype) or when the sandbox is killed.
+"""
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import json
+import os
+import shlex
+import signal
+import socket
+import struct
+import sys
+import traceback
+
+STATUS_FD, LOG_FD, SSHD_LOG_FD = -1, -1, -1  # set from the configuration in main()
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 32, 1024, 2048, 4096, 16384
+MS_PRIVATE, MS_RELATIME = 1 << 18, 1 << 21
+MNT_DETACH = 2
+PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE = 36, 4
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), f"unshare({flags:#x})")
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(
+        _libc.mount(
+            source.encode(), target.encode(), fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags), data.encode() if data else None,
+        ),
+        f"mount {source} on {target} ({fstype}, flags {flags:#x}, {data})",
+    )
+
+
+def umount(target: str) -> None:
+    _check(_libc.umount2(target.encode(), MNT_DETACH), f"umount {target}")
+
+
+def pivot_root(new: str, old: str) -> None:
+    number = SYS_PIVOT_ROOT.get(os.uname().machine)
+    if number is None:
+        raise OSError(errno.ENOSYS, f"pivot_root: unknown syscall number on {os.uname().machine}")
+    _check(_libc.syscall(number, new.encode(), old.encode()), "pivot_root")
+
+
+def prctl(option: int, value: int) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), f"prctl({option})")
+
+
+def status(message: dict) -> None:
+    """One line on the status channel; the launcher's parent reads it."""
+    try:
+        os.write(STATUS_FD, (json.dumps(message) + "\n").encode())
+    except OSError:
+        pass
+
+
+def write_file(path: str, text: str | bytes, mode: int = 0o644) -> None:
+    data = text.encode() if isinstance(text, str) else text
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.chmod(path, mode)
+
+
+def write_id_maps(pid: int | str, uid_line: str, gid_line: str, deny_setgroups: bool) -> None:
+    if deny_setgroups:
+        with open(f"/proc/{pid}/setgroups", "w") as f:
+            f.write("deny")
+    with open(f"/proc/{pid}/uid_map", "w") as f:
+        f.write(uid_line)
+    with open(f"/proc/{pid}/gid_map", "w") as f:
+        f.write(gid_line)
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def launcher(cfg: dict) -> int:
+    """Runs on the host: fork the sandbox, map its ids, wait for it, return its exit code."""
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    to_child_r, to_child_w = os.pipe()
+    to_parent_r, to_parent_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(to_child_w)
+        os.close(to_parent_r)
+        try:
+            unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC)
+            open_sources(cfg)
+            os.write(to_parent_w, b"u")
+            if os.read(to_child_r, 1) != b"m":
+                os._exit(70)
+            os.setresgid(0, 0, 0)
+            if cfg["uid_base"] is not None:
+                os.setgroups([])
+            os.setresuid(0, 0, 0)
+            pid1 = os.fork()
+            if pid1 == 0:
+                os._exit(sandbox_init(cfg))
+            os.write(to_parent_w, str(pid1).encode())
+            os._exit(0)
+        except BaseException as exc:  # noqa: BLE001 - reported to the emulator, then exit
+            status({"error": f"could not create the sandbox's namespaces: {exc}"})
+            os._exit(71)
+    os.close(to_child_r)
+    os.close(to_parent_w)
+    if os.read(to_parent_r, 1) != b"u":
+        os.waitpid(child, 0)
+        return 71
+    count = cfg["uid_count"]
+    if cfg["uid_base"] is None:  # unprivileged: only ourselves, as root inside
+        write_id_maps(child, f"0 {os.getuid()} 1", f"0 {os.getgid()} 1", deny_setgroups=True)
+    else:
+        base = cfg["uid_base"]
+        write_id_maps(child, f"0 {base} {count}", f"0 {base} {count}", deny_setgroups=False)
+    os.write(to_child_w, b"m")
+    pid1_text = b""
+    while chunk := os.read(to_parent_r, 32):
+        pid1_text += chunk
+    os.waitpid(child, 0)
+    if not pid1_text:
+        return 72
+    pid1 = int(pid1_text)
+    status({"pid": pid1})
+    code = 0
+    while True:  # we are a subreaper: P1 is ours once its parent exited
+        try:
+            pid, wstatus = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return code
+        if pid == pid1:
+            code = os.waitstatus_to_exitcode(wstatus)
+            return code if code >= 0 else 128 - code
+
+
+# --------------------------------------------------------------------------- P1: build
+
+
+def open_sources(cfg: dict) -> None:
+    """Open what the root binds, in the new mount namespace, before our uid changes.
+
+    Our file-system uid is still the caller's here, so a prefix under a private home
+    (``/root/.pyenv``) can be reached; afterwards the sandbox's root owns nothing of the
+    host. Binding from ``/proc/self/fd/N`` needs the fd to live in this mount namespace.
+    """
+    sources = {}
+    for path in [*cfg["system_paths"], *cfg["python_prefixes"], *filter(None, [cfg.get("api_sock")])]:
+        if os.path.lexists(path) and not os.path.islink(path):
+            sources[path] = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    cfg["sources"] = sources
+
+
+def source(cfg: dict, path: str) -> str:
+    return f"/proc/self/fd/{cfg['sources'][path]}"
+
+
+def _bind_flags(source: str) -> int:
+    """The flags a read-only remount must keep: the kernel refuses to drop locked ones."""
+    st = os.statvfs(source)
+    flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
+    for st_flag, ms_flag in ((8, MS_NOEXEC), (1024, MS_NOATIME), (2048, MS_NODIRATIME), (4096, MS_RELATIME)):
+        if st.f_flag & st_flag:
+            flags |= ms_flag
+    return flags
+
+
+def bind(source: str, target: str, readonly: bool = True) -> None:
+    mount(source, target, None, MS_BIND | MS_REC)
+    if readonly:
+        mount(source, target, None, _bind_flags(source))
+
+
+def makedirs(path: str, mode: int = 0o755) -> None:
+    os.makedirs(path, exist_ok=True)
+    os.chmod(path, mode)
+
+
+def build_root(cfg: dict) -> str:
+    root = "/mnt" if os.path.isdir("/mnt") else "/tmp"  # any directory: this is our mount ns
+    mount("none", "/", None, MS_REC | MS_PRIVATE)
+    mount("vastemu", root, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['tmpfs_size']},mode=0755")
+    for entry in cfg["system_paths"]:
+        target = root + entry
+        if os.path.islink(entry):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.symlink(os.readlink(entry), target)
+        elif entry in cfg["sources"]:
+            os.makedirs(target, exist_ok=True)
+            bind(source(cfg, entry), target)
+    for prefix in cfg["python_prefixes"]:  # the "image": interpreter and site-packages, read-only
+        target = root + prefix
+        if prefix not in cfg["sources"] or (os.path.isdir(target) and os.listdir(target)):
+            continue
+        os.makedirs(target, exist_ok=True)
+        bind(source(cfg, prefix), target)
+    for path, mode in (("/root", 0o700), ("/tmp", 0o1777), ("/workspace", 0o755), ("/home", 0o755),
+                       ("/var/tmp", 0o1777), ("/var/log", 0o755), ("/run/sshd", 0o755),
+                       ("/run/vast-emu/bin", 0o755), ("/mnt", 0o755), ("/root/.ssh", 0o700)):
+        makedirs(root + path, mode)
+    if not os.path.lexists(root + "/var/run"):
+        os.symlink("/run", root + "/var/run")
+    build_dev(cfg, root + "/dev")
+    makedirs(root + "/proc", 0o555)
+    mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    makedirs(root + "/sys", 0o555)
+    try:
+        mount("sysfs", root + "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except OSError:
+        pass  # nothing we run needs /sys; the fake nvidia-smi reads our own file
+    if cfg.get("api_sock"):
+        write_file(root + "/run/vast-emu/api.sock", "", 0o600)
+        bind(source(cfg, cfg["api_sock"]), root + "/run/vast-emu/api.sock", readonly=False)
+    write_files(cfg, root)
+    # the host's shadow file is unreadable here, which OpenSSH takes for a locked root
+    # account; an image's shadow has no passwords either, only unlocked accounts
+    users = [line.split(":", 1)[0] for line in open("/etc/passwd") if ":" in line]
+    write_file(root + "/run/vast-emu/shadow", "".join(f"{u}:*:20000:0:99999:7:::\n" for u in users), 0o640)
+    bind(root + "/run/vast-emu/shadow", root + "/etc/shadow")
+    return root
+
+
+def build_dev(cfg: dict, dev: str) -> None:
+    makedirs(dev)
+    mount("vastemu-dev", dev, "tmpfs", MS_NOSUID, "size=64k,mode=0755")
+    for name in ("null", "zero", "full", "random", "urandom", "tty", *cfg["gpu_devices"]):
+        source = "/dev/" + name
+        if os.path.exists(source):
+            write_file(dev + "/" + name, "", 0o666)
+            bind(source, dev + "/" + name, readonly=False)
+    makedirs(dev + "/pts")
+    mount("devpts", dev + "/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
+    os.symlink("pts/ptmx", dev + "/ptmx")
+    makedirs(dev + "/shm", 0o1777)
+    mount("shm", dev + "/shm", "tmpfs", MS_NOSUID | MS_NODEV, "size=256m,mode=1777")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, dev + "/" + name)
+
+
+def write_files(cfg: dict, root: str) -> None:
+    run = root + "/run/vast-emu"
+    write_file(root + "/root/.ssh/authorized_keys", cfg["authorized_keys"], 0o600)
+    env_lines = "".join(f"{k}={v}\n" for k, v in cfg["ssh_environment"].items() if "\n" not in v)
+    write_file(root + "/root/.ssh/environment", env_lines, 0o600)
+    write_file(run + "/ssh_host_ed25519_key", cfg["host_key"], 0o600)
+    write_file(run + "/sshd_config", cfg["sshd_config"], 0o644)
+    write_file(run + "/gpus.json", json.dumps(cfg["fake_gpus"]), 0o644)
+    for name, text in cfg["bin_files"].items():
+        write_file(run + "/bin/" + name, text, 0o755)
+
+
+def network_up() -> None:
+    """Bring up the sandbox's own loopback and let its root bind low ports."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), 0x8913, ifreq))[1]
+        fcntl.ioctl(s.fileno(), 0x8914, struct.pack("16sH14x", b"lo", flags | 1))
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as f:
+            f.write("0")
+    except OSError:
+        pass  # then only ports >= 1024 can be served by onstart programs
+
+
+def enter_root(root: str) -> None:
+    os.chdir(root)
+    pivot_root(".", ".")
+    umount(".")
+    os.chdir("/")
+
+
+def nest_user_namespace(count: int) -> None:
+    """Enter a user+mount namespace below ours: every mount made so far becomes locked."""
+    # changing uids made us non-dumpable, which gives /proc/1/* to the host's root
+    prctl(PR_SET_DUMPABLE, 1)
+    ready_r, ready_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        os.close(ready_w)
+        os.read(ready_r, 1)
+        try:
+            write_id_maps(1, f"0 0 {count}", f"0 0 {count}", deny_setgroups=False)
+            os._exit(0)
+        except OSError as exc:
+            os.write(2, f"nsinit: nested id map: {exc}\n".encode())
+            os._exit(1)
+    os.close(ready_r)
+    unshare(CLONE_NEWUSER | CLONE_NEWNS)
+    os.write(ready_w, b"g")
+    os.close(ready_w)
+    _, wstatus = os.waitpid(helper, 0)
+    if os.waitstatus_to_exitcode(wstatus) != 0:
+        raise OSError("could not map ids in the nested user namespace")
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+
+
+def sandbox_init(cfg: dict) -> int:
+    """P1: build the sandbox, then serve it until the workload (args) or a kill ends it."""
+    try:
+        socket.sethostname(cfg["hostname"])
+        for spec in cfg["listen"]:
+            os.set_inheritable(spec["fd"], False)
+        network_up()
+        root = build_root(cfg)
+        enter_root(root)
+        for fd in cfg["sources"].values():
+            os.close(fd)
+        nest_user_namespace(cfg["uid_count"])
+        if cfg["openssh"]:
+            check_sshd(cfg)
+    except BaseException as exc:  # noqa: BLE001 - reported to the emulator
+        status({"error": f"{exc}", "trace": traceback.format_exc()})
+        return 1
+    return asyncio.run(Init(cfg).run())
+
+
+def check_sshd(cfg: dict) -> None:
+    """Fail the boot with sshd's own words if it refuses its configuration."""
+    pid = os.posix_spawn(cfg["sshd"], [cfg["sshd"], "-t", "-f", "/run/vast-emu/sshd_config"], cfg["env"],
+                         file_actions=[(os.POSIX_SPAWN_DUP2, SSHD_LOG_FD, 2)])
+    _, wstatus = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(wstatus) != 0:
+        raise RuntimeError("sshd -t rejected the sandbox's sshd_config (see the sshd log)")
+
+
+# --------------------------------------------------------------------------- P1: serve
+
+
+_DEFAULT_SIGNALS = {signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP,
+                    signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGXFSZ}
+
+
+def spawn(argv: list[str], env: dict[str, str], stdin: int, stdout: int, stderr: int) -> int:
+    actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
+               (os.POSIX_SPAWN_DUP2, stderr, 2)]
+    return os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True,
+                           setsigdef=_DEFAULT_SIGNALS, setsigmask=set())
+
+
+class Init:
+    """pid 1's event loop: reaping, relays, sshd hand-off and the workload."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.env: dict[str, str] = cfg["env"]
+        self.workload_pid: int | None = None
+        self.done: asyncio.Future[int] | None = None
+        self.servers: list = []
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.done = loop.create_future()
+        loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, lambda: self.finish(143))
+        self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        for spec in self.cfg["listen"]:
+            sock = socket.socket(fileno=spec["fd"])
+            sock.setblocking(False)
+            handler = self.serve_ssh if spec["kind"] == "ssh" else self.relay_to_port(spec["port"])
+            self.servers.append(asyncio.create_task(self.accept_loop(sock, handler)))
+        if self.cfg.get("api_port"):
+            server = await asyncio.start_server(self.relay_api, "127.0.0.1", self.cfg["api_port"])
+            self.servers.append(server)
+        self.start_workload()
+        status({"ready": True})
+        return await self.done
+
+    def finish(self, code: int) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(code)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, wstatus = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.workload_pid:
+                code = os.waitstatus_to_exitcode(wstatus)
+                self.workload_pid = None
+                if self.cfg["mode"] == "args":
+                    self.finish(code if code >= 0 else 128 - code)
+
+    def start_workload(self) -> None:
+        cfg = self.cfg
+        if cfg["mode"] == "args":
+            argv = (shlex.split(cfg["onstart"]) if cfg.get("onstart") else []) + list(cfg.get("args") or [])
+            if not argv:
+                self.finish(0)
+                return
+        elif cfg.get("onstart"):
+            argv = ["/bin/bash", "-c", cfg["onstart"]]
+        else:
+            return
+        try:
+            self.workload_pid = spawn(argv, self.env, self.devnull, LOG_FD, LOG_FD)
+        except OSError as exc:
+            os.write(LOG_FD, f"could not start {argv[0]!r}: {exc}\n".encode())
+            if cfg["mode"] == "args":
+                self.finish(127)
+
+    async def accept_loop(self, sock: socket.socket, handler) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(sock)
+            try:
+                await handler(conn)
+            except Exception as exc:  # noqa: BLE001 - one bad connection must not stop the sandbox
+                os.write(SSHD_LOG_FD, f"nsinit: connection failed: {exc}\n".encode())
+                conn.close()
+
+    async def serve_ssh(self, conn: socket.socket) -> None:
+        """Hand the connection to a fresh ``sshd -i``: no byte of SSH traffic passes through us."""
+        if not self.cfg["openssh"]:
+            conn.close()
+            return
+        conn.setblocking(True)
+        try:
+            spawn([self.cfg["sshd"], "-i", "-e", "-f", "/run/vast-emu/sshd_config"], self.env,
+                  conn.fileno(), conn.fileno(), SSHD_LOG_FD)
+        finally:
+            conn.close()
+
+    def relay_to_port(self, port: int):
+        async def handler(conn: socket.socket) -> None:
+            asyncio.create_task(self.pipe_to(conn, ("127.0.0.1", port)))
+        return handler
+
+    async def relay_api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The API at the same address as outside: 127.0.0.1:<port> here -> the host's API."""
+        try:
+            up_reader, up_writer = await asyncio.open_unix_connection("/run/vast-emu/api.sock")
+        except OSError:
+            writer.close()
+            return
+        await splice(reader, writer, up_reader, up_writer)
+
+    async def pipe_to(self, conn: socket.socket, address: tuple[str, int]) -> None:
+        reader, writer = await asyncio.open_connection(sock=conn)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*address)
+        except OSError:
+            writer.close()
+            return
+        await splice(reader, writer, up_reader, up_writer)
+
+
+async def splice(a_reader: asyncio.StreamReader, a_writer: asyncio.StreamWriter,
+                 b_reader: asyncio.StreamReader, b_writer: asyncio.StreamWriter) -> None:
+    """Copy both ways, passing half-closes on; close both ends when both are done."""
+
+    async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(262144):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    try:
+        await asyncio.gather(copy(a_reader, b_writer), copy(b_reader, a_writer))
+    except (OSError, ConnectionError):
+        pass
+    finally:
+        a_writer.close()
+        b_writer.close()
+
+
+def main() -> int:
+    global STATUS_FD, LOG_FD, SSHD_LOG_FD
+    cfg = json.loads(sys.stdin.read())
+    STATUS_FD, LOG_FD, SSHD_LOG_FD = cfg["status_fd"], cfg["log_fd"], cfg["sshd_log_fd"]
+    return launcher(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
