@@ -1,0 +1,291 @@
+"""What runs on the instance, as text: the onstart script, the incarnation files, the probe.
+
+Vast stores the onstart text and shows it in ``show instances``, so it carries no secret:
+only the per-cluster *public* key, the API URL and the orphan timeout. It authorizes the
+key, writes the supervisor (``supervisor.py``, compressed inside the script so that no
+second download is needed) and starts it detached. Everything secret (TLS material, the
+user's secret env) reaches the instance later, over SSH, inside an *incarnation* file.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shlex
+import zlib
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+#: Vast's limit on the onstart text (OpenAPI "Key Quirks").
+ONSTART_MAX_CHARS = 4048
+STATE_DIR = "/root/.dask-vastai"
+LOG_PATH = "/var/log/dask-vastai.log"
+#: Interpreters tried in order: the one configured, Vast's images' venv, then PATH.
+PYTHON_CANDIDATES = ("/venv/main/bin/python", "python3", "python")
+#: Run over SSH before a link is closed on purpose: the supervisor then stops the workers.
+STOP_WORKERS_COMMAND = f"rm -f {STATE_DIR}/incarnations/*.json"
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    """What the onstart script needs; all of it may be public."""
+
+    cluster_name: str
+    public_key: str
+    api_url: str
+    orphan_timeout_s: int
+    heartbeat_path: str = f"{STATE_DIR}/heartbeat"
+    #: interpreter to run the supervisor and the workers with (a path or a name on PATH);
+    #: None: /venv/main/bin/python, then python3, then python
+    python: str | None = None
+
+
+@dataclass(frozen=True)
+class Incarnation:
+    """One dask worker's life between two link losses: written by the client over SFTP."""
+
+    worker_name: str
+    scheduler_address: str
+    worker_port: int
+    nanny_port: int
+    nthreads: int
+    memory_limit: int
+    resources: dict[str, float]
+    env: dict[str, str]
+    tls_ca: str
+    tls_cert: str
+    tls_key: str
+    death_timeout_s: int
+    extra_args: tuple[str, ...] = ()
+    #: interpreter for this worker; None: the supervisor's own
+    python: str | None = None
+
+
+#: The program the onstart starts (Python 3.8+, stdlib): it waits for the client to install
+#: the supervisor (``PROBE_COMMAND`` does), then becomes it. Until then it is the watchdog: a
+#: rental that no client ever reached destroys itself after the orphan timeout. Plain text, so
+#: that a user reading ``vastai show instance`` sees what runs.
+#: argv: API URL, orphan timeout (s), heartbeat file, state folder, log file.
+LOADER = """\
+import os, sys, time, urllib.request as r
+api, orphan_s, heartbeat, state, log = sys.argv[1:]
+sup, t0, out = state + "/supervisor.py", time.time(), open(log, "a")
+os.environ["DASK_VASTAI_T0"] = str(t0)
+def say(m):
+    m = time.strftime("%Y-%m-%dT%H:%M:%S") + " dask-vastai loader: " + m
+    print(m, flush=True); out.write(m + "\\n"); out.flush()
+say("waiting up to %ss for the client to install %s" % (orphan_s, sup))
+while not os.path.exists(sup):
+    if time.time() - t0 > float(orphan_s):
+        say("no client within the orphan timeout: destroying this instance")
+        for i in range(20):
+            try:
+                url = "%s/api/v0/instances/%s/" % (api.rstrip("/"), os.environ["CONTAINER_ID"])
+                key = os.environ["CONTAINER_API_KEY"]
+                r.urlopen(r.Request(url, b"{}", {"Authorization": "Bearer " + key}, method="DELETE"), timeout=30)
+                say("destroyed"); sys.exit()
+            except Exception as e:
+                if getattr(e, "code", 0) == 404: sys.exit()
+                say("DELETE failed: %r" % e); time.sleep(min(2 ** i, 60))
+        sys.exit(1)
+    time.sleep(1)
+os.execv(sys.executable, [sys.executable, sup] + sys.argv[1:])
+"""
+
+
+@lru_cache(maxsize=1)
+def supervisor_program() -> bytes:
+    """The supervisor program as installed on the instance (``supervisor.py``, docstrings stripped)."""
+    import ast
+
+    tree = ast.parse((Path(__file__).parent / "supervisor.py").read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            body[0] = ast.Pass()
+    return (ast.unparse(tree) + "\n").encode()
+
+
+def _python_discovery(python: str | None) -> str:
+    """Shell that sets $P to the first interpreter that exists (empty if none)."""
+    candidates = ([python] if python else []) + list(PYTHON_CANDIDATES)
+    words = " ".join(shlex.quote(c) for c in candidates)
+    return f'P=; for c in {words}; do if command -v "$c" >/dev/null 2>&1; then P=$(command -v "$c"); break; fi; done\n'
+
+
+def onstart_script(config: BootstrapConfig) -> str:
+    """The ``onstart`` text for Vast: authorize the key, start the loader. No secret inside.
+
+    Raises ValueError, naming the field, when the configuration cannot make a valid script.
+    """
+    key = config.public_key.strip()
+    if "PRIVATE KEY" in key:
+        raise ValueError("public_key holds a private key; pass ClusterKey.public_openssh")
+    if "\n" in key or not key.startswith(("ssh-ed25519 ", "ssh-rsa ", "ecdsa-sha2-")):
+        raise ValueError(
+            f"public_key={config.public_key[:40]!r}... is not one OpenSSH public key line; "
+            "pass ClusterKey.public_openssh"
+        )
+    if not config.api_url.startswith(("http://", "https://")):
+        raise ValueError(f"api_url={config.api_url!r} must start with http:// or https://")
+    if config.orphan_timeout_s <= 0:
+        raise ValueError(f"orphan_timeout_s={config.orphan_timeout_s} must be a positive number of seconds")
+    args = " ".join(
+        shlex.quote(a)
+        for a in (config.api_url, str(int(config.orphan_timeout_s)), config.heartbeat_path, STATE_DIR, LOG_PATH)
+    )
+    script = (
+        "#!/bin/sh\n"
+        f"# dask-vastai cluster {config.cluster_name}: authorize its SSH key, start the loader that\n"
+        "# waits for the client (and destroys this rental if none comes within the orphan timeout).\n"
+        f"D={STATE_DIR}; mkdir -p $D /root/.ssh; chmod 700 $D /root/.ssh\n"
+        "rm -rf $D/incarnations $D/heartbeat\n"
+        + _python_discovery(config.python)
+        + 'if [ -z "$P" ]; then echo "dask-vastai: no python3 on this image; use an image with python3" >&2; else\n'
+        + 'echo "$P" > $D/python\n'
+        + "S=; command -v setsid >/dev/null 2>&1 && S=setsid\n"
+        + f'$S "$P" - {args} <<\'DASK_VASTAI_LOADER\' &\n'
+        + LOADER
+        + "DASK_VASTAI_LOADER\n"
+        + "fi\n"
+        + f"K={shlex.quote(key)}\n"
+        + 'grep -qxF "$K" /root/.ssh/authorized_keys 2>/dev/null || echo "$K" >> /root/.ssh/authorized_keys\n'
+        + "chmod 600 /root/.ssh/authorized_keys\n"
+    )
+    if len(script) >= ONSTART_MAX_CHARS:
+        raise ValueError(
+            f"the onstart script is {len(script)} characters, over Vast's limit of {ONSTART_MAX_CHARS}; "
+            "shorten cluster_name or api_url"
+        )
+    return script
+
+
+def incarnation_path(worker_name: str) -> str:
+    """Where the client writes a worker's incarnation (the supervisor watches the folder)."""
+    if not worker_name or "/" in worker_name or worker_name.startswith("."):
+        raise ValueError(f"worker_name={worker_name!r} cannot name a file: no '/', no leading '.'")
+    return f"{STATE_DIR}/incarnations/{worker_name}.json"
+
+
+def incarnation_payload(inc: Incarnation) -> bytes:
+    """The incarnation as the supervisor reads it (JSON)."""
+    data = asdict(inc)
+    data["extra_args"] = list(inc.extra_args)
+    return json.dumps(data, sort_keys=True).encode()
+
+
+_PROBE_PY = r'''
+import json, os, platform, subprocess, sys
+gpus = []
+try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total,uuid",
+                          "--format=csv,noheader,nounits"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    if out.returncode == 0:
+        for line in out.stdout.strip().splitlines():
+            f = [x.strip() for x in line.split(",")]
+            if len(f) >= 4:
+                gpus.append({"index": int(f[0]), "name": ",".join(f[1:-2]),
+                             "memory_mb": int(float(f[-2])), "uuid": f[-1]})
+except (OSError, subprocess.SubprocessError, ValueError):
+    pass
+def read(path):
+    try:
+        with open(path) as fh:
+            return fh.read().split()
+    except OSError:
+        return None
+cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+q = read("/sys/fs/cgroup/cpu.max")
+if q and q[0] != "max":
+    cpus = min(cpus, int(q[0]) / int(q[1]))
+q, per = read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+if q and per and int(q[0]) > 0:
+    cpus = min(cpus, int(q[0]) / int(per[0]))
+mem = None
+with open("/proc/meminfo") as fh:
+    for line in fh:
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1]) * 1024
+for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    q = read(path)
+    if q and q[0].isdigit() and int(q[0]) < (mem or 1 << 62):
+        mem = int(q[0])
+versions = {}
+try:
+    from importlib.metadata import version
+except ImportError:
+    version = None
+for name in ("dask", "distributed", "cloudpickle", "msgpack", "dask-vastai"):
+    try:
+        versions[name] = version(name) if version else None
+    except Exception:
+        versions[name] = None
+print(json.dumps({"gpus": gpus, "cpus": cpus, "memory_bytes": mem, "python": platform.python_version(),
+                  "executable": sys.executable, "versions": versions}))
+'''
+
+
+_INSTALL_PY = """
+import os
+path = %r
+if not os.path.exists(path) or open(path, "rb").read() != SUPERVISOR:
+    os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+    with open(path + ".tmp", "wb") as fh:
+        fh.write(SUPERVISOR)
+    os.chmod(path + ".tmp", 0o700)
+    os.replace(path + ".tmp", path)  # the loader polls for the name: it must appear whole
+"""
+
+
+def _probe_command() -> str:
+    """Install the supervisor, then probe: one round trip, with the interpreter the onstart chose."""
+    program = f"SUPERVISOR = {supervisor_program()!r}\n" + _INSTALL_PY % f"{STATE_DIR}/supervisor.py" + _PROBE_PY
+    # base85 has no quote, backslash nor '$', so it sits in single quotes untouched by the shell.
+    code = base64.b85encode(zlib.compress(program.encode(), 9)).decode()
+    return (
+        f"P=$(cat {STATE_DIR}/python 2>/dev/null); "
+        f"for c in $P {' '.join(PYTHON_CANDIDATES)}; do "
+        f'if command -v "$c" >/dev/null 2>&1; then exec "$c" -c \'import base64,zlib;exec(zlib.decompress(base64.b85decode("{code}")))\'; fi; done; '
+        f"echo '{{\"error\": \"no python3 on this image (tried {', '.join(PYTHON_CANDIDATES)})\"}}'"
+    )
+
+
+#: Shell command (run over SSH right after connecting) that installs the supervisor (the onstart's
+#: loader then becomes it) and prints one JSON line: gpus, effective cpus, memory_bytes,
+#: python version, interpreter path and the versions of dask and friends.
+PROBE_COMMAND: str = _probe_command()
+
+
+def parse_probe(text: str) -> dict[str, Any]:
+    """The probe's JSON, checked; ValueError with the output when it is not what we expect."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            break
+    else:
+        raise ValueError(f"the hardware probe printed no JSON; its output was: {text[-500:]!r}")
+    if "error" in data:
+        raise ValueError(f"hardware probe failed on the instance: {data['error']}")
+    missing = {"gpus", "cpus", "memory_bytes", "python", "versions"} - set(data)
+    if missing:
+        raise ValueError(f"the hardware probe's output lacks {sorted(missing)}: {line[:500]!r}")
+    data["gpus"] = [
+        {"index": int(g["index"]), "name": str(g["name"]), "memory_mb": int(g["memory_mb"]), "uuid": str(g["uuid"])}
+        for g in data["gpus"]
+    ]
+    data["cpus"] = float(data["cpus"])
+    data["memory_bytes"] = int(data["memory_bytes"]) if data["memory_bytes"] is not None else None
+    return data
