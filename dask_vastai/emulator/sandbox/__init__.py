@@ -194,9 +194,10 @@ class SandboxRuntime:
         if box.pidfd is not None:
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pidfd_send_signal(box.pidfd, signal.SIGKILL)
-        if box.process.returncode is None:
+        elif box.process.returncode is None:
+            # no pid 1 yet: killing the launcher cuts pid 1's lifeline, which ends it
             with contextlib.suppress(ProcessLookupError):
-                box.process.kill()  # the launcher: before it reported pid 1, or already alone
+                box.process.kill()
         try:
             await asyncio.wait_for(asyncio.shield(box.process.wait()), 10)
         except TimeoutError:
@@ -243,8 +244,9 @@ class SandboxRuntime:
         reader = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(status_r), "rb", 0))
+        ready = False
         try:
-            while True:
+            while not (ready and box.pid1_host):  # the launcher's and pid 1's lines race
                 line = await reader.readline()
                 if not line:
                     code = await box.process.wait()
@@ -257,7 +259,7 @@ class SandboxRuntime:
                 elif "error" in message:
                     raise RuntimeError(message["error"] + ("\n" + message["trace"] if "trace" in message else ""))
                 elif message.get("ready"):
-                    return
+                    ready = True
         finally:
             transport.close()
 

@@ -127,6 +127,9 @@ def write_id_maps(pid: int | str, uid_line: str, gid_line: str, deny_setgroups: 
 def launcher(cfg: dict) -> int:
     """Runs on the host: fork the sandbox, map its ids, wait for it, return its exit code."""
     prctl(PR_SET_CHILD_SUBREAPER, 1)
+    # the lifeline: pid 1 ends the sandbox when it reads EOF, i.e. when we are gone
+    lifeline_r, lifeline_w = os.pipe()
+    cfg["lifeline_fd"] = lifeline_r
     to_child_r, to_child_w = os.pipe()
     to_parent_r, to_parent_w = os.pipe()
     child = os.fork()
@@ -145,6 +148,9 @@ def launcher(cfg: dict) -> int:
             os.setresuid(0, 0, 0)
             pid1 = os.fork()
             if pid1 == 0:
+                os.close(lifeline_w)
+                os.close(to_parent_w)  # else the launcher never sees EOF after our pid
+                os.close(to_child_r)
                 os._exit(sandbox_init(cfg))
             os.write(to_parent_w, str(pid1).encode())
             os._exit(0)
@@ -153,6 +159,7 @@ def launcher(cfg: dict) -> int:
             os._exit(71)
     os.close(to_child_r)
     os.close(to_parent_w)
+    os.close(lifeline_r)
     if os.read(to_parent_r, 1) != b"u":
         os.waitpid(child, 0)
         return 71
@@ -403,6 +410,8 @@ class Init:
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: self.finish(143))
+        os.set_inheritable(self.cfg["lifeline_fd"], False)
+        loop.add_reader(self.cfg["lifeline_fd"], lambda: self.finish(137))
         self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         for spec in self.cfg["listen"]:
             sock = socket.socket(fileno=spec["fd"])

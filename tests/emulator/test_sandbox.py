@@ -1,0 +1,326 @@
+"""Emulated instances as a user of Vast meets them: SSH, forwards, scp, ports, logs, GPUs.
+
+Each test starts real sandboxes with :class:`SandboxRuntime` and talks to them only the
+way a Vast user can: OpenSSH's ``ssh``/``scp``/``sftp`` against the mapped endpoints, the
+mapped ``-p`` ports on 127.0.0.1 (the "public IP"), and the container log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dask_vastai.emulator.runtime import SandboxSpec
+from dask_vastai.emulator.sandbox import SandboxRuntime
+
+ok, why = SandboxRuntime.available()
+pytestmark = [pytest.mark.sandbox, pytest.mark.skipif(not ok, reason=f"sandboxes unavailable: {why}")]
+
+SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+            "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Path:
+    path = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path
+
+
+def make_spec(instance_id: int, key: Path | None = None, **overrides) -> SandboxSpec:
+    fields = dict(
+        instance_id=instance_id, image="vastai/pytorch", runtype="ssh_proxy", onstart=None, args=None,
+        env={"CONTAINER_ID": str(instance_id), "FOO": "bar baz"}, container_ports=(),
+        authorized_keys=(key.with_suffix(".pub").read_text(),) if key else (),
+        num_gpus=2, gpu_name="RTX_3090", gpu_ram_mb=24576, cpu_cores=4, cpu_ram_mb=16384, disk_gb=1,
+        api_url="",
+    )
+    fields.update(overrides)
+    return SandboxSpec(**fields)
+
+
+async def wait_for_log(runtime: SandboxRuntime, instance_id: int, text: str, timeout_s: float = 20) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        log = runtime.logs(instance_id)
+        if text in log:
+            return log
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{text!r} not in the log of instance {instance_id} after {timeout_s} s:\n"
+                         f"{runtime.logs(instance_id)}")
+
+
+async def ssh(key: Path, port: int, *command: str, extra: tuple[str, ...] = (), timeout_s: float = 30) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "ssh", "-i", str(key), "-p", str(port), *SSH_OPTS, *extra, "root@127.0.0.1", *command,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    assert proc.returncode == 0, f"ssh {command} failed ({proc.returncode}): {err.decode()}"
+    return out.decode()
+
+
+async def run_tool(*argv: str, timeout_s: float = 30) -> str:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    assert proc.returncode == 0, f"{argv[0]} failed ({proc.returncode}): {out.decode()}"
+    return out.decode()
+
+
+async def http_get(url: str) -> str:
+    def get() -> str:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+    return await asyncio.to_thread(get)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def test_instance_sees_nothing_of_the_host_and_is_reached_over_openssh(tmp_path: Path, key: Path) -> None:
+    """The onstart cannot reach the host; the user reaches the instance with ssh -L/-R, scp, ports."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host secret\n")
+    cwd_file = Path.cwd() / "pyproject.toml"
+
+    async def scenario() -> None:
+        async def host_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"hello from the host\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(host_service, "127.0.0.1", 0)
+        host_port = server.sockets[0].getsockname()[1]
+        onstart = f"""
+python3 - <<'EOF'
+import socket
+try:
+    socket.create_connection(("127.0.0.1", {host_port}), timeout=3)
+    print("HOST PORT REACHABLE")
+except OSError as exc:
+    print("host port unreachable:", exc)
+EOF
+cat {secret} 2>/dev/null && echo "HOST TMP READABLE" || echo "tmp_path hidden"
+test -e {cwd_file} && echo "HOST CWD VISIBLE" || echo "cwd hidden"
+python3 -c "import dask_vastai" 2>/dev/null && echo "CHECKOUT IMPORTABLE" || echo "checkout not importable"
+python3 -c "import distributed; print('distributed', distributed.__version__)"
+echo "env: $FOO $PUBLIC_IPADDR $VAST_TCP_PORT_22 $VAST_TCP_PORT_8000 $HOME"
+mkdir -p /workspace/www && echo "served from inside" > /workspace/www/index.txt
+cd /workspace/www && nohup python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &
+echo onstart-done
+"""
+        runtime = SandboxRuntime(tmp_path / "state")
+        try:
+            ep = await runtime.start(make_spec(7, key, onstart=onstart, container_ports=(8000,)))
+            assert set(ep.ports) == {22, 8000} and ep.public_ipaddr == "127.0.0.1"
+            assert ep.ssh_host == "127.0.0.1" and ep.ssh_port not in ep.ports.values()
+            log = await wait_for_log(runtime, 7, "onstart-done")
+            assert "host port unreachable" in log and "HOST PORT REACHABLE" not in log
+            assert "tmp_path hidden" in log and "HOST TMP READABLE" not in log
+            assert "cwd hidden" in log and "checkout not importable" in log
+            assert "distributed " in log
+            assert f"env: bar baz 127.0.0.1 {ep.ports[22]} {ep.ports[8000]} /root" in log
+
+            # exec, through the direct port and through the "proxy" endpoint
+            assert (await ssh(key, ep.ports[22], "hostname")).strip() == "C.7"
+            assert "uid=0(root)" in await ssh(key, ep.ssh_port, "id")
+            # the instance's env reaches SSH sessions too (Vast's do, via the image's profile)
+            assert (await ssh(key, ep.ports[22], "echo $FOO")).strip() == "bar baz"
+
+            # the mapped -p port reaches the server onstart started
+            for _ in range(100):
+                try:
+                    body = await http_get(f"http://127.0.0.1:{ep.ports[8000]}/index.txt")
+                    break
+                except OSError:
+                    await asyncio.sleep(0.1)
+            assert body == "served from inside\n"
+
+            # -L: a local port to the server inside
+            local = free_port()
+            forward = await asyncio.create_subprocess_exec(
+                "ssh", "-i", str(key), "-p", str(ep.ports[22]), *SSH_OPTS, "-N", "-o",
+                "ExitOnForwardFailure=yes", "-L", f"{local}:127.0.0.1:8000", "root@127.0.0.1")
+            try:
+                for _ in range(100):
+                    try:
+                        body = await http_get(f"http://127.0.0.1:{local}/index.txt")
+                        break
+                    except OSError:
+                        await asyncio.sleep(0.1)
+                assert body == "served from inside\n"
+            finally:
+                forward.kill()
+                await forward.wait()
+
+            # -R: a port inside to the test's server on the host
+            reached = await ssh(key, ep.ports[22], "python3", "-c", shlex.quote(
+                "import socket,time\n"
+                "for _ in range(50):\n"
+                "    try:\n"
+                "        print(socket.create_connection(('127.0.0.1', 9000), 3).recv(100).decode()); break\n"
+                "    except OSError: time.sleep(0.1)\n"), extra=("-o", "ExitOnForwardFailure=yes",
+                                                        "-R", f"9000:127.0.0.1:{host_port}"))
+            assert reached.strip() == "hello from the host"
+
+            # scp both ways (OpenSSH 9 scp speaks SFTP) and the legacy scp protocol
+            up = tmp_path / "up.txt"
+            up.write_text("uploaded\n")
+            scp = ["scp", "-i", str(key), "-P", str(ep.ports[22]), *SSH_OPTS]
+            await run_tool(*scp, str(up), "root@127.0.0.1:/root/up.txt")
+            await run_tool(*scp, "-O", str(up), "root@127.0.0.1:/workspace/up-legacy.txt")
+            assert (await ssh(key, ep.ports[22], "cat /root/up.txt /workspace/up-legacy.txt")) == "uploaded\n" * 2
+            await run_tool(*scp, "root@127.0.0.1:/workspace/www/index.txt", str(tmp_path / "down.txt"))
+            assert (tmp_path / "down.txt").read_text() == "served from inside\n"
+
+            # sftp
+            batch = tmp_path / "batch"
+            batch.write_text(f"put {up} /tmp/sftp.txt\nls /tmp\n")
+            out = await run_tool("sftp", "-i", str(key), "-P", str(ep.ports[22]), *SSH_OPTS, "-b", str(batch),
+                                 "root@127.0.0.1")
+            assert "sftp.txt" in out
+        finally:
+            await runtime.close()
+            server.close()
+
+    run(scenario())
+
+
+def test_asyncssh_client_and_authorized_keys_from_onstart(tmp_path: Path, key: Path) -> None:
+    """asyncssh (our tunnel's client) logs in; a key that onstart appends works, others do not."""
+    import asyncssh
+
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+
+    async def scenario() -> None:
+        runtime = SandboxRuntime(tmp_path / "state")
+        try:
+            onstart = f"echo '{other.with_suffix('.pub').read_text().strip()}' >> /root/.ssh/authorized_keys; echo keyed"
+            ep = await runtime.start(make_spec(8, key, onstart=onstart))
+            await wait_for_log(runtime, 8, "keyed")
+            async with asyncssh.connect("127.0.0.1", ep.ports[22], username="root", client_keys=[str(key)],
+                                        known_hosts=None) as conn:
+                result = await conn.run("echo $VAST_TCP_PORT_22", check=True)
+                assert result.stdout.strip() == str(ep.ports[22])
+                async with conn.start_sftp_client() as sftp:
+                    async with sftp.open("/workspace/f.txt", "w") as f:
+                        await f.write("via asyncssh sftp")
+                assert (await conn.run("cat /workspace/f.txt")).stdout == "via asyncssh sftp"
+            assert "ok" in await ssh(other, ep.ports[22], "echo ok")
+            with pytest.raises(AssertionError, match="Permission denied"):
+                await ssh(stranger, ep.ports[22], "echo ok")
+        finally:
+            await runtime.close()
+
+    run(scenario())
+
+
+def test_nvidia_smi_reports_the_rented_gpus(tmp_path: Path) -> None:
+    onstart = ("nvidia-smi --query-gpu=index,name,memory.total,uuid --format=csv,noheader,nounits; "
+               "nvidia-smi -L; nvidia-smi; echo CVD=$CUDA_VISIBLE_DEVICES; echo smi-done")
+
+    async def scenario() -> str:
+        runtime = SandboxRuntime(tmp_path / "state", gpu_passthrough=False)
+        try:
+            await runtime.start(make_spec(9, onstart=onstart, num_gpus=2, gpu_name="RTX_4090", gpu_ram_mb=24564))
+            return await wait_for_log(runtime, 9, "smi-done")
+        finally:
+            await runtime.close()
+
+    log = run(scenario())
+    csv = [line.split(", ") for line in log.splitlines() if line.startswith(("0, ", "1, "))]
+    assert [row[:3] for row in csv] == [["0", "NVIDIA GeForce RTX 4090", "24564"],
+                                        ["1", "NVIDIA GeForce RTX 4090", "24564"]]
+    assert all(row[3].startswith("GPU-") for row in csv) and csv[0][3] != csv[1][3]
+    assert f"GPU 1: NVIDIA GeForce RTX 4090 (UUID: {csv[1][3]})" in log
+    assert "24564MiB" in log and "CVD=0,1" in log
+
+
+def test_args_runtype_runs_the_entrypoint_and_reports_its_exit_code(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        runtime = SandboxRuntime(tmp_path / "state")
+        try:
+            ep = await runtime.start(make_spec(
+                10, runtype="args", onstart="/bin/sh", args=["-c", "echo entry $FOO; test -e /run/sshd; exit 3"]))
+            assert 22 not in ep.ports and ep.ssh_port is None
+            for _ in range(400):
+                if runtime.exited(10) is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert runtime.exited(10) == 3
+            assert "entry bar baz" in runtime.logs(10)
+            await runtime.stop(10)
+            assert "entry bar baz" in runtime.logs(10)  # vastai logs still works after the end
+        finally:
+            await runtime.close()
+
+    run(scenario())
+
+
+def test_api_is_reachable_from_inside_at_the_same_url(tmp_path: Path) -> None:
+    """The on-instance watchdog calls the API at the URL the client uses."""
+    async def scenario() -> str:
+        async def api(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            request = await reader.readuntil(b"\r\n\r\n")
+            body = b'{"seen": "' + request.split(b" ")[1] + b'"}'
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(api, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        runtime = SandboxRuntime(tmp_path / "state")
+        try:
+            onstart = (f"python3 -c \"import urllib.request as u; print('api says', "
+                       f"u.urlopen('{url}/api/v0/instances/11/').read().decode())\"; echo api-done")
+            await runtime.start(make_spec(11, onstart=onstart, api_url=url))
+            return await wait_for_log(runtime, 11, "api-done")
+        finally:
+            await runtime.close()
+            server.close()
+
+    assert 'api says {"seen": "/api/v0/instances/11/"}' in run(scenario())
+
+
+def test_stop_kills_everything_and_closes_the_ports(tmp_path: Path, key: Path) -> None:
+    async def scenario() -> None:
+        runtime = SandboxRuntime(tmp_path / "state")
+        try:
+            ep = await runtime.start(make_spec(12, key, onstart="sleep 1000 & sleep 1000; echo never"))
+            pid1 = runtime.pid1(12)
+            assert pid1 is not None and alive(pid1)
+            assert "ok" in await ssh(key, ep.ports[22], "echo ok")
+            await runtime.stop(12)
+            await runtime.stop(12)  # idempotent
+            assert not alive(pid1)
+            assert not (tmp_path / "state" / "12").exists()
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", ep.ports[22])
+        finally:
+            await runtime.close()
+
+    run(scenario())
