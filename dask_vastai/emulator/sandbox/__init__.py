@@ -152,6 +152,8 @@ class SandboxRuntime:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-S", str(NSINIT),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=sshd_log_fd,
+                # not the emulator's environment: pid 1's is readable from inside (API keys)
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
                 pass_fds=[status_w, log_fd, sshd_log_fd, *(s.fileno() for s in all_sockets)],
             )
         finally:
