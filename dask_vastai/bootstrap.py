@@ -246,13 +246,13 @@ if not os.path.exists(path) or open(path, "rb").read() != SUPERVISOR:
 """
 
 
-def _probe_command() -> str:
+def probe_command(state_dir: str = STATE_DIR) -> str:
     """Install the supervisor, then probe: one round trip, with the interpreter the onstart chose."""
-    program = f"SUPERVISOR = {supervisor_program()!r}\n" + _INSTALL_PY % f"{STATE_DIR}/supervisor.py" + _PROBE_PY
+    program = f"SUPERVISOR = {supervisor_program()!r}\n" + _INSTALL_PY % f"{state_dir}/supervisor.py" + _PROBE_PY
     # base85 has no quote, backslash nor '$', so it sits in single quotes untouched by the shell.
     code = base64.b85encode(zlib.compress(program.encode(), 9)).decode()
     return (
-        f"P=$(cat {STATE_DIR}/python 2>/dev/null); "
+        f"P=$(cat {state_dir}/python 2>/dev/null); "
         f"for c in $P {' '.join(PYTHON_CANDIDATES)}; do "
         f'if command -v "$c" >/dev/null 2>&1; then exec "$c" -c \'import base64,zlib;exec(zlib.decompress(base64.b85decode("{code}")))\'; fi; done; '
         f"echo '{{\"error\": \"no python3 on this image (tried {', '.join(PYTHON_CANDIDATES)})\"}}'"
@@ -262,7 +262,7 @@ def _probe_command() -> str:
 #: Shell command (run over SSH right after connecting) that installs the supervisor (the onstart's
 #: loader then becomes it) and prints one JSON line: gpus, effective cpus, memory_bytes,
 #: python version, interpreter path and the versions of dask and friends.
-PROBE_COMMAND: str = _probe_command()
+PROBE_COMMAND: str = probe_command()
 
 
 def parse_probe(text: str) -> dict[str, Any]:

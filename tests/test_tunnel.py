@@ -1,0 +1,468 @@
+"""The SSH tunnel network against real OpenSSH servers, each in its own network namespace.
+
+Each "instance" is ``sshd`` in a network namespace of ours (its own 127.0.0.1; a veth pair
+with 10.231.x.y addresses is its only way in) and a mount/PID namespace where ``/root``,
+``/run``, ``/var/log`` and ``/tmp`` are empty tmpfs (the interpreter's prefix is bound back
+read-only), so what the onstart script and the supervisor write never reaches this machine.
+The onstart script runs for real, with the env Vast injects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dask_vastai.bootstrap import (
+    PROBE_COMMAND,
+    BootstrapConfig,
+    Incarnation,
+    incarnation_path,
+    incarnation_payload,
+    onstart_script,
+    parse_probe,
+)
+from dask_vastai.tunnel import ClusterKey, InstanceLink, SSHEndpoint, TunnelHub
+
+PYENV = Path(sys.prefix).parents[1]  # /root/.pyenv: bound back into the sandbox's /root
+
+pytestmark = [
+    pytest.mark.sandbox,
+    pytest.mark.root,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("ip") or not Path("/usr/sbin/sshd").exists(),
+        reason="needs root, iproute2 and OpenSSH's sshd to build network namespaces",
+    ),
+]
+
+SSHD_CONFIG = """\
+Port 22
+ListenAddress 0.0.0.0
+HostKey /run/dvt/host_key
+PidFile none
+UsePAM no
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+AuthorizedKeysFile /root/.ssh/authorized_keys
+StrictModes no
+AllowTcpForwarding yes
+X11Forwarding no
+PrintMotd no
+MaxStartups 64
+MaxSessions 64
+Subsystem sftp /usr/lib/openssh/sftp-server
+"""
+
+SETUP = r"""
+set -e
+mount --make-rprivate /
+mount --rbind "$PYENV" "$T/keep"
+mount -t tmpfs -o mode=700 tmpfs /root
+mkdir -p "$PYENV" && mount --rbind "$T/keep" "$PYENV" && mount -o remount,bind,ro "$PYENV"
+mount -t tmpfs tmpfs /run && mkdir -p /run/sshd /run/dvt && chmod 755 /run/sshd
+cp "$T/sshd_config" "$T/host_key" /run/dvt/ && chmod 600 /run/dvt/host_key
+[ -f "$T/onstart.sh" ] && cp "$T/onstart.sh" /run/dvt/
+[ -f "$T/authorized_keys" ] && mkdir -p /root/.ssh && cp "$T/authorized_keys" /root/.ssh/
+mount -t tmpfs tmpfs /var/log
+mount -t tmpfs tmpfs /tmp
+cd /root
+if [ -f /run/dvt/onstart.sh ]; then
+  env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root CONTAINER_ID="$CID" CONTAINER_API_KEY="$CKEY" \
+    sh /run/dvt/onstart.sh >/run/dvt/onstart.log 2>&1 &
+fi
+exec /usr/sbin/sshd -D -e -f /run/dvt/sshd_config
+"""
+
+
+def _free_subnet() -> int:
+    """A /30 in 10.231.0.0/16 not already on this machine (other sandboxes may use 10.x too)."""
+    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    for _ in range(200):
+        k = random.randrange(1, 16000)
+        if f"10.231.{k // 64}.{(k % 64) * 4 + 1}/" not in used:
+            return k
+    raise RuntimeError("no free 10.231.x.y/30 subnet")
+
+
+class Sandbox:
+    """One fake instance: sshd in its own network, mount and PID namespaces."""
+
+    def __init__(self, tmp: Path, tag: str, *, onstart: str | None = None, authorized_key: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.dir = tmp / tag
+        self.dir.mkdir(parents=True)
+        (self.dir / "keep").mkdir()
+        k = _free_subnet()
+        self.host_ip = f"10.231.{k // 64}.{(k % 64) * 4 + 1}"
+        self.ip = f"10.231.{k // 64}.{(k % 64) * 4 + 2}"
+        suffix = f"{os.getpid() % 100000}{tag}"[-9:]
+        self.netns = f"dvt-{suffix}"
+        self.veth = f"dvh{suffix}"
+        (self.dir / "sshd_config").write_text(SSHD_CONFIG)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / "host_key")], check=True)
+        if onstart is not None:
+            (self.dir / "onstart.sh").write_text(onstart)
+        if authorized_key is not None:
+            (self.dir / "authorized_keys").write_text(authorized_key + "\n")
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 15) -> Sandbox:
+        ip = ["ip"]
+        subprocess.run(ip + ["netns", "add", self.netns], check=True)
+        subprocess.run(ip + ["link", "add", self.veth, "type", "veth", "peer", "name", "dvtin"], check=True)
+        subprocess.run(ip + ["link", "set", "dvtin", "netns", self.netns], check=True)
+        subprocess.run(ip + ["addr", "add", f"{self.host_ip}/30", "dev", self.veth], check=True)
+        subprocess.run(ip + ["link", "set", self.veth, "up"], check=True)
+        inside = ip + ["netns", "exec", self.netns, "ip"]
+        subprocess.run(inside + ["addr", "add", f"{self.ip}/30", "dev", "dvtin"], check=True)
+        subprocess.run(inside + ["link", "set", "dvtin", "up"], check=True)
+        subprocess.run(inside + ["link", "set", "lo", "up"], check=True)
+        env = dict(os.environ, T=str(self.dir), PYENV=str(PYENV), CID=self.env.get("CONTAINER_ID", ""),
+                   CKEY=self.env.get("CONTAINER_API_KEY", ""))
+        self.log = open(self.dir / "sshd.log", "wb")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--pid", "--fork", "--kill-child",
+             "--mount-proc", "sh", "-c", SETUP],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with socket.create_connection((self.ip, 22), timeout=1) as s:
+                    if s.recv(64).startswith(b"SSH-"):
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sandbox sshd did not start: {(self.dir / 'sshd.log').read_text()}")
+            time.sleep(0.1)
+
+    @property
+    def endpoint(self) -> SSHEndpoint:
+        return SSHEndpoint(self.ip, 22)
+
+    def init_pid(self) -> int:
+        """Host pid of the namespace's init (sshd): its /proc/<pid>/root is the sandbox's view."""
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return int(children[0])
+
+    def path(self, inside: str) -> Path:
+        """A file of the sandbox, as seen from this machine."""
+        return Path(f"/proc/{self.init_pid()}/root{inside}")
+
+    def processes(self, needle: str) -> list[int]:
+        """Host pids of the sandbox's processes whose command line contains ``needle``."""
+        ns = os.readlink(f"/proc/{self.init_pid()}/ns/pid")
+        out = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                if os.readlink(d / "ns/pid") == ns and needle in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                continue
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
+
+
+class FakeVast(http.server.ThreadingHTTPServer):
+    """Records DELETE /api/v0/instances/<id>/ as the supervisor sends it."""
+
+    def __init__(self, host: str) -> None:
+        self.deletes: list[tuple[str, str]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_DELETE(h) -> None:  # noqa: N805
+                self.deletes.append((h.path, h.headers.get("Authorization", "")))
+                body = b'{"success": true}'
+                h.send_response(200)
+                h.send_header("Content-Length", str(len(body)))
+                h.end_headers()
+                h.wfile.write(body)
+
+            def log_message(h, *args) -> None:  # noqa: N805
+                pass
+
+        super().__init__((host, 0), Handler)
+        self.url = f"http://{host}:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def key() -> ClusterKey:
+    return ClusterKey.generate(comment="dask-vastai-test")
+
+
+def test_connect_waits_for_the_key_then_runs_commands_and_files(tmp_path, key):
+    box = Sandbox(tmp_path, "a").start()
+    try:
+        async def main() -> None:
+            hub = TunnelHub(key, scheduler_port=1, stop_command=None)
+            # The key is not authorized yet (the onstart has not run): connect keeps trying.
+            connecting = asyncio.ensure_future(hub.connect("a", box.endpoint, timeout_s=20))
+            await asyncio.sleep(1.5)
+            assert not connecting.done()
+            ssh = box.path("/root/.ssh")
+            ssh.mkdir(exist_ok=True)
+            (ssh / "authorized_keys").write_text(key.public_openssh + "\n")
+            link = await connecting
+            assert isinstance(link, InstanceLink)
+            assert link.conn.get_extra_info("send_cipher") == "aes128-gcm@openssh.com"
+            rc, out, _ = await link.run("echo $HOSTNAME-ok; ip -4 -o addr show dvtin | wc -l", timeout_s=10)
+            assert rc == 0 and out.split()[1] == "1"  # we are inside the namespace
+            rc, _, err = await link.run("echo boom >&2; exit 3", timeout_s=10, check=False)
+            assert (rc, err.strip()) == (3, "boom")
+            with pytest.raises(RuntimeError, match="status 3"):
+                await link.run("exit 3", timeout_s=10)
+            await link.put("/root/x/y/secret.pem", b"data" * 1000, mode=0o600)
+            assert await link.get("/root/x/y/secret.pem") == b"data" * 1000
+            _, out, _ = await link.run("stat -c %a /root/x/y/secret.pem; ls -a /root/x/y", timeout_s=10)
+            assert out.split() == ["600", ".", "..", "secret.pem"]  # no temporary left behind
+            lost: list[str] = []
+            link.on_lost(lambda: lost.append("lost"))
+            await hub.close()
+            assert link.closed.is_set() and lost == []  # closing on purpose is not a loss
+            with pytest.raises(TimeoutError, match=rf"{box.ip}:2222.*ConnectionRefused"):
+                await hub.connect("b", SSHEndpoint(box.ip, 2222), timeout_s=2)
+
+        asyncio.run(main())
+    finally:
+        box.stop()
+
+
+def test_link_loss_is_reported(tmp_path, key):
+    box = Sandbox(tmp_path, "l", authorized_key=key.public_openssh).start()
+    try:
+        async def main() -> None:
+            hub = TunnelHub(key, scheduler_port=1, keepalive_interval_s=1, keepalive_count_max=2)
+            link = await hub.connect("l", box.endpoint, timeout_s=10)
+            lost = asyncio.Event()
+            link.on_lost(lost.set)
+            # A silent drop: packets to the instance vanish (no FIN, no RST).
+            subprocess.run(["ip", "netns", "exec", box.netns, "ip", "link", "set", "dvtin", "down"], check=True)
+            t0 = time.monotonic()
+            await asyncio.wait_for(lost.wait(), 15)
+            assert link.closed.is_set()
+            print(f"silent link loss noticed after {time.monotonic() - t0:.1f}s")
+            await hub.close()
+
+        asyncio.run(main())
+    finally:
+        box.stop()
+
+
+def _incarnation(name: str, scheduler: str, security, ports: tuple[int, int], gpu: float) -> Incarnation:
+    return Incarnation(
+        worker_name=name,
+        scheduler_address=scheduler,
+        worker_port=ports[0],
+        nanny_port=ports[1],
+        nthreads=1,
+        memory_limit=2 * 2**30,
+        resources={"GPU": gpu, "CPU": 1.0, "MEMORY": float(2 * 2**30)},
+        env={"CUDA_VISIBLE_DEVICES": "0", "SOME_SECRET": "hunter2"},
+        tls_ca=security.tls_ca_file,
+        tls_cert=security.tls_worker_cert,
+        tls_key=security.tls_worker_key,
+        death_timeout_s=30,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_instances_run_dask_through_the_tunnels(tmp_path, key):
+    """Onstart -> connect -> probe -> forwards -> incarnations -> workers; then tasks, mesh, gather, TLS."""
+    from distributed import Client, Scheduler
+    from distributed.security import Security
+
+    vast = FakeVast("127.0.0.1")  # not reachable from inside: these instances must not destroy themselves
+    config = BootstrapConfig("t", key.public_openssh, vast.url, orphan_timeout_s=600, python=sys.executable)
+    boxes = [
+        Sandbox(tmp_path, tag, onstart=onstart_script(config),
+                env={"CONTAINER_ID": str(100 + i), "CONTAINER_API_KEY": "instance-key"}).start()
+        for i, tag in enumerate("xy")
+    ]
+    timings: dict[str, float] = {}
+
+    async def main() -> None:
+        security = Security.temporary()
+        async with Scheduler(protocol="tls", host="127.0.0.1", port=0, security=security,
+                             dashboard_address=":0") as scheduler:
+            port = int(scheduler.address.rsplit(":", 1)[1])
+            hub = TunnelHub(key, scheduler_port=port)
+            t0 = time.monotonic()
+            links = await asyncio.gather(*(hub.connect(f"inst-{b.ip}", b.endpoint, timeout_s=30) for b in boxes))
+            probes = [parse_probe((await link.run(PROBE_COMMAND, timeout_s=60))[1]) for link in links]
+            assert probes[0]["python"] == ".".join(map(str, sys.version_info[:3]))
+            import distributed
+
+            assert probes[0]["versions"]["distributed"] == distributed.__version__
+            assert probes[0]["gpus"] == [] and probes[0]["cpus"] > 0 and probes[0]["memory_bytes"] > 0
+            names = ["w-x", "w-y"]
+            ports = await hub.allocate_ports(4)
+            assert len(set(ports)) == 4 and port not in ports
+            exposed = [
+                await hub.expose_worker(links[i], ports[2 * i], ports[2 * i + 1]) for i in range(2)
+            ]
+            await asyncio.gather(*(
+                links[i].put(incarnation_path(names[i]),
+                             incarnation_payload(_incarnation(names[i], scheduler.address, security,
+                                                              exposed[i], gpu=1.0 if i == 0 else 0.0)))
+                for i in range(2)
+            ))
+            while {w.name for w in scheduler.workers.values()} != set(names):
+                assert time.monotonic() - t0 < 90, f"workers did not register: {boxes[0].path('/var/log/dask-vastai.log').read_text()}"
+                await asyncio.sleep(0.1)
+            timings["connect_to_registered_s"] = time.monotonic() - t0
+            by_name = {w.name: w for w in scheduler.workers.values()}
+            assert by_name["w-x"].resources == {"GPU": 1.0, "CPU": 1.0, "MEMORY": float(2 * 2**30)}
+            assert by_name["w-x"].address == f"tls://127.0.0.1:{exposed[0][0]}"
+            assert by_name["w-x"].nanny == f"tls://127.0.0.1:{exposed[0][1]}"
+
+            async with Client(scheduler.address, security=security, asynchronous=True) as client:
+                # resources: only the worker with a GPU runs it
+                where = await client.submit(lambda: os.environ["CUDA_VISIBLE_DEVICES"] + socket.gethostname(),
+                                            resources={"GPU": 1}, pure=False)
+                assert where.startswith("0")
+                assert await client.submit(lambda: 1, resources={"GPU": 1}, pure=False).result() == 1
+                # mesh: a task on y needs data held on x (y fetches it through the client)
+                a = client.submit(lambda: b"x" * 1000, workers=["w-x"], pure=False)
+                b = client.submit(len, a, workers=["w-y"], pure=False)
+                assert await b == 1000
+                holders = (await client.who_has([a]))[a.key]
+                assert {scheduler.workers[addr].name for addr in holders} == {"w-x", "w-y"}
+                # task round trip through the tunnel
+                samples = []
+                for i in range(30):
+                    s = time.perf_counter()
+                    await client.submit(lambda v: v + 1, i, workers=["w-y"], pure=False)
+                    samples.append(time.perf_counter() - s)
+                timings["round_trip_ms_p50"] = sorted(samples)[15] * 1000
+                # 50 MB gather from an instance
+                big = client.submit(lambda: os.urandom(50 * 2**20), workers=["w-x"], pure=False)
+                await client.wait_for_workers(2)
+                await asyncio.wait_for(asyncio.shield(_done(big)), 60)
+                s = time.perf_counter()
+                data = await client.gather(big)
+                timings["gather_MBps"] = 50 * 2**20 / (time.perf_counter() - s) / 1e6
+                assert len(data) == 50 * 2**20
+            # A connection to a forwarded worker port without the cluster's certificate is refused;
+            # the same connection with it works (so the refusal is about the certificate).
+            from distributed.comm import connect
+
+            worker = f"tls://127.0.0.1:{exposed[0][0]}"
+            comm = await connect(worker, timeout=5, **security.get_connection_args("client"))
+            await comm.close()
+            with pytest.raises((OSError, TimeoutError)):
+                comm = await connect(worker, timeout=5, **Security.temporary().get_connection_args("client"))
+                await asyncio.wait_for(comm.read(), 5)
+            with pytest.raises((OSError, TimeoutError)):  # plain, unauthenticated tcp
+                comm = await connect(f"tcp://127.0.0.1:{exposed[0][0]}", timeout=5)
+                await asyncio.wait_for(comm.read(), 5)
+            # The supervisor logs the env names, never the values nor the TLS key.
+            log = boxes[0].path("/var/log/dask-vastai.log").read_text()
+            assert "SOME_SECRET" in log and "hunter2" not in log and "PRIVATE KEY" not in log
+            # Closing a link stops its workers (process group gone) and drops them from the scheduler.
+            assert boxes[0].processes("dask_worker")
+            await hub.close_link(links[0])
+            await _until(lambda: "w-x" not in {w.name for w in scheduler.workers.values()}, 20, "w-x to leave")
+            await _until(lambda: not boxes[0].processes("dask_worker") and not boxes[0].processes("multiprocessing"),
+                         20, "the worker's processes on x to end")
+            assert "w-y" in {w.name for w in scheduler.workers.values()}
+            await hub.close()
+            await _until(lambda: not boxes[1].processes("dask_worker"), 20, "the worker's processes on y to end")
+            assert vast.deletes == []
+
+    try:
+        asyncio.run(main())
+    finally:
+        for b in boxes:
+            b.stop()
+        vast.shutdown()
+    print("tunnel timings:", json.dumps(timings))
+
+
+async def _done(future) -> None:
+    while future.status == "pending":
+        await asyncio.sleep(0.05)
+
+
+async def _until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_orphaned_instances_destroy_themselves(tmp_path, key):
+    """No client ever (the loader) and a client that stops beating (the supervisor): both DELETE."""
+    boxes: list[Sandbox] = []
+    vasts: list[FakeVast] = []
+    try:
+        for tag, cid in (("n", "7"), ("h", "8")):
+            box = Sandbox(tmp_path, tag, env={"CONTAINER_ID": cid, "CONTAINER_API_KEY": f"key-{cid}"}).start()
+            boxes.append(box)
+            # The API listens on the host side of the sandbox's veth: reachable from inside, as Vast is.
+            vasts.append(FakeVast(box.host_ip))
+            config = BootstrapConfig("o", key.public_openssh, vasts[-1].url, orphan_timeout_s=4, python=sys.executable)
+            box.path("/run/dvt/onstart.sh").write_text(onstart_script(config))
+            subprocess.Popen(
+                ["nsenter", "-t", str(box.init_pid()), "-n", "-m", "-p", "env", "-i", "PATH=/usr/bin:/bin",
+                 "HOME=/root", f"CONTAINER_ID={cid}", f"CONTAINER_API_KEY=key-{cid}", "sh", "/run/dvt/onstart.sh"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+
+        async def main() -> None:
+            hub = TunnelHub(key, scheduler_port=1)
+            link = await hub.connect("h", boxes[1].endpoint, timeout_s=20)
+            await link.run(PROBE_COMMAND, timeout_s=60)  # installs the supervisor: the loader becomes it
+            for _ in range(8):  # 8 s of beats: longer than the orphan timeout, so no DELETE yet
+                await link.heartbeat()
+                await asyncio.sleep(1)
+            assert vasts[1].deletes == []
+            await hub.close()
+
+        asyncio.run(main())
+        _wait(lambda: vasts[0].deletes and vasts[1].deletes, 30, "both instances to DELETE themselves")
+        assert vasts[0].deletes == [("/api/v0/instances/7/", "Bearer key-7")]
+        assert vasts[1].deletes == [("/api/v0/instances/8/", "Bearer key-8")]
+        assert "loader: no client within the orphan timeout" in boxes[0].path("/var/log/dask-vastai.log").read_text()
+        assert "supervisor: no heartbeat from the client" in boxes[1].path("/var/log/dask-vastai.log").read_text()
+    finally:
+        for box in boxes:
+            box.stop()
+        for vast in vasts:
+            vast.shutdown()
