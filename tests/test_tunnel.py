@@ -269,7 +269,8 @@ def test_link_loss_is_reported(tmp_path, key):
             lost = asyncio.Event()
             link.on_lost(lost.set)
             # A silent drop: packets to the instance vanish (no FIN, no RST).
-            subprocess.run(["ip", "netns", "exec", box.netns, "ip", "link", "set", "dvtin", "down"], check=True)
+            down = await asyncio.create_subprocess_exec("ip", "netns", "exec", box.netns, "ip", "link", "set", "dvtin", "down")
+            assert await down.wait() == 0
             t0 = time.monotonic()
             await asyncio.wait_for(lost.wait(), 15)
             assert link.closed.is_set()
@@ -302,7 +303,7 @@ def _incarnation(name: str, scheduler: str, security, ports: tuple[int, int], gp
 @pytest.mark.timeout(240)
 def test_two_instances_run_dask_through_the_tunnels(tmp_path, key):
     """Onstart -> connect -> probe -> forwards -> incarnations -> workers; then tasks, mesh, gather, TLS."""
-    from distributed import Client, Scheduler
+    from distributed import Client, Scheduler, wait
     from distributed.security import Security
 
     vast = FakeVast("127.0.0.1")  # not reachable from inside: these instances must not destroy themselves
@@ -370,8 +371,7 @@ def test_two_instances_run_dask_through_the_tunnels(tmp_path, key):
                 timings["round_trip_ms_p50"] = sorted(samples)[15] * 1000
                 # 50 MB gather from an instance
                 big = client.submit(lambda: os.urandom(50 * 2**20), workers=["w-x"], pure=False)
-                await client.wait_for_workers(2)
-                await asyncio.wait_for(asyncio.shield(_done(big)), 60)
+                await asyncio.wait_for(wait([big]), 60)
                 s = time.perf_counter()
                 data = await client.gather(big)
                 timings["gather_MBps"] = 50 * 2**20 / (time.perf_counter() - s) / 1e6
@@ -410,11 +410,6 @@ def test_two_instances_run_dask_through_the_tunnels(tmp_path, key):
             b.stop()
         vast.shutdown()
     print("tunnel timings:", json.dumps(timings))
-
-
-async def _done(future) -> None:
-    while future.status == "pending":
-        await asyncio.sleep(0.05)
 
 
 async def _until(predicate, timeout_s: float, what: str) -> None:
