@@ -102,6 +102,7 @@ class Sandbox:
 
     def __init__(self, tmp: Path, tag: str, *, onstart: str | None = None, authorized_key: str | None = None,
                  env: dict[str, str] | None = None) -> None:
+        self.tag = tag
         self.dir = tmp / tag
         self.dir.mkdir(parents=True)
         (self.dir / "keep").mkdir()
