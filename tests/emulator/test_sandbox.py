@@ -57,12 +57,16 @@ async def wait_for_log(runtime: SandboxRuntime, instance_id: int, text: str, tim
                          f"{runtime.logs(instance_id)}")
 
 
-async def ssh(key: Path, port: int, *command: str, extra: tuple[str, ...] = (), timeout_s: float = 30) -> str:
+async def ssh(key: Path, port: int, *command: str, extra: tuple[str, ...] = (), timeout_s: float = 30,
+              check: bool = True):
+    """OpenSSH's client as a user runs it: stdout (or, unchecked, (exit status, stdout))."""
     proc = await asyncio.create_subprocess_exec(
         "ssh", "-i", str(key), "-p", str(port), *SSH_OPTS, *extra, "root@127.0.0.1", *command,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    if not check:
+        return proc.returncode, out.decode()
     assert proc.returncode == 0, f"ssh {command} failed ({proc.returncode}): {err.decode()}"
     return out.decode()
 
@@ -322,5 +326,37 @@ def test_stop_kills_everything_and_closes_the_ports(tmp_path: Path, key: Path) -
                 await asyncio.open_connection("127.0.0.1", ep.ports[22])
         finally:
             await runtime.close()
+
+    run(scenario())
+
+
+def test_with_one_uid_asyncssh_stands_in_for_openssh(tmp_path: Path, key: Path) -> None:
+    """As an unprivileged user (one uid mapped) sshd cannot run; the user sees SSH work anyway."""
+    async def scenario() -> None:
+        async def host_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"hello from the host\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(host_service, "127.0.0.1", 0)
+        host_port = server.sockets[0].getsockname()[1]
+        runtime = SandboxRuntime(tmp_path / "state", single_uid=True)
+        try:
+            ep = await runtime.start(make_spec(13, key, onstart="echo up > /workspace/up.txt"))
+            assert (await ssh(key, ep.ports[22], "cat /workspace/up.txt; echo $FOO; id -u")).split("\n")[:3] == [
+                "up", "bar baz", "0"]
+            assert (await ssh(key, ep.ssh_port, "exit 5", check=False)) == (5, "")
+            up = tmp_path / "up.txt"
+            up.write_text("uploaded\n")
+            await run_tool("scp", "-i", str(key), "-P", str(ep.ports[22]), *SSH_OPTS, str(up),
+                           "root@127.0.0.1:/root/up.txt")
+            assert await ssh(key, ep.ports[22], "cat /root/up.txt") == "uploaded\n"
+            reached = await ssh(key, ep.ports[22], "python3", "-c", shlex.quote(
+                "import socket\nprint(socket.create_connection(('127.0.0.1', 9000), 3).recv(100).decode())"),
+                extra=("-o", "ExitOnForwardFailure=yes", "-R", f"9000:127.0.0.1:{host_port}"))
+            assert reached.strip() == "hello from the host"
+        finally:
+            await runtime.close()
+            server.close()
 
     run(scenario())

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 NSINIT = Path(__file__).with_name("nsinit.py")
 FAKE_NVIDIA_SMI = Path(__file__).with_name("fake_nvidia_smi.py")
+FALLBACK_SSH = Path(__file__).with_name("fallback_ssh.py")
 SYSTEM_PATHS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 UID_RANGE = 65536
 #: where the sandboxes' uid ranges start on the host when we run as root: far above any
@@ -73,6 +74,7 @@ class SandboxRuntime:
         tmpfs_max_mb: int = 4096,
         gpu_passthrough: bool | None = None,
         boot_timeout_s: float = 30.0,
+        single_uid: bool | None = None,
     ) -> None:
         ok, reason = available()
         if not ok:
@@ -81,7 +83,9 @@ class SandboxRuntime:
         self.public_ipaddr = public_ipaddr
         self.tmpfs_max_mb = tmpfs_max_mb
         self.boot_timeout_s = boot_timeout_s
-        self._root = os.geteuid() == 0
+        #: a uid range (and OpenSSH) where we are root; else one uid and asyncssh's server.
+        #: ``single_uid=True`` as root behaves as an unprivileged user would (for tests).
+        self._root = os.geteuid() == 0 and not single_uid
         self._sshd = find_sshd()
         self._sandboxes: dict[int, _Sandbox] = {}
         self._logs_after_stop: dict[int, str] = {}
@@ -100,9 +104,9 @@ class SandboxRuntime:
             raise RuntimeError(f"instance {spec.instance_id} already has a running sandbox")
         ssh = not _is_args_runtype(spec.runtype)
         ports = list(dict.fromkeys(([22] if ssh else []) + list(spec.container_ports)))
-        if ssh and not self._root:
-            log.warning("instance %s: OpenSSH needs a mapped uid range (run as root); no SSH server",
-                        spec.instance_id)
+        if ssh and not (self._root and self._sshd):
+            log.warning("instance %s: OpenSSH cannot run here (it needs root to map a uid range, and "
+                        "sshd installed); its SSH server is asyncssh's instead", spec.instance_id)
         directory = self.state_dir / str(spec.instance_id)
         await asyncio.to_thread(_fresh_directory, directory)
         sockets = [_listen(self.public_ipaddr) for _ in ports]
@@ -125,6 +129,10 @@ class SandboxRuntime:
             "hostname": f"C.{spec.instance_id}",
             "uid_base": UID_BASE + slot * UID_RANGE if self._root else None,
             "uid_count": UID_RANGE if self._root else 1,
+            # root behaving as unprivileged maps the sandbox's root onto "nobody", never uid 0
+            "single_uid": (65534, 65534) if not self._root and os.geteuid() == 0 else None,
+            "site_paths": [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))],
+            "fallback_source": FALLBACK_SSH.read_text(),
             "tmpfs_size": f"{min(int(spec.disk_gb * 1024) or 1024, self.tmpfs_max_mb)}m",
             "system_paths": list(SYSTEM_PATHS),
             "python_prefixes": list(dict.fromkeys([sys.base_prefix, sys.prefix])),

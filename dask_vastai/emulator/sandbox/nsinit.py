@@ -38,6 +38,7 @@ import socket
 import struct
 import sys
 import traceback
+import types
 
 STATUS_FD, LOG_FD, SSHD_LOG_FD = -1, -1, -1  # set from the configuration in main()
 
@@ -164,8 +165,9 @@ def launcher(cfg: dict) -> int:
         os.waitpid(child, 0)
         return 71
     count = cfg["uid_count"]
-    if cfg["uid_base"] is None:  # unprivileged: only ourselves, as root inside
-        write_id_maps(child, f"0 {os.getuid()} 1", f"0 {os.getgid()} 1", deny_setgroups=True)
+    if cfg["uid_base"] is None:  # unprivileged (or asked to behave so): one uid, root inside
+        uid, gid = cfg.get("single_uid") or (os.getuid(), os.getgid())
+        write_id_maps(child, f"0 {uid} 1", f"0 {gid} 1", deny_setgroups=True)
     else:
         base = cfg["uid_base"]
         write_id_maps(child, f"0 {base} {count}", f"0 {base} {count}", deny_setgroups=False)
@@ -403,6 +405,15 @@ class Init:
         self.workload_pid: int | None = None
         self.done: asyncio.Future[int] | None = None
         self.servers: list = []
+        self.waiters: dict[int, asyncio.Future[int]] = {}
+        self.fallback = None
+        if not cfg["openssh"] and cfg.get("fallback_source"):
+            # asyncssh's server instead of OpenSSH; its module text came in the config
+            # because our package is not visible in here, asyncssh is (site-packages)
+            sys.path.extend(p for p in cfg["site_paths"] if p not in sys.path)
+            module = types.ModuleType("vastemu_fallback_ssh")
+            exec(compile(cfg["fallback_source"], "fallback_ssh.py", "exec"), module.__dict__)
+            self.fallback = module
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -437,6 +448,9 @@ class Init:
                 return
             if pid == 0:
                 return
+            waiter = self.waiters.pop(pid, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(os.waitstatus_to_exitcode(wstatus))
             if pid == self.workload_pid:
                 code = os.waitstatus_to_exitcode(wstatus)
                 self.workload_pid = None
@@ -474,7 +488,11 @@ class Init:
     async def serve_ssh(self, conn: socket.socket) -> None:
         """Hand the connection to a fresh ``sshd -i``: no byte of SSH traffic passes through us."""
         if not self.cfg["openssh"]:
-            conn.close()
+            if self.fallback is None:
+                conn.close()
+                return
+            asyncio.create_task(self.fallback.serve_connection(
+                conn, self.cfg["host_key"], self.spawn_session, self.wait_for))
             return
         conn.setblocking(True)
         try:
@@ -482,6 +500,14 @@ class Init:
                   conn.fileno(), conn.fileno(), SSHD_LOG_FD)
         finally:
             conn.close()
+
+    def spawn_session(self, argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
+        pid = spawn(argv, self.env, stdin, stdout, stderr)
+        self.waiters[pid] = asyncio.get_running_loop().create_future()
+        return pid
+
+    def wait_for(self, pid: int) -> "asyncio.Future[int]":
+        return self.waiters[pid]
 
     def relay_to_port(self, port: int):
         async def handler(conn: socket.socket) -> None:
