@@ -360,3 +360,23 @@ def test_with_one_uid_asyncssh_stands_in_for_openssh(tmp_path: Path, key: Path) 
             server.close()
 
     run(scenario())
+
+
+def test_a_sandbox_that_cannot_boot_says_why_and_leaves_nothing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        runtime = SandboxRuntime(tmp_path / "state")
+        if not runtime._root:
+            pytest.skip("OpenSSH runs only as root")
+        runtime._sshd = "/nonexistent/sshd"  # an image whose sshd is broken
+        try:
+            with pytest.raises(RuntimeError, match="instance 15 failed to start") as failure:
+                await runtime.start(make_spec(15, onstart="echo never"))
+            assert "/nonexistent/sshd" in str(failure.value)  # the cause, in its own words
+            assert runtime.logs(15) == "" and runtime.exited(15) is None
+            assert not runtime._sandboxes and not runtime._slots
+            assert not (tmp_path / "state" / "15").exists()
+            await runtime.stop(15)  # harmless
+        finally:
+            await runtime.close()
+
+    run(scenario())

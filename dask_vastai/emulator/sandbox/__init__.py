@@ -107,14 +107,28 @@ class SandboxRuntime:
         if ssh and not (self._root and self._sshd):
             log.warning("instance %s: OpenSSH cannot run here (it needs root to map a uid range, and "
                         "sshd installed); its SSH server is asyncssh's instead", spec.instance_id)
-        directory = self.state_dir / str(spec.instance_id)
-        await asyncio.to_thread(_fresh_directory, directory)
-        sockets = [_listen(self.public_ipaddr) for _ in ports]
-        proxy = _listen(self.public_ipaddr) if ssh else None
-        mapped = {port: sock.getsockname()[1] for port, sock in zip(ports, sockets, strict=True)}
-        host_gpus = await self._allocate_gpus(spec)
         slot = next(i for i in range(len(self._slots) + 1) if i not in self._slots)
         self._slots.add(slot)
+        sockets: list[socket.socket] = []
+        host_gpus: list[gpu_mod.HostGPU] = []
+        try:
+            sockets = [_listen(self.public_ipaddr) for _ in ports + ([22] if ssh else [])]
+            host_gpus = await self._allocate_gpus(spec)
+            return await self._launch(spec, ssh, ports, sockets, slot, host_gpus)
+        finally:
+            if spec.instance_id not in self._sandboxes or self._sandboxes[spec.instance_id].slot != slot:
+                # never registered (or already stopped by _launch): release what we reserved
+                for sock in sockets:
+                    sock.close()
+                self._slots.discard(slot)
+                self._gpus_taken.difference_update(g.index for g in host_gpus)
+
+    async def _launch(self, spec: SandboxSpec, ssh: bool, ports: list[int], all_sockets: list[socket.socket],
+                      slot: int, host_gpus: list[gpu_mod.HostGPU]) -> SandboxEndpoints:
+        sockets, proxy = all_sockets[: len(ports)], (all_sockets[-1] if ssh else None)
+        mapped = {port: sock.getsockname()[1] for port, sock in zip(ports, sockets, strict=True)}
+        directory = self.state_dir / str(spec.instance_id)
+        await asyncio.to_thread(_fresh_directory, directory)
         api_sock = await self._api.socket_for(spec.api_url) if spec.api_url else None
         env = self._environment(spec, mapped, host_gpus)
         fake = [] if host_gpus else gpu_mod.fake_gpus(spec.instance_id, spec.num_gpus, spec.gpu_name,
@@ -123,7 +137,6 @@ class SandboxRuntime:
         status_r, status_w = os.pipe()
         log_fd = os.open(directory / "container.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         sshd_log_fd = os.open(directory / "sshd.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        all_sockets = sockets + ([proxy] if proxy else [])
         cfg = {
             "status_fd": status_w, "log_fd": log_fd, "sshd_log_fd": sshd_log_fd,
             "hostname": f"C.{spec.instance_id}",
