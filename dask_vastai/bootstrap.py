@@ -71,11 +71,18 @@ class Incarnation:
 LOADER = """\
 import os, sys, time, urllib.request as r
 api, orphan_s, heartbeat, state, log = sys.argv[1:]
-sup, t0, out = state + "/supervisor.py", time.time(), open(log, "a")
+sup, t0 = state + "/supervisor.py", time.time()
 os.environ["DASK_VASTAI_T0"] = str(t0)
 def say(m):
-    m = time.strftime("%Y-%m-%dT%H:%M:%S") + " dask-vastai loader: " + m
-    print(m, flush=True); out.write(m + "\\n"); out.flush()
+    m = time.strftime("%Y-%m-%dT%H:%M:%S") + " dask-vastai loader: " + m + "\\n"
+    try:
+        sys.stdout.write(m); sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(log, "a") as out: out.write(m)
+    except OSError:
+        pass
 say("waiting up to %ss for the client to install %s" % (orphan_s, sup))
 while not os.path.exists(sup):
     if time.time() - t0 > float(orphan_s):

@@ -38,7 +38,10 @@ class Log:
 
     def __init__(self, path):
         self.lock = threading.Lock()
-        self.outs = [open(path, "a")]
+        try:
+            self.outs = [open(path, "a")]
+        except OSError:  # an image without a writable /var/log still gets its watchdog
+            self.outs = [open(os.devnull, "a")]
         try:
             a, b = (os.fstat(f.fileno()) for f in (self.outs[0], sys.stdout))
             if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):

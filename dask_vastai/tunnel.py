@@ -273,6 +273,7 @@ class TunnelHub:
                 await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 1.5, 5.0)
         link = InstanceLink(name, endpoint, conn)
+        link.on_lost(lambda: asyncio.ensure_future(self._forget(link)))
         try:
             async with self._mesh_lock:
                 await self._remote_forward(link, self.scheduler_port, what="the scheduler port")
@@ -288,8 +289,20 @@ class TunnelHub:
             await link.close()
             raise
         if old is not None and old is not link:
-            await self.close_link(old)
+            # Same instance, same files: the stop command would stop the new link's workers too.
+            await self.close_link(old, stop_workers=False)
         return link
+
+    async def _forget(self, link: InstanceLink) -> None:
+        """A lost link's workers are gone: drop their forwards so no new link mirrors them."""
+        async with self._mesh_lock:
+            if self.links.get(link.name) is link:
+                del self.links[link.name]
+            dropped = [self._exposed.pop(p) for p, e in list(self._exposed.items()) if e.link is link]
+            for exposed in self._exposed.values():
+                exposed.remote.pop(link.name, None)
+        for exposed in dropped:
+            await _close_listeners(exposed)
 
     async def _remote_forward(self, link: InstanceLink, port: int, *, what: str) -> Any:
         """Instance ``127.0.0.1:port`` -> client ``127.0.0.1:port``, channels with a large window."""
@@ -397,9 +410,9 @@ class TunnelHub:
             await _close_listeners(exposed)
 
     # -------------------------------------------------------------- closing
-    async def close_link(self, link: InstanceLink) -> None:
+    async def close_link(self, link: InstanceLink, *, stop_workers: bool = True) -> None:
         """Stop the link's workers (best effort), drop its forwards everywhere, close it."""
-        if self.stop_command and not link.closed.is_set():
+        if stop_workers and self.stop_command and not link.closed.is_set():
             with contextlib.suppress(Exception):
                 await link.run(self.stop_command, timeout_s=5, check=False)
         async with self._mesh_lock:

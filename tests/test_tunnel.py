@@ -251,6 +251,14 @@ def test_connect_waits_for_the_key_then_runs_commands_and_files(tmp_path, key):
             assert out.split() == ["600", ".", "..", "secret.pem"]  # no temporary left behind
             lost: list[str] = []
             link.on_lost(lambda: lost.append("lost"))
+            # A port busy on the client: expose_worker picks fresh ones and says which.
+            with socket.socket() as squat:
+                busy = (await hub.allocate_ports(1))[0]
+                squat.bind(("127.0.0.1", busy))
+                squat.listen()
+                worker_port, nanny_port = await hub.expose_worker(link, busy, (await hub.allocate_ports(1))[0])
+                assert worker_port != busy
+            await hub.unexpose_worker(worker_port)
             await hub.close()
             assert link.closed.is_set() and lost == []  # closing on purpose is not a loss
             with pytest.raises(TimeoutError, match=rf"{box.ip}:2222.*ConnectionRefused"):
@@ -275,6 +283,8 @@ def test_link_loss_is_reported(tmp_path, key):
             t0 = time.monotonic()
             await asyncio.wait_for(lost.wait(), 15)
             assert link.closed.is_set()
+            await asyncio.sleep(0.1)
+            assert "l" not in hub.links  # forgotten: a new link will not mirror its forwards
             print(f"silent link loss noticed after {time.monotonic() - t0:.1f}s")
             await hub.close()
 
@@ -333,9 +343,14 @@ def test_two_instances_run_dask_through_the_tunnels(tmp_path, key):
             names = ["w-x", "w-y"]
             ports = await hub.allocate_ports(4)
             assert len(set(ports)) == 4 and port not in ports
+            # Someone on y already listens on x's port: the mesh forward there fails, fresh ports replace it.
+            squat = f"import socket,time;s=socket.socket();s.bind(('127.0.0.1',{ports[0]}));s.listen();time.sleep(120)"
+            await links[1].run(f'setsid python3 -c "{squat}" >/dev/null 2>&1 &', timeout_s=10)
+            await asyncio.sleep(0.5)
             exposed = [
                 await hub.expose_worker(links[i], ports[2 * i], ports[2 * i + 1]) for i in range(2)
             ]
+            assert exposed[0] != (ports[0], ports[1]) and exposed[1] == (ports[2], ports[3])
             await asyncio.gather(*(
                 links[i].put(incarnation_path(names[i]),
                              incarnation_payload(_incarnation(names[i], scheduler.address, security,
