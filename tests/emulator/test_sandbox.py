@@ -127,7 +127,7 @@ EOF
 cat {secret} 2>/dev/null && echo "HOST TMP READABLE" || echo "tmp_path hidden"
 test -e {cwd_file} && echo "HOST CWD VISIBLE" || echo "cwd hidden"
 python3 -c "import dask_vastai" 2>/dev/null && echo "CHECKOUT IMPORTABLE" || echo "checkout not importable"
-python3 -c "import distributed; print('distributed', distributed.__version__)"
+python3 -c "import distributed, socket; print('distributed', distributed.__version__, socket.gethostbyname(socket.gethostname()))"
 echo "env: $FOO $PUBLIC_IPADDR $VAST_TCP_PORT_22 $VAST_TCP_PORT_8000 $HOME"
 mkdir -p /workspace/www && echo "served from inside" > /workspace/www/index.txt
 cd /workspace/www && nohup python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &
@@ -142,7 +142,7 @@ echo onstart-done
             assert "host port unreachable" in log and "HOST PORT REACHABLE" not in log
             assert "tmp_path hidden" in log and "HOST TMP READABLE" not in log
             assert "cwd hidden" in log and "checkout not importable" in log
-            assert "distributed " in log
+            assert "distributed " in log and " 127.0.0.1\n" in log  # its own name resolves
             assert f"env: bar baz 127.0.0.1 {ep.ports[22]} {ep.ports[8000]} /root" in log
 
             # exec, through the direct port and through the "proxy" endpoint

@@ -274,6 +274,9 @@ def build_root(cfg: dict) -> str:
     users = [line.split(":", 1)[0] for line in open("/etc/passwd") if ":" in line]
     write_file(root + "/run/vast-emu/shadow", "".join(f"{u}:*:20000:0:99999:7:::\n" for u in users), 0o640)
     bind(root + "/run/vast-emu/shadow", root + "/etc/shadow")
+    # as Docker does: the container's own name resolves (tools look their hostname up)
+    write_file(root + "/run/vast-emu/hosts", f"127.0.0.1\tlocalhost {cfg['hostname']}\n::1\tlocalhost ip6-localhost\n")
+    bind(root + "/run/vast-emu/hosts", root + "/etc/hosts")
     return root
 
 
