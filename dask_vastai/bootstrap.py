@@ -24,8 +24,14 @@ STATE_DIR = "/root/.dask-vastai"
 LOG_PATH = "/var/log/dask-vastai.log"
 #: Interpreters tried in order: the one configured, Vast's images' venv, then PATH.
 PYTHON_CANDIDATES = ("/venv/main/bin/python", "python3", "python")
-#: Run over SSH before a link is closed on purpose: the supervisor then stops the workers.
-STOP_WORKERS_COMMAND = f"rm -f {STATE_DIR}/incarnations/*.json"
+#: Run over SSH before a link is closed on purpose: the supervisor then stops the workers, and
+#: we wait (4 s at most) for their nannies to go while the tunnel still lets them say goodbye to
+#: the scheduler (closing SSH first leaves them to the 10 s SIGKILL). The brackets keep grep
+#: from matching its own command line.
+STOP_WORKERS_COMMAND = (
+    f"rm -f {STATE_DIR}/incarnations/*.json; for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do "
+    "grep -qsa 'distributed[.]cli[.]dask_worker' /proc/[0-9]*/cmdline || break; sleep 0.2; done"
+)
 
 
 @dataclass(frozen=True)

@@ -414,7 +414,7 @@ class TunnelHub:
         """Stop the link's workers (best effort), drop its forwards everywhere, close it."""
         if stop_workers and self.stop_command and not link.closed.is_set():
             with contextlib.suppress(Exception):
-                await link.run(self.stop_command, timeout_s=5, check=False)
+                await link.run(self.stop_command, timeout_s=8, check=False)
         async with self._mesh_lock:
             if self.links.get(link.name) is link:
                 del self.links[link.name]
