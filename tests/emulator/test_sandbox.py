@@ -11,6 +11,7 @@ import asyncio
 import os
 import shlex
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -380,3 +381,40 @@ def test_a_sandbox_that_cannot_boot_says_why_and_leaves_nothing(tmp_path: Path) 
             await runtime.close()
 
     run(scenario())
+
+
+def test_sandboxes_die_with_a_killed_emulator(tmp_path: Path) -> None:
+    """An emulator killed with SIGKILL leaves no instance running (nothing could stop it later)."""
+    script = tmp_path / "emu.py"
+    script.write_text(f"""
+import asyncio, sys
+from pathlib import Path
+from dask_vastai.emulator.runtime import SandboxSpec
+from dask_vastai.emulator.sandbox import SandboxRuntime
+
+async def main():
+    runtime = SandboxRuntime(Path({str(tmp_path / "state")!r}))
+    spec = SandboxSpec(instance_id=1, image="i", runtype="ssh_proxy", onstart="sleep 1000", args=None, env={{}},
+                       container_ports=(), authorized_keys=(), num_gpus=0, gpu_name="RTX_3090", gpu_ram_mb=1,
+                       cpu_cores=1, cpu_ram_mb=1, disk_gb=1, api_url="")
+    await runtime.start(spec)
+    print(runtime.pid1(1), flush=True)
+    await asyncio.sleep(1000)
+
+asyncio.run(main())
+""")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    emulator = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        pid1 = int(emulator.stdout.readline())
+        assert alive(pid1)
+    finally:
+        emulator.kill()
+        emulator.wait()
+    for _ in range(100):
+        if not alive(pid1) or open(f"/proc/{pid1}/stat").read().split(") ")[1][0] == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the sandbox's pid 1 ({pid1}) outlived its killed emulator")

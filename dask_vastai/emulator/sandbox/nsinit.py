@@ -53,7 +53,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 32, 1024, 2048, 4096, 16384
 MS_PRIVATE, MS_RELATIME = 1 << 18, 1 << 21
 MNT_DETACH = 2
-PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE = 36, 4
+PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, PR_SET_PDEATHSIG = 36, 4, 1
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -127,6 +127,11 @@ def write_id_maps(pid: int | str, uid_line: str, gid_line: str, deny_setgroups: 
 
 def launcher(cfg: dict) -> int:
     """Runs on the host: fork the sandbox, map its ids, wait for it, return its exit code."""
+    # die with the emulator, even SIGKILLed: then pid 1 reads EOF on its lifeline and ends
+    parent = os.getppid()
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        return 137
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     # the lifeline: pid 1 ends the sandbox when it reads EOF, i.e. when we are gone
     lifeline_r, lifeline_w = os.pipe()
