@@ -1,0 +1,88 @@
+"""Rent through the emulator with the official ``vastai`` CLI and meet a real sandbox.
+
+The user's path on Vast: add an SSH key to the account, search offers, create an instance
+with an onstart script and a ``-p`` port, wait for ``running``, read ``vastai logs``, log in
+at ``vastai ssh-url``, destroy. Everything here goes through the CLI, as a user types it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("oracle", Path(__file__).resolve().parents[1] / "oracle.py")
+oracle = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(oracle)
+
+emulator = pytest.importorskip("dask_vastai.emulator")
+from dask_vastai.emulator.sandbox import SandboxRuntime  # noqa: E402
+
+ok, why = SandboxRuntime.available()
+pytestmark = [
+    pytest.mark.sandbox, pytest.mark.oracle, pytest.mark.slow,
+    pytest.mark.skipif(not hasattr(emulator, "Emulator"), reason="the emulator's control plane is not there yet"),
+    pytest.mark.skipif(not ok, reason=f"sandboxes unavailable: {why}"),
+]
+
+SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+            "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
+
+
+def until(check, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")
+
+
+def test_rent_with_the_vastai_cli_read_logs_log_in_and_destroy(tmp_path: Path) -> None:
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    with emulator.Emulator(runtime="sandbox", boot_delay_s=0.5, state_dir=tmp_path / "emu") as emu:
+        def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+            return oracle.run_cli(*args, url=emu.url, api_key=emu.api_key, check=check)
+
+        cli("create", "ssh-key", key.with_suffix(".pub").read_text().strip())
+        offers = json.loads(cli("search", "offers", "num_gpus=1 rentable=true", "--raw").stdout)
+        assert offers, "the emulator's catalog has no 1-GPU offer"
+        offer = offers[0]
+        onstart = ('echo "hello from $CONTAINER_ID: $(nvidia-smi --query-gpu=name,memory.total '
+                   '--format=csv,noheader,nounits) port=$VAST_TCP_PORT_8000 $GREETING"; '
+                   "cd /workspace && echo served > index.txt && python3 -m http.server 8000 >/dev/null 2>&1 &")
+        created = json.loads(cli(
+            "create", "instance", str(offer["id"]), "--image", "vastai/pytorch", "--ssh", "--direct",
+            "--disk", "5", "--env", "-p 8000:8000 -e GREETING=hi", "--onstart-cmd", onstart, "--raw").stdout)
+        instance_id = created["new_contract"]
+
+        def running() -> dict | None:
+            row = json.loads(cli("show", "instance", str(instance_id), "--raw").stdout)
+            return row if row and row.get("actual_status") == "running" else None
+
+        row = until(running, 60, f"instance {instance_id} to be running")
+        host_port_8000 = row["ports"]["8000/tcp"][0]["HostPort"]
+        log = until(lambda: (out := cli("logs", str(instance_id)).stdout) and "hello from" in out and out,
+                    30, "the onstart output in `vastai logs`")
+        expected_gpu = offer["gpu_name"].replace("_", " ")
+        assert f"hello from {instance_id}: " in log and expected_gpu in log, log
+        assert f"port={host_port_8000} hi" in log, log
+
+        ssh_url = cli("ssh-url", str(instance_id)).stdout.strip()
+        assert ssh_url.startswith("ssh://root@127.0.0.1:"), ssh_url
+        port = ssh_url.rsplit(":", 1)[1]
+        out = subprocess.run(["ssh", "-i", str(key), "-p", port, *SSH_OPTS, "root@127.0.0.1",
+                              "cat /workspace/index.txt; hostname"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and out.stdout.split() == ["served", f"C.{instance_id}"], out.stderr
+
+        cli("destroy", "instance", str(instance_id))
+        until(lambda: subprocess.run(["ssh", "-i", str(key), "-p", port, *SSH_OPTS, "root@127.0.0.1", "true"],
+                                     capture_output=True, timeout=30).returncode != 0,
+              20, "the destroyed instance's SSH port to close")
