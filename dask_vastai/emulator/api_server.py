@@ -1,0 +1,372 @@
+"""The HTTP face of the emulated marketplace: Vast's routes, auth, rate limits, errors.
+
+One catch-all aiohttp handler matches the path (trailing slash or not) against the route
+table below, so ``/api/v0/instances/5`` and ``/api/v0/instances/5/`` are the same call, as
+on Vast. Per request, in order: auth (Bearer header or ``?api_key=``; 401 otherwise) ->
+route (404 JSON for an unknown one) -> the scope of an instance's own key -> an armed
+fault for the endpoint -> the endpoint's minimum interval (429 plain text) -> the
+handler. Every request is recorded (time, method, path, endpoint, status, key id; never
+the key itself) for tests.
+
+Shapes not documented anywhere, chosen here and kept stable:
+
+- bulk create ``POST /api/v0/asks/bulk/`` takes the single create's fields plus
+  ``"ids": [offer ids]`` and answers ``{"success": true, "results": [{"ask_id": id,
+  "success": true, "new_contract": n, "instance_api_key": k} | {"ask_id": id,
+  "success": false, "error": "no_such_ask", "msg": ...}]}`` in the order of ``ids``;
+- bulk destroy ``DELETE /api/v0/instances/`` ``{"instance_ids": [...]}`` and bulk state
+  ``PUT /api/v0/instances/`` ``{"state": ..., "ids": [...]}`` answer ``{"success": true,
+  "results": [{"id": i, "success": true} | {"id": i, "success": false, "error":
+  "not_found", "msg": "Instance not found"}]}``.
+
+Every JSON answer carries ``Content-Type: application/json`` exactly (the CLI's search
+refuses ``application/json; charset=utf-8``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .api_market import ApiError, Market
+from .api_ratelimit import RateLimiter, too_frequent_body
+from .faults import Faults
+
+Handler = Callable[["Call"], Awaitable[web.Response]]
+
+
+@dataclass
+class Call:
+    """One request, parsed: what the handlers need."""
+
+    request: web.Request
+    groups: tuple[str, ...]
+    body: dict[str, Any]
+    identity: str  # "account" or "instance:<id>"
+
+    def id(self, n: int = 0) -> int:
+        return int(self.groups[n])
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    """A JSON answer with the exact Content-Type Vast sends."""
+    return web.Response(body=json.dumps(obj).encode(), status=status,
+                        headers={"Content-Type": "application/json"})
+
+
+def _error(status: int, error: str, msg: str) -> web.Response:
+    return json_response({"success": False, "error": error, "msg": msg}, status)
+
+
+class ApiServer:
+    """Routes requests to a :class:`Market`; owns auth, limits, faults and the request log."""
+
+    def __init__(self, market: Market, *, api_key: str, limiter: RateLimiter, faults: Faults) -> None:
+        self.market = market
+        self.api_key = api_key
+        self.limiter = limiter
+        self.faults = faults
+        self.records: list[dict[str, Any]] = []
+        v0, v1 = r"/api/v0", r"/api/v1"
+        n = r"(\d+)"
+        # (method, path regex without trailing slash, endpoint name, handler, instance key may call)
+        self.routes: list[tuple[str, re.Pattern[str], str, Handler, bool]] = [
+            (m, re.compile(p), e, h, k) for m, p, e, h, k in [
+                ("POST", f"{v0}/bundles", "search", self.search, False),
+                ("GET", f"{v0}/bundles", "search", self.search_legacy, False),
+                ("PUT", f"{v0}/search/asks", "search", self.search_new, False),
+                ("PUT", f"{v0}/asks/{n}", "create", self.create, False),
+                ("POST", f"{v0}/asks/bulk", "create", self.create_bulk, False),
+                ("GET", f"{v0}/instances/filters", "list", self.filters, False),
+                ("GET", f"{v0}/instances/{n}/ssh", "ssh", self.instance_keys, False),
+                ("POST", f"{v0}/instances/{n}/ssh", "ssh", self.attach_key, False),
+                ("DELETE", f"{v0}/instances/{n}/ssh/{n}", "ssh", self.detach_key, False),
+                ("GET", f"{v0}/instances/{n}", "show", self.show, True),
+                ("GET", f"{v0}/instances", "list", self.list_legacy, False),
+                ("GET", f"{v1}/instances", "list", self.list_v1, False),
+                ("DELETE", f"{v0}/instances/{n}", "destroy", self.destroy, True),
+                ("DELETE", f"{v0}/instances", "destroy", self.destroy_bulk, False),
+                ("PUT", f"{v0}/instances/reboot/{n}", "reboot", self.reboot, False),
+                ("PUT", f"{v0}/instances/request_logs/{n}", "logs", self.request_logs, False),
+                ("PUT", f"{v0}/instances/command/{n}", "command", self.command, False),
+                ("PUT", f"{v0}/instances/{n}", "update", self.update, True),
+                ("PUT", f"{v0}/instances", "update", self.update_bulk, False),
+                ("GET", f"{v0}/ssh", "ssh", self.account_keys, False),
+                ("POST", f"{v0}/ssh", "ssh", self.add_account_key, False),
+                ("PUT", f"{v0}/ssh/{n}", "ssh", self.update_account_key, False),
+                ("DELETE", f"{v0}/ssh/{n}", "ssh", self.delete_account_key, False),
+                ("GET", f"{v0}/users/current", "user", self.user, False),
+                ("GET", "/_emulator/meter", "_meter", self.emu_meter, False),
+                ("GET", "/_emulator/requests", "_requests", self.emu_requests, False),
+                ("GET", "/_emulator/faults", "_faults", self.emu_faults, False),
+                ("POST", "/_emulator/faults", "_faults", self.emu_faults, False),
+                ("DELETE", "/_emulator/faults", "_faults", self.emu_faults, False),
+            ]
+        ]
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=8 * 1024 * 1024)
+        app.router.add_route("*", "/logs/{token}", self.log_file)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    # ------------------------------------------------------------------ plumbing
+    def _identity(self, request: web.Request) -> str | None:
+        header = request.headers.get("Authorization", "")
+        key = header[7:].strip() if header.lower().startswith("bearer ") else None
+        key = key or request.query.get("api_key")
+        if not key:
+            return None
+        if key == self.api_key:
+            return "account"
+        instance_id = self.market.instance_keys.get(key)
+        return None if instance_id is None else f"instance:{instance_id}"
+
+    def _record(self, request: web.Request, endpoint: str | None, status: int, identity: str | None,
+                started: float) -> None:
+        if endpoint and endpoint.startswith("_"):
+            return
+        self.records.append({
+            "time": started, "method": request.method, "path": request.path, "endpoint": endpoint,
+            "status": status, "key": identity, "duration_s": time.time() - started,
+        })
+
+    async def handle(self, request: web.Request) -> web.Response:
+        started = time.time()
+        identity = self._identity(request)
+        try:
+            response = await self._handle(request, identity)
+        except ApiError as e:
+            response = json_response(e.body, e.status)
+        self._record(request, request.get("endpoint"), response.status, identity, started)
+        return response
+
+    async def _handle(self, request: web.Request, identity: str | None) -> web.Response:
+        if identity is None:
+            return _error(401, "auth_error", "Invalid user key")
+        path = request.path.rstrip("/") or "/"
+        for method, pattern, endpoint, handler, instance_ok in self.routes:
+            match = pattern.fullmatch(path)
+            if match is None or method != request.method:
+                continue
+            request["endpoint"] = endpoint
+            body = await self._body(request)
+            call = Call(request, match.groups(), body, identity)
+            if identity != "account":
+                denied = self._scope(call, endpoint, instance_ok)
+                if denied is not None:
+                    return denied
+            forced = self.faults.take_http(endpoint)
+            if forced == 429:
+                return web.Response(text="API requests too frequent", status=429, content_type="text/plain")
+            if forced is not None:
+                return _error(forced, "server_error", f"emulated server error {forced} (injected fault)")
+            threshold = self.limiter.check(identity, endpoint)
+            if threshold is not None:
+                return web.Response(text=too_frequent_body(threshold), status=429, content_type="text/plain")
+            return await handler(call)
+        return _error(404, "not_found", f"no such API route: {request.method} {request.path}")
+
+    @staticmethod
+    async def _body(request: web.Request) -> dict[str, Any]:
+        text = await request.text()
+        if not text.strip():
+            return {}
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ApiError(400, "invalid_args", f"request body is not JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_args", "request body must be a JSON object")
+        return body
+
+    @staticmethod
+    def _scope(call: Call, endpoint: str, instance_ok: bool) -> web.Response | None:
+        """An instance's own key may only show, stop/start or destroy that instance."""
+        own = int(call.identity.split(":", 1)[1])
+        allowed = instance_ok and call.id() == own
+        if allowed and endpoint == "update" and set(call.body) - {"state"}:
+            allowed = False
+        if allowed:
+            return None
+        return _error(403, "forbidden", f"this key is instance {own}'s CONTAINER_API_KEY: it may only show, "
+                      f"stop/start or destroy instance {own}; use your account's API key for anything else")
+
+    # ------------------------------------------------------------------ search and rent
+    async def search(self, call: Call) -> web.Response:
+        return json_response({"offers": self.market.search(call.body)})
+
+    async def search_new(self, call: Call) -> web.Response:
+        query = dict(call.body.get("q") or {})
+        return json_response({"offers": self.market.search(query)})
+
+    async def search_legacy(self, call: Call) -> web.Response:
+        raw = call.request.query.get("q", "{}")
+        try:
+            query = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ApiError(400, "invalid_args", f"q must be JSON, not {raw!r}") from e
+        return json_response({"offers": self.market.search(query)})
+
+    async def create(self, call: Call) -> web.Response:
+        return json_response(self.market.create(call.id(), call.body))
+
+    async def create_bulk(self, call: Call) -> web.Response:
+        ids = call.body.get("ids")
+        if not isinstance(ids, list) or not ids:
+            raise ApiError(400, "invalid_args", "bulk create needs \"ids\": a non-empty list of offer ids")
+        body = {k: v for k, v in call.body.items() if k != "ids"}
+        return json_response({"success": True, "results": self.market.create_bulk(ids, body)})
+
+    # ------------------------------------------------------------------ instances
+    async def show(self, call: Call) -> web.Response:
+        r = self.market.rentals.get(call.id())
+        return json_response({"instances": None if r is None else self.market.row(r)})
+
+    async def list_legacy(self, call: Call) -> web.Response:
+        return json_response({"instances": self.market.rows()})
+
+    async def list_v1(self, call: Call) -> web.Response:
+        return json_response(self.market.list_page(call.request.query))
+
+    async def filters(self, call: Call) -> web.Response:
+        rows = self.market.rows()
+        out = [{"col": col, "values": sorted({str(r[col]) for r in rows if r.get(col) is not None})}
+               for col in ("actual_status", "label", "gpu_name", "verification")]
+        return json_response({"success": True, "filters": out})
+
+    async def destroy(self, call: Call) -> web.Response:
+        await self.market.destroy(call.id())
+        return json_response({"success": True})
+
+    async def destroy_bulk(self, call: Call) -> web.Response:
+        ids = call.body.get("instance_ids")
+        if not isinstance(ids, list):
+            raise ApiError(400, "invalid_args", "bulk destroy needs \"instance_ids\": a list of instance ids")
+        results = []
+        for raw in ids:
+            try:
+                await self.market.destroy(int(raw))
+                results.append({"id": raw, "success": True})
+            except (ApiError, TypeError, ValueError) as e:
+                body = e.body if isinstance(e, ApiError) else {"success": False, "error": "not_found",
+                                                               "msg": "Instance not found"}
+                results.append({"id": raw, **body})
+        return json_response({"success": True, "results": results})
+
+    async def update(self, call: Call) -> web.Response:
+        if "state" not in call.body and "label" not in call.body:
+            raise ApiError(400, "invalid_args", "give \"state\" (running|stopped) or \"label\"")
+        self.market.live(call.id())
+        if "label" in call.body:
+            self.market.set_label(call.id(), call.body["label"])
+        if "state" in call.body:
+            await self.market.set_state(call.id(), str(call.body["state"]))
+        return json_response({"success": True})
+
+    async def update_bulk(self, call: Call) -> web.Response:
+        ids, state = call.body.get("ids"), call.body.get("state")
+        if not isinstance(ids, list) or state is None:
+            raise ApiError(400, "invalid_args", "bulk update needs \"ids\" (a list) and \"state\"")
+        results = []
+        for raw in ids:
+            try:
+                await self.market.set_state(int(raw), str(state))
+                results.append({"id": raw, "success": True})
+            except ApiError as e:
+                results.append({"id": raw, **e.body})
+        return json_response({"success": True, "results": results})
+
+    async def reboot(self, call: Call) -> web.Response:
+        await self.market.reboot(call.id())
+        return json_response({"success": True})
+
+    def _result_url(self, token: str) -> str:
+        return f"{self.market.api_url}/logs/{token}"
+
+    async def request_logs(self, call: Call) -> web.Response:
+        token = self.market.request_logs(call.id(), call.body.get("tail"), call.body.get("filter"))
+        return json_response({"success": True, "result_url": self._result_url(token),
+                              "msg": "Logs are being uploaded; fetch result_url shortly."})
+
+    async def command(self, call: Call) -> web.Response:
+        self.market.live(call.id())
+        token = self.market.request_logs(call.id(), tail="0")
+        self.market._logs[token] = (0.0, "the emulator does not run constrained commands; "
+                                         "use SSH to the instance instead\n")
+        return json_response({"success": True, "writeable_path": "/workspace",
+                              "result_url": self._result_url(token), "msg": "Command queued."})
+
+    async def log_file(self, request: web.Request) -> web.Response:
+        started = time.time()
+        text = self.market.log_text(request.match_info["token"])
+        if text is None:
+            response = web.Response(text="Not Found (not uploaded yet)", status=404, content_type="text/plain")
+        else:
+            response = web.Response(text=text, content_type="text/plain")
+        self._record(request, "logfile", response.status, None, started)
+        return response
+
+    # ------------------------------------------------------------------ keys and user
+    async def instance_keys(self, call: Call) -> web.Response:
+        r = self.market.rentals.get(call.id())
+        if r is None:
+            raise ApiError(404, "no_such_instance", f"no instance {call.id()}")
+        keys = [{"id": i, "public_key": k} for i, k in r.attached_keys]
+        return json_response({"success": True, "ssh_keys": json.dumps(keys)})
+
+    async def attach_key(self, call: Call) -> web.Response:
+        self.market.attach_key(call.id(), call.body.get("ssh_key"))
+        return json_response({"success": True, "msg": "SSH key attached successfully"})
+
+    async def detach_key(self, call: Call) -> web.Response:
+        self.market.detach_key(call.id(0), call.id(1))
+        return json_response({"success": True, "msg": "SSH key detached successfully"})
+
+    async def account_keys(self, call: Call) -> web.Response:
+        return json_response(self.market.account_keys)
+
+    async def add_account_key(self, call: Call) -> web.Response:
+        return json_response({"success": True, "key": self.market.add_account_key(call.body.get("ssh_key"))})
+
+    async def update_account_key(self, call: Call) -> web.Response:
+        return json_response({"success": True,
+                              "key": self.market.update_account_key(call.id(), call.body.get("ssh_key"))})
+
+    async def delete_account_key(self, call: Call) -> web.Response:
+        self.market.delete_account_key(call.id())
+        return json_response({"success": True})
+
+    async def user(self, call: Call) -> web.Response:
+        balance = round(self.market.balance(), 6)
+        keys = self.market.account_keys
+        return json_response({
+            "id": 1, "key_id": 1, "username": "emulator", "email": "you@emulator.invalid",
+            "fullname": "Emulated Vast user", "balance": balance, "credit": balance,
+            "ssh_key": keys[0]["public_key"] if keys else "", "sid": "emulator-session",
+            "can_pay": True, "has_billing": True, "billing_creditonly": 0,
+        })
+
+    # ------------------------------------------------------------------ emulator-only
+    async def emu_meter(self, call: Call) -> web.Response:
+        return json_response(self.market.meter())
+
+    async def emu_requests(self, call: Call) -> web.Response:
+        return json_response(list(self.records))
+
+    async def emu_faults(self, call: Call) -> web.Response:
+        method = call.request.method
+        if method == "POST":
+            try:
+                self.faults.apply(call.body)
+            except ValueError as e:
+                raise ApiError(400, "invalid_args", str(e)) from e
+        elif method == "DELETE":
+            self.faults.clear()
+        return json_response({"success": True, "armed": self.faults.armed()})

@@ -1,0 +1,141 @@
+"""Faults the emulated marketplace injects on demand, as the real one produces them.
+
+Two kinds:
+
+- *armed* faults wait for the next matching event and are consumed by it: the next N
+  calls of an endpoint fail (429 plain text or a 5xx), the next N boots fail with a fatal
+  ``status_msg`` or stay in ``loading`` forever, the next N creates find their offer
+  taken by someone else between search and create (404 ``no_such_ask``);
+- *immediate* faults change a rental now: an interruptible rental is outbid (-> ``stopped``),
+  a host goes ``offline`` (its sandbox is stopped: nothing on it answers any more).
+
+Python: ``emu.faults.fail_next("create", count=2, status=503)``. HTTP (account key):
+``POST /_emulator/faults`` with ``{"fault": "fail_next", "endpoint": "create", "count": 2,
+"status": 503}``; ``GET`` lists what is armed; ``DELETE`` disarms everything.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+#: boot failures Vast users meet; the first two stay "loading", OCI errors end "exited"
+BOOT_FAILURES = {
+    "pull rate limit": ("loading", "Error response from daemon: toomanyrequests: You have reached your "
+                                   "pull rate limit. You may increase the limit by authenticating and upgrading"),
+    "manifest unknown": ("loading", "Error response from daemon: manifest for {image} not found: manifest unknown"),
+    "oci runtime": ("exited", "Error response from daemon: failed to create task for container: OCI runtime "
+                              "create failed: runc create failed: unable to start container process"),
+    "no space left on device": ("exited", "Error: write /var/lib/docker/tmp: no space left on device"),
+}
+
+
+class _Market(Protocol):
+    def preempt(self, instance_id: int) -> None: ...
+    def set_offline(self, instance_id: int) -> None: ...
+
+
+@dataclass
+class BootFault:
+    """How one boot goes wrong: the status it stays in and the message it shows."""
+
+    kind: str  # a key of BOOT_FAILURES, or "stuck" (loading forever, no error)
+    actual_status: str
+    status_msg: str
+
+
+class Faults:
+    """Armed and immediate faults of one emulator (thread-safe: tests call from their thread)."""
+
+    def __init__(self, market: _Market, run_on_loop: Callable[[Callable[[], Any]], Any]) -> None:
+        self._market = market
+        self._run_on_loop = run_on_loop
+        self._lock = threading.Lock()
+        self._http: dict[str, list[int]] = {}  # endpoint -> statuses, one per coming call
+        self._boots: list[BootFault] = []
+        self._races = 0
+
+    # ----------------------------------------------------------------- arm
+    def fail_next(self, endpoint: str, count: int = 1, status: int = 429) -> None:
+        """The next ``count`` calls of ``endpoint`` (a rate-limit endpoint name) get ``status``."""
+        if status != 429 and not 500 <= status <= 599:
+            raise ValueError(f"fail_next status must be 429 or a 5xx, not {status}")
+        with self._lock:
+            self._http.setdefault(endpoint, []).extend([int(status)] * int(count))
+
+    def fail_boot(self, kind: str = "pull rate limit", count: int = 1) -> None:
+        """The next ``count`` rentals to boot fail with ``kind`` (see BOOT_FAILURES)."""
+        if kind not in BOOT_FAILURES:
+            raise ValueError(f"unknown boot failure {kind!r}; use one of {', '.join(BOOT_FAILURES)}")
+        status, msg = BOOT_FAILURES[kind]
+        with self._lock:
+            self._boots.extend(BootFault(kind, status, msg) for _ in range(int(count)))
+
+    def stick_loading(self, count: int = 1) -> None:
+        """The next ``count`` rentals to boot stay in ``loading`` forever, with no error."""
+        with self._lock:
+            self._boots.extend(BootFault("stuck", "loading", "Pulling image: waiting for layers")
+                               for _ in range(int(count)))
+
+    def race_next_create(self, count: int = 1) -> None:
+        """The next ``count`` creates find their offer just taken by another user (404)."""
+        with self._lock:
+            self._races += int(count)
+
+    # ----------------------------------------------------------------- now
+    def preempt(self, instance_id: int) -> None:
+        """Outbid the interruptible rental ``instance_id``: it goes to ``stopped`` now."""
+        self._run_on_loop(lambda: self._market.preempt(int(instance_id)))
+
+    def host_offline(self, instance_id: int) -> None:
+        """The host of ``instance_id`` disconnects: ``offline``, its sandbox stopped."""
+        self._run_on_loop(lambda: self._market.set_offline(int(instance_id)))
+
+    def clear(self) -> None:
+        """Disarm every armed fault."""
+        with self._lock:
+            self._http.clear()
+            self._boots.clear()
+            self._races = 0
+
+    def armed(self) -> dict[str, Any]:
+        """What is armed, for ``GET /_emulator/faults`` and for test messages."""
+        with self._lock:
+            return {"http": {k: list(v) for k, v in self._http.items() if v},
+                    "boots": [asdict(b) for b in self._boots], "create_races": self._races}
+
+    # ----------------------------------------------------------------- consume (event loop)
+    def take_http(self, endpoint: str) -> int | None:
+        with self._lock:
+            pending = self._http.get(endpoint)
+            return pending.pop(0) if pending else None
+
+    def take_boot(self) -> BootFault | None:
+        with self._lock:
+            return self._boots.pop(0) if self._boots else None
+
+    def take_race(self) -> bool:
+        with self._lock:
+            if self._races <= 0:
+                return False
+            self._races -= 1
+            return True
+
+    # ----------------------------------------------------------------- HTTP
+    def apply(self, spec: dict[str, Any]) -> None:
+        """Arm or trigger one fault from its JSON form (``{"fault": name, **arguments}``)."""
+        actions: dict[str, Callable[..., None]] = {
+            "fail_next": self.fail_next, "fail_boot": self.fail_boot, "stick_loading": self.stick_loading,
+            "race_next_create": self.race_next_create, "preempt": self.preempt,
+            "host_offline": self.host_offline, "clear": self.clear,
+        }
+        args = dict(spec)
+        name = args.pop("fault", None)
+        if name not in actions:
+            raise ValueError(f"unknown fault {name!r}; use one of {', '.join(actions)}")
+        try:
+            actions[name](**args)
+        except TypeError as e:
+            raise ValueError(f"bad arguments for fault {name!r}: {e}") from e
