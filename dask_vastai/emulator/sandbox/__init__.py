@@ -95,6 +95,8 @@ class SandboxRuntime:
         self._lock = asyncio.Lock()
         self._slots: set[int] = set()  # uid ranges in use, reserved before the sandbox exists
         self._gpus_taken: set[int] = set()
+        self._fallback_source = FALLBACK_SSH.read_text()
+        self._fake_nvidia_smi = FAKE_NVIDIA_SMI.read_text()
 
     # ------------------------------------------------------------------ InstanceRuntime
 
@@ -145,7 +147,7 @@ class SandboxRuntime:
             # root behaving as unprivileged maps the sandbox's root onto "nobody", never uid 0
             "single_uid": (65534, 65534) if not self._root and os.geteuid() == 0 else None,
             "site_paths": [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))],
-            "fallback_source": FALLBACK_SSH.read_text(),
+            "fallback_source": self._fallback_source,
             "tmpfs_size": f"{min(int(spec.disk_gb * 1024) or 1024, self.tmpfs_max_mb)}m",
             "system_paths": list(SYSTEM_PATHS),
             "python_prefixes": list(dict.fromkeys([sys.base_prefix, sys.prefix])),
@@ -167,9 +169,9 @@ class SandboxRuntime:
             "fake_gpus": fake,
             "gpu_devices": gpu_mod.device_nodes(host_gpus) if host_gpus else [],
             "bin_files": {} if host_gpus else {
-                "nvidia-smi": f"#!{sys.executable} -IS\n" + FAKE_NVIDIA_SMI.read_text()},
+                "nvidia-smi": f"#!{sys.executable} -IS\n" + self._fake_nvidia_smi},
         }
-        try:
+        try:  # status_r is ours until the end of start(), whatever happens
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-S", str(NSINIT),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=sshd_log_fd,
@@ -177,6 +179,9 @@ class SandboxRuntime:
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
                 pass_fds=[status_w, log_fd, sshd_log_fd, *(s.fileno() for s in all_sockets)],
             )
+        except BaseException:
+            os.close(status_r)
+            raise
         finally:
             for fd in (status_w, log_fd, sshd_log_fd):
                 os.close(fd)
@@ -186,6 +191,7 @@ class SandboxRuntime:
         try:
             assert process.stdin is not None
             process.stdin.write(json.dumps(cfg).encode())
+            await process.stdin.drain()
             process.stdin.close()
             await asyncio.wait_for(self._until_ready(box, status_r), self.boot_timeout_s)
         except BaseException as exc:
