@@ -1,0 +1,53 @@
+"""Where the Vast API key comes from, and how it may be shown.
+
+The same places the official ``vastai`` CLI looks, in the same order, so a user who ran
+``vastai set api-key`` once needs nothing more: the argument (or ``vastai.api-key`` in the
+dask config), then ``VAST_API_KEY``, then ``$XDG_CONFIG_HOME/vastai/vast_api_key``, then
+``~/.vast_api_key``. The key itself is never printed: :func:`mask_key` shows its last four
+characters at most.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class MissingAPIKeyError(RuntimeError):
+    """Raised by :func:`find_api_key`; ``api.MissingAPIKey`` wraps it for users."""
+
+
+def key_file_paths() -> list[Path]:
+    """The vastai CLI's key files, in the order it reads them."""
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return [Path(xdg) / "vastai" / "vast_api_key", Path.home() / ".vast_api_key"]
+
+
+def where_keys_are_looked_for() -> str:
+    """One sentence naming every place a key is looked for (for error messages)."""
+    files = " or ".join(str(p) for p in key_file_paths())
+    return f"the api_key argument, the dask config vastai.api-key, $VAST_API_KEY, or the file {files}"
+
+
+def find_api_key(explicit: str | None = None) -> tuple[str, str]:
+    """``(key, where it came from)``; ``MissingAPIKeyError`` when no place has one."""
+    if explicit is not None and str(explicit).strip():
+        return str(explicit).strip(), "argument"
+    env = os.environ.get("VAST_API_KEY", "").strip()
+    if env:
+        return env, "$VAST_API_KEY"
+    for path in key_file_paths():
+        try:
+            text = path.read_text().strip()
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        if text:
+            return text, str(path)
+    raise MissingAPIKeyError(where_keys_are_looked_for())
+
+
+def mask_key(key: str | None) -> str:
+    """``***abcd`` (the last four characters, only when the key is long enough to spare them)."""
+    if not key:
+        return "<none>"
+    return "***" + key[-4:] if len(key) >= 12 else "***"

@@ -1,0 +1,587 @@
+"""What to rent: instance requirements, Vast's offer query language, and offer records.
+
+Users already know the ``vastai search offers`` syntax (``gpu_name=RTX_4090 num_gpus>=2
+dph_total<0.5 geolocation in [DE,PL]``), so requirements are turned into that text first
+(``OfferRequirements.query_text()``, which a user can paste into the CLI) and then parsed
+exactly as the official SDK parses it (``parse_query``, a faithful copy of the semantics of
+``vastai.api.query.parse_query`` 1.9.1: field aliases, GB->MB multipliers, ``_`` -> space,
+booleans, ``any`` wildcards, lists, numbers kept as strings). A test compares our output with
+the SDK's on a table of queries, so the server sees the same JSON whichever client sent it.
+
+Not supported from the SDK: the ``georegion=true``/``chunked=true`` directives (use
+``region=`` here, or ``geolocation in [..]``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- query language
+
+#: Filter fields the SDK knows (``vastai.api.query.offers_fields``); others draw a warning.
+OFFER_FIELDS = frozenset(
+    """bw_nvlink compute_cap cpu_arch cpu_cores cpu_cores_effective cpu_ghz cpu_ram cuda_max_good
+    datacenter direct_port_count driver_version disk_bw disk_space dlperf dlperf_per_dphtotal
+    dph_total duration external flops_per_dphtotal gpu_arch gpu_display_active gpu_frac gpu_mem_bw
+    gpu_name gpu_ram gpu_total_ram gpu_max_power gpu_max_temp has_avx host_id id inet_down
+    inet_down_cost inet_up inet_up_cost machine_id min_bid mobo_name num_gpus pci_gen pcie_bw
+    reliability rentable rented storage_cost static_ip total_flops ubuntu_version verification
+    verified vms_enabled geolocation cluster_id""".split()
+)
+OFFER_ALIASES: Mapping[str, str] = {
+    "cuda_vers": "cuda_max_good",
+    "display_active": "gpu_display_active",
+    "dlperf_usd": "dlperf_per_dphtotal",
+    "dph": "dph_total",
+    "flops_usd": "flops_per_dphtotal",
+}
+#: The user writes GB and days; the server compares MB and seconds.
+OFFER_MULTIPLIERS: Mapping[str, float] = {
+    "cpu_ram": 1000,
+    "gpu_ram": 1000,
+    "gpu_total_ram": 1000,
+    "duration": 24.0 * 60.0 * 60.0,
+}
+#: The filters the SDK adds to a string query unless the query overrides them.
+STRING_QUERY_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
+    "verified": {"eq": True},
+    "external": {"eq": False},
+    "rentable": {"eq": True},
+}
+#: The filters the SDK adds to a dict query (``rented`` too).
+DICT_QUERY_DEFAULTS: Mapping[str, Mapping[str, Any]] = {**STRING_QUERY_DEFAULTS, "rented": {"eq": False}}
+
+_TERM = re.compile(
+    r"([a-zA-Z0-9_]+)( *[=><!]+| +(?:[lg]te?|nin|neq|eq|not ?eq|not ?in|in) )?( *)"
+    r"(\[[^\]]+\]|\"[^\"]+\"|[^ ]+)?( *)"
+)
+_OPS = {
+    ">=": "gte", ">": "gt", "gt": "gt", "gte": "gte",
+    "<=": "lte", "<": "lt", "lt": "lt", "lte": "lte",
+    "!=": "neq", "==": "eq", "=": "eq", "eq": "eq", "neq": "neq", "noteq": "neq", "not eq": "neq",
+    "notin": "notin", "not in": "notin", "nin": "notin", "in": "in",
+}
+_SYNTAX_HINT = (
+    "Filters look like `gpu_name=RTX_4090 num_gpus>=2 dph_total<0.5 geolocation in [DE,PL]`; "
+    "write spaces inside values as _ or quote the value"
+)
+
+
+def _driver_version_number(text: str) -> int:
+    """``535.86.05`` -> ``535086005``, the integer the server compares driver versions as."""
+    parts = text.split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(
+            f"driver_version {text!r} is not of the form X.Y.Z (e.g. driver_version>=535.86.05)"
+        )
+    return int("".join(p.zfill(3) for p in parts))
+
+
+def parse_query(text: str, base: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The filter dict the official SDK sends for the ``vastai search offers`` query ``text``.
+
+    ``base`` is copied and updated (the SDK passes its defaults there, which is how
+    ``verified=any`` removes the default ``verified`` filter). Raises ``ValueError`` naming
+    the query and what is wrong with it.
+    """
+    res: dict[str, Any] = {k: dict(v) for k, v in (base or {}).items()}
+    text = text.strip()
+    terms = _TERM.findall(text)
+    consumed = "".join("".join(t) for t in terms)
+    if consumed != text:
+        same = next((i for i, (a, b) in enumerate(zip(consumed, text, strict=False)) if a != b), len(consumed))
+        rest = text[same:]
+        raise ValueError(f"could not read the offer query {text!r} from {rest!r} on. {_SYNTAX_HINT}.")
+    for name, raw_op, _, raw_value, _ in terms:
+        value: Any = raw_value.strip(",[]")
+        op = raw_op.strip()
+        op_name = _OPS.get(op)
+        if name in OFFER_ALIASES:
+            alias, name = name, OFFER_ALIASES[name]
+            if alias in res:
+                res[name] = res.pop(alias)
+        filters = res.setdefault(name, {})
+        if name == "driver_version" and "." in value and op_name not in ("in", "notin"):
+            value = _driver_version_number(value)
+        if name not in OFFER_FIELDS:
+            logger.warning("offer query: unrecognised field %r (sent to Vast as is)", name)
+        if not op_name:
+            raise ValueError(
+                f"offer query {text!r}: {name!r} has no operator (=, !=, <, <=, >, >=, in, notin). "
+                f"{_SYNTAX_HINT}."
+            )
+        if op_name in ("in", "notin"):
+            value = [x.strip() for x in value.split(",") if x.strip()]
+        if value == "" or value == []:
+            raise ValueError(f"offer query {text!r}: {name}{op} has no value. {_SYNTAX_HINT}.")
+        if isinstance(value, str) and value in ("?", "*", "any"):
+            if op_name != "eq":
+                raise ValueError(
+                    f"offer query {text!r}: the wildcard {name}{op}{value} only works with = "
+                    f"(write {name}=any to drop the filter)"
+                )
+            res.pop(name, None)
+            continue
+        if isinstance(value, str):
+            value = value.replace("_", " ").strip('"')
+        elif isinstance(value, list):
+            value = [x.replace("_", " ").strip('"') for x in value]
+        if name in OFFER_MULTIPLIERS:
+            try:
+                filters[op_name] = float(value) * OFFER_MULTIPLIERS[name]
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"offer query {text!r}: {name} takes one number (in "
+                    f"{'days' if name == 'duration' else 'GB'}), not {raw_value!r}"
+                ) from None
+        elif value in ("true", "True"):
+            filters[op_name] = True
+        elif value in ("false", "False"):
+            filters[op_name] = False
+        elif value in ("None", "null"):
+            filters[op_name] = None
+        else:
+            filters[op_name] = value
+        res[name] = filters
+    return res
+
+
+def parse_order(text: str | Sequence[Sequence[str]] | None) -> list[list[str]] | None:
+    """``"dph+,dlperf-"`` -> ``[["dph_total", "asc"], ["dlperf", "desc"]]``, as the SDK does.
+
+    A leading or trailing ``-`` sorts descending, ``+`` ascending; a list passes through.
+    """
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        return [list(x) for x in text]
+    parsed: list[list[str]] = []
+    for raw in text.split(","):
+        name = raw.strip()
+        if not name:
+            continue
+        direction, column = "asc", name
+        if name.strip("-") != name:
+            direction, column = "desc", name.strip("-")
+        if name.strip("+") != name:
+            direction, column = "asc", name.strip("+")
+        parsed.append([OFFER_ALIASES.get(column, column), direction])
+    return parsed
+
+
+def search_body(
+    query: str | Mapping[str, Any] | None,
+    *,
+    order: str | Sequence[Sequence[str]] | None = "score-",
+    type: str = "on-demand",
+    limit: int | None = None,
+    storage_gb: float = 5.0,
+) -> dict[str, Any]:
+    """The exact ``POST /api/v0/bundles/`` body of ``VastAI().search_offers(query, ...)``.
+
+    A string query gets the SDK's string defaults (verified, external, rentable); a dict gets
+    its dict defaults (also ``rented=false``), which the dict's own keys override.
+    """
+    if isinstance(query, str):
+        body = parse_query(query, STRING_QUERY_DEFAULTS)
+    else:
+        body = {k: dict(v) for k, v in DICT_QUERY_DEFAULTS.items()}
+        body.update({k: (dict(v) if isinstance(v, Mapping) else v) for k, v in (query or {}).items()})
+    body["order"] = parse_order(order) if order is not None else [["score", "desc"]]
+    body["type"] = "bid" if type == "interruptible" else type
+    if limit:
+        body["limit"] = int(limit)
+    body["allocated_storage"] = storage_gb
+    return body
+
+
+# ----------------------------------------------------------------------------- offer records
+
+
+def _num(value: Any, default: float = 0.0) -> float:
+    try:
+        return float(value) if value is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One rentable machine (a Vast "ask") in the units Vast reports: MB, GB, $/h."""
+
+    id: int
+    gpu_name: str
+    num_gpus: int
+    gpu_ram_mb: float
+    gpu_total_ram_mb: float
+    cpu_cores_effective: float
+    cpu_ram_mb: float
+    disk_space_gb: float
+    dph_total: float
+    min_bid: float
+    reliability: float
+    geolocation: str | None
+    datacenter: bool
+    verified: bool
+    direct_port_count: int
+    cuda_max_good: float
+    inet_down: float
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    @classmethod
+    def from_json(cls, row: Mapping[str, Any]) -> Offer:
+        """An offer from a search result row (missing fields become 0/None, never KeyError)."""
+        num_gpus = int(_num(row.get("num_gpus"), 0))
+        gpu_ram = _num(row.get("gpu_ram"))
+        reliability = row.get("reliability", row.get("reliability2"))
+        verified = row.get("verified")
+        if verified is None:
+            verified = row.get("verification") == "verified"
+        return cls(
+            id=int(row["id"]),
+            gpu_name=str(row.get("gpu_name") or ""),
+            num_gpus=num_gpus,
+            gpu_ram_mb=gpu_ram,
+            gpu_total_ram_mb=_num(row.get("gpu_total_ram"), gpu_ram * num_gpus),
+            cpu_cores_effective=_num(row.get("cpu_cores_effective"), _num(row.get("cpu_cores"))),
+            cpu_ram_mb=_num(row.get("cpu_ram")),
+            disk_space_gb=_num(row.get("disk_space")),
+            dph_total=_num(row.get("dph_total")),
+            min_bid=_num(row.get("min_bid")),
+            reliability=_num(reliability),
+            geolocation=(str(row["geolocation"]).strip() if row.get("geolocation") else None),
+            datacenter=row.get("hosting_type") == 1 or row.get("datacenter") is True,
+            verified=bool(verified),
+            direct_port_count=int(_num(row.get("direct_port_count"))),
+            cuda_max_good=_num(row.get("cuda_max_good")),
+            inet_down=_num(row.get("inet_down")),
+            raw=dict(row),
+        )
+
+    @property
+    def country(self) -> str | None:
+        """The ISO-2 code that ends Vast's geolocation string (``"Warsaw, PL"`` -> ``"PL"``)."""
+        if not self.geolocation:
+            return None
+        code = self.geolocation.strip()[-2:].upper()
+        return code if code.isalpha() else None
+
+
+# ----------------------------------------------------------------------------- GPU names and regions
+
+#: Vast's own ``gpu_name`` spellings (what search results carry).
+KNOWN_GPU_NAMES: tuple[str, ...] = (
+    "GTX 1070", "GTX 1080", "GTX 1080 Ti", "GTX 1660 Ti",
+    "RTX 2060", "RTX 2070", "RTX 2080", "RTX 2080 Ti",
+    "RTX 3060", "RTX 3060 Ti", "RTX 3070", "RTX 3070 Ti", "RTX 3080", "RTX 3080 Ti",
+    "RTX 3090", "RTX 3090 Ti",
+    "RTX 4060", "RTX 4060 Ti", "RTX 4070", "RTX 4070S", "RTX 4070 Ti", "RTX 4070S Ti",
+    "RTX 4080", "RTX 4080S", "RTX 4090", "RTX 4090D",
+    "RTX 5060 Ti", "RTX 5070", "RTX 5070 Ti", "RTX 5080", "RTX 5090",
+    "RTX A2000", "RTX A4000", "RTX A4500", "RTX A5000", "RTX A6000",
+    "RTX 4000Ada", "RTX 5000Ada", "RTX 6000Ada", "RTX PRO 6000 WS", "RTX PRO 6000 S",
+    "Q RTX 4000", "Q RTX 5000", "Q RTX 6000", "Q RTX 8000", "Titan RTX", "Titan V", "Titan Xp",
+    "Tesla T4", "Tesla V100", "Tesla P100", "Tesla P40", "Tesla P4", "Tesla K80",
+    "A2", "A10", "A10g", "A16", "A30", "A40",
+    "A100 PCIE", "A100 SXM4", "A100X", "A800 PCIE",
+    "H100 PCIE", "H100 SXM", "H100 NVL", "H200", "H200 NVL", "GH200 SXM", "B200",
+    "L4", "L40", "L40S",
+)
+
+
+def _gpu_key(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", name).upper()
+
+
+_GPU_BY_KEY = {_gpu_key(n): n for n in KNOWN_GPU_NAMES}
+
+
+def canonical_gpu_name(name: str) -> str | None:
+    """Vast's spelling of ``name`` (``RTX_3090``, ``rtx 3090``, ``RTX3090`` -> ``RTX 3090``), or None."""
+    return _GPU_BY_KEY.get(_gpu_key(name))
+
+
+def close_gpu_names(name: str, n: int = 4) -> list[str]:
+    """Known GPU names that look like ``name`` (for an error message)."""
+    key = _gpu_key(name)
+    containing = [v for k, v in _GPU_BY_KEY.items() if key and key in k]
+    close = [_GPU_BY_KEY[k] for k in difflib.get_close_matches(key, list(_GPU_BY_KEY), n=n, cutoff=0.6)]
+    return list(dict.fromkeys(containing + close))[:n]
+
+
+def _codes(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+#: Continents to ISO-2 country codes, as the existing Vast tools group them (Vast's
+#: ``geolocation`` strings end in the country code, which is what ``geolocation in [..]`` matches).
+REGIONS: Mapping[str, tuple[str, ...]] = {
+    "EU": _codes(
+        "AL AD AT BY BE BA BG HR CY CZ DK EE FI FR DE GR HU IS IE IT XK LV LI LT LU MT MD MC ME "
+        "NL MK NO PL PT RO RU SM RS SK SI ES SE CH UA GB VA"
+    ),
+    "NA": _codes("US CA"),
+    "LC": _codes(
+        "AG AR BS BB BZ BO BR CL CO CR CU DM DO EC SV GD GT GY HT HN JM MX NI PA PY PE PR KN LC "
+        "VC SR TT UY VE"
+    ),
+    "AS": _codes(
+        "AE AF AM AZ BD BH BN BT CN GE HK ID IL IN IQ IR JO JP KG KH KP KR KW KZ LA LB LK MM MN "
+        "MO MV MY NP OM PH PK PS QA SA SG SY TH TJ TL TM TR TW UZ VN YE"
+    ),
+    "OC": _codes("AU FJ FM GU KI MH NC NR NZ PF PG PW SB TO TV VU WS"),
+    "AF": _codes(
+        "DZ AO BJ BW BF BI CM CV CF TD KM CD CG CI DJ EG GQ ER ET GA GM GH GN GW KE LS LR LY MG "
+        "MW ML MR MU MA MZ NA NE NG RW ST SN SC SL SO ZA SS SD SZ TZ TG TN UG ZM ZW"
+    ),
+}
+_COUNTRIES = frozenset(c for codes in REGIONS.values() for c in codes)
+
+
+def region_codes(region: str | Sequence[str]) -> list[str]:
+    """Country codes for ``"EU"``, ``"DE,PL"``, ``["EU", "US"]``; ValueError for an unknown code.
+
+    A region name wins over the country with the same code (``NA`` is North America).
+    """
+    items = region.split(",") if isinstance(region, str) else list(region)
+    codes: list[str] = []
+    for item in items:
+        code = str(item).strip().upper()
+        if not code:
+            continue
+        if code in REGIONS:
+            new = list(REGIONS[code])
+        elif code in _COUNTRIES:
+            new = [code]
+        else:
+            close = difflib.get_close_matches(code, sorted(_COUNTRIES | set(REGIONS)), n=3)
+            raise ValueError(
+                f"region={region!r}: {item!r} is neither a region ({', '.join(REGIONS)}) nor an "
+                f"ISO-2 country code{' (did you mean ' + ', '.join(close) + '?)' if close else ''}. "
+                "Write e.g. region='EU' or region='DE,PL'."
+            )
+        codes.extend(c for c in new if c not in codes)
+    if not codes:
+        raise ValueError(f"region={region!r} names no region; write e.g. region='EU' or region='DE,PL'")
+    return codes
+
+
+# ----------------------------------------------------------------------------- requirements
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+class ExtraQuery(str):
+    """The ``query`` option's text that, called, gives the requirements' whole filter dict.
+
+    ``OfferRequirements`` has both a ``query`` option (extra filters, a string, as in the
+    YAML and the keyword arguments) and a ``query()`` method (the dict sent to Vast). A
+    dataclass cannot have a field and a method of one name, so the field is this string
+    subclass: ``req.query`` reads as the text, ``req.query()`` is ``req.filters()``.
+    """
+
+    __slots__ = ("_owner",)
+
+    def __new__(cls, text: str, owner: OfferRequirements | None = None) -> ExtraQuery:
+        self = super().__new__(cls, text)
+        self._owner = owner
+        return self
+
+    def __call__(self) -> dict[str, Any]:
+        if self._owner is None:
+            raise TypeError("query() needs an OfferRequirements instance")
+        return self._owner.filters()
+
+
+class _QueryOption:
+    """Data descriptor storing the ``query`` option as text and returning it as ExtraQuery."""
+
+    def __get__(self, obj: OfferRequirements | None, owner: type | None = None) -> ExtraQuery:
+        if obj is None:
+            return ExtraQuery("")  # the dataclass default
+        return ExtraQuery(obj.__dict__.get("_query", ""), obj)
+
+    def __set__(self, obj: OfferRequirements, value: str | None) -> None:
+        obj.__dict__["_query"] = str(value or "")
+
+
+@dataclass(frozen=True)
+class OfferRequirements:
+    """What one instance must have; turned into a ``vastai search offers`` query.
+
+    ``num_gpus`` is exact (an 8-GPU machine is not a 1-GPU machine at 8x the price);
+    sizes are per instance in GB (``gpu_ram_gb`` per GPU), prices in $/h including storage.
+    """
+
+    gpu: str | Sequence[str] | None = None
+    num_gpus: int = 1
+    gpu_ram_gb: float | None = None
+    cpu_ram_gb: float | None = None
+    cpu_cores: float | None = None
+    disk_gb: float = 40.0
+    max_price: float | None = None
+    region: str | Sequence[str] | None = None
+    datacenter: bool = True
+    reliability: float = 0.98
+    query: str = _QueryOption()  # type: ignore[assignment]  # see ExtraQuery
+    order: str = "dph_total"
+    interruptible: bool = False
+
+    def gpu_names(self) -> list[str]:
+        """The GPU models asked for, in Vast's spelling (unknown names kept as written)."""
+        if self.gpu is None:
+            return []
+        names = [self.gpu] if isinstance(self.gpu, str) else list(self.gpu)
+        return [canonical_gpu_name(n) or str(n).replace("_", " ") for n in names if str(n).strip()]
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` (the bad value and the fix) for anything Vast would not match."""
+        raw_gpus = [] if self.gpu is None else ([self.gpu] if isinstance(self.gpu, str) else list(self.gpu))
+        for name in raw_gpus:
+            if canonical_gpu_name(str(name)) is None:
+                close = close_gpu_names(str(name))
+                hint = f"did you mean {', '.join(repr(c.replace(' ', '_')) for c in close)}? " if close else ""
+                raise ValueError(
+                    f"gpu={name!r} is not a GPU model Vast lists. {hint}(All known names: "
+                    "dask_vastai.offers.KNOWN_GPU_NAMES; `dask-vastai offers` shows what is offered.) "
+                    "For a model not listed there, leave gpu=None and pass query='gpu_name=<name>'."
+                )
+        if not isinstance(self.num_gpus, int) or isinstance(self.num_gpus, bool) or self.num_gpus < 1:
+            raise ValueError(f"num_gpus={self.num_gpus!r}: an instance needs at least 1 GPU (an integer)")
+        for label, value in (
+            ("gpu_ram", self.gpu_ram_gb), ("cpu_ram", self.cpu_ram_gb), ("cpu_cores", self.cpu_cores),
+            ("disk", self.disk_gb), ("max_price", self.max_price),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+                raise ValueError(f"{label}={value!r} must be a positive number (or None for no limit)")
+        if not 0.0 <= float(self.reliability) <= 1.0:
+            raise ValueError(
+                f"reliability={self.reliability!r} must be between 0 and 1 (0.98 = the host was up 98% of the time)"
+            )
+        if self.region is not None:
+            region_codes(self.region)
+        if self.query:
+            try:
+                parse_query(self.query)
+            except ValueError as e:
+                raise ValueError(f"query={self.query!r} is not a valid `vastai search offers` query: {e}") from None
+        if not parse_order(self.order):
+            raise ValueError(f"order={self.order!r} names no field; write e.g. order='dph_total'")
+
+    def query_text(self) -> str:
+        """The ``vastai search offers`` query, readable and ready to paste into the CLI."""
+        terms: list[str] = []
+        gpus = [n.replace(" ", "_") for n in self.gpu_names()]
+        if len(gpus) == 1:
+            terms.append(f"gpu_name={gpus[0]}")
+        elif gpus:
+            terms.append(f"gpu_name in [{','.join(gpus)}]")
+        terms.append(f"num_gpus={self.num_gpus}")
+        if self.gpu_ram_gb is not None:
+            terms.append(f"gpu_ram>={_fmt(self.gpu_ram_gb)}")
+        if self.cpu_ram_gb is not None:
+            terms.append(f"cpu_ram>={_fmt(self.cpu_ram_gb)}")
+        if self.cpu_cores is not None:
+            terms.append(f"cpu_cores_effective>={_fmt(self.cpu_cores)}")
+        if self.disk_gb:
+            terms.append(f"disk_space>={_fmt(self.disk_gb)}")
+        if self.max_price is not None:
+            terms.append(f"dph_total<={_fmt(self.max_price)}")
+        if self.reliability:
+            terms.append(f"reliability>={_fmt(self.reliability)}")
+        if self.datacenter:
+            terms.append("datacenter=true")
+        if self.region is not None:
+            terms.append(f"geolocation in [{','.join(region_codes(self.region))}]")
+        if self.query.strip():
+            terms.append(self.query.strip())
+        return " ".join(terms)
+
+    def filters(self) -> dict[str, Any]:
+        """The filter dict sent to Vast (also ``req.query()``): :meth:`query_text` parsed with the SDK's defaults.
+
+        Also ``rented=false``. A default the user's ``query`` drops with a wildcard
+        (``verified=any``) is sent as an empty filter, so that the dict defaults that
+        :func:`search_body` adds cannot bring it back.
+        """
+        defaults = {**STRING_QUERY_DEFAULTS, "rented": {"eq": False}}
+        parsed = parse_query(self.query_text(), defaults)
+        for key in defaults:
+            parsed.setdefault(key, {})
+        return parsed
+
+
+# ----------------------------------------------------------------------------- no match
+
+
+def _offer_line(o: Offer) -> str:
+    kind = "datacenter" if o.datacenter else "hobbyist host"
+    return (
+        f"  offer {o.id}: {o.num_gpus}x {o.gpu_name}, ${o.dph_total:.3f}/h, "
+        f"{o.geolocation or 'unknown location'}, reliability {o.reliability:.3f}, {kind}"
+    )
+
+
+def _blocking_filters(req: OfferRequirements, o: Offer) -> list[str]:
+    """The requirements ``o`` fails, written as the option to change."""
+    out = []
+    if req.max_price is not None and o.dph_total > req.max_price:
+        out.append(f"max_price={_fmt(req.max_price)} (this one costs ${o.dph_total:.3f}/h)")
+    if req.region is not None and o.country not in region_codes(req.region):
+        out.append(f"region={req.region!r} (this one is in {o.country or 'an unknown country'})")
+    if req.reliability and o.reliability < req.reliability:
+        out.append(f"reliability={_fmt(req.reliability)} (this host has {o.reliability:.3f})")
+    if req.datacenter and not o.datacenter:
+        out.append("datacenter=True (this is a hobbyist host)")
+    if req.gpu_ram_gb is not None and o.gpu_ram_mb < req.gpu_ram_gb * 1000:
+        out.append(f"gpu_ram={_fmt(req.gpu_ram_gb)} (this one has {o.gpu_ram_mb / 1000:.0f} GB)")
+    if req.cpu_ram_gb is not None and o.cpu_ram_mb < req.cpu_ram_gb * 1000:
+        out.append(f"cpu_ram={_fmt(req.cpu_ram_gb)} (this one has {o.cpu_ram_mb / 1000:.0f} GB)")
+    if req.cpu_cores is not None and o.cpu_cores_effective < req.cpu_cores:
+        out.append(f"cpu_cores={_fmt(req.cpu_cores)} (this one has {o.cpu_cores_effective:g})")
+    if req.disk_gb and o.disk_space_gb < req.disk_gb:
+        out.append(f"disk={_fmt(req.disk_gb)} (this one has {o.disk_space_gb:.0f} GB free)")
+    return out
+
+
+def no_match_message(req: OfferRequirements, query_sent: Mapping[str, Any], nearest: Sequence[Offer]) -> str:
+    """The error a user sees when no offer matches: the query, the nearest offers, what to relax."""
+    lines = [
+        "No Vast offer matches the requirements.",
+        f"  query: {req.query_text()}",
+        f"  sent:  {json.dumps(dict(query_sent), sort_keys=True)}",
+    ]
+    gpus = ", ".join(req.gpu_names()) or "any GPU"
+    if not nearest:
+        lines.append(
+            f"Nothing is offered for {req.num_gpus}x {gpus} even without the price, region and "
+            "reliability limits: try another GPU model (gpu=[...] accepts several) or num_gpus, "
+            "or check the model's spelling with `dask-vastai offers`."
+        )
+        return "\n".join(lines)
+    lines.append(f"Nearest offers for {req.num_gpus}x {gpus} without the price/region/reliability limits:")
+    counts: dict[str, int] = {}
+    for o in nearest:
+        lines.append(_offer_line(o))
+        for blocker in _blocking_filters(req, o):
+            name = blocker.split("=", 1)[0]
+            counts[name] = counts.get(name, 0) + 1
+            lines.append(f"      excluded by {blocker}")
+    if counts:
+        worst = max(counts, key=lambda k: counts[k])
+        cheapest = min(nearest, key=lambda o: o.dph_total)
+        advice = f"Relax {worst} first"
+        if worst == "max_price":
+            advice += f" (the cheapest of these is ${cheapest.dph_total:.3f}/h)"
+        lines.append(advice + ", or add query filters only where you need them.")
+    return "\n".join(lines)
