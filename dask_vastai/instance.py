@@ -56,7 +56,6 @@ class ClusterContext:
     env: dict[str, str] = field(default_factory=dict)
     max_boot_attempts: int = 3
     failures: dict[str, BaseException] = field(default_factory=dict)
-    heartbeat_path: str = "/root/.dask-vastai/heartbeat"
 
 
 class VastInstance(ProcessInterface):
@@ -116,6 +115,10 @@ class VastInstance(ProcessInterface):
         started = time.monotonic()
         self.link = await ctx.hub.connect(self.name, _ssh_endpoint(row), timeout_s=ctx.boot_timeout_s)
         self.link.on_lost(self._on_link_lost)
+        # Heartbeats start at once: the watchdog's orphan clock runs from boot.
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._beat())
+        # The probe also installs the supervisor that will start the workers.
         _, out, _ = await self.link.run(PROBE_COMMAND, timeout_s=60)
         probe = parse_probe(out)
         incarnations = self._incarnations(probe, record)
@@ -127,8 +130,6 @@ class VastInstance(ProcessInterface):
             f"{self.name}: instance {record.instance_id} ready, workers {', '.join(self.worker_names)} "
             f"registered {time.time() - record.rented_at:.0f}s after renting"
         )
-        if self._heartbeat is None or self._heartbeat.done():
-            self._heartbeat = asyncio.create_task(self._beat())
 
     def _incarnations(self, probe: dict[str, Any], record: RentalRecord) -> list[Incarnation]:
         """Worker specs from what the box really has, checked against what was rented."""
@@ -183,8 +184,10 @@ class VastInstance(ProcessInterface):
         ports = await self.context.hub.allocate_ports(2 * len(incarnations))
         ready = []
         for k, inc in enumerate(incarnations):
-            worker_port, nanny_port = ports[2 * k], ports[2 * k + 1]
-            await self.context.hub.expose_worker(self.link, worker_port, nanny_port)
+            # The hub may swap a port that turned out busy somewhere for a fresh one.
+            worker_port, nanny_port = await self.context.hub.expose_worker(
+                self.link, ports[2 * k], ports[2 * k + 1]
+            )
             ready.append(replace(inc, worker_port=worker_port, nanny_port=nanny_port))
         self.worker_ports = [inc.worker_port for inc in ready]
         await asyncio.gather(
@@ -195,7 +198,7 @@ class VastInstance(ProcessInterface):
         """Tell the on-instance watchdog the client is alive."""
         while self.link is not None and not self.link.closed.is_set():
             with contextlib.suppress(Exception):
-                await self.link.put(self.context.heartbeat_path, str(time.time()).encode())
+                await self.link.heartbeat()
             await asyncio.sleep(self.context.heartbeat_interval_s)
 
     def _on_link_lost(self) -> None:
