@@ -140,14 +140,15 @@ class ApiServer:
     async def handle(self, request: web.Request) -> web.Response:
         started = time.time()
         identity = self._identity(request)
+        route: list[str] = []  # _handle names the endpoint here once the path matched
         try:
-            response = await self._handle(request, identity)
+            response = await self._handle(request, identity, route)
         except ApiError as e:
             response = json_response(e.body, e.status)
-        self._record(request, request.get("endpoint"), response.status, identity, started)
+        self._record(request, route[0] if route else None, response.status, identity, started)
         return response
 
-    async def _handle(self, request: web.Request, identity: str | None) -> web.Response:
+    async def _handle(self, request: web.Request, identity: str | None, route: list[str]) -> web.Response:
         if identity is None:
             return _error(401, "auth_error", "Invalid user key")
         path = request.path.rstrip("/") or "/"
@@ -155,7 +156,7 @@ class ApiServer:
             match = pattern.fullmatch(path)
             if match is None or method != request.method:
                 continue
-            request["endpoint"] = endpoint
+            route.append(endpoint)
             body = await self._body(request)
             call = Call(request, match.groups(), body, identity)
             if identity != "account":
@@ -236,10 +237,10 @@ class ApiServer:
         return json_response(self.market.list_page(call.request.query))
 
     async def filters(self, call: Call) -> web.Response:
-        rows = self.market.rows()
-        out = [{"col": col, "values": sorted({str(r[col]) for r in rows if r.get(col) is not None})}
-               for col in ("actual_status", "label", "gpu_name", "verification")]
-        return json_response({"success": True, "filters": out})
+        """Distinct (status, verification, GPU) combinations, for the CLI's "Filterable Values"."""
+        cols = ("actual_status", "verification", "gpu_name")
+        combos = sorted({tuple(str(r.get(c) or "") for c in cols) for r in self.market.rows()})
+        return json_response({"success": True, "filters": [dict(zip(cols, c, strict=True)) for c in combos]})
 
     async def destroy(self, call: Call) -> web.Response:
         await self.market.destroy(call.id())

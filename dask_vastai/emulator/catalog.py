@@ -73,6 +73,17 @@ OFFER_DEFAULTS: dict[str, Any] = {
     "vericode": 0,
 }
 
+#: per-model facts a partial record gets from its gpu_name: gpu_ram MB, compute_cap, TFLOPS, DLPerf
+GPU_MODELS: dict[str, tuple[int, int, float, float]] = {
+    "RTX 3090": (24576, 860, 35.6, 24.0),
+    "RTX 4090": (24564, 890, 82.6, 45.0),
+    "RTX A6000": (49140, 860, 38.7, 27.0),
+    "L40S": (46068, 890, 91.6, 48.0),
+    "A100 PCIE": (40960, 800, 19.5, 60.0),
+    "A100 SXM4": (81920, 800, 19.5, 70.0),
+    "H100 SXM": (81559, 900, 67.0, 120.0),
+}
+
 #: hours in Vast's storage month: storage_cost ($/GB/month) * GB / this = $/h
 HOURS_PER_MONTH = 720.0
 
@@ -84,7 +95,12 @@ def _default_catalog() -> list[dict[str, Any]]:
 
 def complete_offer(partial: Mapping[str, Any], offer_id: int) -> dict[str, Any]:
     """One full offer record from ``partial`` (its ``id`` wins over ``offer_id``)."""
-    offer = {**OFFER_DEFAULTS, **partial}
+    model = GPU_MODELS.get(str(partial.get("gpu_name", OFFER_DEFAULTS["gpu_name"])))
+    by_model: dict[str, Any] = {}
+    if model is not None:
+        n = int(partial.get("num_gpus", 1))
+        by_model = {"gpu_ram": model[0], "compute_cap": model[1], "total_flops": model[2] * n, "dlperf": model[3] * n}
+    offer = {**OFFER_DEFAULTS, **by_model, **partial}
     offer["id"] = int(offer.get("id") or offer_id)
     offer.setdefault("ask_contract_id", offer["id"])
     offer.setdefault("bundle_id", offer["id"] + 50_000_000)
