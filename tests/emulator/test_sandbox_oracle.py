@@ -44,7 +44,9 @@ def until(check, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")
 
 
-def test_rent_with_the_vastai_cli_read_logs_log_in_and_destroy(tmp_path: Path) -> None:
+def test_rent_with_the_vastai_cli_read_logs_log_in_and_destroy(tmp_path: Path, monkeypatch) -> None:
+    # the CLI caches `ssh-url` per instance id under $XDG_CACHE_HOME: ids repeat across emulators
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     with emulator.Emulator(runtime="sandbox", boot_delay_s=0.5, state_dir=tmp_path / "emu") as emu:
@@ -82,7 +84,7 @@ def test_rent_with_the_vastai_cli_read_logs_log_in_and_destroy(tmp_path: Path) -
                               "cat /workspace/index.txt; hostname"], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0 and out.stdout.split() == ["served", f"C.{instance_id}"], out.stderr
 
-        cli("destroy", "instance", str(instance_id))
+        cli("destroy", "instance", str(instance_id), "-y")
         until(lambda: subprocess.run(["ssh", "-i", str(key), "-p", port, *SSH_OPTS, "root@127.0.0.1", "true"],
                                      capture_output=True, timeout=30).returncode != 0,
               20, "the destroyed instance's SSH port to close")
