@@ -88,3 +88,27 @@ def test_rent_with_the_vastai_cli_read_logs_log_in_and_destroy(tmp_path: Path, m
         until(lambda: subprocess.run(["ssh", "-i", str(key), "-p", port, *SSH_OPTS, "root@127.0.0.1", "true"],
                                      capture_output=True, timeout=30).returncode != 0,
               20, "the destroyed instance's SSH port to close")
+
+
+def test_args_launch_runs_the_entrypoint_and_the_instance_exits(tmp_path: Path) -> None:
+    """``--entrypoint/--args`` (runtype args): the workload is the container; its end is ``exited``."""
+    with emulator.Emulator(runtime="sandbox", boot_delay_s=0.2, state_dir=tmp_path / "emu") as emu:
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return oracle.run_cli(*args, url=emu.url, api_key=emu.api_key)
+
+        offers = json.loads(cli("search", "offers", "num_gpus=1 rentable=true", "--raw").stdout)
+        created = json.loads(cli("create", "instance", str(offers[0]["id"]), "--image", "vastai/pytorch",
+                                 "--entrypoint", "/bin/sh", "--raw", "--args", "-c",
+                                 "echo workload ran on $(hostname); exit 3").stdout)
+        instance_id = created["new_contract"]
+
+        def exited() -> dict | None:
+            row = json.loads(cli("show", "instance", str(instance_id), "--raw").stdout)
+            return row if row and row.get("actual_status") == "exited" else None
+
+        row = until(exited, 60, f"instance {instance_id} to exit")
+        assert "3" in row["status_msg"] and "22/tcp" not in (row.get("ports") or {})
+        log = until(lambda: (out := cli("logs", str(instance_id)).stdout) and "workload ran" in out and out,
+                    30, "the workload's output in `vastai logs`")
+        assert f"workload ran on C.{instance_id}" in log
+        cli("destroy", "instance", str(instance_id), "-y")
