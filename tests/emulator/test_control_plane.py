@@ -433,3 +433,37 @@ def test_command_line_prints_url_and_stops_on_sigterm() -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.sandbox
+def test_an_instance_destroys_itself_with_its_container_api_key(tmp_path: Path) -> None:
+    """From inside a real sandbox: the injected key cannot touch a neighbour, but ends its own rental."""
+    try:
+        from dask_vastai.emulator.sandbox import SandboxRuntime
+    except ImportError as e:  # pragma: no cover - the sandbox is optional
+        pytest.skip(f"sandbox runtime unavailable: {e}")
+    ok, why = SandboxRuntime.available()
+    if not ok:
+        pytest.skip(f"sandbox runtime unavailable here: {why}")
+    with Emulator(runtime="sandbox", rate_limits=False, boot_delay_s=0, state_dir=tmp_path) as emu:
+        neighbour = rent(emu, 1000002, runtype="args", onstart="/bin/sh", args=["-c", "sleep 60"])
+        script = f"""
+import os, urllib.request, urllib.error
+def call(method, iid):
+    req = urllib.request.Request("{emu.url}/api/v0/instances/%s/" % iid, b"{{}}", method=method,
+                                 headers={{"Authorization": "Bearer " + os.environ["CONTAINER_API_KEY"]}})
+    try:
+        return urllib.request.urlopen(req, timeout=10).status
+    except urllib.error.HTTPError as e:
+        return e.code
+print("neighbour", call("DELETE", {neighbour}), flush=True)
+print("self", call("DELETE", os.environ["CONTAINER_ID"]), flush=True)
+"""
+        iid = rent(emu, 1000001, runtype="args", onstart=sys.executable, args=["-c", script])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and show(emu, iid) is not None:
+            time.sleep(0.2)
+        assert show(emu, iid) is None, "the instance did not destroy itself within 20 s"
+        assert [r["id"] for r in emu.instances()] == [neighbour]
+        denied = [r for r in emu.requests if r["key"] == f"instance:{iid}"]
+        assert [(r["method"], r["status"]) for r in denied] == [("DELETE", 403), ("DELETE", 200)]
