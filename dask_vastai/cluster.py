@@ -28,6 +28,7 @@ from .config import option
 from .instance import ClusterContext, VastInstance
 from .offers import OfferRequirements, no_match_message
 from .rentals import NoOfferAvailable, RentalBroker
+from .safety import LEDGER
 from .tunnel import ClusterKey, TunnelHub
 
 logger = logging.getLogger(__name__)
@@ -173,6 +174,8 @@ class VastAICluster(SpecCluster):
         self.hub: TunnelHub | None = None
         self.context: ClusterContext | None = None
         self._quiet = quiet
+        # Here, on the caller's (normally the main) thread, where signal handlers can be set.
+        LEDGER.install_handlers()
         try:
             super().__init__(
                 scheduler=scheduler,

@@ -7,25 +7,28 @@ tasks on them, and shows what was rented, what it cost and that nothing is left 
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import time
 
 
-def _gpu_task(i: int) -> tuple[int, str, str]:
-    """What a GPU task on a worker sees: its GPU slot and the box's nvidia-smi."""
-    import subprocess
-
-    smi = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
-    ).stdout.strip()
-    return i * i, os.environ.get("CUDA_VISIBLE_DEVICES", "?"), smi
-
-
 def run_demo(*, instances: int = 2, tasks: int = 20, gpu: str = "RTX_3090") -> int:
     """Run the demo; returns the process exit code (0 when every check passed)."""
     from distributed import Client
+
+    def gpu_task(i: int) -> tuple[int, str, str]:
+        """What a GPU task on a worker sees: its GPU slot and the box's nvidia-smi.
+
+        Defined inside the demo so it travels by value: the instances do not have this
+        development checkout of dask-vastai installed.
+        """
+        import os
+        import subprocess
+
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
+        return i * i, os.environ.get("CUDA_VISIBLE_DEVICES", "?"), smi
 
     from .cluster import VastAICluster
     from .emulator import Emulator
@@ -42,7 +45,7 @@ def run_demo(*, instances: int = 2, tasks: int = 20, gpu: str = "RTX_3090") -> i
                 print(f"  instance {row['id']}: {row['gpu']}, ${row['dph']:.3f}/h, workers {row['workers']}")
             for w in client.scheduler_info()["workers"].values():
                 print(f"  worker {w['name']}: resources {w['resources']}")
-            futures = client.map(_gpu_task, range(tasks), resources={"GPU": 1}, pure=False)
+            futures = client.map(gpu_task, range(tasks), resources={"GPU": 1}, pure=False)
             results = client.gather(futures)
             ok = [r[0] for r in results] == [i * i for i in range(tasks)]
             where = sorted({(r[1], r[2]) for r in results})
