@@ -418,3 +418,25 @@ asyncio.run(main())
         time.sleep(0.05)
     else:
         raise AssertionError(f"the sandbox's pid 1 ({pid1}) outlived its killed emulator")
+
+
+def test_identity_port_mapping_above_65535(tmp_path: Path) -> None:
+    """``-p 70000:70000`` (Vast's identity mapping): serve on $VAST_TCP_PORT_70000 inside, same number outside."""
+    async def scenario() -> None:
+        runtime = SandboxRuntime(tmp_path / "state")
+        try:
+            onstart = ("mkdir -p /w && echo same > /w/i.txt && cd /w && "
+                       "python3 -m http.server $VAST_TCP_PORT_70000 --bind 127.0.0.1 >/dev/null 2>&1 &")
+            ep = await runtime.start(make_spec(17, onstart=onstart, container_ports=(70000,)))
+            port = ep.ports[70000]
+            for _ in range(100):
+                try:
+                    body = await http_get(f"http://127.0.0.1:{port}/i.txt")
+                    break
+                except OSError:
+                    await asyncio.sleep(0.1)
+            assert body == "same\n"
+        finally:
+            await runtime.close()
+
+    run(scenario())

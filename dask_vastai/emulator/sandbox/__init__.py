@@ -153,7 +153,9 @@ class SandboxRuntime:
             "python_prefixes": list(dict.fromkeys([sys.base_prefix, sys.prefix])),
             "api_sock": api_sock,
             "api_port": ApiRelay.api_port(spec.api_url)[1] if spec.api_url else None,
-            "listen": [{"fd": s.fileno(), "port": p, "kind": "ssh" if p == 22 and ssh else "tcp"}
+            # Vast's identity mapping: a "port" above 65535 asks for inside == outside (random)
+            "listen": [{"fd": s.fileno(), "port": p if p <= 65535 else mapped[p],
+                        "kind": "ssh" if p == 22 and ssh else "tcp"}
                        for p, s in zip(ports, sockets, strict=True)]
             + ([{"fd": proxy.fileno(), "port": 22, "kind": "ssh"}] if proxy else []),
             "mode": "ssh" if ssh else "args",
