@@ -264,7 +264,13 @@ def build_root(cfg: dict) -> str:
         os.symlink("/run", root + "/var/run")
     build_dev(cfg, root + "/dev")
     makedirs(root + "/proc", 0o555)
-    mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    try:
+        mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except OSError as exc:
+        raise OSError(exc.errno, (
+            f"{exc.strerror}. The kernel refuses a fresh /proc where the host's is partly masked, "
+            "as Docker does by default: run the emulator's container with "
+            "--security-opt systempaths=unconfined (or on a VM), or use --no-sandbox")) from exc
     makedirs(root + "/sys", 0o555)
     try:
         mount("sysfs", root + "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
