@@ -480,3 +480,33 @@ def test_twenty_concurrent_single_creates_and_destroys_never_see_429(emulator_ra
     assert len(_calls(emu, "create")) == 20 and len(_calls(emu, "destroy")) == 20
     _assert_paced(emu, "create", 4.5)
     _assert_paced(emu, "destroy", 3.0)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def test_instance_rows_are_read_as_vast_writes_them() -> None:
+    row = Instance.from_json({
+        "id": 42, "label": " dask-vastai:c:w ", "actual_status": "running", "intended_status": "running",
+        "public_ipaddr": "203.0.113.9\n", "ssh_host": "ssh4.vast.ai", "ssh_port": "31337",
+        "ports": {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": "40022"}],
+                  "8786/tcp": [{"HostIp": "0.0.0.0", "HostPort": "40786"}],
+                  "9000/udp": [{"HostIp": "0.0.0.0", "HostPort": "40900"}]},
+        "dph_total": 0.31, "start_date": 1700000000.5, "extra_env": [["FOO", "bar"]],
+    })
+    assert row.label == "dask-vastai:c:w" and row.ports == {22: 40022, 8786: 40786}
+    assert row.direct_ssh() == ("203.0.113.9", 40022) and row.proxy_ssh() == ("ssh4.vast.ai", 31337)
+    loading = Instance.from_json({"id": 43, "actual_status": None, "ssh_port": None, "ports": None})
+    assert loading.direct_ssh() is None and loading.proxy_ssh() is None and loading.ports == {}
+    assert {row, loading}  # hashable, so rows can be kept in sets
+
+
+def test_create_requests_refuse_what_vast_would_refuse() -> None:
+    with pytest.raises(ValueError, match="disk_gb=0"):
+        CreateRequest(image="img", disk_gb=0)
+    with pytest.raises(ValueError, match="between 0.001 and 128"):
+        CreateRequest(image="img", disk_gb=10, price=500)
+    with pytest.raises(ValueError, match="image is empty"):
+        CreateRequest(image="", disk_gb=10)
+    bulk = CreateRequest(image="img", disk_gb=10).body([3, 4])
+    assert bulk["ids"] == [3, 4] and bulk["runtype"] == "ssh_direc ssh_proxy" and bulk["cancel_unavail"] is True
