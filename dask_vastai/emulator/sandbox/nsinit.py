@@ -270,7 +270,7 @@ def build_root(cfg: dict) -> str:
         raise OSError(exc.errno, (
             f"{exc.strerror}. The kernel refuses a fresh /proc where the host's is partly masked, "
             "as Docker does by default: run the emulator's container with "
-            "--security-opt systempaths=unconfined (or on a VM), or use --no-sandbox")) from exc
+            "--security-opt systempaths=unconfined (or on a VM), or use --runtime record")) from exc
     makedirs(root + "/sys", 0o555)
     try:
         mount("sysfs", root + "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)

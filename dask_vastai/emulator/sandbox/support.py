@@ -15,10 +15,10 @@ def available() -> tuple[bool, str]:
     if not sys.platform.startswith("linux"):
         return False, (
             f"the emulator's sandboxes are Linux-only (they use Linux namespaces); this is {sys.platform}. "
-            "Run the emulator with --no-sandbox (rentals are records only), or inside a Linux VM/container."
+            "Run the emulator with --runtime record (rentals are records only), or inside a Linux VM/container."
         )
     if not os.path.exists("/proc/self/ns/user"):
-        return False, "this Linux kernel has no user namespaces (CONFIG_USER_NS); run with --no-sandbox"
+        return False, "this Linux kernel has no user namespaces (CONFIG_USER_NS); run with --runtime record"
     if os.geteuid() != 0:
         for path, bad in (("/proc/sys/kernel/unprivileged_userns_clone", "0"),
                           ("/proc/sys/user/max_user_namespaces", "0"),
@@ -31,7 +31,7 @@ def available() -> tuple[bool, str]:
             if value == bad:
                 return False, (
                     f"unprivileged user namespaces are disabled here ({path} = {value}); the emulator's "
-                    "sandboxes need them. Enable them, run as root, or run with --no-sandbox."
+                    "sandboxes need them. Enable them, run as root, or run with --runtime record."
                 )
         return True, ""  # one uid only: OpenSSH cannot run, asyncssh's server stands in
     return True, ""
