@@ -51,7 +51,7 @@ def run_demo(*, instances: int = 2, tasks: int = 20, gpu: str = "RTX_3090") -> i
             where = sorted({(r[1], r[2]) for r in results})
             print(f"\n{tasks} GPU tasks: results {'correct' if ok else 'WRONG'}; ran on GPUs {where}")
             print(f"cluster: {cluster!r}")
-            cost = cluster.cost
+        cost = cluster.cost  # after close: every rental destroyed, the meter stopped
         meter = emu.meter()
         left = emu.instances()
         print(f"\ncost by the cluster: ${cost:.5f}; billed by the marketplace: ${meter['total_usd']:.5f}")
