@@ -7,6 +7,7 @@ tasks on them, and shows what was rented, what it cost and that nothing is left 
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 import time
@@ -33,6 +34,8 @@ def run_demo(*, instances: int = 2, tasks: int = 20, gpu: str = "RTX_3090") -> i
     from .cluster import VastAICluster
     from .emulator import Emulator
 
+    # The story is told here; distributed's INFO lines (scheduler start, each connection) are noise.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     print(f"dask-vastai demo: a local Vast marketplace, {instances} x {gpu} workers, {tasks} GPU tasks\n")
     t0 = time.monotonic()
     with Emulator(boot_delay_s=2.0) as emu:
