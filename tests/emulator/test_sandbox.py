@@ -235,6 +235,8 @@ def test_asyncssh_client_and_authorized_keys_from_onstart(tmp_path: Path, key: P
                         await f.write("via asyncssh sftp")
                 assert (await conn.run("cat /workspace/f.txt")).stdout == "via asyncssh sftp"
             assert "ok" in await ssh(other, ep.ports[22], "echo ok")
+            jupyter = await runtime.start(make_spec(18, key, runtype="jupyter_proxy ssh_proxy"))
+            assert "ok" in await ssh(key, jupyter.ssh_port + 1, "echo ok")  # as `vastai ssh-url` computes it
             with pytest.raises(AssertionError, match="Permission denied"):
                 await ssh(stranger, ep.ports[22], "echo ok")
         finally:

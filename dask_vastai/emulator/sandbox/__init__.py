@@ -213,7 +213,9 @@ class SandboxRuntime:
             public_ipaddr=self.public_ipaddr,
             ports=mapped,
             ssh_host=self.public_ipaddr if proxy else None,
-            ssh_port=proxy.getsockname()[1] if proxy else None,
+            # Vast's jupyter instances report the proxy's jupyter port; SSH is the next one
+            # (the CLI's ssh-url adds 1), so report one below the port sshd is reached on
+            ssh_port=(proxy.getsockname()[1] - ("jupyter" in spec.runtype)) if proxy else None,
         )
 
     async def stop(self, instance_id: int) -> None:
