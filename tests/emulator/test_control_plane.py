@@ -118,6 +118,9 @@ def test_auth_content_type_and_trailing_slashes(emulator: Emulator) -> None:
     # the log shows the endpoint names and which key, never the key itself
     assert emulator.api_key not in json.dumps(emulator.requests)
     assert [r["status"] for r in emulator.requests][:3] == [200, 200, 401]
+    status, over_http, _ = call(emulator, "GET", "/_emulator/requests")
+    assert status == 200 and over_http == emulator.requests and len(over_http) == 5
+    assert call(emulator, "GET", "/_emulator/meter", key="wrong")[0] == 401
 
 
 def test_search_filters_like_the_server(emulator: Emulator) -> None:
