@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .api import CreateRequest, Instance, Offer, OfferUnavailable, VastAPI, VastError
 from .labels import cluster_label_prefix, rental_label
@@ -115,7 +116,7 @@ class RentalBroker:
         self.batch_window_s = batch_window_s
         self.records: dict[int, RentalRecord] = {}
         self._log = log or logger.info
-        self._rent_queue: list[tuple[str, asyncio.Future[RentalRecord]]] = []
+        self._rent_queue: list[tuple[str, Any, asyncio.Future[RentalRecord]]] = []
         self._rent_flush: asyncio.Task[None] | None = None
         self._destroy_queue: list[tuple[int, asyncio.Future[None]]] = []
         self._destroy_flush: asyncio.Task[None] | None = None
@@ -123,10 +124,19 @@ class RentalBroker:
         self._tried_offers: set[int] = set()
 
     # ------------------------------------------------------------------ renting
-    async def rent(self, worker_name: str) -> RentalRecord:
-        """Rent one instance for ``worker_name``; calls arriving together share one bulk create."""
+    async def rent(
+        self,
+        worker_name: str,
+        requirements: OfferRequirements | None = None,
+        create_request: CreateRequest | None = None,
+    ) -> RentalRecord:
+        """Rent one instance for ``worker_name``; calls arriving together share one bulk create.
+
+        ``requirements``/``create_request`` select a pool's shape (default: the broker's own).
+        """
         fut: asyncio.Future[RentalRecord] = asyncio.get_running_loop().create_future()
-        self._rent_queue.append((worker_name, fut))
+        shape = (requirements or self.requirements, create_request or self.create_request)
+        self._rent_queue.append((worker_name, shape, fut))
         if self._rent_flush is None or self._rent_flush.done():
             self._rent_flush = asyncio.create_task(self._flush_rents())
         return await fut
@@ -134,33 +144,40 @@ class RentalBroker:
     async def _flush_rents(self) -> None:
         await asyncio.sleep(self.batch_window_s)
         batch, self._rent_queue = self._rent_queue, []
-        try:
-            records = await self._rent_batch([name for name, _ in batch])
-        except BaseException as e:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(e)
-            if not isinstance(e, Exception):
-                raise
-            return
-        for (_, fut), record in zip(batch, records, strict=True):
-            if fut.cancelled():
-                # The waiter went away (its start was cancelled): nothing will use this rental.
-                asyncio.create_task(self.destroy(record.instance_id))
-            else:
-                fut.set_result(record)
+        by_shape: dict[int, list[tuple[str, Any, asyncio.Future[RentalRecord]]]] = {}
+        for item in batch:
+            by_shape.setdefault(id(item[1][0]), []).append(item)
+        for group in by_shape.values():
+            requirements, create_request = group[0][1]
+            try:
+                records = await self._rent_batch([name for name, _, _ in group], requirements, create_request)
+            except BaseException as e:
+                for _, _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(e)
+                if not isinstance(e, Exception):
+                    raise
+                continue
+            for (_, _, fut), record in zip(group, records, strict=True):
+                if fut.cancelled():
+                    # The waiter went away (its start was cancelled): nothing will use this rental.
+                    asyncio.create_task(self.destroy(record.instance_id))
+                else:
+                    fut.set_result(record)
 
-    async def _rent_batch(self, names: list[str]) -> list[RentalRecord]:
+    async def _rent_batch(
+        self, names: list[str], requirements: OfferRequirements, create_request: CreateRequest
+    ) -> list[RentalRecord]:
         """Rent one instance per name, taking the next offers when some are gone (races)."""
         rented: dict[str, RentalRecord] = {}
         for _attempt in range(4):
             wanted = [n for n in names if n not in rented]
             if not wanted:
                 break
-            offers = await self._candidate_offers(len(wanted))
+            offers = await self._candidate_offers(len(wanted), requirements)
             pairs = list(zip(wanted, offers, strict=True))
             self._tried_offers.update(offer.id for _, offer in pairs)
-            results = await self._create(pairs)
+            results = await self._create(pairs, requirements, create_request)
             for (name, offer), result in zip(pairs, results, strict=True):
                 if isinstance(result, OfferUnavailable):
                     logger.info("offer %s was taken before we rented it; trying another", offer.id)
@@ -183,7 +200,7 @@ class RentalBroker:
             await self._destroy_now([r.instance_id for r in rented.values()])
             raise NoOfferAvailable(
                 f"could not rent {len(missing)} instance(s): every matching offer was taken "
-                f"while we rented. Query: {self.requirements.query_text()}"
+                f"while we rented. Query: {requirements.query_text()}"
             )
         for record in rented.values():
             self._log(
@@ -193,8 +210,7 @@ class RentalBroker:
         self._ensure_poller()
         return [rented[n] for n in names]
 
-    async def _candidate_offers(self, count: int) -> list[Offer]:
-        req = self.requirements
+    async def _candidate_offers(self, count: int, req: OfferRequirements) -> list[Offer]:
         offers = await self.api.search_offers(
             req.query(), order=req.order, limit=max(3 * count, 10) + len(self._tried_offers),
             type="bid" if req.interruptible else "on-demand", storage_gb=req.disk_gb,
@@ -202,7 +218,7 @@ class RentalBroker:
         fresh = [o for o in offers if o.id not in self._tried_offers]
         if len(fresh) < count:
             if not fresh:
-                nearest = await self.nearest_offers()
+                nearest = await self.nearest_offers(req)
                 raise NoOfferAvailable(no_match_message(req, req.query(), nearest))
             raise NoOfferAvailable(
                 f"only {len(fresh)} offer(s) match, {count} instance(s) wanted. "
@@ -210,21 +226,23 @@ class RentalBroker:
             )
         return fresh[:count]
 
-    async def nearest_offers(self, limit: int = 5) -> list[Offer]:
+    async def nearest_offers(self, requirements: OfferRequirements | None = None, limit: int = 5) -> list[Offer]:
         """The cheapest offers for the same GPU ignoring price, region and reliability limits."""
-        relaxed = replace(self.requirements, max_price=None, region=None, reliability=0.0, datacenter=False, query="")
+        relaxed = replace(requirements or self.requirements, max_price=None, region=None, reliability=0.0, datacenter=False, query="")
         try:
             return await self.api.search_offers(relaxed.query(), order="dph_total", limit=limit)
         except VastError:
             return []
 
-    async def _create(self, pairs: list[tuple[str, Offer]]) -> list[int | BaseException]:
+    async def _create(
+        self, pairs: list[tuple[str, Offer]], requirements: OfferRequirements, create_request: CreateRequest
+    ) -> list[int | BaseException]:
         """Create one rental per (worker, offer): bulk for several, with per-worker labels."""
         if not pairs:
             return []
         if len(pairs) == 1:
             name, offer = pairs[0]
-            request = self._request_for(offer, rental_label(self.cluster_name, name))
+            request = self._request_for(offer, rental_label(self.cluster_name, name), requirements, create_request)
             try:
                 rental = await self.api.create_instance(offer.id, request)
             except VastError as e:
@@ -233,7 +251,9 @@ class RentalBroker:
             return [rental.instance_id]
         # One bulk call for the batch. It carries one label, so each rental is relabelled
         # with its worker name next; until then the cluster prefix already finds it.
-        request = self._request_for(pairs[0][1], rental_label(self.cluster_name, "booting"))
+        request = self._request_for(
+            pairs[0][1], rental_label(self.cluster_name, "booting"), requirements, create_request
+        )
         results = await self.api.create_instances([o.id for _, o in pairs], request)
         out: list[int | BaseException] = []
         for result in results:
@@ -252,9 +272,12 @@ class RentalBroker:
         )
         return out
 
-    def _request_for(self, offer: Offer, label: str) -> CreateRequest:
-        price = offer.min_bid if self.requirements.interruptible else None
-        return replace(self.create_request, label=label, price=price)
+    @staticmethod
+    def _request_for(
+        offer: Offer, label: str, requirements: OfferRequirements, create_request: CreateRequest
+    ) -> CreateRequest:
+        price = offer.min_bid if requirements.interruptible else None
+        return replace(create_request, label=label, price=price)
 
     # --------------------------------------------------------------- watching
     def _ensure_poller(self) -> None:
