@@ -21,9 +21,11 @@ What a caller can rely on:
 * **Creates are never sent twice when the first may have worked.** A create that timed
   out, lost its connection after sending, or got a 500/504 may have rented. Instead of
   retrying (a double rental bills twice), the client lists rentals under the request's
-  label: a single create that shows up is returned as if it had answered; rentals of an
-  ambiguous *bulk* create cannot be matched to offers, so they are destroyed before the
-  error is raised. Without a label the error says to check the account.
+  label (for up to ``ambiguous_create_grace_s`` after a timeout or 5xx, when Vast may still
+  be working on it): a single create that shows up is returned as if it had answered; when
+  the connection merely dropped and nothing shows up, the create is sent once more.
+  Rentals of an ambiguous *bulk* create cannot be matched to offers, so they are destroyed
+  before the error is raised. Without a label the error says to check the account.
 * **Typed errors** (all :class:`VastError`), with Vast's ``error`` code and ``msg``, and
   messages that say what to do. The key is sent only as a Bearer header, never in a URL,
   and appears in no log line, repr or message (``***abcd`` at most).
@@ -138,11 +140,17 @@ class LogsNotReady(VastError, TimeoutError):
 
 
 class _AmbiguousCreate(Exception):
-    """A create that may have been carried out although no answer says so."""
+    """A create that may have been carried out although no answer says so.
 
-    def __init__(self, why: str) -> None:
+    ``settled`` is True when the server cannot still be working on it (the connection
+    dropped: nothing under the label means nothing was rented, and it is safe to send it
+    again); False after a timeout or a 500/504, when it may still be in progress.
+    """
+
+    def __init__(self, why: str, *, settled: bool) -> None:
         super().__init__(why)
         self.why = why
+        self.settled = settled
 
 
 # ----------------------------------------------------------------------------- records
@@ -388,6 +396,7 @@ class VastAPI:
         backoff_s: float = 0.5,
         backoff_max_s: float = 20.0,
         logs_timeout_s: float = 30.0,
+        ambiguous_create_grace_s: float = 10.0,
     ) -> None:
         try:
             key, source = find_api_key(api_key if api_key is not None else option("api-key"))
@@ -413,6 +422,7 @@ class VastAPI:
         self.backoff_s = float(backoff_s)
         self.backoff_max_s = float(backoff_max_s)
         self.logs_timeout_s = float(logs_timeout_s)
+        self.ambiguous_create_grace_s = float(ambiguous_create_grace_s)
         intervals = {**DEFAULT_MIN_INTERVALS_S, **dict(min_intervals_s or {})}
         self._pacer = _Pacer(intervals, enabled=pace)
         self._session: aiohttp.ClientSession | None = None
@@ -452,6 +462,13 @@ class VastAPI:
                 timeout=aiohttp.ClientTimeout(total=self.request_timeout_s),
                 connector=aiohttp.TCPConnector(limit=32),
             )
+            # aiohttp silently resends a PUT or DELETE once when a reused connection drops
+            # (RFC 9112 allows it for idempotent methods), but Vast's PUT /asks/{id}/ rents: a
+            # resent create would find its own rental and report the offer as taken, leaking
+            # it. Our retries decide instead. No public switch exists; aiohttp's own test
+            # client turns it off the same way.
+            if hasattr(self._session, "_retry_connection"):
+                self._session._retry_connection = False
         return self._session
 
     # ------------------------------------------------------------------ plumbing
@@ -505,7 +522,9 @@ class VastAPI:
                 problem = "timed out" if isinstance(e, TimeoutError) else f"failed: {type(e).__name__}"
                 logger.debug("%s %s (attempt %d, %.0f ms)", where, problem, attempt, 1000 * (time.monotonic() - started))
                 if create and sent:
-                    raise _AmbiguousCreate(f"{where} {problem} after the request was sent") from e
+                    raise _AmbiguousCreate(
+                        f"{where} {problem} after the request was sent", settled=not isinstance(e, TimeoutError)
+                    ) from e
                 last_problem = f"{problem} ({e})" if str(e) else problem
                 if attempt < self.max_attempts:
                     await asyncio.sleep(self._backoff(attempt))
@@ -540,7 +559,7 @@ class VastAPI:
             if status in _RETRY_STATUS:
                 error, msg = _body_fields(parsed)
                 if create and status in _AMBIGUOUS_CREATE_STATUS:
-                    raise _AmbiguousCreate(f"{where} answered {status} ({msg or error or 'no message'})")
+                    raise _AmbiguousCreate(f"{where} answered {status} ({msg or error or 'no message'})", settled=False)
                 if attempt < self.max_attempts:
                     await asyncio.sleep(self._backoff(attempt))
                     continue
@@ -605,12 +624,24 @@ class VastAPI:
     # ------------------------------------------------------------------ renting
     async def create_instance(self, offer_id: int, request: CreateRequest) -> Rental:
         """Rent ``offer_id``; OfferUnavailable when it is gone (take the next offer)."""
-        try:
-            status, parsed = await self._call(
-                "PUT", f"/asks/{int(offer_id)}/", "create", body=request.body(int(offer_id)), create=True
-            )
-        except _AmbiguousCreate as e:
-            return await self._recover_single_create(offer_id, request, e.why)
+        resent = False
+        while True:
+            try:
+                status, parsed = await self._call(
+                    "PUT", f"/asks/{int(offer_id)}/", "create", body=request.body(int(offer_id)), create=True
+                )
+                break
+            except _AmbiguousCreate as e:
+                found = await self._recover_single_create(offer_id, request, e)
+                if found is not None:
+                    return found
+                if resent:
+                    raise VastUnreachable(
+                        f"Renting offer {offer_id}: {e.why} twice; nothing was rented (none labelled "
+                        f"{request.label!r}). Check the network and retry."
+                    ) from None
+                logger.warning("renting offer %s: %s; nothing was rented, sending it again", offer_id, e.why)
+                resent = True
         error, msg = _body_fields(parsed)
         if status in (404, 410) or error == "no_such_ask":
             raise OfferUnavailable(
@@ -635,7 +666,7 @@ class VastAPI:
             chunk = ids[start : start + BULK_CHUNK]
             try:
                 status, parsed = await self._call("POST", "/asks/bulk/", "create", body=request.body(chunk), create=True)
-            except _AmbiguousCreate as e:
+            except _AmbiguousCreate as e:  # never resent: its rentals cannot be matched to offers
                 await self._undo_ambiguous_bulk(request, e.why, rented=results)
                 raise AssertionError("unreachable") from None  # pragma: no cover - the undo raises
             if status >= 400 or not isinstance(parsed, Mapping) or parsed.get("success") is False:
@@ -667,23 +698,35 @@ class VastAPI:
             ))
         return out
 
-    async def _label_rows(self, label: str) -> list[Instance]:
-        """Rentals labelled exactly ``label`` that no answer of this client has reported."""
-        rows = await self.list_instances(label_prefix=label)
-        return [r for r in rows if r.label == label and r.id not in self._known_ids]
+    async def _label_rows(self, label: str, grace_s: float = 0.0) -> list[Instance]:
+        """Rentals labelled exactly ``label`` that no answer of this client has reported.
 
-    async def _recover_single_create(self, offer_id: int, request: CreateRequest, why: str) -> Rental:
+        With ``grace_s``, keeps looking (every 2 s) that long for a create still in progress.
+        """
+        deadline = time.monotonic() + grace_s
+        while True:
+            rows = await self.list_instances(label_prefix=label)
+            found = [r for r in rows if r.label == label and r.id not in self._known_ids]
+            if found or time.monotonic() >= deadline:
+                return found
+            await asyncio.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+    async def _recover_single_create(self, offer_id: int, request: CreateRequest, e: _AmbiguousCreate) -> Rental | None:
+        """The rental an unanswered create made, or None when it surely made none (safe to resend)."""
         if not request.label:
             raise VastUnreachable(
-                f"Renting offer {offer_id}: {why}; it may have rented an instance. Without a label it "
+                f"Renting offer {offer_id}: {e.why}; it may have rented an instance. Without a label it "
                 "cannot be found automatically: check `vastai show instances` and destroy strays."
             )
-        logger.warning("renting offer %s: %s; looking for the rental under its label", offer_id, why)
-        found = await self._label_rows(request.label)
+        logger.warning("renting offer %s: %s; looking for the rental under its label", offer_id, e.why)
+        found = await self._label_rows(request.label, 0.0 if e.settled else self.ambiguous_create_grace_s)
         if not found:
+            if e.settled:
+                return None
             raise VastUnreachable(
-                f"Renting offer {offer_id}: {why}; no rental labelled {request.label!r} appeared, so "
-                "nothing was rented. Retry."
+                f"Renting offer {offer_id}: {e.why}; no rental labelled {request.label!r} appeared within "
+                f"{self.ambiguous_create_grace_s:.0f} s, so nothing was rented. Retry; if one appears "
+                "later, `dask-vastai cleanup` finds it by its label."
             )
         row = max(found, key=lambda r: r.id)
         self._known_ids.add(row.id)
@@ -698,7 +741,7 @@ class VastAPI:
                 f"Bulk create: {why}; it may have rented instances ({len(done)} earlier ones: {done}). "
                 "Without a label they cannot be found automatically: check `vastai show instances`."
             )
-        strays = [r.id for r in await self._label_rows(request.label) if r.id not in done]
+        strays = [r.id for r in await self._label_rows(request.label, self.ambiguous_create_grace_s) if r.id not in done]
         if strays:
             await self.destroy_instances(strays)
         raise VastUnreachable(

@@ -304,7 +304,8 @@ def unused_tcp_port() -> int:
 class FlakyProxy:
     """Forwards to the emulator; ``rules[(method, path fragment)]`` is a list of faults to apply
     to the next matching calls: ``"slow"`` (answer after ``slow_s``), ``"lost504"`` (carry the
-    call out, then answer 504 as a gateway that lost the answer would)."""
+    call out, then answer 504 as a gateway that lost the answer would), ``"drop"`` (close the
+    connection without forwarding), ``"lostdrop"`` (carry the call out, then close)."""
 
     def __init__(self, target: str, slow_s: float = 2.0) -> None:
         self.target = target
@@ -323,6 +324,10 @@ class FlakyProxy:
         fault = self._take(request)
         if fault == "slow":
             await asyncio.sleep(self.slow_s)
+        if fault == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=500)
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
         async with aiohttp.ClientSession() as s, s.request(
             request.method, self.target + request.path_qs, data=await request.read(), headers=headers
@@ -330,6 +335,10 @@ class FlakyProxy:
             body = await r.read()
             if fault == "lost504":
                 return web.Response(status=504, text="Gateway Timeout")
+            if fault == "lostdrop":
+                assert request.transport is not None
+                request.transport.close()
+                return web.Response(status=500)
             return web.Response(status=r.status, body=body, content_type="application/json")
 
     async def __aenter__(self) -> FlakyProxy:
@@ -376,11 +385,27 @@ def test_a_create_whose_answer_is_lost_is_found_not_repeated(emulator: Any) -> N
     assert len(_calls(emulator, "create")) == 1  # never sent twice
 
 
+@pytest.mark.parametrize(("fault", "creates_seen"), [("drop", 1), ("lostdrop", 1)])
+def test_a_create_whose_connection_drops_rents_exactly_once(emulator: Any, fault: str, creates_seen: int) -> None:
+    async def main() -> None:
+        async with FlakyProxy(emulator.url) as proxy:
+            proxy.rules[("PUT", "/asks/")] = [fault]
+            async with VastAPI(emulator.api_key, proxy.url, pace=False) as api:
+                [offer_id] = await _offers(api, 1)
+                rental = await api.create_instance(offer_id, REQUEST)
+                assert [i["id"] for i in emulator.instances()] == [rental.instance_id]
+                await api.destroy_instance(rental.instance_id)
+
+    run(main())
+    # "drop": never reached the emulator, so sent again; "lostdrop": carried out, found by label.
+    assert len(_calls(emulator, "create")) == creates_seen
+
+
 def test_a_create_answered_500_is_not_repeated_and_says_nothing_was_rented(emulator: Any) -> None:
     emulator.faults.fail_next("create", 1, 500)
 
     async def main() -> None:
-        async with VastAPI(emulator.api_key, emulator.url, pace=False) as api:
+        async with VastAPI(emulator.api_key, emulator.url, pace=False, ambiguous_create_grace_s=0.5) as api:
             [offer_id] = await _offers(api, 1)
             with pytest.raises(VastUnreachable, match="nothing was rented"):
                 await api.create_instance(offer_id, REQUEST)
@@ -394,7 +419,7 @@ def test_a_bulk_create_whose_answer_is_lost_leaves_nothing_billing(emulator: Any
     async def main() -> None:
         async with FlakyProxy(emulator.url) as proxy:
             proxy.rules[("POST", "/asks/bulk")] = ["lost504"]
-            async with VastAPI(emulator.api_key, proxy.url, pace=False) as api:
+            async with VastAPI(emulator.api_key, proxy.url, pace=False, ambiguous_create_grace_s=0.5) as api:
                 ids = await _offers(api, 3)
                 with pytest.raises(VastUnreachable, match="Destroyed 3 rental"):
                     await api.create_instances(ids, REQUEST)
