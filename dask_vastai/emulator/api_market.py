@@ -247,8 +247,13 @@ class Market:
     def create(self, offer_id: int, body: Mapping[str, Any]) -> dict[str, Any]:
         """Rent ``offer_id``; answers Vast's create response or raises ApiError."""
         offer = self.offers.get(offer_id)
-        if offer is not None and offer_id not in self._taken and self.faults and self.faults.take_race():
+        raced = self.faults.take_race() if offer is not None and offer_id not in self._taken and self.faults else None
+        if raced is not None:
             self._taken[offer_id] = None  # another user got it between search and create
+            if raced == 410:
+                raise ApiError(410, "no_such_ask",
+                               f"error 410/3907: no_such_ask Instance type {offer_id} is no longer available.",
+                               ask_id=offer_id)
         if offer is None or offer_id in self._taken:
             raise ApiError(404, "no_such_ask",
                            f"error 404/3603: no_such_ask Instance type by id {offer_id} is not available.",
@@ -470,6 +475,17 @@ class Market:
                              "(created with a price) can be outbid")
         r.actual_status = "stopped"
         r.status_msg = "Instance outbid: an interruptible rental was preempted by a higher bid"
+        r.endpoints = None
+        r.bill("storage", self.clock())
+        self._spawn(self._halt(r))
+
+    def force_exit(self, instance_id: int, code: int) -> None:
+        r = self.live(instance_id)
+        if r.actual_status != "running":
+            raise ValueError(f"instance {instance_id} is {r.actual_status}, not running: its container cannot die")
+        r.actual_status = "exited"
+        r.exit_code = code
+        r.status_msg = f"container exited with code {code}"
         r.endpoints = None
         r.bill("storage", self.clock())
         self._spawn(self._halt(r))

@@ -5,9 +5,11 @@ Two kinds:
 - *armed* faults wait for the next matching event and are consumed by it: the next N
   calls of an endpoint fail (429 plain text or a 5xx), the next N boots fail with a fatal
   ``status_msg`` or stay in ``loading`` forever, the next N creates find their offer
-  taken by someone else between search and create (404 ``no_such_ask``);
+  taken by someone else between search and create (404 ``no_such_ask``, or 410 as Vast
+  answers a ``cancel_unavail`` create whose machine cannot start now);
 - *immediate* faults change a rental now: an interruptible rental is outbid (-> ``stopped``),
-  a host goes ``offline`` (its sandbox is stopped: nothing on it answers any more).
+  a host goes ``offline`` (its sandbox is stopped: nothing on it answers any more), a
+  container dies (-> ``exited`` with an exit code).
 
 Python: ``emu.faults.fail_next("create", count=2, status=503)``. HTTP (account key):
 ``POST /_emulator/faults`` with ``{"fault": "fail_next", "endpoint": "create", "count": 2,
@@ -35,6 +37,7 @@ BOOT_FAILURES = {
 class _Market(Protocol):
     def preempt(self, instance_id: int) -> None: ...
     def set_offline(self, instance_id: int) -> None: ...
+    def force_exit(self, instance_id: int, code: int) -> None: ...
 
 
 @dataclass
@@ -55,7 +58,7 @@ class Faults:
         self._lock = threading.Lock()
         self._http: dict[str, list[int]] = {}  # endpoint -> statuses, one per coming call
         self._boots: list[BootFault] = []
-        self._races = 0
+        self._races: list[int] = []  # statuses (404/410) of the coming raced creates
 
     # ----------------------------------------------------------------- arm
     def fail_next(self, endpoint: str, count: int = 1, status: int = 429) -> None:
@@ -79,10 +82,12 @@ class Faults:
             self._boots.extend(BootFault("stuck", "loading", "Pulling image: waiting for layers")
                                for _ in range(int(count)))
 
-    def race_next_create(self, count: int = 1) -> None:
-        """The next ``count`` creates find their offer just taken by another user (404)."""
+    def race_next_create(self, count: int = 1, status: int = 404) -> None:
+        """The next ``count`` creates find their offer just taken by another user (404 or 410)."""
+        if status not in (404, 410):
+            raise ValueError(f"a raced create answers 404 or 410, not {status}")
         with self._lock:
-            self._races += int(count)
+            self._races.extend([int(status)] * int(count))
 
     # ----------------------------------------------------------------- now
     def preempt(self, instance_id: int) -> None:
@@ -93,18 +98,22 @@ class Faults:
         """The host of ``instance_id`` disconnects: ``offline``, its sandbox stopped."""
         self._run_on_loop(lambda: self._market.set_offline(int(instance_id)))
 
+    def container_exit(self, instance_id: int, code: int = 137) -> None:
+        """The container of ``instance_id`` dies now with ``code`` (-> ``exited``)."""
+        self._run_on_loop(lambda: self._market.force_exit(int(instance_id), int(code)))
+
     def clear(self) -> None:
         """Disarm every armed fault."""
         with self._lock:
             self._http.clear()
             self._boots.clear()
-            self._races = 0
+            self._races.clear()
 
     def armed(self) -> dict[str, Any]:
         """What is armed, for ``GET /_emulator/faults`` and for test messages."""
         with self._lock:
             return {"http": {k: list(v) for k, v in self._http.items() if v},
-                    "boots": [asdict(b) for b in self._boots], "create_races": self._races}
+                    "boots": [asdict(b) for b in self._boots], "create_races": list(self._races)}
 
     # ----------------------------------------------------------------- consume (event loop)
     def take_http(self, endpoint: str) -> int | None:
@@ -116,12 +125,10 @@ class Faults:
         with self._lock:
             return self._boots.pop(0) if self._boots else None
 
-    def take_race(self) -> bool:
+    def take_race(self) -> int | None:
+        """The status (404/410) the next create answers if it is raced, else None."""
         with self._lock:
-            if self._races <= 0:
-                return False
-            self._races -= 1
-            return True
+            return self._races.pop(0) if self._races else None
 
     # ----------------------------------------------------------------- HTTP
     def apply(self, spec: dict[str, Any]) -> None:
@@ -129,7 +136,7 @@ class Faults:
         actions: dict[str, Callable[..., None]] = {
             "fail_next": self.fail_next, "fail_boot": self.fail_boot, "stick_loading": self.stick_loading,
             "race_next_create": self.race_next_create, "preempt": self.preempt,
-            "host_offline": self.host_offline, "clear": self.clear,
+            "host_offline": self.host_offline, "container_exit": self.container_exit, "clear": self.clear,
         }
         args = dict(spec)
         name = args.pop("fault", None)

@@ -402,6 +402,13 @@ def test_faults(emulator: Emulator) -> None:
     assert body["armed"]["http"] == {"show": [429]}
     status, text, _ = call(emulator, "GET", f"/api/v0/instances/{bid}/")
     assert status == 429 and text == "API requests too frequent"
+    emulator.faults.race_next_create(status=410)
+    status, body, _ = call(emulator, "PUT", "/api/v0/asks/1000005/", {"image": "x", "cancel_unavail": True})
+    assert status == 410 and "no longer available" in body["msg"]
+    dies = rent(emulator, 1000006)
+    wait_status(emulator, dies, "running")
+    emulator.faults.container_exit(dies, code=137)
+    assert show(emulator, dies)["status_msg"] == "container exited with code 137"
     status, body, _ = call(emulator, "POST", "/_emulator/faults", {"fault": "explode"})
     assert status == 400 and "unknown fault" in body["msg"]
 
