@@ -516,6 +516,7 @@ class VastAPI:
                         method, url, json=body, headers=self._headers, allow_redirects=False
                     ) as resp:
                         status = resp.status
+                        location = resp.headers.get("Location", "?")
                         text = await resp.text()
             except (TimeoutError, aiohttp.ClientError) as e:
                 sent = not isinstance(e, aiohttp.ClientConnectorError)
@@ -567,6 +568,19 @@ class VastAPI:
                     f"Vast answered {status} to {where} {attempt} times ({msg or error or 'no message'}). "
                     "Vast may be having trouble (https://status.vast.ai); retry later.",
                     status=status, error=error, msg=msg,
+                )
+            if 300 <= status < 400:
+                # Not followed: the Bearer key must only ever go to the configured origin.
+                raise VastRequestError(
+                    f"{self.api_url} redirected {where} to {location}; set api_url "
+                    "to the server's real address (the default is https://console.vast.ai)",
+                    status=status,
+                )
+            if status < 300 and isinstance(parsed, str):
+                raise VastRequestError(
+                    f"{self.api_url} answered {where} with something that is not JSON "
+                    f"({parsed[:80]!r}); is api_url the address of the Vast API?",
+                    status=status,
                 )
             if status == 401 or (isinstance(parsed, Mapping) and parsed.get("error") == "auth_error"):
                 error, msg = _body_fields(parsed)
@@ -803,6 +817,19 @@ class VastAPI:
             status, parsed = await self._call("DELETE", "/instances/", "destroy", body={"instance_ids": chunk})
             if status >= 400 or (isinstance(parsed, Mapping) and parsed.get("success") is False):
                 raise self._fail(status, parsed, f"destroy instances {chunk}")
+            items = parsed.get("results") if isinstance(parsed, Mapping) else None
+            refused = [
+                i for i in items or []
+                if isinstance(i, Mapping) and i.get("success") is False
+                and i.get("error") not in ("not_found", "no_such_instance", "invalid_id")  # already gone
+            ]
+            if refused:
+                error, msg = _body_fields(refused[0])
+                raise VastRequestError(
+                    f"Vast refused to destroy {len(refused)} of instances {chunk}: {msg or error} "
+                    f"(ids {[i.get('id') for i in refused]}); they may still bill: retry `dask-vastai cleanup`",
+                    status=status, error=error, msg=msg,
+                )
             self._known_ids.difference_update(chunk)
 
     # ------------------------------------------------------------------ changing

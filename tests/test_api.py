@@ -29,6 +29,7 @@ from dask_vastai.api import (
     RateLimited,
     Rental,
     VastAPI,
+    VastRequestError,
     VastServerError,
     VastUnreachable,
 )
@@ -135,7 +136,7 @@ def test_bulk_create_gives_one_result_per_offer_in_order(emulator: Any) -> None:
             assert [r.offer_id for r in results] == ids  # type: ignore[union-attr]
             rented = [r.instance_id for r in results if isinstance(r, Rental)] + [taken.instance_id]
             assert sorted(i.id for i in await api.list_instances()) == sorted(rented)
-            await api.destroy_instances(rented)
+            await api.destroy_instances([*rented, 999_999])  # an id already gone is fine
             assert await api.list_instances() == []
         assert len(_calls(emulator, "create")) == 2  # one single, one bulk
 
@@ -535,3 +536,31 @@ def test_create_requests_refuse_what_vast_would_refuse() -> None:
         CreateRequest(image="", disk_gb=10)
     bulk = CreateRequest(image="img", disk_gb=10).body([3, 4])
     assert bulk["ids"] == [3, 4] and bulk["runtype"] == "ssh_direc ssh_proxy" and bulk["cancel_unavail"] is True
+
+
+def test_a_server_that_is_not_vast_is_named_not_misread() -> None:
+    async def html(request: web.Request) -> web.Response:
+        return web.Response(text="<html>welcome</html>", content_type="text/html")
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound("https://elsewhere.invalid/api/v0/bundles/")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_route("*", "/api/v0/bundles/", redirect)
+        app.router.add_route("*", "/{tail:.*}", html)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            async with VastAPI("k" * 20, url, pace=False) as api:
+                with pytest.raises(VastRequestError, match="not JSON.*is api_url the address of the Vast API"):
+                    await api.list_instances()
+                with pytest.raises(VastRequestError, match="redirected .* to https://elsewhere.invalid"):
+                    await api.search_offers("gpu_name=RTX_3090")
+        finally:
+            await runner.cleanup()
+
+    run(main())
