@@ -23,6 +23,7 @@ from aiohttp import web
 from dask_vastai.api import (
     CreateRequest,
     Instance,
+    InstanceNotFound,
     InvalidAPIKey,
     MissingAPIKey,
     OfferUnavailable,
@@ -562,5 +563,48 @@ def test_a_server_that_is_not_vast_is_named_not_misread() -> None:
                     await api.search_offers("gpu_name=RTX_3090")
         finally:
             await runner.cleanup()
+
+    run(main())
+
+
+def test_logs_are_fetched_from_the_url_vast_gives_and_filtered(emulator: Any) -> None:
+    async def main() -> None:
+        async with VastAPI(emulator.api_key, emulator.url, pace=False) as api:
+            [offer_id] = await _offers(api, 1)
+            rental = await api.create_instance(offer_id, REQUEST)
+            text = await api.logs(rental.instance_id, tail=50)
+            assert str(rental.instance_id) in text  # the emulator's record-only runtime says so
+            assert await api.logs(rental.instance_id, filter="no-such-line") == ""
+            with pytest.raises(InstanceNotFound, match="Instance 424242 does not exist"):
+                await api.logs(424242)
+            with pytest.raises(InstanceNotFound):
+                await api.label_instance(424242, "x")
+            await api.destroy_instance(rental.instance_id)
+        assert [r["path"] for r in emulator.requests if r["endpoint"] == "logs"] == [
+            f"/api/v0/instances/request_logs/{rental.instance_id}/"] * 2 + ["/api/v0/instances/request_logs/424242/"]
+
+    run(main())
+
+
+def test_ssh_keys_of_the_account_and_of_one_instance(emulator: Any) -> None:
+    public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDaskVastaiTestKeyOnlyForTheEmulator0000 test@dask"
+
+    async def main() -> None:
+        async with VastAPI(emulator.api_key, emulator.url, pace=False) as api:
+            before = await api.ssh_keys()
+            added = await api.add_ssh_key(public + "\n")
+            assert added.get("id") is not None
+            keys = await api.ssh_keys()
+            assert len(keys) == len(before) + 1
+            assert any(public in str(k.get("public_key") or k.get("ssh_key") or k.get("key")) for k in keys)
+            await api.delete_ssh_key(int(added["id"]))
+            assert len(await api.ssh_keys()) == len(before)
+
+            [offer_id] = await _offers(api, 1)
+            rental = await api.create_instance(offer_id, REQUEST)
+            await api.attach_ssh_key(rental.instance_id, public)
+            with pytest.raises(InstanceNotFound):
+                await api.attach_ssh_key(424242, public)
+            await api.destroy_instance(rental.instance_id)
 
     run(main())
