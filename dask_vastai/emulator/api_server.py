@@ -83,6 +83,7 @@ class ApiServer:
                 ("PUT", f"{v0}/search/asks", "search", self.search_new, False),
                 ("PUT", f"{v0}/asks/{n}", "create", self.create, False),
                 ("POST", f"{v0}/asks/bulk", "create", self.create_bulk, False),
+                ("PUT", f"{v0}/launch_instance", "create", self.launch, False),
                 ("GET", f"{v0}/instances/filters", "list", self.filters, False),
                 ("GET", f"{v0}/instances/{n}/ssh", "ssh", self.instance_keys, False),
                 ("POST", f"{v0}/instances/{n}/ssh", "ssh", self.attach_key, False),
@@ -217,6 +218,18 @@ class ApiServer:
 
     async def create(self, call: Call) -> web.Response:
         return json_response(self.market.create(call.id(), call.body))
+
+    async def launch(self, call: Call) -> web.Response:
+        """Search with ``q`` and rent the first offer, in one call (``vastai launch instance``)."""
+        query = call.body.get("q")
+        if not isinstance(query, dict):
+            raise ApiError(400, "invalid_args", "launch_instance needs \"q\": the offer query object")
+        offers = self.market.search(query)
+        if not offers:
+            raise ApiError(404, "no_offers", "No offers match the launch query; relax gpu_name, num_gpus, "
+                           "region or disk.")
+        body = {k: v for k, v in call.body.items() if k != "q"}
+        return json_response(self.market.create(offers[0]["id"], body))
 
     async def create_bulk(self, call: Call) -> web.Response:
         ids = call.body.get("ids")

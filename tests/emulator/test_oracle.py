@@ -90,3 +90,18 @@ print(json.dumps({{"n": len(offers), "dc": [o["datacenter"] for o in offers], "m
     assert result["n"] == 3 and result["dc"] == [True] * 3 and result["made"]
     assert result["rows"] == ["sdk"] and result["one"] and "record-only" in result["logs"]
     assert result["gone"] == {"success": True} and result["after"] is None
+
+
+def test_launch_instance_rents_the_best_match(oracle, emulator) -> None:
+    made = raw(oracle, "launch", "instance", "-g", "RTX_3090", "-n", "1", "-i", "img", "--region", "[US,CA,JP]",
+               "-o", "dph_total", emu=emulator)
+    row = emulator.instances()[0]
+    assert made["new_contract"] == row["id"] and (row["gpu_name"], row["num_gpus"]) == ("RTX 3090", 1)
+    assert row["geolocation"][-2:] in ("US", "CA", "JP")
+    cheapest = min(o["dph_base"] for o in emulator.offers if o["gpu_name"] == "RTX 3090" and o["num_gpus"] == 1
+                   and o["geolocation"][-2:] in ("US", "CA", "JP") and o["verified"])
+    assert row["dph_base"] == cheapest
+    # the catalog's 8x H100 machines are in Europe
+    out = oracle.cli("launch", "instance", "-g", "H100_SXM", "-n", "8", "-i", "img", "--region", "[US,CA,JP]",
+                     emu=emulator).stdout
+    assert "404" in out and len(emulator.instances()) == 1
