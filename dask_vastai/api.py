@@ -527,7 +527,8 @@ class VastAPI:
                         f"{where} {problem} after the request was sent", settled=not isinstance(e, TimeoutError)
                     ) from e
                 last_problem = f"{problem} ({e})" if str(e) else problem
-                if attempt < self.max_attempts:
+                hopeless = isinstance(e, aiohttp.ClientConnectorCertificateError | aiohttp.InvalidURL)
+                if attempt < self.max_attempts and not hopeless:
                     await asyncio.sleep(self._backoff(attempt))
                     continue
                 raise VastUnreachable(
