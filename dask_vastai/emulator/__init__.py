@@ -199,6 +199,8 @@ class Emulator:
         loop, thread = self._loop, self._thread
         if thread is None or loop is None or not thread.is_alive():
             return
+        if threading.current_thread() is thread:
+            raise RuntimeError("Emulator.stop() was called from the emulator's own loop; use `await emu.aclose()`")
         try:
             asyncio.run_coroutine_threadsafe(self.aclose(), loop).result(timeout=_LOOP_TIMEOUT_S)
         finally:
@@ -215,8 +217,8 @@ class Emulator:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is loop:
-            return fn()
+        if running is loop or loop.is_closed() or not loop.is_running():
+            return fn()  # on the loop already, or nothing runs there any more (after stop)
         done = concurrent.futures.Future[T]()
 
         def call() -> None:

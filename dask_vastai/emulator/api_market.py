@@ -220,7 +220,7 @@ class Market:
         except (TypeError, ValueError) as e:
             raise ApiError(400, "invalid_args", f"allocated_storage must be a number of GB, not {body.get('allocated_storage')!r}") from e
         bid = body.get("type") in ("bid", "interruptible")
-        filters = {k: v for k, v in body.items()}
+        filters = body
         wants_rented = "rented" in filters
         rows = []
         for offer in self.offers.values():
@@ -604,8 +604,12 @@ class Market:
             except (TypeError, ValueError) as e:
                 raise ApiError(400, "invalid_args", f"tail must be a number of lines, not {tail!r}") from e
             lines = lines[-n:] if n > 0 else []
+        return self.publish("".join(f"{line}\n" for line in lines))
+
+    def publish(self, text: str) -> str:
+        """Put ``text`` behind a fresh ``/logs/<token>`` (404 for a moment, as an upload would be)."""
         token = secrets.token_urlsafe(16)
-        self._logs[token] = (time.monotonic() + LOG_UPLOAD_DELAY_S, "".join(f"{line}\n" for line in lines))
+        self._logs[token] = (time.monotonic() + LOG_UPLOAD_DELAY_S, text)
         return token
 
     def log_text(self, token: str) -> str | None:

@@ -311,9 +311,7 @@ class ApiServer:
 
     async def command(self, call: Call) -> web.Response:
         self.market.live(call.id())
-        token = self.market.request_logs(call.id(), tail="0")
-        self.market._logs[token] = (0.0, "the emulator does not run constrained commands; "
-                                         "use SSH to the instance instead\n")
+        token = self.market.publish("the emulator does not run constrained commands; use SSH to the instance instead\n")
         return json_response({"success": True, "writeable_path": "/workspace",
                               "result_url": self._result_url(token), "msg": "Command queued."})
 

@@ -370,6 +370,11 @@ def test_meter_in_real_time() -> None:
         assert 0.01 * (before_destroy - after_create) <= cost <= 0.01 * (after - before)
         time.sleep(0.2)
         assert emu.meter()["total_usd"] == cost
+        rent(emu, 1)
+    # after the with block the meter is frozen and still readable (sandboxes are stopped, records stay)
+    frozen = emu.meter()["total_usd"]
+    time.sleep(0.1)
+    assert emu.meter()["total_usd"] == frozen > cost and len(emu.instances()) == 1
 
 
 def test_faults(emulator: Emulator) -> None:
