@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -21,17 +22,23 @@ from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
 from distributed.scheduler import Scheduler
 from distributed.security import Security
+from distributed.utils import NoOpAwaitable
 
+from .adaptive import GPUAdaptive
 from .api import CreateRequest, Offer, VastAPI
 from .bootstrap import BootstrapConfig, onstart_script
 from .config import option
 from .instance import ClusterContext, VastInstance
 from .offers import OfferRequirements, no_match_message
+from .pools import Pool, ResourceGuard
 from .rentals import NoOfferAvailable, RentalBroker
 from .safety import LEDGER
 from .tunnel import ClusterKey, TunnelHub
 
 logger = logging.getLogger(__name__)
+
+#: the pool the cluster's own options describe
+DEFAULT_POOL = "default"
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,8 @@ class VastAICluster(SpecCluster):
     boot_timeout, orphan_timeout: seconds.
     api_key, api_url: Vast credentials and origin (defaults: ``VAST_API_KEY``, console.vast.ai).
     name: the cluster's name, in every rental's label ``dask-vastai:<name>:<worker>``.
+    pools: more instance shapes, e.g. ``[{"name": "a100", "gpu": "A100_SXM4", "cpu_ram": 64}]``
+        (same options as above); the options above shape the ``default`` pool.
     """
 
     def __init__(
@@ -101,6 +110,7 @@ class VastAICluster(SpecCluster):
         api_key: str | None = None,
         api_url: str | None = None,
         name: str | None = None,
+        pools: Sequence[Mapping[str, Any]] | None = None,
         dashboard_address: str = ":0",
         scheduler_options: Mapping[str, Any] | None = None,
         asynchronous: bool = False,
@@ -113,22 +123,6 @@ class VastAICluster(SpecCluster):
         self._initial_n = int(option("n-workers", initial) or 0)
         if self._initial_n < 0:
             raise ValueError(f"n={self._initial_n}: the number of instances cannot be negative")
-        self.requirements = OfferRequirements(
-            gpu=option("gpu", gpu),
-            num_gpus=int(option("num-gpus", num_gpus)),
-            gpu_ram_gb=option("gpu-ram", gpu_ram),
-            cpu_ram_gb=option("cpu-ram", cpu_ram),
-            cpu_cores=option("cpu-cores", cpu_cores),
-            disk_gb=float(option("disk", disk)),
-            max_price=option("max-price", max_price),
-            region=option("region", region),
-            datacenter=bool(option("datacenter", datacenter)),
-            reliability=float(option("reliability", reliability)),
-            query=option("query", query) or "",
-            order=option("order", order),
-            interruptible=bool(option("interruptible", interruptible)),
-        )
-        self.requirements.validate()
         self.boot_timeout_s = float(option("boot-timeout", boot_timeout))
         self.orphan_timeout_s = float(option("orphan-timeout", orphan_timeout))
         if self.boot_timeout_s <= 0 or self.orphan_timeout_s <= 0:
@@ -136,10 +130,6 @@ class VastAICluster(SpecCluster):
                 f"boot_timeout={self.boot_timeout_s} and orphan_timeout={self.orphan_timeout_s} must be "
                 "positive numbers of seconds"
             )
-        self.image = str(option("image", image))
-        self.instance_env = {str(k): str(v) for k, v in dict(option("env", env) or {}).items()}
-        self.worker_options = dict(option("worker-options", worker_options) or {})
-        self.worker_per_gpu = bool(option("worker-per-gpu", worker_per_gpu))
         self.poll_interval_s = float(option("api-poll-interval"))
         cluster_name = option("name", name) or f"c{uuid.uuid4().hex[:8]}"
         if ":" in cluster_name or not cluster_name.strip():
@@ -154,6 +144,23 @@ class VastAICluster(SpecCluster):
             orphan_timeout_s=int(self.orphan_timeout_s),
         )
         onstart_script(self._bootstrap)  # validate early, as jobqueue renders job_script()
+        self.pools: dict[str, Pool] = {}
+        default = self._make_pool(
+            DEFAULT_POOL, gpu=gpu, num_gpus=num_gpus, gpu_ram=gpu_ram, cpu_ram=cpu_ram,
+            cpu_cores=cpu_cores, disk=disk, max_price=max_price, region=region, datacenter=datacenter,
+            reliability=reliability, query=query, order=order, interruptible=interruptible, image=image,
+            env=env, worker_options=worker_options, worker_per_gpu=worker_per_gpu,
+        )
+        self.pools[DEFAULT_POOL] = default
+        self.requirements = default.requirements
+        for shape in pools or ():
+            shape = dict(shape)
+            pool_name = shape.pop("name", None)
+            if not pool_name:
+                raise ValueError(f"pools=[...{shape}...]: every pool needs a 'name'")
+            self._add_pool_shape(str(pool_name), **shape)
+        self._adaptives: dict[str, GPUAdaptive] = {}
+        self._pool_counters: dict[str, int] = {}
 
         self.security = Security.temporary()
         scheduler = {
@@ -167,9 +174,7 @@ class VastAICluster(SpecCluster):
                 **dict(scheduler_options or {}),
             },
         }
-        worker: dict[str, Any] = {"cls": VastInstance, "options": {}}
-        if self.requirements.num_gpus > 1 and self.worker_per_gpu:
-            worker["group"] = [f"-gpu{k}" for k in range(self.requirements.num_gpus)]
+        worker: dict[str, Any] = {"cls": VastInstance, "options": {"pool": default}}
         self.broker: RentalBroker | None = None
         self.hub: TunnelHub | None = None
         self.context: ClusterContext | None = None
@@ -211,20 +216,16 @@ class VastAICluster(SpecCluster):
         await super()._start()
         scheduler_port = int(self.scheduler.address.rsplit(":", 1)[1])
         self.hub = TunnelHub(self.key, scheduler_port=scheduler_port)
+        default = self.pools[DEFAULT_POOL]
         self.broker = RentalBroker(
             self.api,
             cluster_name=self.name,
-            requirements=self.requirements,
-            create_request=CreateRequest(
-                image=self.image,
-                disk_gb=self.requirements.disk_gb,
-                onstart=onstart_script(self._bootstrap),
-                env=self.instance_env,
-                runtype="ssh_direc ssh_proxy",
-            ),
+            requirements=default.requirements,
+            create_request=default.create_request,
             poll_interval_s=self.poll_interval_s,
             log=self._log,
         )
+        self.scheduler.add_plugin(ResourceGuard(lambda: self.pools.values()))
         self.context = ClusterContext(
             broker=self.broker,
             hub=self.hub,
@@ -236,14 +237,10 @@ class VastAICluster(SpecCluster):
             heartbeat_interval_s=max(1.0, min(10.0, self.orphan_timeout_s / 6)),
             registered=self._registered,
             log=self._log,
-            worker_per_gpu=self.worker_per_gpu,
-            worker_options=self.worker_options,
         )
-        self.new_spec["options"] = {"context": self.context}
-        if "group" in self.new_spec:
-            self.new_spec["options"]["group"] = self.new_spec["group"]
-        while len(self.worker_spec) < self._initial_n:
-            self.worker_spec.update(self.new_worker_spec())
+        self.new_spec = self._spec_for(default)
+        for _ in range(self._initial_n):
+            self.worker_spec.update(self._new_instance_spec(DEFAULT_POOL))
 
     async def _check_account_and_offers(self) -> None:
         """Fail at construction, with a sentence, on a rejected key or a query nothing matches."""
@@ -251,9 +248,10 @@ class VastAICluster(SpecCluster):
         if self._initial_n:
             preview = await self._offers()
             if not preview.offers:
+                default = self.pools[DEFAULT_POOL]
                 broker = RentalBroker(
-                    self.api, cluster_name=self.name, requirements=self.requirements,
-                    create_request=CreateRequest(image=self.image, disk_gb=self.requirements.disk_gb),
+                    self.api, cluster_name=self.name, requirements=default.requirements,
+                    create_request=default.create_request,
                 )
                 nearest = await broker.nearest_offers()
                 raise NoOfferAvailable(no_match_message(self.requirements, preview.query, nearest))
@@ -268,6 +266,157 @@ class VastAICluster(SpecCluster):
 
     def _new_worker_name(self, worker_number: int) -> str:
         return f"{self.name}-{worker_number}"
+
+    # ------------------------------------------------------------------ pools
+    def _make_pool(self, pool_name: str, **options: Any) -> Pool:
+        """A pool from options, each falling back to its one default in ``vastai.yaml``."""
+        known = {
+            "gpu", "num_gpus", "gpu_ram", "cpu_ram", "cpu_cores", "disk", "max_price", "region",
+            "datacenter", "reliability", "query", "order", "interruptible", "image", "env",
+            "worker_options", "worker_per_gpu",
+        }
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"pool {pool_name!r}: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        if not pool_name or not all(c.isalnum() or c in "-_" for c in pool_name):
+            raise ValueError(f"pool name {pool_name!r}: use letters, digits, '-' and '_'")
+
+        def get(key: str) -> Any:
+            return option(key.replace("_", "-"), options.get(key))
+
+        requirements = OfferRequirements(
+            gpu=get("gpu"),
+            num_gpus=int(get("num_gpus")),
+            gpu_ram_gb=get("gpu_ram"),
+            cpu_ram_gb=get("cpu_ram"),
+            cpu_cores=get("cpu_cores"),
+            disk_gb=float(get("disk")),
+            max_price=get("max_price"),
+            region=get("region"),
+            datacenter=bool(get("datacenter")),
+            reliability=float(get("reliability")),
+            query=get("query") or "",
+            order=get("order"),
+            interruptible=bool(get("interruptible")),
+        )
+        requirements.validate()
+        env = {str(k): str(v) for k, v in dict(get("env") or {}).items()}
+        return Pool(
+            name=pool_name,
+            requirements=requirements,
+            create_request=CreateRequest(
+                image=str(get("image")),
+                disk_gb=requirements.disk_gb,
+                onstart=onstart_script(self._bootstrap),
+                env=env,
+                runtype="ssh_direc ssh_proxy",
+            ),
+            worker_per_gpu=bool(get("worker_per_gpu")),
+            worker_options=dict(get("worker_options") or {}),
+        )
+
+    def _add_pool_shape(self, pool_name: str, **options: Any) -> Pool:
+        if pool_name in self.pools:
+            raise ValueError(f"pool {pool_name!r} exists already; pools: {sorted(self.pools)}")
+        pool = self._make_pool(pool_name, **options)
+        self.pools[pool_name] = pool
+        return pool
+
+    def add_pool(self, name: str, **options: Any) -> Pool:
+        """Add an instance shape that scales on its own: ``add_pool("a100", gpu="A100_SXM4")``.
+
+        Its workers carry the resource ``pool-<name>``; ``scale(n, pool=name)`` and
+        ``adapt(..., pool=name)`` act on it alone.
+        """
+        return self._add_pool_shape(name, **options)
+
+    def _pool(self, pool: str | None) -> Pool:
+        name = DEFAULT_POOL if pool is None else pool
+        if name not in self.pools:
+            raise ValueError(f"pool={pool!r} does not exist; pools: {sorted(self.pools)} (see add_pool)")
+        return self.pools[name]
+
+    def _spec_for(self, pool: Pool) -> dict[str, Any]:
+        spec: dict[str, Any] = {"cls": VastInstance, "options": {"context": self.context, "pool": pool}}
+        group = pool.group()
+        if group:
+            spec["group"] = group
+            spec["options"]["group"] = group
+        return spec
+
+    def _new_instance_spec(self, pool_name: str) -> dict[str, dict[str, Any]]:
+        pool = self._pool(pool_name)
+        i = self._pool_counters.get(pool_name, 0)
+        self._pool_counters[pool_name] = i + 1
+        name = f"{self.name}-{i}" if pool_name == DEFAULT_POOL else f"{self.name}-{pool_name}-{i}"
+        return {name: self._spec_for(pool)}
+
+    def pool_instances(self, pool: str | None = None) -> list[str]:
+        """Spec names (one per instance) of a pool, oldest first."""
+        target = self._pool(pool)
+        return [k for k, v in self.worker_spec.items() if v["options"].get("pool") is target]
+
+    def worker_names_of(self, instance_name: str) -> list[str]:
+        spec = self.worker_spec.get(instance_name) or {}
+        return [instance_name + s for s in spec.get("group", [])] or [instance_name]
+
+    def instance_registered(self, instance_name: str) -> bool:
+        return self._registered(self.worker_names_of(instance_name))
+
+    def scale(self, n: int = 0, memory: Any = None, cores: Any = None, *, pool: str | None = None):  # type: ignore[override]
+        """Hold ``n`` instances in ``pool`` (default: the default pool); counts instances, not workers."""
+        if memory is not None or cores is not None:
+            raise ValueError("scale(memory=/cores=) is not supported: scale counts instances; pick a pool shape")
+        if n < 0:
+            raise ValueError(f"scale({n}): the number of instances cannot be negative")
+        pool_name = self._pool(pool).name
+        names = self.pool_instances(pool_name)
+        if len(names) > n:
+            # Drop instances whose workers never registered first, then the newest.
+            unregistered = [k for k in names if not self.instance_registered(k)]
+            registered = [k for k in names if k not in unregistered]
+            for name in (unregistered[::-1] + registered[::-1])[: len(names) - n]:
+                del self.worker_spec[name]
+        if self.status not in (Status.closing, Status.closed):
+            for _ in range(n - len(names)):
+                self.worker_spec.update(self._new_instance_spec(pool_name))
+        self.loop.add_callback(self._correct_state)
+        if self.asynchronous:
+            return NoOpAwaitable()
+        return None
+
+    async def release_instances(self, names: Sequence[str]) -> None:
+        """Retire these instances' workers (their data moves first), then destroy them."""
+        for name in names:
+            self.worker_spec.pop(name, None)
+        await self._correct_state()
+
+    def adapt(  # type: ignore[override]
+        self,
+        minimum: int = 0,
+        maximum: float = math.inf,
+        *,
+        pool: str | None = None,
+        interval: str | float = "5s",
+        wait_count: int = 24,
+        **kwargs: Any,
+    ) -> GPUAdaptive:
+        """Follow the queued GPU demand with ``minimum``..``maximum`` instances of ``pool``."""
+        if kwargs:
+            raise ValueError(
+                f"adapt() got {sorted(kwargs)}: this cluster adapts instances by GPU demand; "
+                "use minimum, maximum, pool, interval, wait_count"
+            )
+        pool_name = self._pool(pool).name
+        old = self._adaptives.pop(pool_name, None)
+        if old is not None:
+            old.stop()
+        adaptive = GPUAdaptive(
+            self, pool_name, minimum=minimum, maximum=maximum, interval=interval, wait_count=wait_count
+        )
+        self._adaptives[pool_name] = adaptive
+        adaptive.start()
+        return adaptive
 
     def _registered(self, names: Sequence[str]) -> bool:
         seen = {ws.name for ws in self.scheduler.workers.values()}
@@ -313,6 +462,10 @@ class VastAICluster(SpecCluster):
 
     # ---------------------------------------------------------------- close
     async def _close(self) -> None:
+        for adaptive in self._adaptives.values():
+            adaptive.stop()
+        # SpecCluster's close scales only what scale(0) reaches: empty every pool.
+        self.worker_spec.clear()
         try:
             if self.status != Status.created:
                 with contextlib.suppress(asyncio.TimeoutError, TimeoutError):

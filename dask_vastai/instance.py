@@ -28,6 +28,7 @@ from .bootstrap import (
     incarnation_payload,
     parse_probe,
 )
+from .pools import POOL_RESOURCE_CAPACITY, Pool
 from .rentals import BootFailed, RentalBroker, RentalRecord
 from .tunnel import InstanceLink, SSHEndpoint, TunnelHub
 
@@ -51,8 +52,6 @@ class ClusterContext:
     heartbeat_interval_s: float
     registered: Callable[[Sequence[str]], bool]
     log: Callable[[str], None]
-    worker_per_gpu: bool = True
-    worker_options: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     max_boot_attempts: int = 3
     failures: dict[str, BaseException] = field(default_factory=dict)
@@ -67,11 +66,13 @@ class VastInstance(ProcessInterface):
         name: str,
         *,
         context: ClusterContext,
+        pool: Pool,
         group: Sequence[str] | None = None,
     ) -> None:
         super().__init__(scheduler=scheduler, name=name)
         self.name = name
         self.context = context
+        self.pool = pool
         self.worker_names = [name + suffix for suffix in group] if group else [name]
         self.record: RentalRecord | None = None
         self.link: InstanceLink | None = None
@@ -83,9 +84,12 @@ class VastInstance(ProcessInterface):
 
     # ----------------------------------------------------------------- start
     async def start(self) -> None:
-        self.record = await self.context.broker.rent(self.name)
+        self.record = await self._rent()
         self._boot = asyncio.create_task(self._bring_up(), name=f"boot {self.name}")
         await super().start()
+
+    async def _rent(self) -> RentalRecord:
+        return await self.context.broker.rent(self.name, self.pool.requirements, self.pool.create_request)
 
     async def _bring_up(self) -> None:
         """Boot, connect and start the workers; retry on a different machine up to a bound."""
@@ -107,7 +111,7 @@ class VastInstance(ProcessInterface):
                     self.context.failures[self.name] = e
                     self.status = Status.failed
                     return
-                self.record = await self.context.broker.rent(self.name)
+                self.record = await self._rent()
 
     async def _boot_once(self, record: RentalRecord) -> None:
         ctx = self.context
@@ -139,11 +143,11 @@ class VastInstance(ProcessInterface):
             raise BootFailed(
                 f"instance {record.instance_id} shows {len(gpus)} GPU(s) in nvidia-smi but {wanted} were rented"
             )
-        per_gpu = self.context.worker_per_gpu and len(self.worker_names) > 1
+        per_gpu = self.pool.worker_per_gpu and len(self.worker_names) > 1
         count = len(self.worker_names)
         cpus = float(probe.get("cpus") or record.offer.cpu_cores_effective or 1)
         memory = int(probe.get("memory_bytes") or record.offer.cpu_ram_mb * 2**20)
-        opts = self.context.worker_options
+        opts = self.pool.worker_options
         out = []
         for k, worker_name in enumerate(self.worker_names):
             if per_gpu:
@@ -155,6 +159,7 @@ class VastInstance(ProcessInterface):
             cpu = max(1.0, cpus / count)
             mem = memory // count
             resources = {"GPU": float(n_gpu), "CPU": cpu, "MEMORY": float(mem)}
+            resources[self.pool.resource_name] = POOL_RESOURCE_CAPACITY
             resources.update(opts.get("resources", {}))
             env = dict(self.context.env)
             env["CUDA_VISIBLE_DEVICES"] = visible
