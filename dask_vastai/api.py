@@ -14,7 +14,9 @@ What a caller can rely on:
   calls of one client queue per endpoint and go out no sooner than the interval after the
   previous call's *answer* (the server stamps a call somewhere between our send and its
   answer, so counting from the answer can never be too early). N concurrent callers thus
-  never trip a 429; they wait their turn. ``pace=False`` turns the queue off.
+  never trip a 429; they wait their turn. ``pace=False`` turns the queue off. The queue is
+  per client: two clients of one account (two clusters, or the CLI beside a cluster) can
+  still meet a 429, which the retries absorb.
 * **Retries** with exponential backoff and jitter, up to ``max_attempts`` in all: a 429 (no
   Retry-After exists: wait at least the endpoint's threshold, which the plain-text body
   names), 502/503/504 and 500, timeouts and connection errors. Other 4xx are never retried.
