@@ -142,28 +142,34 @@ class RentalBroker:
         return await fut
 
     async def _flush_rents(self) -> None:
-        await asyncio.sleep(self.batch_window_s)
-        batch, self._rent_queue = self._rent_queue, []
-        by_shape: dict[int, list[tuple[str, Any, asyncio.Future[RentalRecord]]]] = {}
-        for item in batch:
-            by_shape.setdefault(id(item[1][0]), []).append(item)
-        for group in by_shape.values():
-            requirements, create_request = group[0][1]
-            try:
-                records = await self._rent_batch([name for name, _, _ in group], requirements, create_request)
-            except BaseException as e:
-                for _, _, fut in group:
-                    if not fut.done():
-                        fut.set_exception(e)
-                if not isinstance(e, Exception):
-                    raise
-                continue
-            for (_, _, fut), record in zip(group, records, strict=True):
-                if fut.cancelled():
-                    # The waiter went away (its start was cancelled): nothing will use this rental.
-                    asyncio.create_task(self.destroy(record.instance_id))
-                else:
-                    fut.set_result(record)
+        # Loops until the queue is empty: a rent() arriving while a batch is being rented
+        # is taken by the next round, not left waiting for some later call.
+        while self._rent_queue:
+            await asyncio.sleep(self.batch_window_s)
+            batch, self._rent_queue = self._rent_queue, []
+            by_shape: dict[int, list[tuple[str, Any, asyncio.Future[RentalRecord]]]] = {}
+            for item in batch:
+                by_shape.setdefault(id(item[1][0]), []).append(item)
+            for group in by_shape.values():
+                await self._rent_group(group)
+
+    async def _rent_group(self, group: list[tuple[str, Any, asyncio.Future[RentalRecord]]]) -> None:
+        requirements, create_request = group[0][1]
+        try:
+            records = await self._rent_batch([name for name, _, _ in group], requirements, create_request)
+        except BaseException as e:
+            for _, _, fut in group:
+                if not fut.done():
+                    fut.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (_, _, fut), record in zip(group, records, strict=True):
+            if fut.cancelled():
+                # The waiter went away (its start was cancelled): nothing will use this rental.
+                asyncio.create_task(self.destroy(record.instance_id))
+            else:
+                fut.set_result(record)
 
     async def _rent_batch(
         self, names: list[str], requirements: OfferRequirements, create_request: CreateRequest
@@ -347,20 +353,21 @@ class RentalBroker:
         await asyncio.shield(fut)
 
     async def _flush_destroys(self) -> None:
-        await asyncio.sleep(self.batch_window_s)
-        batch, self._destroy_queue = self._destroy_queue, []
-        try:
-            await self._destroy_now(sorted({i for i, _ in batch}))
-        except BaseException as e:
+        while self._destroy_queue:  # as in _flush_rents: late arrivals get the next round
+            await asyncio.sleep(self.batch_window_s)
+            batch, self._destroy_queue = self._destroy_queue, []
+            try:
+                await self._destroy_now(sorted({i for i, _ in batch}))
+            except BaseException as e:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                if not isinstance(e, Exception):
+                    raise
+                continue
             for _, fut in batch:
                 if not fut.done():
-                    fut.set_exception(e)
-            if not isinstance(e, Exception):
-                raise
-            return
-        for _, fut in batch:
-            if not fut.done():
-                fut.set_result(None)
+                    fut.set_result(None)
 
     async def _destroy_now(self, ids: list[int]) -> None:
         if not ids:

@@ -110,3 +110,19 @@ def test_exit_handler_destroys_what_the_process_left(emulator_rate_limited) -> N
     assert "RENTED" in proc.stdout, proc.stderr
     assert "destroying 2 rental(s)" in proc.stderr
     assert emu.instances() == []
+
+
+def test_rent_arriving_during_a_batch_is_not_left_waiting(emulator_rate_limited) -> None:
+    emu = emulator_rate_limited
+
+    async def main() -> None:
+        async with VastAPI(api_key=emu.api_key, api_url=emu.url) as api:
+            broker = _broker(api, name="late")
+            first = asyncio.create_task(broker.rent("late-0"))
+            await asyncio.sleep(0.5)  # the first batch is now renting (search, create)
+            second = await asyncio.wait_for(broker.rent("late-1"), timeout=30)
+            assert (await first).instance_id != second.instance_id
+            await broker.close()
+        assert emu.instances() == []
+
+    asyncio.run(main())
