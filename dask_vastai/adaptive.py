@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: a pool whose last instances all failed to boot stops renting (each failure costs money)
+MAX_FAILURES_IN_A_ROW = 3
+
 
 def _pool_of_worker(ws: Any) -> str | None:
     for name in ws.resources:
@@ -93,6 +96,7 @@ class GPUAdaptive:
         self.interval_s = parse_timedelta(interval)
         self.wait_count = int(wait_count)
         self.idle_counts: dict[str, int] = {}
+        cluster.pool_failures.pop(pool, None)  # a new adapt() call is a new chance
         #: (time, decision, reason) of every change, newest last
         self.log: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=1000)
         self._periodic: PeriodicCallback | None = None
@@ -129,6 +133,15 @@ class GPUAdaptive:
         target = int(min(self.maximum, max(self.minimum, wanted)))
         instances = cluster.pool_instances(self.pool)
         current = len(instances)
+        failures = cluster.pool_failures.get(self.pool, 0)
+        if target > current and failures >= MAX_FAILURES_IN_A_ROW:
+            if not self.log or not self.log[-1][1].startswith("not renting"):
+                self._record(
+                    "not renting",
+                    f"{demand:g} GPU(s) wanted but the last {failures} instances of this pool failed to "
+                    "boot; see cluster.get_logs(), fix the pool's options, then call adapt() again",
+                )
+            return
         if target > current:
             booting = sum(1 for name in instances if not cluster.instance_registered(name))
             self.idle_counts.clear()
