@@ -13,6 +13,7 @@ import base64
 import json
 import shlex
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +25,12 @@ STATE_DIR = "/root/.dask-vastai"
 LOG_PATH = "/var/log/dask-vastai.log"
 #: Interpreters tried in order: the one configured, Vast's images' venv, then PATH.
 PYTHON_CANDIDATES = ("/venv/main/bin/python", "python3", "python")
+#: The virtualenv the onstart makes with uv when a Python version is asked for.
+PYTHON_VENV = f"{STATE_DIR}/venv"
+#: Exists while the onstart installs that interpreter: the probe waits for it to go.
+PYTHON_PENDING = f"{STATE_DIR}/python-pending"
+#: How long the probe waits for the onstart's interpreter install (seconds).
+PYTHON_INSTALL_WAIT_S = 900
 #: Run over SSH before a link is closed on purpose: the supervisor then stops the workers, and
 #: we wait (4 s at most) for their nannies to go while the tunnel still lets them say goodbye to
 #: the scheduler (closing SSH first leaves them to the 10 s SIGKILL). The brackets keep grep
@@ -46,6 +53,9 @@ class BootstrapConfig:
     #: interpreter to run the supervisor and the workers with (a path or a name on PATH);
     #: None: /venv/main/bin/python, then python3, then python
     python: str | None = None
+    #: a Python version ("3.11") that the onstart installs with uv into a virtualenv
+    #: (``PYTHON_VENV``) used by the supervisor and workers; None: the image's interpreter
+    python_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,8 +144,30 @@ def _python_discovery(python: str | None) -> str:
     return f'P=; for c in {words}; do if command -v "$c" >/dev/null 2>&1; then P=$(command -v "$c"); break; fi; done\n'
 
 
+def _python_install(version: str) -> str:
+    """Shell that installs Python ``version`` with uv (uv itself first, when missing) into a venv.
+
+    The key is authorized before (the client may connect meanwhile); the probe waits for
+    ``PYTHON_PENDING`` to go, so it sees the new interpreter. On failure the image's own
+    interpreter is used and the client's version check says what went wrong.
+    """
+    v = shlex.quote(version)
+    return (
+        f"touch {PYTHON_PENDING}\n"
+        "U=$(command -v uv 2>/dev/null || echo /root/.local/bin/uv)\n"
+        'if [ ! -x "$U" ]; then { curl -LsSf https://astral.sh/uv/install.sh 2>/dev/null || '
+        "wget -qO- https://astral.sh/uv/install.sh; } | UV_INSTALL_DIR=/root/.local/bin "
+        f"UV_NO_MODIFY_PATH=1 sh >>{LOG_PATH} 2>&1; fi\n"
+        f'"$U" python install {v} >>{LOG_PATH} 2>&1 && "$U" venv --allow-existing --python {v} {PYTHON_VENV} '
+        f">>{LOG_PATH} 2>&1 || echo \"dask-vastai: uv could not install Python {version}\" >&2\n"
+    )
+
+
 def onstart_script(config: BootstrapConfig) -> str:
     """The ``onstart`` text for Vast: authorize the key, start the loader. No secret inside.
+
+    With ``python_version`` it first installs that Python with uv (packages come later, over
+    SSH, so that a long package list never meets Vast's size limit).
 
     Raises ValueError, naming the field, when the configuration cannot make a valid script.
     """
@@ -155,13 +187,26 @@ def onstart_script(config: BootstrapConfig) -> str:
         shlex.quote(a)
         for a in (config.api_url, str(int(config.orphan_timeout_s)), config.heartbeat_path, STATE_DIR, LOG_PATH)
     )
+    authorize = (
+        f"K={shlex.quote(key)}\n"
+        + 'grep -qxF "$K" /root/.ssh/authorized_keys 2>/dev/null || echo "$K" >> /root/.ssh/authorized_keys\n'
+        + "chmod 600 /root/.ssh/authorized_keys\n"
+    )
+    python = config.python
+    install = ""
+    if config.python_version:
+        if not all(p.isdigit() for p in config.python_version.split(".")) or config.python_version.count(".") not in (1, 2):
+            raise ValueError(f"python_version={config.python_version!r} is not a version such as '3.11'")
+        install = authorize + _python_install(config.python_version)
+        python = f"{PYTHON_VENV}/bin/python"
     script = (
         "#!/bin/sh\n"
         f"# dask-vastai cluster {config.cluster_name}: authorize its SSH key, start the loader that\n"
         "# waits for the client (and destroys this rental if none comes within the orphan timeout).\n"
         f"D={STATE_DIR}; mkdir -p $D /root/.ssh; chmod 700 $D /root/.ssh\n"
         "rm -rf $D/incarnations $D/heartbeat\n"
-        + _python_discovery(config.python)
+        + install
+        + _python_discovery(python)
         + 'if [ -z "$P" ]; then echo "dask-vastai: no python3 on this image; use an image with python3" >&2; else\n'
         + 'echo "$P" > $D/python\n'
         + "S=; command -v setsid >/dev/null 2>&1 && S=setsid\n"
@@ -169,9 +214,7 @@ def onstart_script(config: BootstrapConfig) -> str:
         + LOADER
         + "DASK_VASTAI_LOADER\n"
         + "fi\n"
-        + f"K={shlex.quote(key)}\n"
-        + 'grep -qxF "$K" /root/.ssh/authorized_keys 2>/dev/null || echo "$K" >> /root/.ssh/authorized_keys\n'
-        + "chmod 600 /root/.ssh/authorized_keys\n"
+        + (f"rm -f {PYTHON_PENDING}\n" if install else authorize)
     )
     if len(script) >= ONSTART_MAX_CHARS:
         raise ValueError(
@@ -237,13 +280,22 @@ try:
     from importlib.metadata import version
 except ImportError:
     version = None
-for name in ("dask", "distributed", "cloudpickle", "msgpack", "dask-vastai"):
+for name in ["dask", "distributed", "cloudpickle", "msgpack", "dask-vastai"] + EXTRA:
     try:
         versions[name] = version(name) if version else None
     except Exception:
         versions[name] = None
-print(json.dumps({"gpus": gpus, "cpus": cpus, "memory_bytes": mem, "python": platform.python_version(),
-                  "executable": sys.executable, "versions": versions}))
+try:
+    import importlib.util
+    importable = importlib.util.find_spec("dask_vastai") is not None
+except Exception:
+    importable = False
+python = platform.python_version()
+if FAKE:  # test hook: an instance that reports other versions
+    python = FAKE.pop("python", python)
+    versions.update(FAKE)
+print(json.dumps({"gpus": gpus, "cpus": cpus, "memory_bytes": mem, "python": python,
+                  "executable": sys.executable, "versions": versions, "dask_vastai_importable": importable}))
 '''
 
 
@@ -259,12 +311,30 @@ if not os.path.exists(path) or open(path, "rb").read() != SUPERVISOR:
 """
 
 
-def probe_command(state_dir: str = STATE_DIR) -> str:
-    """Install the supervisor, then probe: one round trip, with the interpreter the onstart chose."""
-    program = f"SUPERVISOR = {supervisor_program()!r}\n" + _INSTALL_PY % f"{state_dir}/supervisor.py" + _PROBE_PY
+def probe_command(
+    state_dir: str = STATE_DIR,
+    *,
+    packages: Sequence[str] = (),
+    fake_versions: Mapping[str, str] | None = None,
+    wait_s: int = PYTHON_INSTALL_WAIT_S,
+) -> str:
+    """Install the supervisor, then probe: one round trip, with the interpreter the onstart chose.
+
+    ``packages``: more distributions whose versions to report. ``fake_versions`` is a test
+    hook: the instance reports these (``"python"`` included) instead of its own. While the
+    onstart still installs a Python (``python-pending``), the probe waits up to ``wait_s``.
+    """
+    program = (
+        f"SUPERVISOR = {supervisor_program()!r}\n"
+        f"EXTRA = {[str(p) for p in packages]!r}\n"
+        f"FAKE = {dict(fake_versions or {})!r}\n"
+        + _INSTALL_PY % f"{state_dir}/supervisor.py"
+        + _PROBE_PY
+    )
     # base85 has no quote, backslash nor '$', so it sits in single quotes untouched by the shell.
     code = base64.b85encode(zlib.compress(program.encode(), 9)).decode()
     return (
+        f"i=0; while [ -e {state_dir}/python-pending ] && [ $i -lt {int(wait_s)} ]; do sleep 1; i=$((i+1)); done; "
         f"P=$(cat {state_dir}/python 2>/dev/null); "
         f"for c in $P {' '.join(PYTHON_CANDIDATES)}; do "
         f'if command -v "$c" >/dev/null 2>&1; then exec "$c" -c \'import base64,zlib;exec(zlib.decompress(base64.b85decode("{code}")))\'; fi; done; '

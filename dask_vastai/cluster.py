@@ -28,6 +28,7 @@ from .adaptive import GPUAdaptive
 from .api import CreateRequest, Offer, VastAPI
 from .bootstrap import BootstrapConfig, onstart_script
 from .config import option
+from .environment import ClientEnvironment, InstanceEnvironment, Secret, python_option, split_env
 from .instance import ClusterContext, VastInstance
 from .offers import OfferRequirements, no_match_message
 from .pools import Pool, ResourceGuard
@@ -74,7 +75,15 @@ class VastAICluster(SpecCluster):
     n: instances to rent at start (``n_workers`` is an alias).
     num_gpus, gpu_ram, cpu_ram, cpu_cores, disk, max_price, region, datacenter,
     reliability, query, order, interruptible: what to rent (see ``vastai.yaml``).
-    image, env: the instance's image and (non-secret) environment.
+    image, env: the instance's image and environment. Vast stores ``env`` and shows it in
+        ``show instances``: wrap secret values, ``env={"WANDB_API_KEY": Secret(key)}``
+        (``from dask_vastai.environment import Secret``), or pass them in ``secret_env``;
+        those reach the workers over SSH only, never Vast.
+    packages, pip_args: pip specifiers installed on every instance (only what differs), and
+        options for that install (``["--index-url", ...]``); dask, distributed, cloudpickle and
+        msgpack are always made equal to this client's versions.
+    python: ``"3.11"`` to have the onstart install that Python with uv (when the image's
+        differs from this client's), or the path of the image's interpreter to use.
     worker_options: extra options of each dask worker (``nthreads``, ``memory_limit``, ``resources``).
     boot_timeout, orphan_timeout: seconds.
     api_key, api_url: Vast credentials and origin (defaults: ``VAST_API_KEY``, console.vast.ai).
@@ -102,7 +111,11 @@ class VastAICluster(SpecCluster):
         order: str | None = None,
         interruptible: bool | None = None,
         image: str | None = None,
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, str | Secret] | None = None,
+        secret_env: Mapping[str, str] | None = None,
+        packages: Sequence[str] | None = None,
+        pip_args: Sequence[str] | None = None,
+        python: str | None = None,
         worker_options: Mapping[str, Any] | None = None,
         worker_per_gpu: bool | None = None,
         boot_timeout: float | None = None,
@@ -116,6 +129,7 @@ class VastAICluster(SpecCluster):
         asynchronous: bool = False,
         loop: Any = None,
         quiet: bool = False,
+        _test_versions: Mapping[str, str] | None = None,
     ) -> None:
         if n is not None and n_workers is not None and n != n_workers:
             raise ValueError(f"give n={n} or n_workers={n_workers}, not both")
@@ -137,11 +151,22 @@ class VastAICluster(SpecCluster):
         # Built now so that a bad key/URL configuration fails here, not inside a batch.
         self.api = VastAPI(api_key=option("api-key", api_key), api_url=option("api-url", api_url))
         self.key = ClusterKey.generate(comment=f"dask-vastai-{cluster_name}")
+        # Secret entries travel in the incarnation (SSH); only the rest goes to Vast.
+        env, self._secret_env = split_env(option("env", env), option("secret-env", secret_env))
+        client_env = ClientEnvironment.current(
+            packages=list(option("packages", packages) or ()), pip_args=list(option("pip-args", pip_args) or ())
+        )
+        python_path, python_version = python_option(option("python", python), client_env)
+        self.environment = InstanceEnvironment(
+            client_env, image=str(option("image", image)), test_versions=_test_versions
+        )
         self._bootstrap = BootstrapConfig(
             cluster_name=cluster_name,
             public_key=self.key.public_openssh,
             api_url=self.api.api_url,
             orphan_timeout_s=int(self.orphan_timeout_s),
+            python=python_path,
+            python_version=python_version,
         )
         onstart_script(self._bootstrap)  # validate early, as jobqueue renders job_script()
         self.pools: dict[str, Pool] = {}
@@ -174,6 +199,8 @@ class VastAICluster(SpecCluster):
                 **dict(scheduler_options or {}),
             },
         }
+        # Refuses, at registration, a worker whose versions differ from this client's.
+        scheduler["options"]["plugins"] = [*scheduler["options"].get("plugins", ()), self.environment.gate]
         worker: dict[str, Any] = {"cls": VastInstance, "options": {"pool": default}}
         self.broker: RentalBroker | None = None
         self.hub: TunnelHub | None = None
@@ -237,6 +264,8 @@ class VastAICluster(SpecCluster):
             heartbeat_interval_s=max(1.0, min(10.0, self.orphan_timeout_s / 6)),
             registered=self._registered,
             log=self._log,
+            env=dict(self._secret_env),
+            environment=self.environment,
         )
         self.new_spec = self._spec_for(default)
         for _ in range(self._initial_n):

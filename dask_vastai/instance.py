@@ -27,7 +27,9 @@ from .bootstrap import (
     incarnation_path,
     incarnation_payload,
     parse_probe,
+    probe_command,
 )
+from .environment import EnvironmentMismatch, InstanceEnvironment
 from .pools import POOL_RESOURCE_CAPACITY, Pool
 from .rentals import BootFailed, RentalBroker, RentalRecord
 from .tunnel import InstanceLink, SSHEndpoint, TunnelHub
@@ -55,6 +57,8 @@ class ClusterContext:
     env: dict[str, str] = field(default_factory=dict)
     max_boot_attempts: int = 3
     failures: dict[str, BaseException] = field(default_factory=dict)
+    #: versions, installs and shipped code before workers start (None: the image as it is)
+    environment: InstanceEnvironment | None = None
 
 
 class VastInstance(ProcessInterface):
@@ -123,20 +127,42 @@ class VastInstance(ProcessInterface):
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.create_task(self._beat())
         # The probe also installs the supervisor that will start the workers.
-        _, out, _ = await self.link.run(PROBE_COMMAND, timeout_s=60)
+        env = ctx.environment
+        probe_timeout_s = max(60.0, ctx.boot_timeout_s - (time.monotonic() - started))
+        command = env.probe_command(probe_command) if env is not None else PROBE_COMMAND
+        _, out, _ = await self.link.run(command, timeout_s=probe_timeout_s)
         probe = parse_probe(out)
-        incarnations = self._incarnations(probe, record)
+        extra_env: dict[str, str] = {}
+        if env is not None:
+            # Versions in step with the client, the user's packages, shipped code: before any worker.
+            extra_env = await env.prepare(
+                self.link, probe, log=lambda m: ctx.log(f"{self.name}: {m}"),
+                timeout_s=max(60.0, ctx.boot_timeout_s - (time.monotonic() - started)),
+            )
+        incarnations = self._incarnations(probe, record, extra_env)
         await self._start_workers(incarnations)
         left = max(5.0, ctx.boot_timeout_s - (time.monotonic() - started))
-        await _wait_for(lambda: ctx.registered(self.worker_names), left, f"workers {self.worker_names} to register")
+
+        def registered_or_refused() -> bool:
+            return ctx.registered(self.worker_names) or (env is not None and env.refusal(self.worker_names) is not None)
+
+        await _wait_for(registered_or_refused, left, f"workers {self.worker_names} to register")
+        if env is not None and (refusal := env.refusal(self.worker_names)) is not None:
+            raise EnvironmentMismatch(refusal)
         self.registered_at = time.time()
         ctx.log(
             f"{self.name}: instance {record.instance_id} ready, workers {', '.join(self.worker_names)} "
             f"registered {time.time() - record.rented_at:.0f}s after renting"
         )
 
-    def _incarnations(self, probe: dict[str, Any], record: RentalRecord) -> list[Incarnation]:
-        """Worker specs from what the box really has, checked against what was rented."""
+    def _incarnations(
+        self, probe: dict[str, Any], record: RentalRecord, extra_env: dict[str, str] | None = None
+    ) -> list[Incarnation]:
+        """Worker specs from what the box really has, checked against what was rented.
+
+        ``extra_env`` (what the environment step shipped: ``PYTHONPATH``, ``DASK_CONFIG``) and
+        the cluster's secret env reach the worker inside the incarnation, over SFTP only.
+        """
         gpus = probe.get("gpus") or []
         wanted = record.offer.num_gpus
         if len(gpus) < wanted:
@@ -162,6 +188,7 @@ class VastInstance(ProcessInterface):
             resources[self.pool.resource_name] = POOL_RESOURCE_CAPACITY
             resources.update(opts.get("resources", {}))
             env = dict(self.context.env)
+            env.update(extra_env or {})
             env["CUDA_VISIBLE_DEVICES"] = visible
             out.append(
                 Incarnation(
@@ -177,6 +204,7 @@ class VastInstance(ProcessInterface):
                     tls_cert=self.context.tls_cert,
                     tls_key=self.context.tls_key,
                     death_timeout_s=int(opts.get("death_timeout", 60)),
+                    python=probe.get("executable") if self.context.environment is not None else None,
                 )
             )
         return out

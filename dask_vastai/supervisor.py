@@ -98,6 +98,9 @@ class Supervisor:
             c = command(inc, d)
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             env.update({str(k): str(v) for k, v in inc["env"].items()})
+            if inc["env"].get("PYTHONPATH") and os.environ.get("PYTHONPATH"):
+                # what the client shipped comes first; the image's own entries stay after it
+                env["PYTHONPATH"] = inc["env"]["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
             p = subprocess.Popen(c, env=env, cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, start_new_session=True)
         except Exception as e:
