@@ -354,9 +354,17 @@ def test_with_one_uid_asyncssh_stands_in_for_openssh(tmp_path: Path, key: Path) 
             await run_tool("scp", "-i", str(key), "-P", str(ep.ports[22]), *SSH_OPTS, str(up),
                            "root@127.0.0.1:/root/up.txt")
             assert await ssh(key, ep.ports[22], "cat /root/up.txt") == "uploaded\n"
-            reached = await ssh(key, ep.ports[22], "python3", "-c", shlex.quote(
-                "import socket\nprint(socket.create_connection(('127.0.0.1', 9000), 3).recv(100).decode())"),
-                extra=("-o", "ExitOnForwardFailure=yes", "-R", f"9000:127.0.0.1:{host_port}"))
+            try:
+                reached = await ssh(key, ep.ports[22], "python3", "-c", shlex.quote(
+                    "import socket, time\n"
+                    "for _ in range(50):\n"
+                    "    try:\n"
+                    "        print(socket.create_connection(('127.0.0.1', 9000), 3).recv(100).decode()); break\n"
+                    "    except OSError: time.sleep(0.1)\n"),
+                    extra=("-o", "ExitOnForwardFailure=yes", "-R", f"9000:127.0.0.1:{host_port}"))
+            except AssertionError as exc:
+                log = (tmp_path / "state" / "13" / "sshd.log").read_text()
+                raise AssertionError(f"{exc}\n--- server log ---\n{log}") from None
             assert reached.strip() == "hello from the host"
         finally:
             await runtime.close()
@@ -440,5 +448,53 @@ def test_identity_port_mapping_above_65535(tmp_path: Path) -> None:
             assert body == "same\n"
         finally:
             await runtime.close()
+
+    run(scenario())
+
+
+def test_instances_reach_each_others_mapped_ports_at_the_public_ip_and_nothing_else(
+        tmp_path: Path, key: Path) -> None:
+    """Direct mode: what one instance serves on a -p port, another reaches at PUBLIC_IPADDR:HOSTPORT."""
+    async def scenario() -> None:
+        async def host_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"host only\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(host_service, "127.0.0.1", 0)
+        host_port = server.sockets[0].getsockname()[1]
+        runtime = SandboxRuntime(tmp_path / "state")
+        try:
+            a = await runtime.start(make_spec(31, key, container_ports=(8786,), onstart=(
+                "mkdir -p /w && echo from-a > /w/a.txt && cd /w && "
+                "python3 -m http.server 8786 --bind 127.0.0.1 >/dev/null 2>&1 &")))
+            b = await runtime.start(make_spec(32, key))
+            probe = shlex.quote(
+                "import socket, sys, time, urllib.request\n"
+                "for _ in range(50):\n"
+                "    try:\n"
+                f"        print(urllib.request.urlopen('http://127.0.0.1:{a.ports[8786]}/a.txt', timeout=3).read().decode().strip()); break\n"
+                "    except OSError: time.sleep(0.1)\n"
+                "try:\n"
+                f"    print(socket.create_connection(('127.0.0.1', {host_port}), 3).recv(100))\n"
+                "except OSError as e: print('host service unreachable')\n"
+                "u = socket.socket(socket.AF_UNIX); u.connect('/run/vast-emu/public.sock')\n"
+                f"u.sendall(b'CONNECT {host_port}\\n'); print('relay refused' if u.recv(100) == b'' else 'RELAYED')\n")
+            out = await ssh(key, b.ports[22], "python3", "-c", probe)
+            assert out.split("\n")[:3] == ["from-a", "host service unreachable", "relay refused"], out
+            # a sandbox started later is announced to the earlier ones
+            c = await runtime.start(make_spec(33, key, container_ports=(9000,), onstart=(
+                "python3 -c \"import socket; s=socket.create_server(('127.0.0.1', 9000)); "
+                "c,_=s.accept(); c.sendall(b'from-c')\" &")))
+            out = await ssh(key, a.ports[22], "python3", "-c", shlex.quote(
+                "import socket, time\n"
+                "for _ in range(50):\n"
+                "    try:\n"
+                f"        print(socket.create_connection(('127.0.0.1', {c.ports[9000]}), 3).recv(100).decode()); break\n"
+                "    except OSError: time.sleep(0.1)\n"))
+            assert out.strip() == "from-c"
+        finally:
+            await runtime.close()
+            server.close()
 
     run(scenario())

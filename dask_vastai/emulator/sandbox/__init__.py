@@ -14,16 +14,19 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runtime import SandboxEndpoints, SandboxSpec
 from . import gpus as gpu_mod
 from .apirelay import ApiRelay
+from .publicnet import PublicNet
 from .sshd import SSHD_CONFIG, find_sshd, new_host_key
 from .support import available
 
@@ -39,6 +42,7 @@ UID_RANGE = 65536
 #: where the sandboxes' uid ranges start on the host when we run as root: far above any
 #: real account or subuid range, so a sandbox's root owns nothing of the host's
 UID_BASE = 0x60000000
+UID_SLOTS = (0xFFFF0000 - UID_BASE) // UID_RANGE
 LOG_TAIL_BYTES = 1 << 20
 
 
@@ -90,10 +94,14 @@ class SandboxRuntime:
         self._sandboxes: dict[int, _Sandbox] = {}
         self._logs_after_stop: dict[int, str] = {}
         self._api = ApiRelay()
+        self._public = PublicNet(public_ipaddr)
+        self._socket_dir: str | None = None
         self._gpu_passthrough = gpu_passthrough
         self._host_gpus: list[gpu_mod.HostGPU] | None = None
         self._lock = asyncio.Lock()
         self._slots: set[int] = set()  # uid ranges in use, reserved before the sandbox exists
+        # another emulator on this host gets other uids (up to 1024 sandboxes each here)
+        self._slot_offset = secrets.randbelow(UID_SLOTS // 1024) * 1024
         self._gpus_taken: set[int] = set()
         self._fallback_source = FALLBACK_SSH.read_text()
         self._fake_nvidia_smi = FAKE_NVIDIA_SMI.read_text()
@@ -131,7 +139,11 @@ class SandboxRuntime:
         mapped = {port: sock.getsockname()[1] for port, sock in zip(ports, sockets, strict=True)}
         directory = self.state_dir / str(spec.instance_id)
         await asyncio.to_thread(_fresh_directory, directory)
-        api_sock = await self._api.socket_for(spec.api_url) if spec.api_url else None
+        async with self._lock:  # concurrent starts: one directory
+            if self._socket_dir is None:
+                self._socket_dir = await asyncio.to_thread(self._make_socket_dir)
+        api_sock = await self._api.socket_for(spec.api_url, self._socket_dir) if spec.api_url else None
+        public_sock = await self._public.socket_in(self._socket_dir)
         env = self._environment(spec, mapped, host_gpus)
         fake = [] if host_gpus else gpu_mod.fake_gpus(spec.instance_id, spec.num_gpus, spec.gpu_name,
                                                       spec.gpu_ram_mb)
@@ -142,7 +154,7 @@ class SandboxRuntime:
         cfg = {
             "status_fd": status_w, "log_fd": log_fd, "sshd_log_fd": sshd_log_fd,
             "hostname": f"C.{spec.instance_id}",
-            "uid_base": UID_BASE + slot * UID_RANGE if self._root else None,
+            "uid_base": UID_BASE + (self._slot_offset + slot) * UID_RANGE if self._root else None,
             "uid_count": UID_RANGE if self._root else 1,
             # root behaving as unprivileged maps the sandbox's root onto "nobody", never uid 0
             "single_uid": (65534, 65534) if not self._root and os.geteuid() == 0 else None,
@@ -152,6 +164,8 @@ class SandboxRuntime:
             "system_paths": list(SYSTEM_PATHS),
             "python_prefixes": list(dict.fromkeys([sys.base_prefix, sys.prefix])),
             "api_sock": api_sock,
+            "public_sock": public_sock,
+            "own_host_ports": [s.getsockname()[1] for s in all_sockets],
             "api_port": ApiRelay.api_port(spec.api_url)[1] if spec.api_url else None,
             # Vast's identity mapping: a "port" above 65535 asks for inside == outside (random)
             "listen": [{"fd": s.fileno(), "port": p if p <= 65535 else mapped[p],
@@ -209,6 +223,7 @@ class SandboxRuntime:
             ) from exc
         finally:
             os.close(status_r)
+        self._public.publish(s.getsockname()[1] for s in all_sockets)
         return SandboxEndpoints(
             public_ipaddr=self.public_ipaddr,
             ports=mapped,
@@ -236,6 +251,7 @@ class SandboxRuntime:
         except TimeoutError:
             log.error("sandbox of instance %s: launcher pid %s did not exit 10 s after SIGKILL",
                       instance_id, box.process.pid)
+        self._public.withdraw(s.getsockname()[1] for s in box.sockets if s.fileno() != -1)
         for sock in box.sockets:
             sock.close()
         if box.pidfd is not None:
@@ -264,6 +280,10 @@ class SandboxRuntime:
         """Stop every sandbox, then the API relay."""
         await asyncio.gather(*(self.stop(i) for i in list(self._sandboxes)))
         await self._api.close()
+        await self._public.close()
+        if self._socket_dir is not None:
+            await asyncio.to_thread(shutil.rmtree, self._socket_dir, True)
+            self._socket_dir = None
 
     # ------------------------------------------------------------------ internals
 
@@ -271,6 +291,16 @@ class SandboxRuntime:
         """Host pid of the sandbox's init (for tests and diagnostics)."""
         box = self._sandboxes.get(instance_id)
         return None if box is None else box.pid1_host
+
+    def _make_socket_dir(self) -> str:
+        """A directory for the relays' unix sockets: in state_dir, unless its path is too long
+        for a socket name (107 bytes), then a private temporary one."""
+        directory = self.state_dir / "sockets"
+        if len(str(directory)) < 80:
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True)
+            return str(directory)
+        return tempfile.mkdtemp(prefix="vastemu-")
 
     async def _until_ready(self, box: _Sandbox, status_r: int) -> None:
         loop = asyncio.get_running_loop()

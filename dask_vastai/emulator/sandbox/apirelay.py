@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 from urllib.parse import urlsplit
 
 
@@ -30,7 +28,6 @@ class ApiRelay:
     """One unix socket per API origin, shared by every sandbox of a runtime."""
 
     def __init__(self) -> None:
-        self._dir: str | None = None
         self._servers: dict[tuple[str, int], tuple[asyncio.AbstractServer, str]] = {}
         self._lock = asyncio.Lock()
 
@@ -42,16 +39,13 @@ class ApiRelay:
             raise ValueError(f"api_url {api_url!r} has no host; expected e.g. http://127.0.0.1:5123")
         return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
-    async def socket_for(self, api_url: str) -> str:
+    async def socket_for(self, api_url: str, directory: str) -> str:
         """The path of the unix socket reaching ``api_url`` (started on first use)."""
         address = self.api_port(api_url)
         async with self._lock:
             if address in self._servers:
                 return self._servers[address][1]
-            if self._dir is None:
-                # short path: unix socket names are limited to 107 bytes
-                self._dir = tempfile.mkdtemp(prefix="vastemu-api-")
-            path = os.path.join(self._dir, f"{address[1]}.sock")
+            path = os.path.join(directory, f"api-{address[1]}.sock")
 
             async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
                 try:
@@ -72,6 +66,3 @@ class ApiRelay:
         for server, _ in self._servers.values():
             server.close()
         self._servers.clear()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None

@@ -207,7 +207,8 @@ def open_sources(cfg: dict) -> None:
     host. Binding from ``/proc/self/fd/N`` needs the fd to live in this mount namespace.
     """
     sources = {}
-    for path in [*cfg["system_paths"], *cfg["python_prefixes"], *filter(None, [cfg.get("api_sock")])]:
+    sockets = filter(None, [cfg.get("api_sock"), cfg.get("public_sock")])
+    for path in [*cfg["system_paths"], *cfg["python_prefixes"], *sockets]:
         if os.path.lexists(path) and not os.path.islink(path):
             sources[path] = os.open(path, os.O_PATH | os.O_CLOEXEC)
     cfg["sources"] = sources
@@ -276,9 +277,10 @@ def build_root(cfg: dict) -> str:
         mount("sysfs", root + "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except OSError:
         pass  # nothing we run needs /sys; the fake nvidia-smi reads our own file
-    if cfg.get("api_sock"):
-        write_file(root + "/run/vast-emu/api.sock", "", 0o600)
-        bind(source(cfg, cfg["api_sock"]), root + "/run/vast-emu/api.sock", readonly=False)
+    for key, name in (("api_sock", "api.sock"), ("public_sock", "public.sock")):
+        if cfg.get(key):
+            write_file(root + "/run/vast-emu/" + name, "", 0o600)
+            bind(source(cfg, cfg[key]), root + "/run/vast-emu/" + name, readonly=False)
     write_files(cfg, root)
     # the host's shadow file is unreadable here, which OpenSSH takes for a locked root
     # account; an image's shadow has no passwords either, only unlocked accounts
@@ -446,6 +448,10 @@ class Init:
         if self.cfg.get("api_port"):
             server = await asyncio.start_server(self.relay_api, "127.0.0.1", self.cfg["api_port"])
             self.servers.append(server)
+        if self.cfg.get("public_sock"):
+            synced = asyncio.Event()
+            self.servers.append(asyncio.create_task(self.watch_public_ports(synced)))
+            await asyncio.wait_for(synced.wait(), 10)
         self.start_workload()
         status({"ready": True})
         return await self.done
@@ -522,6 +528,36 @@ class Init:
 
     def wait_for(self, pid: int) -> "asyncio.Future[int]":
         return self.waiters[pid]
+
+    async def watch_public_ports(self, synced: asyncio.Event) -> None:
+        """Listen on 127.0.0.1:P for each port P mapped on the "public IP" (see publicnet.py)."""
+        listeners: dict[int, asyncio.AbstractServer] = {}
+        # our own host ports are left free: with identity mapping our programs listen there
+        own = set(self.cfg["own_host_ports"])
+        reader, writer = await asyncio.open_unix_connection("/run/vast-emu/public.sock")
+        writer.write(b"WATCH\n")
+        while line := await reader.readline():
+            sign, value = line[:1], line[1:].strip()
+            if sign == b"=":
+                synced.set()
+            elif sign == b"+" and int(value) not in listeners and int(value) not in own:
+                port = int(value)
+                try:  # a port our own programs already use keeps them: they were here first
+                    listeners[port] = await asyncio.start_server(
+                        lambda r, w, port=port: self.relay_public(port, r, w), "127.0.0.1", port)
+                except OSError:
+                    pass
+            elif sign == b"-" and int(value) in listeners:
+                listeners.pop(int(value)).close()
+
+    async def relay_public(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_unix_connection("/run/vast-emu/public.sock")
+        except OSError:
+            writer.close()
+            return
+        up_writer.write(f"CONNECT {port}\n".encode())
+        await splice(reader, writer, up_reader, up_writer)
 
     def relay_to_port(self, port: int):
         async def handler(conn: socket.socket) -> None:
