@@ -3,8 +3,13 @@
 :class:`SandboxRuntime` implements :class:`~dask_vastai.emulator.runtime.InstanceRuntime`.
 Each rental becomes a process tree started by ``nsinit.py`` (read its docstring for the
 namespaces and the root it builds). The host side, here, only makes the listening sockets
-on the host's loopback (the "public IP"), the API relay socket, the logs and the host key,
-hands them to the launcher, and waits for it to report ready.
+on the host's loopback (the "public IP"), the relay sockets (``apirelay``: the API at its
+own URL from inside; ``publicnet``: other instances' mapped ports), the logs and the host
+key, hands them to the launcher, and waits for it to report ready.
+
+Modules: ``nsinit`` (the launcher and pid 1, run as a script), ``sshd`` (OpenSSH's
+configuration and host key), ``fallback_ssh`` (asyncssh's server where OpenSSH cannot run),
+``gpus`` and ``fake_nvidia_smi`` (what ``nvidia-smi`` shows), ``support`` (``available()``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ Process tree (host pids on the left)::
            enters a nested user+mount namespace (the kernel then locks every mount
            flag: ``mount -o remount,rw /usr`` fails), and runs an event loop that
            reaps orphans, hands each SSH connection to ``sshd -i``, relays mapped
-           ports and the API, and runs the onstart script / args workload.
+           ports, the API and the other instances' mapped ports (``publicnet.py``),
+           and runs the onstart script / args workload.
 
 When run by root the outer namespace maps 65536 uids onto an unprivileged host range, so
 the sandbox's root owns nothing of the host's and OpenSSH can switch users. Unprivileged,
