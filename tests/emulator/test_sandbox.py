@@ -247,7 +247,9 @@ def test_asyncssh_client_and_authorized_keys_from_onstart(tmp_path: Path, key: P
 
 def test_nvidia_smi_reports_the_rented_gpus(tmp_path: Path) -> None:
     onstart = ("nvidia-smi --query-gpu=index,name,memory.total,uuid --format=csv,noheader,nounits; "
-               "nvidia-smi -L; nvidia-smi; echo CVD=$CUDA_VISIBLE_DEVICES; echo smi-done")
+               "nvidia-smi -L; nvidia-smi; echo CVD=$CUDA_VISIBLE_DEVICES; "
+               "nvidia-smi --query-gpu=memory.total --format=csv; "
+               "nvidia-smi --query-gpu=bogus --format=csv; echo rc=$?; echo smi-done")
 
     async def scenario() -> str:
         runtime = SandboxRuntime(tmp_path / "state", gpu_passthrough=False)
@@ -264,6 +266,8 @@ def test_nvidia_smi_reports_the_rented_gpus(tmp_path: Path) -> None:
     assert all(row[3].startswith("GPU-") for row in csv) and csv[0][3] != csv[1][3]
     assert f"GPU 1: NVIDIA GeForce RTX 4090 (UUID: {csv[1][3]})" in log
     assert "24564MiB" in log and "CVD=0,1" in log
+    assert "memory.total [MiB]\n24564 MiB\n24564 MiB\n" in log  # header and units, as the driver's
+    assert 'Field "bogus" is not a valid field to query.' in log and "rc=2" in log
 
 
 def test_args_runtype_runs_the_entrypoint_and_reports_its_exit_code(tmp_path: Path) -> None:
