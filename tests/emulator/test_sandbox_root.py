@@ -98,3 +98,71 @@ echo safety-done
     finally:
         victim.kill()
         victim.wait()
+
+
+@pytest.fixture
+def world_dir():
+    """A directory nobody can use (pytest's own are private to root)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="vastemu-test-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_an_unprivileged_user_gets_working_sandboxes(world_dir: Path) -> None:
+    """The emulator run by an ordinary user (here: nobody): the instance boots, SSH works."""
+    import shutil
+
+    if not shutil.which("setpriv") or not shutil.which("unshare"):
+        pytest.skip("needs util-linux's setpriv and unshare")
+    tmp_path = world_dir
+    key = tmp_path / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    for path in (key, key.with_suffix(".pub")):
+        os.chown(path, 65534, 65534)
+    script = tmp_path / "emu.py"
+    script.write_text(f"""
+import asyncio, os
+from pathlib import Path
+from dask_vastai.emulator.runtime import SandboxSpec
+from dask_vastai.emulator.sandbox import SandboxRuntime
+
+async def main():
+    runtime = SandboxRuntime(Path({str(tmp_path / "state")!r}))
+    spec = SandboxSpec(instance_id=5, image="i", runtype="ssh_proxy", onstart="echo booted as $(id -u)", args=None,
+                       env={{}}, container_ports=(), authorized_keys=(Path({str(key)!r} + ".pub").read_text(),),
+                       num_gpus=1, gpu_name="RTX_3090", gpu_ram_mb=24576, cpu_cores=1, cpu_ram_mb=1, disk_gb=1,
+                       api_url="")
+    try:
+        ep = await runtime.start(spec)
+        proc = await asyncio.create_subprocess_exec(
+            "ssh", "-i", {str(key)!r}, "-p", str(ep.ports[22]), "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+            "root@127.0.0.1", "echo ssh as $(id -u) on $(hostname)")
+        await proc.wait()
+        for _ in range(100):
+            if "booted" in runtime.logs(5):
+                break
+            await asyncio.sleep(0.05)
+        print(runtime.logs(5), end="")
+        print("emulator uid", os.getuid())
+    finally:
+        await runtime.close()
+
+asyncio.run(main())
+""")
+    # nobody cannot traverse /root (the interpreter) nor the checkout: show them at /mnt
+    repo = Path(__file__).resolve().parents[2]
+    prefix = Path(sys.base_prefix)
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    inner_site = "/mnt/py/" + str(Path(site).relative_to(prefix))
+    command = (f"mkdir -p /mnt/py /mnt/src && mount --bind {prefix} /mnt/py && mount --bind {repo} /mnt/src && "
+               f"cd {tmp_path} && HOME={tmp_path} PYTHONPATH=/mnt/src:{inner_site} "
+               f"setpriv --reuid=65534 --regid=65534 --clear-groups /mnt/py/bin/python {script}")
+    out = subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True, timeout=120)
+    assert "emulator uid 65534" in out.stdout, out.stdout + out.stderr
+    assert "booted as 0" in out.stdout and "ssh as 0 on C.5" in out.stdout, out.stdout + out.stderr
+    assert "its SSH server is asyncssh's instead" in out.stderr  # the warning the user sees
