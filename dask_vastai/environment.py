@@ -39,6 +39,7 @@ import tarfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -336,8 +337,9 @@ class LocalModule:
     name: str
     #: the module's file, or the package's folder
     path: str
-    #: why it is shipped: "sys.path" (next to the script, cwd), "editable" (an installed
-    #: distribution's code outside site-packages) or "missing" (the instance lacks it)
+    #: why it is shipped: "next to the script" (its folder is on sys.path: the script's, the
+    #: notebook's cwd), "editable install" (an installed distribution's code outside
+    #: site-packages) or "missing on the instance" (installed here, not importable there)
     why: str
 
 
@@ -358,10 +360,7 @@ def local_modules(
     modules = sys.modules if modules is None else modules
     search = [os.path.realpath(p or os.getcwd()) for p in (sys.path if path is None else path)]
     installed = _installed_roots()
-    try:
-        provided = set(metadata.packages_distributions())
-    except Exception:  # noqa: BLE001 - a broken dist-info must not stop the cluster
-        provided = set()
+    provided = _provided_modules()
     wanted = set(include)
     found = []
     for name, module in sorted(modules.items()):
@@ -378,15 +377,23 @@ def local_modules(
         if os.path.basename(source).split(".")[0] != name:
             continue  # imported under another name (pytest's importlib mode): not importable by it
         root = os.path.dirname(source)
-        if name in wanted:
-            found.append(LocalModule(name, source, "missing"))
-        elif _under(root, installed):
-            continue
+        if _under(root, installed):
+            if name in wanted:
+                found.append(LocalModule(name, source, "missing on the instance"))
         elif root in search:
-            found.append(LocalModule(name, source, "sys.path"))
+            found.append(LocalModule(name, source, "next to the script"))
         elif name in provided:
-            found.append(LocalModule(name, source, "editable"))
+            found.append(LocalModule(name, source, "editable install"))
     return found
+
+
+@lru_cache(maxsize=1)
+def _provided_modules() -> frozenset[str]:
+    """Top-level names that installed distributions provide (scanning them takes ~0.3 s: once)."""
+    try:
+        return frozenset(metadata.packages_distributions())
+    except Exception:  # noqa: BLE001 - a broken dist-info must not stop the cluster
+        return frozenset()
 
 
 def non_default_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -587,6 +594,7 @@ class InstanceEnvironment:
 
     def __post_init__(self) -> None:
         self.gate = VersionGate(self.client, self.refused)
+        self._shipment_lock: asyncio.Lock | None = None
 
     def probe_command(self, base: Callable[..., str]) -> str:
         """The probe (``bootstrap.probe_command``) asked for the versions we compare."""
@@ -601,12 +609,15 @@ class InstanceEnvironment:
 
     async def shipment(self, *, include: Iterable[str] = ()) -> Shipment:
         """What to ship now (modules imported since the last boot are included), built once."""
-        mods = await asyncio.to_thread(local_modules, include=include)
-        config = non_default_config() if self.ship_config else {}
-        key = (*sorted(f"{m.name}:{m.path}" for m in mods), json.dumps(config, sort_keys=True, default=repr))
-        if key not in self._shipments:
-            self._shipments[key] = await asyncio.to_thread(build_shipment, mods, config)
-        return self._shipments[key]
+        if self._shipment_lock is None:  # made on the cluster's loop, where boots run
+            self._shipment_lock = asyncio.Lock()
+        async with self._shipment_lock:  # instances booting together build it once
+            mods = await asyncio.to_thread(local_modules, include=include)
+            config = non_default_config() if self.ship_config else {}
+            key = (*sorted(f"{m.name}:{m.path}" for m in mods), json.dumps(config, sort_keys=True, default=repr))
+            if key not in self._shipments:
+                self._shipments[key] = await asyncio.to_thread(build_shipment, mods, config)
+            return self._shipments[key]
 
     async def prepare(
         self, link: InstanceLink, probe: Mapping[str, Any], *, log: Callable[[str], None], timeout_s: float

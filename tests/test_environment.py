@@ -182,7 +182,7 @@ def test_local_modules_are_those_next_to_the_script_and_editable_installs(tmp_pa
         sys.modules.pop("mylib_env_test", None)
         sys.modules.pop("mypkg_env_test", None)
         sys.modules.pop("mypkg_env_test.inner", None)
-    assert found["mylib_env_test"].why == "sys.path"
+    assert found["mylib_env_test"].why == "next to the script"
     assert found["mypkg_env_test"].path == str(pkg)
     assert "dask_vastai" in found  # this checkout: an editable install, outside site-packages
     for installed in ("json", "dask", "distributed", "pytest", "yaml"):

@@ -86,7 +86,9 @@ def test_checkout_code_config_and_secrets_reach_the_workers_but_not_vast(market,
             stored = json.dumps(rows) + json.dumps(market.requests) + cluster.onstart_script()
             shown = oracle.cli("show", "instances", "--raw", emu=market).stdout
             assert "PUBLIC_FLAG" in shown
-            for text in (stored, shown):
+            instance_logs = json.dumps({k: str(v) for k, v in cluster.get_logs().items()})
+            assert "MY_TOKEN" in instance_logs, "the supervisor logs the names of the worker's env"
+            for text in (stored, shown, instance_logs):
                 assert SECRET not in text
 
 
@@ -160,3 +162,20 @@ def test_instance_with_another_distributed_is_refused_when_install_fails(market)
     assert f"distributed: client {ours}, instance 2020.1.0" in message
     assert f"distributed=={ours}" in message
     assert market.instances() == []
+
+
+def test_python_version_option_boots_even_where_uv_cannot_be_fetched(market) -> None:
+    """The sandbox has no network: uv's install fails, the image's matching Python is used."""
+    from distributed import Client
+
+    from dask_vastai import VastAICluster
+
+    minor = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    with VastAICluster(
+        gpu="RTX_3090", n=1, api_url=market.url, api_key=market.api_key, name="uvpy", quiet=True,
+        boot_timeout=240, python=minor,
+    ) as cluster, Client(cluster) as client:
+        assert "python install" in cluster.onstart_script()
+        assert client.submit(lambda: __import__("sys").version_info[:2], pure=False).result() == sys.version_info[:2]
+        logs = "\n".join(str(text) for name, text in cluster.get_logs().items() if name.startswith("instance"))
+        assert f"uv could not install Python {minor}" in logs, logs[-2000:]
