@@ -130,6 +130,7 @@ class VastAICluster(SpecCluster):
         loop: Any = None,
         quiet: bool = False,
         _test_versions: Mapping[str, str] | None = None,
+        _test_worker_versions: Mapping[str, str] | None = None,
     ) -> None:
         if n is not None and n_workers is not None and n != n_workers:
             raise ValueError(f"give n={n} or n_workers={n_workers}, not both")
@@ -158,7 +159,8 @@ class VastAICluster(SpecCluster):
         )
         python_path, python_version = python_option(option("python", python), client_env)
         self.environment = InstanceEnvironment(
-            client_env, image=str(option("image", image)), test_versions=_test_versions
+            client_env, image=str(option("image", image)), test_versions=_test_versions,
+            test_worker_versions=_test_worker_versions,
         )
         self._bootstrap = BootstrapConfig(
             cluster_name=cluster_name,

@@ -587,6 +587,8 @@ class InstanceEnvironment:
     image: str | None = None
     #: test hook: versions the instance's probe reports instead of its own
     test_versions: Mapping[str, str] | None = None
+    #: test hook: versions the workers report at registration (the probe stays truthful)
+    test_worker_versions: Mapping[str, str] | None = None
     #: worker name -> why the version gate refused it
     refused: dict[str, str] = field(default_factory=dict)
     ship_config: bool = True
@@ -667,12 +669,15 @@ class InstanceEnvironment:
             include.append("dask_vastai")
         shipment = await self.shipment(include=include)
         env: dict[str, str] = {}
+        if self.test_worker_versions:
+            env[TEST_VERSIONS_ENV] = json.dumps(dict(self.test_worker_versions))
+            env["DASK_DISTRIBUTED__WORKER__PRELOAD"] = '["dask_vastai.environment"]'
         if not shipment.empty:
             t0 = time.monotonic()
             archive = f"{SHIP_DIR}/{shipment.digest[:16]}.tar.gz"
             await link.put(archive, shipment.archive)
             await link.run(unpack_command(python_exe, archive, shipment.folder), timeout_s=max(30.0, timeout_s))
-            env = shipment.env()
+            env.update(shipment.env())
             log(f"shipped {shipment.describe()} in {time.monotonic() - t0:.1f}s")
         log(
             f"environment in step with the client (Python {python_minor(str(probe.get('python')))}, "

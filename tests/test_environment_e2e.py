@@ -179,3 +179,18 @@ def test_python_version_option_boots_even_where_uv_cannot_be_fetched(market) -> 
         assert client.submit(lambda: __import__("sys").version_info[:2], pure=False).result() == sys.version_info[:2]
         logs = "\n".join(str(text) for name, text in cluster.get_logs().items() if name.startswith("instance"))
         assert f"uv could not install Python {minor}" in logs, logs[-2000:]
+
+
+def test_worker_registering_with_other_versions_is_refused_by_the_scheduler(market) -> None:
+    """The probe saw a matching instance, but the worker reports another msgpack: refused."""
+    from dask_vastai import VastAICluster
+
+    with pytest.raises(RuntimeError) as info:
+        VastAICluster(
+            gpu="RTX_3090", n=1, api_url=market.url, api_key=market.api_key, name="gate", quiet=True,
+            boot_timeout=120, _test_worker_versions={"msgpack": "0.6.0"},
+        )
+    message = str(info.value)
+    assert "gate-0 was refused" in message
+    assert "msgpack: client" in message and "0.6.0" in message
+    assert market.instances() == []
