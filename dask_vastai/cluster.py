@@ -187,6 +187,8 @@ class VastAICluster(SpecCluster):
                 raise ValueError(f"pools=[...{shape}...]: every pool needs a 'name'")
             self._add_pool_shape(str(pool_name), **shape)
         self._adaptives: dict[str, GPUAdaptive] = {}
+        #: instances that gave up booting in a row, per pool (reset when one registers)
+        self.pool_failures: dict[str, int] = {}
         self._pool_counters: dict[str, int] = {}
 
         self.security = Security.temporary()
@@ -266,6 +268,7 @@ class VastAICluster(SpecCluster):
             heartbeat_interval_s=max(1.0, min(10.0, self.orphan_timeout_s / 6)),
             registered=self._registered,
             log=self._log,
+            on_boot_outcome=self._on_boot_outcome,
             env=dict(self._secret_env),
             environment=self.environment,
         )
@@ -390,6 +393,22 @@ class VastAICluster(SpecCluster):
     def worker_names_of(self, instance_name: str) -> list[str]:
         spec = self.worker_spec.get(instance_name) or {}
         return [instance_name + s for s in spec.get("group", [])] or [instance_name]
+
+    def _on_boot_outcome(self, instance: str, pool: str, error: BaseException | None) -> None:
+        """An instance gave up booting (its rentals destroyed): drop it, count the failure.
+
+        Called with ``error=None`` when an instance registered: the pool works again.
+
+        Adaptive stops renting for a pool whose last instances all failed, instead of paying
+        for the same failure again and again.
+        """
+        if error is None:
+            self.pool_failures.pop(pool, None)
+            return
+        self.pool_failures[pool] = self.pool_failures.get(pool, 0) + 1
+        self._log(f"{instance} failed for good ({self.pool_failures[pool]} in a row in pool {pool}): {error}")
+        self.worker_spec.pop(instance, None)
+        self.loop.add_callback(self._correct_state)
 
     def instance_registered(self, instance_name: str) -> bool:
         return self._registered(self.worker_names_of(instance_name))

@@ -57,6 +57,9 @@ class ClusterContext:
     env: dict[str, str] = field(default_factory=dict)
     max_boot_attempts: int = 3
     failures: dict[str, BaseException] = field(default_factory=dict)
+    #: told (instance, pool, error) when an instance gave up booting
+    #: (None as error: it registered, which resets the pool's failure count)
+    on_boot_outcome: Callable[[str, str, BaseException | None], None] | None = None
     #: versions, installs and shipped code before workers start (None: the image as it is)
     environment: InstanceEnvironment | None = None
 
@@ -114,6 +117,8 @@ class VastInstance(ProcessInterface):
                     self.error = e
                     self.context.failures[self.name] = e
                     self.status = Status.failed
+                    if self.context.on_boot_outcome is not None:
+                        self.context.on_boot_outcome(self.name, self.pool.name, e)
                     return
                 self.record = await self._rent()
 
@@ -150,6 +155,8 @@ class VastInstance(ProcessInterface):
         if env is not None and (refusal := env.refusal(self.worker_names)) is not None:
             raise EnvironmentMismatch(refusal)
         self.registered_at = time.time()
+        if self.context.on_boot_outcome is not None:
+            self.context.on_boot_outcome(self.name, self.pool.name, None)
         ctx.log(
             f"{self.name}: instance {record.instance_id} ready, workers {', '.join(self.worker_names)} "
             f"registered {time.time() - record.rented_at:.0f}s after renting"
