@@ -64,6 +64,8 @@ SHIP_DIR = "/root/.dask-vastai/ship"
 #: Files bigger than this are left out of a shipped package (with a warning): data files in
 #: a source tree should not ride along with every boot.
 MAX_SHIPPED_FILE_BYTES = 20 * 2**20
+#: A shipment this big is worth a warning: it is uploaded to every instance at every boot.
+LARGE_SHIPMENT_BYTES = 64 * 2**20
 #: Config sections never shipped: ours holds the Vast API key, which never leaves this machine.
 PRIVATE_CONFIG_SECTIONS = ("vastai",)
 _SKIPPED_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
@@ -498,10 +500,13 @@ def build_shipment(modules: Sequence[LocalModule], config: Mapping[str, Any]) ->
                     add(f"site/{source.name}", source.read_bytes(), source.stat().st_mtime)
                     continue
                 for dirpath, dirnames, filenames in os.walk(source):
-                    dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_DIRS and not d.endswith(".egg-info"))
+                    dirnames[:] = sorted(
+                        d for d in dirnames if d not in _SKIPPED_DIRS and not d.startswith(".") and not d.endswith(".egg-info")
+                    )
                     for fname in sorted(filenames):
                         f = Path(dirpath, fname)
-                        if fname.endswith((".pyc", ".pyo")) or not f.is_file():
+                        # hidden files (.env, credentials) stay here: send nothing a task does not need
+                        if fname.endswith((".pyc", ".pyo")) or fname.startswith(".") or not f.is_file():
                             continue
                         size = f.stat().st_size
                         rel = f.relative_to(source.parent).as_posix()
@@ -516,6 +521,12 @@ def build_shipment(modules: Sequence[LocalModule], config: Mapping[str, Any]) ->
         logger.warning("not shipped to the instances (over %d MiB each): %s", MAX_SHIPPED_FILE_BYTES >> 20,
                        ", ".join(skipped))
     data = buf.getvalue()
+    if len(data) > LARGE_SHIPMENT_BYTES:
+        logger.warning(
+            "shipping %.0f MiB of local code to every instance (%s): move data files out of these packages "
+            "or install them from an index with packages=[...]",
+            len(data) / 2**20, ", ".join(m.name for m in modules),
+        )
     return Shipment(data, hashlib.sha256(data).hexdigest(), tuple(modules), keys, tuple(skipped))
 
 

@@ -9,6 +9,7 @@ gate refusing a real worker process that reports other versions.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import subprocess
@@ -195,8 +196,16 @@ def test_shipment_unpacks_into_an_importable_folder_with_the_dask_config(tmp_pat
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "shipped_mod.py").write_text("def f(x):\n    return x + 1000\n")
     (tmp_path / "src" / "__pycache__").mkdir()
-    mods = local_modules({"shipped_mod": types.SimpleNamespace(__file__=str(tmp_path / "src" / "shipped_mod.py"))},
-                         [str(tmp_path / "src")])
+    pkg = tmp_path / "src" / "shipped_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / ".env").write_text("TOKEN=never-leaves\n")
+    fake_modules = {
+        "shipped_mod": types.SimpleNamespace(__file__=str(tmp_path / "src" / "shipped_mod.py")),
+        "shipped_pkg": types.SimpleNamespace(__file__=str(pkg / "__init__.py"), __path__=[str(pkg)]),
+    }
+    mods = local_modules(fake_modules, [str(tmp_path / "src")])
+    assert [m.name for m in mods] == ["shipped_mod", "shipped_pkg"]
     mods += [m for m in local_modules() if m.name == "dask_vastai"]
     with dask.config.set({"array.chunk-size": "77MiB", "vastai.api-key": "never-shipped"}):
         config = non_default_config()
@@ -207,7 +216,9 @@ def test_shipment_unpacks_into_an_importable_folder_with_the_dask_config(tmp_pat
     assert "site/shipped_mod.py" in names and "site/dask_vastai/environment.py" in names
     assert "dask-config/client.yaml" in names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
-    assert "never-shipped" not in one.archive.decode("latin-1")
+    assert "site/shipped_pkg/__init__.py" in names and "site/shipped_pkg/.env" not in names
+    plain = gzip.decompress(one.archive)
+    assert b"never-shipped" not in plain and b"never-leaves" not in plain and b"77MiB" in plain
 
     archive = tmp_path / "a.tar.gz"
     archive.write_bytes(one.archive)
