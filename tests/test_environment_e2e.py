@@ -68,7 +68,7 @@ def test_checkout_code_config_and_secrets_reach_the_workers_but_not_vast(market,
         with VastAICluster(
             gpu="RTX_3090", n=1, api_url=market.url, api_key=market.api_key, name="env", quiet=True,
             boot_timeout=240, env={"PUBLIC_FLAG": "1", "MY_TOKEN": Secret(SECRET)},
-            secret_env={"OTHER_SECRET": SECRET + "-2"},
+            secret_env={"OTHER_SECRET": SECRET + "-2"}, packages=["toolz>=0.1"],
         ) as cluster, Client(cluster) as client:
             # a module-level function of dask_vastai, pickled by reference
             assert client.submit(remote_square, 7, pure=False).result() == 49
@@ -193,4 +193,19 @@ def test_worker_registering_with_other_versions_is_refused_by_the_scheduler(mark
     message = str(info.value)
     assert "gate-0 was refused" in message
     assert "msgpack: client" in message and "0.6.0" in message
+    assert market.instances() == []
+
+
+def test_a_package_the_instance_cannot_install_fails_the_boot_with_pips_reason(market) -> None:
+    """The install really runs on the instance (pip, no uv there), and its failure is told."""
+    from dask_vastai import VastAICluster
+
+    with pytest.raises(RuntimeError) as info:
+        VastAICluster(
+            gpu="RTX_3090", n=1, api_url=market.url, api_key=market.api_key, name="nopkg", quiet=True,
+            boot_timeout=120, packages=["dask-vastai-no-such-package==1.0"], pip_args=["--no-index"],
+        )
+    message = str(info.value)
+    assert "installing dask-vastai-no-such-package==1.0 failed" in message
+    assert "No matching distribution" in message or "no matching distribution" in message.lower()
     assert market.instances() == []
