@@ -340,3 +340,30 @@ def test_version_gate_refuses_a_worker_with_other_versions_and_admits_a_matched_
 
     asyncio.run(main())
 
+
+
+def test_supervisor_puts_the_shipped_folder_before_the_images_pythonpath(tmp_path: Path, monkeypatch):
+    """The worker's interpreter (a stand-in that records its environment) sees ours first."""
+    from dask_vastai.bootstrap import Incarnation, incarnation_payload
+    from dask_vastai.supervisor import Supervisor
+
+    record = tmp_path / "env.json"
+    fake_python = tmp_path / "python"
+    fake_python.write_text(
+        f"#!{sys.executable}\nimport json, os\njson.dump(dict(os.environ), open({str(record)!r}, 'w'))\n"
+    )
+    fake_python.chmod(0o755)
+    monkeypatch.setenv("PYTHONPATH", "/image/site")
+    inc = Incarnation(
+        worker_name="w", scheduler_address="tls://127.0.0.1:1", worker_port=2, nanny_port=3, nthreads=1,
+        memory_limit=2**30, resources={}, env={"PYTHONPATH": "/root/.dask-vastai/ship/x/site", "TOKEN": "t0k"},
+        tls_ca="ca", tls_cert="cert", tls_key="key", death_timeout_s=5, python=str(fake_python),
+    )
+    lines: list[str] = []
+    sup = Supervisor("http://127.0.0.1:9", 60, str(tmp_path / "hb"), str(tmp_path), lambda m, who="s": lines.append(m))
+    proc = sup.start("w", incarnation_payload(inc))
+    assert proc is not None and proc.wait(timeout=30) == 0
+    env = json.loads(record.read_text())
+    assert env["PYTHONPATH"] == "/root/.dask-vastai/ship/x/site:/image/site"
+    assert env["TOKEN"] == "t0k"
+    assert not any("t0k" in line for line in lines), "the supervisor logs env names, never values"
