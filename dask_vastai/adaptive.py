@@ -160,6 +160,7 @@ class GPUAdaptive:
             self.idle_counts[name] = self.idle_counts.get(name, 0) + 1
         removable = current - max(self.minimum, target)
         ripe = [n for n in idle if self.idle_counts[n] >= self.wait_count][: max(0, removable)]
+        ripe = self._keep_data(ripe)
         if ripe:
             for name in ripe:
                 self.idle_counts.pop(name, None)
@@ -169,6 +170,24 @@ class GPUAdaptive:
                 f"idle for {self.wait_count} x {self.interval_s:g}s, {demand:g} GPU(s) wanted, "
                 f"minimum {self.minimum}",
             )
+
+    def _keep_data(self, ripe: list[str]) -> list[str]:
+        """Keep instances holding results when no other worker would remain to take them.
+
+        Retiring moves data to the workers that stay; with none left the results a client
+        still holds futures to would be lost and recomputed, renting again. As stock adapt
+        does, hold them until the client lets go of its futures.
+        """
+        cluster = self.cluster
+        by_name = {ws.name: ws for ws in cluster.scheduler.workers.values()}
+        leaving = {w for n in ripe for w in cluster.worker_names_of(n)}
+        staying = [ws for name, ws in by_name.items() if name not in leaving]
+        if staying:
+            return ripe
+        return [
+            n for n in ripe
+            if not any(by_name[w].has_what for w in cluster.worker_names_of(n) if w in by_name)
+        ]
 
     def _idle_instances(self, instances: list[str]) -> list[str]:
         """Registered instances none of whose workers is running or holding queued work."""

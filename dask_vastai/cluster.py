@@ -256,7 +256,7 @@ class VastAICluster(SpecCluster):
             poll_interval_s=self.poll_interval_s,
             log=self._log,
         )
-        self.scheduler.add_plugin(ResourceGuard(lambda: self.pools.values()))
+        self.scheduler.add_plugin(ResourceGuard(self.scheduler, lambda: self.pools.values()))
         self.context = ClusterContext(
             broker=self.broker,
             hub=self.hub,

@@ -106,15 +106,13 @@ class ResourceGuard(SchedulerPlugin):
 
     name = "dask-vastai-resource-guard"
 
-    def __init__(self, pools: Callable[[], Iterable[Pool]]) -> None:
-        self._pools = pools
-        self.scheduler: Any = None
-
-    async def start(self, scheduler: Any) -> None:
+    def __init__(self, scheduler: Any, pools: Callable[[], Iterable[Pool]]) -> None:
+        # Given here: Scheduler.add_plugin does not call start() on an in-process scheduler.
         self.scheduler = scheduler
+        self._pools = pools
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        if finish != "no-worker" or self.scheduler is None:
+        if finish != "no-worker":
             return
         ts = self.scheduler.tasks.get(key)
         if ts is None or not ts.resource_restrictions:
