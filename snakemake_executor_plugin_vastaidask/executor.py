@@ -1,0 +1,311 @@
+"""The Snakemake executor: each job becomes one Dask task on a pooled worker.
+
+Snakemake's traps this class answers (reference/snakemake.md §0, §2.5):
+
+- ``--directory`` is stripped from the job command: the remote runs in its own scratch
+  directory and must never write into the user's workdir behind the staging's back.
+- A group job's outputs, logs and benchmarks of *every* member come back, not only
+  ``GroupJob.output`` (which leaves out group-internal files the main process still checks).
+- Each attempt has a fresh Dask key (``smk-<run>-<jobid>-<attempt>``): resubmitting a key the
+  scheduler still holds would hand back the old, failed future.
+- A task whose resources no worker has would wait forever: it fails at hand-off with the
+  resources asked for and those the workers advertise.
+- ``future.cancel()`` lets a running subprocess finish: cancellation sets a
+  ``distributed.Event`` the task polls, and the task kills the job's process group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
+from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
+from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
+
+from .settings import ExecutorSettings
+from .staging import Stager, remote_function, restamp, unpack_results
+
+_DIRECTORY_ARG = re.compile(r"\s--directory\s+('[^']*'|\S+)")
+STATUS_INTERVAL_S = 0.5
+
+
+def strip_directory(command: str) -> str:
+    """The job command without ``--directory <local path>`` (the remote has its own directory)."""
+    return _DIRECTORY_ARG.sub("", command)
+
+
+@dataclass
+class _Job:
+    """One attempt of one job, from hand-off to report."""
+
+    info: SubmittedJobInfo
+    payload: dict[str, Any]
+    resources: dict[str, float]
+    results: list[str]
+    submitted_at: float = field(default_factory=time.monotonic)
+    future: Any = None
+
+
+def job_resources(job: JobExecutorInterface) -> dict[str, float]:
+    """Dask resources of a job from the names Snakemake users know (gpu/nvidia_gpu, threads, mem_mb)."""
+    res = job.resources
+    gpu = res.get("gpu", None) or res.get("nvidia_gpu", None) or 0
+    try:
+        gpu = float(gpu)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"resources gpu={gpu!r} of {job}: give a number of GPUs (gpu=1); the model goes in gpu_model"
+        ) from None
+    out: dict[str, float] = {"CPU": float(job.threads or 1)}
+    if gpu:
+        out["GPU"] = gpu
+    mem_mb = res.get("mem_mb", None)
+    if isinstance(mem_mb, int | float) and mem_mb > 0:
+        out["MEMORY"] = float(mem_mb) * 1e6
+    return out
+
+
+def job_result_paths(job: JobExecutorInterface) -> tuple[list[str], list[str]]:
+    """(outputs+benchmarks, logs) of every member of a group, in topological order."""
+    members = [j for level in job.toposorted for j in level] if job.is_group() else [job]
+    outputs: list[str] = []
+    logs: list[str] = []
+    for j in members:
+        outputs.extend(str(f) for f in j.output)
+        bench = getattr(j, "benchmark", None)
+        if bench:
+            outputs.append(str(bench))
+        logs.extend(str(f) for f in j.log)
+    return list(dict.fromkeys(outputs)), list(dict.fromkeys(logs))
+
+
+class Executor(RemoteExecutor):
+    """``--executor vastaidask``: Snakemake jobs as Dask tasks on a warm pool of workers."""
+
+    def __post_init__(self) -> None:
+        from .pool import Pool
+
+        self.settings: ExecutorSettings = self.workflow.executor_settings or ExecutorSettings()
+        self.run_id = uuid.uuid4().hex[:10]
+        self.next_seconds_between_status_checks = STATUS_INTERVAL_S
+        self.workdir = Path.cwd()
+        self.state_dir = self.workdir / ".snakemake" / "vastaidask"
+        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.transfer_log = self.state_dir / "transfers.jsonl"
+        self._dispatch_lock = threading.Lock()
+        self._jobs: dict[str, _Job] = {}
+        self._backlog: deque[str] = deque()
+        self._closed = False
+        self.cancel_event_name = f"smk-cancel-{self.run_id}"
+        self.pool = Pool(self.settings, run_name=f"smk-{self.run_id}")
+        try:
+            self.stager = Stager(self.pool.client, self.workdir)
+            self._remote = remote_function()
+            archive = Path(self.tmpdir) / "workflow-sources.tar.xz"
+            self.workflow.write_source_archive(archive)
+            self.sources_sha = self.stager.stage_bytes(archive.read_bytes())
+        except BaseException:
+            self.pool.close()
+            raise
+        self._ready = True
+
+    # ------------------------------------------------------------ the command
+    def format_job_exec(self, job: JobExecutorInterface) -> str:
+        return strip_directory(super().format_job_exec(job))
+
+    # ------------------------------------------------------------- hand-off
+    def run_job(self, job: JobExecutorInterface) -> None:
+        key = f"smk-{self.run_id}-{job.jobid}-{job.attempt}"
+        info = SubmittedJobInfo(job, external_jobid=key, aux={})
+        try:
+            resources = job_resources(job)
+            outputs, logs = job_result_paths(job)
+            inputs = [self.stager.stage_path(self._relative(str(f), job)) for f in job.input]
+            shas = [self.sources_sha, *(i.sha for i in inputs)]
+            payload = {
+                "key": key,
+                "command": self.format_job_exec(job),
+                "sources": self.sources_sha,
+                "inputs": [[i.path, i.sha, i.kind, i.mtime_ns] for i in inputs],
+                "blob_keys": {sha: self.stager.key(sha) for sha in shas},
+                "outputs": [self._relative(p, job) for p in outputs],
+                "logs": [self._relative(p, job) for p in logs],
+                "env": self.envvars(),
+                "cancel_event": self.cancel_event_name,
+                "cache_dir": self.settings.worker_cache_dir,
+                "cache_quota_bytes": int(self.settings.cache_quota_gb * 1e9),
+            }
+        except Exception as e:
+            self.report_job_submission(info)
+            self.report_job_error(info, msg=f"vastaidask could not prepare {job}: {e}")
+            return
+        self._jobs[key] = _Job(info, payload, resources, outputs)
+        self.report_job_submission(info)
+        with self._dispatch_lock:
+            self._backlog.append(key)
+        self._dispatch()
+
+    def _relative(self, path: str, job: JobExecutorInterface) -> str:
+        p = Path(path)
+        if not p.is_absolute():
+            return path
+        try:
+            return str(p.relative_to(self.workdir))
+        except ValueError:
+            raise ValueError(
+                f"{path} ({job}) lies outside the working directory {self.workdir}; only files "
+                "below it travel to the workers. Move it below, or use --default-storage-provider"
+            ) from None
+
+    def _dispatch(self) -> list[tuple[_Job, str]]:
+        """Hand queued jobs to Dask, GPU jobs only while GPUs (registered or booting) plus a
+        margin are free: the first instance to boot must not take every queued job.
+
+        Returns the jobs that cannot run anywhere, with why, for the caller to report.
+        """
+        refused: list[tuple[_Job, str]] = []
+        with self._dispatch_lock:
+            if self._closed or not self._backlog:
+                return refused
+            slots = self.pool.gpu_slots() + max(0, self.settings.submit_margin)
+            busy = sum(
+                j.resources.get("GPU", 0) for j in self._jobs.values() if j.future is not None
+            )
+            advertised = self.pool.advertised()
+            while self._backlog:
+                job = self._jobs[self._backlog[0]]
+                gpu = job.resources.get("GPU", 0)
+                if gpu and busy + gpu > slots and busy > 0:
+                    break
+                self._backlog.popleft()
+                resources = dict(job.resources)
+                if advertised is not None:
+                    # An attached cluster that has no CPU/MEMORY counters runs jobs unrestricted on them.
+                    for name in ("CPU", "MEMORY"):
+                        if name not in advertised:
+                            resources.pop(name, None)
+                why = self.pool.impossible(resources)
+                if why:
+                    refused.append((job, why))
+                    continue
+                busy += gpu
+                job.future = self.pool.client.submit(
+                    self._remote, job.payload, key=job.payload["key"], resources=resources, pure=False,
+                )
+        return refused
+
+    # ---------------------------------------------------------------- status
+    async def check_active_jobs(
+        self, active_jobs: list[SubmittedJobInfo]
+    ) -> AsyncGenerator[SubmittedJobInfo, None]:
+        if not getattr(self, "_ready", False):
+            # The status thread starts before __post_init__ has connected.
+            for info in active_jobs:
+                yield info
+            return
+        refused = dict((j.payload["key"], why) for j, why in await asyncio.to_thread(self._dispatch))
+        for info in active_jobs:
+            key = info.external_jobid
+            job = self._jobs.get(key)
+            if job is None:
+                continue
+            try:
+                if key in refused:
+                    self._forget(key)
+                    self.report_job_error(info, msg=f"no worker can run {info.job}: {refused[key]}")
+                    continue
+                if job.future is None or job.future.status == "pending":
+                    yield info
+                    continue
+                await self._finish(job)
+            except Exception as e:  # one job's trouble must not stop the status loop
+                self._forget(key)
+                self.report_job_error(info, msg=f"vastaidask lost {info.job} ({key}): {e!r}")
+
+    def _forget(self, key: str) -> None:
+        job = self._jobs.pop(key, None)
+        if job is not None and job.future is not None:
+            job.future.release()
+
+    async def _finish(self, job: _Job) -> None:
+        info = job.info
+        key = job.payload["key"]
+        future = job.future
+        if future.status != "finished":
+            error = await asyncio.to_thread(future.exception) if future.status == "error" else future.status
+            self._forget(key)
+            self.report_job_error(info, msg=f"{info.job} ({key}) failed on the cluster: {error!r}")
+            return
+        result = await asyncio.to_thread(future.result)
+        self._forget(key)
+        self._record_transfers(key, result)
+        log_path = self.state_dir / "logs" / f"{key}.log"
+        log_path.write_text(result.get("output", ""))
+        await asyncio.to_thread(unpack_results, result.get("tar", b""), self.workdir)
+        if result.get("rc") == 0 and not result.get("cancelled"):
+            restamp(job.payload["outputs"], self.workdir)
+            self.report_job_success(info)
+            return
+        why = "was cancelled" if result.get("cancelled") else f"exited with code {result.get('rc')}"
+        self.report_job_error(
+            info,
+            msg=(
+                f"{info.job} {why} on worker {result.get('worker_name')}; full output in {log_path}; "
+                f"its last lines:\n{result.get('log_tail', '')}"
+            ),
+            aux_logs=[str(log_path)],
+        )
+
+    def _record_transfers(self, key: str, result: dict[str, Any]) -> None:
+        cache = result.get("cache", {})
+        line = {
+            "key": key,
+            "worker": result.get("worker"),
+            "worker_name": result.get("worker_name"),
+            "fetched": cache.get("fetched", []),
+            "cache_hits": cache.get("hits", 0),
+            "seconds": round(float(result.get("seconds", 0.0)), 3),
+        }
+        with open(self.transfer_log, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    # ------------------------------------------------------------ cancel/end
+    def cancel_jobs(self, active_jobs: list[SubmittedJobInfo]) -> None:
+        """Kill every running job's process group (the tasks poll the run's Event), drop the rest."""
+        from distributed import Event
+
+        with self._dispatch_lock:
+            self._backlog.clear()
+        with contextlib.suppress(Exception):
+            Event(self.cancel_event_name, client=self.pool.client).set()
+        futures = [j.future for j in self._jobs.values() if j.future is not None]
+        deadline = time.monotonic() + 15
+        # Give running tasks a moment to see the Event and kill their process groups.
+        while any(f.status == "pending" for f in futures) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with contextlib.suppress(Exception):
+            self.pool.client.cancel(futures)
+
+    def shutdown(self) -> None:
+        """Idempotent (Snakemake calls it after ``cancel_jobs`` and at normal end)."""
+        super().shutdown()
+        if not getattr(self, "_ready", False):
+            return
+        with self._dispatch_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.stager.release()
+        self.pool.close()
+

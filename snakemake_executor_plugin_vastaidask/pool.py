@@ -1,0 +1,125 @@
+"""Where the jobs run: an existing Dask scheduler, or rented Vast instances.
+
+The executor needs three things from it: a ``distributed.Client``, how many GPU slots
+exist or are on their way (to pace the hand-off of jobs), and a ``close()`` that leaves
+nothing billing. dask-vastai is used only through its public API (``VastAICluster``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from .settings import ExecutorSettings
+
+logger = logging.getLogger(__name__)
+
+#: resources a dask-vastai worker advertises; an attached cluster may have fewer
+RESOURCE_NAMES = ("GPU", "CPU", "MEMORY")
+
+
+class Pool:
+    """A Dask client plus, in renting mode, the ``VastAICluster`` it talks to."""
+
+    def __init__(self, settings: ExecutorSettings, run_name: str) -> None:
+        from distributed import Client
+
+        self.settings = settings
+        self.cluster: Any = None
+        self.renting = settings.scheduler_address is None
+        if not self.renting:
+            self.client = Client(settings.scheduler_address, timeout="30s", set_as_default=False)
+            return
+        from dask_vastai import VastAICluster
+
+        minimum = max(0, int(settings.min_instances))
+        maximum = max(minimum, int(settings.max_instances))
+        if maximum < 1:
+            raise ValueError(
+                f"--vastaidask-max-instances={settings.max_instances}: at least one instance is "
+                "needed to run jobs; raise it, or give --vastaidask-scheduler-address"
+            )
+        self.cluster = VastAICluster(
+            gpu=settings.gpu,
+            n=minimum,
+            num_gpus=settings.num_gpus,
+            max_price=settings.max_price,
+            region=settings.region,
+            image=settings.image,
+            disk=settings.disk,
+            query=settings.vastai_query,
+            datacenter=False if settings.no_datacenter else None,
+            boot_timeout=settings.boot_timeout,
+            api_url=settings.api_url,
+            api_key=settings.api_key,
+            name=run_name,
+            quiet=True,
+        )
+        try:
+            interval_s = 1.0
+            self.cluster.adapt(
+                minimum=maximum if settings.keep_instances else minimum,
+                maximum=maximum,
+                interval=f"{interval_s}s",
+                wait_count=max(1, int(settings.idle_timeout / interval_s)),
+            )
+            self.client = Client(self.cluster, set_as_default=False)
+        except BaseException:
+            self.cluster.close()
+            raise
+
+    # ---------------------------------------------------------------- facts
+    def workers(self) -> dict[str, dict[str, Any]]:
+        return dict(self.client.scheduler_info(n_workers=-1).get("workers", {}))
+
+    def gpu_slots(self) -> float:
+        """GPUs registered, or rented and booting (renting mode), whichever is larger."""
+        registered = sum(float(w.get("resources", {}).get("GPU", 0)) for w in self.workers().values())
+        if self.cluster is None:
+            return registered
+        per_instance = float(self.cluster.requirements.num_gpus)
+        planned = len(self.cluster.worker_spec) * per_instance
+        return max(registered, planned)
+
+    def impossible(self, resources: dict[str, float]) -> str | None:
+        """Why no worker can ever run a task needing ``resources``, or None when one can (or may)."""
+        if self.cluster is not None:
+            per_worker = 1.0 if self.cluster.worker_per_gpu else float(self.cluster.requirements.num_gpus)
+            if resources.get("GPU", 0) > per_worker:
+                return (
+                    f"the job asks for {resources['GPU']:g} GPUs but each worker has {per_worker:g} "
+                    f"(--vastaidask-num-gpus={self.cluster.requirements.num_gpus}); lower the rule's "
+                    "gpu resource or rent bigger instances"
+                )
+            return None
+        workers = self.workers()
+        if not workers:
+            return None  # cannot tell yet
+        for w in workers.values():
+            have = w.get("resources", {})
+            if all(have.get(name, 0) >= amount for name, amount in resources.items()):
+                return None
+        shapes = sorted({str(w.get("resources", {})) for w in workers.values()})
+        return (
+            f"no worker of the cluster at {self.settings.scheduler_address} has resources {resources}; "
+            f"the workers advertise {', '.join(shapes)}. Start workers with e.g. "
+            "`dask worker --resources 'GPU=1 CPU=8 MEMORY=32e9'`, or lower the rule's resources"
+        )
+
+    def advertised(self) -> set[str] | None:
+        """Resource names some worker advertises (None in renting mode: all of them, once booted)."""
+        if self.cluster is not None:
+            return None
+        names: set[str] = set()
+        for w in self.workers().values():
+            names.update(w.get("resources", {}))
+        return names
+
+    # --------------------------------------------------------------- close
+    def close(self) -> None:
+        """Close the client; in renting mode close the cluster, which destroys every rental."""
+        with contextlib.suppress(Exception):
+            self.client.close(timeout=10)
+        if self.cluster is not None:
+            self.cluster.close()

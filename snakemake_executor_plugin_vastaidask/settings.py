@@ -1,0 +1,105 @@
+# ruff: noqa: UP045  (snakemake hands these types to argparse, which knows Optional[X], not X | None)
+"""The executor's settings: ``--vastaidask-*`` flags, ``SNAKEMAKE_VASTAIDASK_*`` env vars, profile keys.
+
+Two traps of snakemake's settings machinery shape this module (reference/snakemake.md §1.1):
+
+- No ``from __future__ import annotations`` here: snakemake imports every installed
+  plugin and hands each field's *type* to argparse; string annotations break every
+  ``snakemake`` run on the machine, whatever executor it uses.
+- A bool field defaulting to True becomes an unprefixed ``--no-<field>`` flag that then
+  fails; so every bool defaults to False and says ``no_xxx`` when it turns something off.
+
+Defaults that describe a rental (GPU, price, image, ...) are None here and fall through
+to dask-vastai's own defaults (``vastai.yaml``), so the one default stays in one place.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from snakemake_interface_executor_plugins.settings import ExecutorSettingsBase
+
+
+@dataclass
+class ExecutorSettings(ExecutorSettingsBase):
+    """What a user of ``--executor vastaidask`` can set."""
+
+    scheduler_address: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Use this existing Dask scheduler (tcp://host:port, tls://..., Vast or not) "
+            "instead of renting instances. Its workers should advertise resources GPU, CPU and "
+            "MEMORY (bytes), e.g. `dask worker --resources 'GPU=1 CPU=8 MEMORY=32e9'`.",
+            "env_var": True,
+        },
+    )
+    gpu: Optional[str] = field(
+        default=None,
+        metadata={"help": "GPU model to rent for jobs that ask for a GPU, e.g. RTX_3090 "
+                  "(default: dask-vastai's, any GPU).", "env_var": True},
+    )
+    num_gpus: Optional[int] = field(
+        default=None, metadata={"help": "GPUs per rented instance (default 1)."}
+    )
+    min_instances: int = field(
+        default=0, metadata={"help": "Instances kept rented while the workflow runs."}
+    )
+    max_instances: int = field(
+        default=4, metadata={"help": "At most this many instances rented at once."}
+    )
+    max_price: Optional[float] = field(
+        default=None, metadata={"help": "Dollars per hour per instance, at most (dph_total)."}
+    )
+    region: Optional[str] = field(
+        default=None, metadata={"help": "Region or country codes of the hosts, e.g. EU or DE,PL."}
+    )
+    image: Optional[str] = field(
+        default=None, metadata={"help": "Docker image of the instances (default: dask-vastai's)."}
+    )
+    disk: Optional[float] = field(
+        default=None, metadata={"help": "GB of disk per instance (default: dask-vastai's)."}
+    )
+    vastai_query: Optional[str] = field(
+        default=None,
+        metadata={"help": "Extra `vastai search offers` filters for every rental, e.g. "
+                  "'cuda_max_good>=12.4 inet_down>500'."},
+    )
+    no_datacenter: bool = field(
+        default=False,
+        metadata={"help": "Also rent from hobbyist (non-datacenter) hosts. Jobs' inputs and "
+                  "credentials then reach less vetted machines."},
+    )
+    idle_timeout: int = field(
+        default=300,
+        metadata={"help": "Seconds an instance may sit without work before it is destroyed."},
+    )
+    boot_timeout: Optional[int] = field(
+        default=None, metadata={"help": "Seconds from rent to registered worker (default: dask-vastai's)."}
+    )
+    api_url: Optional[str] = field(
+        default=None, metadata={"help": "Vast API origin (default https://console.vast.ai; "
+                                "`dask-vastai emulator` prints a local one).", "env_var": True},
+    )
+    api_key: Optional[str] = field(
+        default=None,
+        metadata={"help": "Vast API key (default: VAST_API_KEY, then the vastai CLI's key file).",
+                  "env_var": True},
+    )
+    keep_instances: bool = field(
+        default=False,
+        metadata={"help": "Do not shrink the pool below max-instances when idle (instances are "
+                  "still destroyed when snakemake ends: the scheduler lives in this process)."},
+    )
+    cache_quota_gb: float = field(
+        default=20.0,
+        metadata={"help": "Disk a worker may use to keep staged sources, inputs and outputs "
+                  "(least recently used evicted first)."},
+    )
+    worker_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Cache directory on the workers (default ~/.cache/snakemake-vastaidask)."},
+    )
+    submit_margin: int = field(
+        default=2,
+        metadata={"help": "GPU jobs handed to Dask beyond the GPUs registered or booting, so "
+                  "that the first instance to boot does not take every queued job."},
+    )
