@@ -334,7 +334,12 @@ class VastAICluster(SpecCluster):
             interruptible=bool(get("interruptible")),
         )
         requirements.validate()
-        env = {str(k): str(v) for k, v in dict(get("env") or {}).items()}
+        env, secret = split_env(get("env"))
+        if secret:
+            raise ValueError(
+                f"pool {pool_name!r}: secret env entries {sorted(secret)} belong to the cluster "
+                "(VastAICluster(env=..., secret_env=...)), which sends them to every pool over SSH"
+            )
         return Pool(
             name=pool_name,
             requirements=requirements,
