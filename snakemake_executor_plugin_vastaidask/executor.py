@@ -106,6 +106,7 @@ class Executor(RemoteExecutor):
         self._dispatch_lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._backlog: deque[str] = deque()
+        self._refused: dict[str, str] = {}
         self._closed = False
         self.cancel_event_name = f"smk-cancel-{self.run_id}"
         self.pool = Pool(self.settings, run_name=f"smk-{self.run_id}")
@@ -168,16 +169,16 @@ class Executor(RemoteExecutor):
                 "below it travel to the workers. Move it below, or use --default-storage-provider"
             ) from None
 
-    def _dispatch(self) -> list[tuple[_Job, str]]:
+    def _dispatch(self) -> None:
         """Hand queued jobs to Dask, GPU jobs only while GPUs (registered or booting) plus a
         margin are free: the first instance to boot must not take every queued job.
 
-        Returns the jobs that cannot run anywhere, with why, for the caller to report.
+        Jobs that cannot run anywhere land in ``self._refused`` (key -> why), for the status
+        loop to report.
         """
-        refused: list[tuple[_Job, str]] = []
         with self._dispatch_lock:
             if self._closed or not self._backlog:
-                return refused
+                return
             slots = self.pool.gpu_slots() + max(0, self.settings.submit_margin)
             busy = sum(
                 j.resources.get("GPU", 0) for j in self._jobs.values() if j.future is not None
@@ -197,13 +198,12 @@ class Executor(RemoteExecutor):
                             resources.pop(name, None)
                 why = self.pool.impossible(resources)
                 if why:
-                    refused.append((job, why))
+                    self._refused[job.payload["key"]] = why
                     continue
                 busy += gpu
                 job.future = self.pool.client.submit(
                     self._remote, job.payload, key=job.payload["key"], resources=resources, pure=False,
                 )
-        return refused
 
     # ---------------------------------------------------------------- status
     async def check_active_jobs(
@@ -214,16 +214,17 @@ class Executor(RemoteExecutor):
             for info in active_jobs:
                 yield info
             return
-        refused = dict((j.payload["key"], why) for j, why in await asyncio.to_thread(self._dispatch))
+        await asyncio.to_thread(self._dispatch)
         for info in active_jobs:
             key = info.external_jobid
             job = self._jobs.get(key)
             if job is None:
                 continue
             try:
-                if key in refused:
+                why = self._refused.pop(key, None)
+                if why is not None:
                     self._forget(key)
-                    self.report_job_error(info, msg=f"no worker can run {info.job}: {refused[key]}")
+                    self.report_job_error(info, msg=f"no worker can run {info.job}: {why}")
                     continue
                 if job.future is None or job.future.status == "pending":
                     yield info
