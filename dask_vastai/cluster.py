@@ -203,8 +203,8 @@ class VastAICluster(SpecCluster):
                 **dict(scheduler_options or {}),
             },
         }
-        # Refuses, at registration, a worker whose versions differ from this client's.
-        scheduler["options"]["plugins"] = [*scheduler["options"].get("plugins", ()), self.environment.gate]
+        # Refuses a worker whose versions differ from this client's; warns of late imports.
+        scheduler["options"]["plugins"] = [*scheduler["options"].get("plugins", ()), *self.environment.scheduler_plugins]
         worker: dict[str, Any] = {"cls": VastInstance, "options": {"pool": default}}
         self.broker: RentalBroker | None = None
         self.hub: TunnelHub | None = None

@@ -590,6 +590,46 @@ class VersionGate(SchedulerPlugin):
         task.add_done_callback(self._tasks.discard)
 
 
+class LateImportWarning(SchedulerPlugin):
+    """Warns, when a graph arrives, about tasks whose function lives in a module shipped too late.
+
+    A module imported after the instances booted (``import mylib`` in a notebook cell after
+    the cluster's) is not on their workers, and distributed kills a worker that cannot
+    unpickle a task's function (the task then waits for a worker that never comes). The
+    scheduler runs in the client's process, so it can see the function's module and say so
+    before that happens. Instances booted later get the module.
+    """
+
+    name = "dask-vastai-late-imports"
+
+    def __init__(self, shipped: Callable[[], frozenset[str] | None]) -> None:
+        self.shipped = shipped
+        self.warned: set[str] = set()
+
+    def update_graph(self, scheduler: Scheduler, *, tasks: Iterable[Any] = (), **kwargs: Any) -> None:
+        shipped = self.shipped()
+        if shipped is None:  # no instance booted yet: each boot ships what is imported then
+            return
+        for key in tasks:
+            ts = scheduler.tasks.get(key)
+            func = getattr(getattr(ts, "run_spec", None), "func", None)
+            top = str(getattr(func, "__module__", "") or "").split(".")[0]
+            if not top or top in shipped or top in self.warned or top not in sys.modules:
+                continue
+            local = local_modules({top: sys.modules[top]})
+            if not local:
+                continue  # installed from an index: the image has it or the user's packages do
+            self.warned.add(top)
+            where = local[0].path
+            logger.warning(
+                "task %s calls %s.%s, but %s was imported after the instances booted, so their workers "
+                "cannot import it (a worker that cannot unpickle a task dies). Import %s before starting "
+                "the cluster, or run client.upload_file(%r) first; instances booted from now on get it",
+                key, top, getattr(func, "__name__", "?"), top, top,
+                where if where.endswith(".py") else where + " (zipped)",
+            )
+
+
 @dataclass
 class InstanceEnvironment:
     """The cluster-wide environment step of every boot: probe, match, ship. One per cluster."""
@@ -608,6 +648,14 @@ class InstanceEnvironment:
     def __post_init__(self) -> None:
         self.gate = VersionGate(self.client, self.refused)
         self._shipment_lock: asyncio.Lock | None = None
+        #: modules that every instance booted so far received (None: none booted yet)
+        self.shipped_everywhere: frozenset[str] | None = None
+        self.late_imports = LateImportWarning(lambda: self.shipped_everywhere)
+
+    @property
+    def scheduler_plugins(self) -> list[SchedulerPlugin]:
+        """What the cluster's scheduler runs for us: the version gate, the late-import warning."""
+        return [self.gate, self.late_imports]
 
     def probe_command(self, base: Callable[..., str]) -> str:
         """The probe (``bootstrap.probe_command``) asked for the versions we compare."""
@@ -681,6 +729,11 @@ class InstanceEnvironment:
         if not probe.get("dask_vastai_importable") or versions.get("dask-vastai") != here:
             include.append("dask_vastai")
         shipment = await self.shipment(include=include)
+        names = frozenset(m.name for m in shipment.modules)
+        if self.shipped_everywhere is None:
+            self.shipped_everywhere = names
+        else:
+            self.shipped_everywhere &= names
         env: dict[str, str] = {}
         if self.test_worker_versions:
             env[TEST_VERSIONS_ENV] = json.dumps(dict(self.test_worker_versions))

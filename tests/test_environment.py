@@ -306,7 +306,7 @@ async def _worker_against(scheduler_address: str, tmp_path: Path, name: str, fak
         env[TEST_VERSIONS_ENV] = json.dumps(fake)
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "distributed.cli.dask_worker", scheduler_address, "--name", name, "--nanny",
-        "--nthreads", "1", "--no-dashboard", "--preload", "dask_vastai.environment",
+        "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard", "--preload", "dask_vastai.environment",
         "--local-directory", str(tmp_path / name), env=env, cwd=tmp_path,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
@@ -318,7 +318,7 @@ def test_version_gate_refuses_a_worker_with_other_versions_and_admits_a_matched_
 
     async def main() -> None:
         env = InstanceEnvironment(_client())
-        async with Scheduler(dashboard_address=":0", plugins=[env.gate]) as s:
+        async with Scheduler(host="127.0.0.1", dashboard_address="127.0.0.1:0", plugins=[env.gate]) as s:
             bad = await _worker_against(s.address, tmp_path, "bad", {"distributed": "2020.1.0"})
             good = await _worker_against(s.address, tmp_path, "good", None)
             try:
@@ -367,3 +367,38 @@ def test_supervisor_puts_the_shipped_folder_before_the_images_pythonpath(tmp_pat
     assert env["PYTHONPATH"] == "/root/.dask-vastai/ship/x/site:/image/site"
     assert env["TOKEN"] == "t0k"
     assert not any("t0k" in line for line in lines), "the supervisor logs env names, never values"
+
+
+def test_tasks_from_a_module_imported_after_the_boot_are_warned_about(tmp_path: Path, caplog):
+    from distributed import Client, Scheduler
+
+    (tmp_path / "late_env_mod.py").write_text("def f(x):\n    return x + 1\n")
+
+    async def main() -> None:
+        env = InstanceEnvironment(_client())
+        env.shipped_everywhere = frozenset({"dask_vastai"})  # what the instances got at boot
+        async with Scheduler(host="127.0.0.1", dashboard_address="127.0.0.1:0", plugins=env.scheduler_plugins) as s:
+            async with Client(s.address, asynchronous=True) as client:
+                sys.path.insert(0, str(tmp_path))
+                try:
+                    import late_env_mod
+
+                    futures = [
+                        client.submit(late_env_mod.f, 1),
+                        client.submit(len, [1, 2]),  # a builtin: nothing to say
+                        client.submit(late_env_mod.f, 2),  # said once per module
+                    ]
+                    deadline = time.monotonic() + 10
+                    while len(s.tasks) < len(futures):
+                        assert time.monotonic() < deadline, f"the scheduler got {len(s.tasks)} of 3 tasks"
+                        await asyncio.sleep(0.05)
+                finally:
+                    sys.path.remove(str(tmp_path))
+                    sys.modules.pop("late_env_mod", None)
+
+    with caplog.at_level("WARNING", logger="dask_vastai.environment"):
+        asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records if r.name == "dask_vastai.environment"]
+    assert len(said) == 1, said
+    assert "late_env_mod was imported after the instances booted" in said[0]
+    assert f"client.upload_file('{tmp_path / 'late_env_mod.py'}')" in said[0]
