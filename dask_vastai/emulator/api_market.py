@@ -436,7 +436,9 @@ class Market:
         del self.rentals[r.id]
         self.instance_keys.pop(r.api_key, None)
         self._taken = {o: i for o, i in self._taken.items() if i != r.id}
-        await self._halt(r)
+        # Vast answers a destroy at once and tears the container down behind it; answering
+        # only after the sandbox stopped would bill the client's clock for our teardown.
+        self._spawn(self._halt(r))
 
     async def set_state(self, instance_id: int, state: str) -> None:
         r = self.live(instance_id)
