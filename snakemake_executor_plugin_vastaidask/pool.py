@@ -85,13 +85,7 @@ class Pool:
     def impossible(self, resources: dict[str, float]) -> str | None:
         """Why no worker can ever run a task needing ``resources``, or None when one can (or may)."""
         if self.cluster is not None:
-            per_worker = 1.0 if self.cluster.worker_per_gpu else float(self.cluster.requirements.num_gpus)
-            if resources.get("GPU", 0) > per_worker:
-                return (
-                    f"the job asks for {resources['GPU']:g} GPUs but each worker has {per_worker:g} "
-                    f"(--vastaidask-num-gpus={self.cluster.requirements.num_gpus}); lower the rule's "
-                    "gpu resource or rent bigger instances"
-                )
+            # The cluster's own resource guard fails a task no pool can ever run, at once.
             return None
         workers = self.workers()
         if not workers:
