@@ -1,0 +1,100 @@
+"""``snakemake --executor vastaidask`` renting from the emulator: real sandboxes, rate limits on.
+
+The sandboxes cannot see this checkout (nor the workdir), so the job function travels by
+value and every file moves through the staging; snakemake itself is importable there
+(same interpreter, site-packages visible), as it would be after the environment sync.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
+
+Emulator = pytest.importorskip("dask_vastai.emulator").Emulator
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "gpu_pipeline"
+
+
+@pytest.fixture
+def market(tmp_path: Path):
+    try:
+        from dask_vastai.emulator.sandbox import SandboxRuntime
+    except ImportError as e:  # pragma: no cover
+        pytest.skip(f"sandbox runtime unavailable: {e}")
+    ok, why = SandboxRuntime.available()
+    if not ok:
+        pytest.skip(f"sandbox runtime unavailable here: {why}")
+    with Emulator(runtime="sandbox", boot_delay_s=1.0, rate_limits=True, state_dir=tmp_path / "emu") as emu:
+        yield emu
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
+    return env
+
+
+def _args(emu, *extra: str, max_instances: int = 2) -> list[str]:
+    return [
+        sys.executable, "-m", "snakemake", "--executor", "vastaidask", "--jobs", "4",
+        "--vastaidask-api-url", emu.url, "--vastaidask-api-key", emu.api_key,
+        "--vastaidask-gpu", "RTX_3090", "--vastaidask-max-instances", str(max_instances),
+        "--vastaidask-boot-timeout", "240", *extra,
+    ]
+
+
+def test_example_pipeline_on_rented_instances(market, tmp_path: Path) -> None:
+    wd = tmp_path / "wf"
+    shutil.copytree(EXAMPLE, wd)
+    run = subprocess.run(_args(market, "--config", "samples=6"), cwd=wd, env=_env(), capture_output=True,
+                         text=True, timeout=420)
+    assert run.returncode == 0, run.stderr[-5000:]
+    assert (wd / "results" / "summary.txt").read_text().count("evaluated") == 6
+    assert "RTX 3090" in (wd / "train" / "0.txt").read_text(), "the job ran on a rented GPU"
+    rentals = market.meter()["instances"]
+    assert 1 <= len(rentals) <= 2 < 6, "fewer instances than GPU jobs: instances are reused"
+    assert market.instances() == [], "0 rentals remain"
+    shared = hashlib.sha256((wd / "prepared" / "shared.bin").read_bytes()).hexdigest()
+    lines = [json.loads(x) for x in (wd / ".snakemake/vastaidask/transfers.jsonl").read_text().splitlines()]
+    per_worker = Counter(t["worker_name"] for t in lines for sha, _ in t["fetched"] if sha == shared)
+    assert all(n <= 1 for n in per_worker.values()), per_worker
+    again = subprocess.run(_args(market, "--config", "samples=6"), cwd=wd, env=_env(), capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    assert market.instances() == []
+
+
+def test_sigint_mid_run_leaves_no_rental(market, tmp_path: Path) -> None:
+    wd = tmp_path / "wf"
+    shutil.copytree(EXAMPLE, wd)
+    proc = subprocess.Popen(_args(market, "--config", "samples=4", "seconds=120"), cwd=wd, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (wd / "prepared" / "shared.bin").exists():
+            time.sleep(0.5)
+        assert (wd / "prepared" / "shared.bin").exists(), "the first job never finished"
+        time.sleep(5)  # GPU jobs running on the instances
+        assert market.instances(), "instances should be rented mid-run"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 60
+    while market.instances() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert market.instances() == []
+    assert not (wd / "train" / "0.txt").exists(), "cancelled jobs report no outputs"
