@@ -131,6 +131,9 @@ class Executor(RemoteExecutor):
         info = SubmittedJobInfo(job, external_jobid=key, aux={})
         try:
             resources = job_resources(job)
+            resources.update(
+                self.pool.pool_resource(job.resources.get("gpu_model", None), job.resources.get("vastai_query", None))
+            )
             outputs, logs = job_result_paths(job)
             inputs = [self.stager.stage_path(self._relative(str(f), job)) for f in job.input]
             shas = [self.sources_sha, *(i.sha for i in inputs)]

@@ -8,7 +8,9 @@ nothing billing. dask-vastai is used only through its public API (``VastAICluste
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import threading
 from typing import Any
 
 from .settings import ExecutorSettings
@@ -17,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 #: resources a dask-vastai worker advertises; an attached cluster may have fewer
 RESOURCE_NAMES = ("GPU", "CPU", "MEMORY")
+#: seconds between two decisions of each pool's adaptive policy
+ADAPT_INTERVAL_S = 1.0
 
 
 class Pool:
@@ -28,6 +32,7 @@ class Pool:
         self.settings = settings
         self.cluster: Any = None
         self.renting = settings.scheduler_address is None
+        self._pools_lock = threading.Lock()
         if not self.renting:
             self.client = Client(settings.scheduler_address, timeout="30s", set_as_default=False)
             return
@@ -57,17 +62,51 @@ class Pool:
             quiet=True,
         )
         try:
-            interval_s = 1.0
             self.cluster.adapt(
                 minimum=maximum if settings.keep_instances else minimum,
                 maximum=maximum,
-                interval=f"{interval_s}s",
-                wait_count=max(1, int(settings.idle_timeout / interval_s)),
+                interval=f"{ADAPT_INTERVAL_S}s",
+                wait_count=max(1, int(settings.idle_timeout / ADAPT_INTERVAL_S)),
             )
             self.client = Client(self.cluster, set_as_default=False)
         except BaseException:
             self.cluster.close()
             raise
+
+    # ----------------------------------------------------------------- pools
+    def pool_resource(self, gpu_model: str | None, query: str | None) -> dict[str, float]:
+        """The resource that sends a job to the pool of its instance shape (renting mode).
+
+        A rule's ``gpu_model`` / ``vastai_query`` differing from the executor's defaults gets
+        its own pool (created on first use, adapting between 0 and max-instances); the
+        default shape needs no resource: its jobs go to the cluster's default pool.
+        """
+        if self.cluster is None:
+            if gpu_model or query:
+                logger.warning(
+                    "gpu_model/vastai_query resources are ignored with --vastaidask-scheduler-address: "
+                    "the attached cluster's workers are what they are"
+                )
+            return {}
+        model = gpu_model or self.settings.gpu
+        extra = query if query is not None else self.settings.vastai_query
+        if model == self.settings.gpu and extra == self.settings.vastai_query:
+            return {}
+        digest = hashlib.sha1(f"{model}|{extra}".encode()).hexdigest()[:6]
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{model or 'any'}")[:40] + f"-{digest}"
+        with self._pools_lock:
+            if name not in self.cluster.pools:
+                self.cluster.add_pool(
+                    name, gpu=model, num_gpus=self.settings.num_gpus, max_price=self.settings.max_price,
+                    region=self.settings.region, image=self.settings.image, disk=self.settings.disk,
+                    query=extra, datacenter=False if self.settings.no_datacenter else None,
+                )
+                self.cluster.adapt(
+                    minimum=0, maximum=max(1, int(self.settings.max_instances)), pool=name,
+                    interval=f"{ADAPT_INTERVAL_S}s",
+                    wait_count=max(1, int(self.settings.idle_timeout / ADAPT_INTERVAL_S)),
+                )
+        return {f"pool-{name}": 1.0}
 
     # ---------------------------------------------------------------- facts
     def workers(self) -> dict[str, dict[str, Any]]:
