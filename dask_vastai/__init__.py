@@ -12,7 +12,7 @@ from . import config  # noqa: F401  (registers the vastai: defaults with dask.co
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["VastAICluster", "__version__"]
+__all__ = ["Secret", "VastAICluster", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +20,8 @@ def __getattr__(name: str) -> Any:
         from .cluster import VastAICluster
 
         return VastAICluster
+    if name == "Secret":
+        from .environment import Secret
+
+        return Secret
     raise AttributeError(f"module 'dask_vastai' has no attribute {name!r}")

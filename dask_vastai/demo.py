@@ -18,11 +18,7 @@ def run_demo(*, instances: int = 2, tasks: int = 20, gpu: str = "RTX_3090") -> i
     from distributed import Client
 
     def gpu_task(i: int) -> tuple[int, str, str]:
-        """What a GPU task on a worker sees: its GPU slot and the box's nvidia-smi.
-
-        Defined inside the demo so it travels by value: the instances do not have this
-        development checkout of dask-vastai installed.
-        """
+        """What a GPU task on a worker sees: its GPU slot and the box's nvidia-smi."""
         import os
         import subprocess
 

@@ -48,7 +48,6 @@ def test_user_story_four_instances(market) -> None:
         return i * 2, get_worker().name
 
     def gpu_names() -> str:
-        # Defined here so it travels by value: the sandbox cannot import the test module.
         import subprocess
 
         return subprocess.run(
@@ -104,6 +103,32 @@ def test_dependencies_across_instances_and_large_gather(market) -> None:
         arr = big.result()
         assert arr.nbytes == 50 * 2**20
         assert names
+        logs = cluster.get_logs()
+        instance_logs = [k for k in logs if k.startswith("instance ")]
+        assert len(instance_logs) == 2, list(logs)
+        assert "Cluster" in logs and "rented instance" in logs["Cluster"]
+
+
+def test_async_with_cluster(market) -> None:
+    import asyncio
+
+    from distributed import Client
+
+    from dask_vastai import VastAICluster
+
+    async def main() -> None:
+        async with VastAICluster(
+            gpu="RTX_3090", n=1, api_url=market.url, api_key=market.api_key, name="asy", quiet=True,
+            boot_timeout=240, asynchronous=True,
+        ) as cluster:
+            async with Client(cluster, asynchronous=True) as client:
+                result = await client.submit(lambda x: x + 1, 41, resources={"GPU": 1})
+                assert result == 42
+                assert len(market.instances()) == 1
+                assert cluster.cost > 0
+
+    asyncio.run(main())
+    assert market.instances() == []
 
 
 def test_forwarded_ports_refuse_clients_without_the_cluster_certificate(market) -> None:
