@@ -56,6 +56,7 @@ class Pool:
             query=settings.vastai_query,
             datacenter=False if settings.no_datacenter else None,
             boot_timeout=settings.boot_timeout,
+            orphan_timeout=settings.orphan_timeout,
             api_url=settings.api_url,
             api_key=settings.api_key,
             name=run_name,

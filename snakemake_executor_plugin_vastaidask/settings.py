@@ -75,6 +75,11 @@ class ExecutorSettings(ExecutorSettingsBase):
     boot_timeout: Optional[int] = field(
         default=None, metadata={"help": "Seconds from rent to registered worker (default: dask-vastai's)."}
     )
+    orphan_timeout: Optional[int] = field(
+        default=None,
+        metadata={"help": "Seconds after which an instance that lost this snakemake process (killed, "
+                  "machine asleep) destroys itself (default: dask-vastai's)."},
+    )
     api_url: Optional[str] = field(
         default=None, metadata={"help": "Vast API origin (default https://console.vast.ai; "
                                 "`dask-vastai emulator` prints a local one).", "env_var": True},

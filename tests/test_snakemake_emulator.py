@@ -98,3 +98,24 @@ def test_sigint_mid_run_leaves_no_rental(market, tmp_path: Path) -> None:
         time.sleep(0.5)
     assert market.instances() == []
     assert not (wd / "train" / "0.txt").exists(), "cancelled jobs report no outputs"
+
+
+def test_sigkill_mid_run_leaves_it_to_the_watchdog(market, tmp_path: Path) -> None:
+    wd = tmp_path / "wf"
+    shutil.copytree(EXAMPLE, wd)
+    proc = subprocess.Popen(
+        _args(market, "--vastaidask-orphan-timeout", "8", "--config", "samples=2", "seconds=120"),
+        cwd=wd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (wd / "prepared" / "shared.bin").exists():
+            time.sleep(0.5)
+        assert market.instances(), "instances should be rented mid-run"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 120
+    while market.instances() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert market.instances() == [], "the on-instance watchdog destroys what a SIGKILLed run left"
