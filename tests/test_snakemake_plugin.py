@@ -32,10 +32,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def snakemake(workdir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def snakemake(workdir: Path, *args: str, timeout: float = 120,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", *args], cwd=workdir, env=_env(), capture_output=True,
-        text=True, timeout=timeout,
+        [sys.executable, "-m", "snakemake", *args], cwd=workdir, env={**_env(), **(env or {})},
+        capture_output=True, text=True, timeout=timeout,
     )
 
 
@@ -128,7 +129,12 @@ def test_failing_job_log_reaches_the_user_and_retries_succeed(dask_pool: str, tm
     assert "CUDA out of memory (simulated)" in text
     assert "exited with code" in text
     assert (tmp_path / "flaky.log").read_text() == "attempt 1\n", "the failed job's log comes back"
-    retried = snakemake(tmp_path, *_vastaidask(dask_pool, tmp_path / "cache"), "--retries", "1")
+    # settings also come from SNAKEMAKE_VASTAIDASK_* environment variables
+    retried = snakemake(
+        tmp_path, "--executor", "vastaidask", "--jobs", "2", "--retries", "1",
+        "--vastaidask-worker-cache-dir", str(tmp_path / "cache"),
+        env={"SNAKEMAKE_VASTAIDASK_SCHEDULER_ADDRESS": dask_pool},
+    )
     assert retried.returncode == 0, retried.stderr[-3000:]
     assert (tmp_path / "out.txt").read_text() == "ok\n"
 
