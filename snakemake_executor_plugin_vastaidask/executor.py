@@ -97,6 +97,14 @@ class Executor(RemoteExecutor):
         from .pool import Pool
 
         self.settings: ExecutorSettings = self.workflow.executor_settings or ExecutorSettings()
+        if self.workflow.storage_settings.default_storage_provider is not None:
+            from snakemake_interface_common.exceptions import WorkflowError
+
+            raise WorkflowError(
+                "--executor vastaidask does not support --default-storage-provider yet: files travel "
+                "over the Dask connection. Drop the storage options (inputs are read from this "
+                "machine's disk and outputs come back to it)."
+            )
         self.run_id = uuid.uuid4().hex[:10]
         self.next_seconds_between_status_checks = STATUS_INTERVAL_S
         self.workdir = Path.cwd()
@@ -124,6 +132,15 @@ class Executor(RemoteExecutor):
     # ------------------------------------------------------------ the command
     def format_job_exec(self, job: JobExecutorInterface) -> str:
         return strip_directory(super().format_job_exec(job))
+
+    def additional_general_args(self) -> str:
+        """Software environments (``--sdm conda/apptainer``) are built once per worker, into a
+        persistent prefix in its cache, not once per job in a scratch directory (the shell
+        running the job expands the variable the worker sets)."""
+        return (
+            '--conda-prefix "$VASTAIDASK_WORKER_CACHE/conda" '
+            '--apptainer-prefix "$VASTAIDASK_WORKER_CACHE/apptainer"'
+        )
 
     # ------------------------------------------------------------- hand-off
     def run_job(self, job: JobExecutorInterface) -> None:

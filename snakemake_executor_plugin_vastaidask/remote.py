@@ -235,6 +235,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         env = dict(os.environ)
         env.update(payload.get("env") or {})
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        env["VASTAIDASK_WORKER_CACHE"] = base  # persistent conda/apptainer prefixes live here
         log_path = os.path.join(base, "jobs", payload["key"] + ".out")
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
