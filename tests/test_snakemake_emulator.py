@@ -119,3 +119,28 @@ def test_sigkill_mid_run_leaves_it_to_the_watchdog(market, tmp_path: Path) -> No
     while market.instances() and time.monotonic() < deadline:
         time.sleep(1)
     assert market.instances() == [], "the on-instance watchdog destroys what a SIGKILLed run left"
+
+
+_TWO_SHAPES = """
+rule all:
+    input: "a3090.txt", "b4090.txt"
+
+rule a:
+    output: "a3090.txt"
+    resources: gpu=1
+    shell: "nvidia-smi --query-gpu=name --format=csv,noheader > {output}"
+
+rule b:
+    output: "b4090.txt"
+    resources: gpu=1, gpu_model="RTX_4090"
+    shell: "nvidia-smi --query-gpu=name --format=csv,noheader > {output}"
+"""
+
+
+def test_rule_gpu_model_gets_its_own_pool(market, tmp_path: Path) -> None:
+    (tmp_path / "Snakefile").write_text(_TWO_SHAPES)
+    run = subprocess.run(_args(market), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=420)
+    assert run.returncode == 0, run.stderr[-5000:]
+    assert "RTX 3090" in (tmp_path / "a3090.txt").read_text()
+    assert "RTX 4090" in (tmp_path / "b4090.txt").read_text()
+    assert market.instances() == []
