@@ -55,3 +55,23 @@ class Oracle:
 @pytest.fixture(scope="session")
 def oracle() -> Oracle:
     return Oracle()
+
+
+@pytest.fixture
+def sandbox() -> None:
+    """Skip, loudly, where the emulator's real sandboxes cannot run (not Linux, no user namespaces)."""
+    try:
+        from dask_vastai.emulator.sandbox import SandboxRuntime
+    except ImportError as e:  # pragma: no cover
+        pytest.skip(f"sandbox runtime unavailable: {e}")
+    ok, why = SandboxRuntime.available()
+    if not ok:
+        pytest.skip(f"sandbox runtime unavailable here: {why}")
+
+
+@pytest.fixture
+def market(sandbox: None, tmp_path: Path) -> Iterator[Emulator]:
+    """An emulator with real sandboxes and Vast's rate limits on: the user's marketplace."""
+    with Emulator(runtime="sandbox", boot_delay_s=1.0, rate_limits=True, state_dir=tmp_path / "emu") as emu:
+        yield emu
+

@@ -7,17 +7,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
+from dask_vastai.emulator import Emulator
 
-Emulator = pytest.importorskip("dask_vastai.emulator").Emulator
+pytestmark = [pytest.mark.sandbox, pytest.mark.slow, pytest.mark.usefixtures("sandbox")]
 
-
-def _sandbox_or_skip() -> None:
-    from dask_vastai.emulator.sandbox import SandboxRuntime
-
-    ok, why = SandboxRuntime.available()
-    if not ok:
-        pytest.skip(f"sandbox runtime unavailable here: {why}")
 
 
 def _creates(emu) -> int:
@@ -26,7 +19,6 @@ def _creates(emu) -> int:
 
 
 def test_adapt_rents_for_gpu_demand_and_releases_after_idle_wait(tmp_path: Path) -> None:
-    _sandbox_or_skip()
     from distributed import Client
 
     from dask_vastai import VastAICluster
@@ -70,7 +62,6 @@ def test_adapt_rents_for_gpu_demand_and_releases_after_idle_wait(tmp_path: Path)
 
 
 def test_two_pools_rent_for_their_own_demand_and_impossible_fails_at_once(tmp_path: Path) -> None:
-    _sandbox_or_skip()
     from distributed import Client
 
     from dask_vastai import VastAICluster
@@ -114,7 +105,6 @@ def test_two_pools_rent_for_their_own_demand_and_impossible_fails_at_once(tmp_pa
 
 
 def test_two_gpu_instances_run_one_worker_per_gpu(tmp_path: Path) -> None:
-    _sandbox_or_skip()
     from distributed import Client
 
     from dask_vastai import VastAICluster

@@ -12,32 +12,10 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
-
-Emulator = pytest.importorskip("dask_vastai.emulator").Emulator
-
-
-def _sandbox_or_skip() -> None:
-    try:
-        from dask_vastai.emulator.sandbox import SandboxRuntime
-    except ImportError as e:  # pragma: no cover
-        pytest.skip(f"sandbox runtime unavailable: {e}")
-    ok, why = SandboxRuntime.available()
-    if not ok:
-        pytest.skip(f"sandbox runtime unavailable here: {why}")
-
-
-@pytest.fixture
-def market(tmp_path: Path):
-    """An emulator with real sandboxes and Vast's rate limits on."""
-    _sandbox_or_skip()
-    with Emulator(runtime="sandbox", boot_delay_s=1.0, rate_limits=True, state_dir=tmp_path / "emu") as emu:
-        yield emu
-
 
 def test_user_story_four_instances(market) -> None:
     from distributed import Client, get_worker

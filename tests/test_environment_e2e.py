@@ -18,26 +18,17 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
+from dask_vastai.emulator import Emulator
 
-Emulator = pytest.importorskip("dask_vastai.emulator").Emulator
+pytestmark = [pytest.mark.sandbox, pytest.mark.slow, pytest.mark.usefixtures("sandbox")]
+
 
 SECRET = "s3cr3t-token-value-9f2c"
 
 
-def _sandbox_or_skip() -> None:
-    try:
-        from dask_vastai.emulator.sandbox import SandboxRuntime
-    except ImportError as e:  # pragma: no cover
-        pytest.skip(f"sandbox runtime unavailable: {e}")
-    ok, why = SandboxRuntime.available()
-    if not ok:
-        pytest.skip(f"sandbox runtime unavailable here: {why}")
-
-
 @pytest.fixture
 def market(tmp_path: Path):
-    _sandbox_or_skip()
+    """Rate limits off: these tests are about what reaches the instances, not pacing."""
     with Emulator(runtime="sandbox", boot_delay_s=0.5, rate_limits=False, state_dir=tmp_path / "emu") as emu:
         yield emu
 
