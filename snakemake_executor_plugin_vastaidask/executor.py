@@ -270,14 +270,15 @@ class Executor(RemoteExecutor):
             return
         result = await asyncio.to_thread(future.result)
         self._forget(key)
-        self._record_transfers(key, result)
         log_path = self.state_dir / "logs" / f"{key}.log"
         log_path.write_text(result.get("output", ""))
         await asyncio.to_thread(unpack_results, result.get("tar", b""), self.workdir)
         if result.get("rc") == 0 and not result.get("cancelled"):
             restamp(job.payload["outputs"], self.workdir)
+            self._record_transfers(key, result, time.monotonic() - job.submitted_at)
             self.report_job_success(info)
             return
+        self._record_transfers(key, result, time.monotonic() - job.submitted_at)
         why = "was cancelled" if result.get("cancelled") else f"exited with code {result.get('rc')}"
         self.report_job_error(
             info,
@@ -288,7 +289,8 @@ class Executor(RemoteExecutor):
             aux_logs=[str(log_path)],
         )
 
-    def _record_transfers(self, key: str, result: dict[str, Any]) -> None:
+    def _record_transfers(self, key: str, result: dict[str, Any], latency_s: float) -> None:
+        """One JSON line per job: what crossed to which worker, and hand-off -> outputs on disk."""
         cache = result.get("cache", {})
         line = {
             "key": key,
@@ -297,6 +299,7 @@ class Executor(RemoteExecutor):
             "fetched": cache.get("fetched", []),
             "cache_hits": cache.get("hits", 0),
             "seconds": round(float(result.get("seconds", 0.0)), 3),
+            "latency_s": round(latency_s, 3),
         }
         with open(self.transfer_log, "a") as f:
             f.write(json.dumps(line) + "\n")
