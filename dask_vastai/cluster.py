@@ -540,10 +540,10 @@ class VastAICluster(SpecCluster):
     async def _offers(self) -> OfferPreview:
         req = self.requirements
         offers = await self.api.search_offers(
-            req.query(), order=req.order, limit=10,
+            req.filters(), order=req.order, limit=10,
             type="bid" if req.interruptible else "on-demand", storage_gb=req.disk_gb,
         )
-        return OfferPreview(query_text=req.query_text(), query=req.query(), offers=offers)
+        return OfferPreview(query_text=req.query_text(), query=req.filters(), offers=offers)
 
     def offers(self) -> OfferPreview:
         """The query this cluster sends and the offers it matches now; rents nothing."""

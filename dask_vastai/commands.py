@@ -50,7 +50,7 @@ async def _offers(api: VastAPI, args: argparse.Namespace, console: Console) -> i
         **kwargs,
     )
     req.validate()
-    offers = await api.search_offers(req.query(), order=req.order, limit=args.limit, storage_gb=req.disk_gb)
+    offers = await api.search_offers(req.filters(), order=req.order, limit=args.limit, storage_gb=req.disk_gb)
     console.print(f"query: {req.query_text()}")
     table = Table("offer", "GPU", "#", "GPU RAM", "CPUs", "RAM", "$/h", "reliability", "where")
     for o in offers:

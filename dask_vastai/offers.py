@@ -381,40 +381,6 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-class ExtraQuery(str):
-    """The ``query`` option's text that, called, gives the requirements' whole filter dict.
-
-    ``OfferRequirements`` has both a ``query`` option (extra filters, a string, as in the
-    YAML and the keyword arguments) and a ``query()`` method (the dict sent to Vast). A
-    dataclass cannot have a field and a method of one name, so the field is this string
-    subclass: ``req.query`` reads as the text, ``req.query()`` is ``req.filters()``.
-    """
-
-    __slots__ = ("_owner",)
-
-    def __new__(cls, text: str, owner: OfferRequirements | None = None) -> ExtraQuery:
-        self = super().__new__(cls, text)
-        self._owner = owner
-        return self
-
-    def __call__(self) -> dict[str, Any]:
-        if self._owner is None:
-            raise TypeError("query() needs an OfferRequirements instance")
-        return self._owner.filters()
-
-
-class _QueryOption:
-    """Data descriptor storing the ``query`` option as text and returning it as ExtraQuery."""
-
-    def __get__(self, obj: OfferRequirements | None, owner: type | None = None) -> ExtraQuery:
-        if obj is None:
-            return ExtraQuery("")  # the dataclass default
-        return ExtraQuery(obj.__dict__.get("_query", ""), obj)
-
-    def __set__(self, obj: OfferRequirements, value: str | None) -> None:
-        obj.__dict__["_query"] = str(value or "")
-
-
 @dataclass(frozen=True)
 class OfferRequirements:
     """What one instance must have; turned into a ``vastai search offers`` query.
@@ -433,7 +399,7 @@ class OfferRequirements:
     region: str | Sequence[str] | None = None
     datacenter: bool = True
     reliability: float = 0.98
-    query: str = _QueryOption()  # type: ignore[assignment]  # see ExtraQuery
+    query: str = ""
     order: str = "dph_total"
     interruptible: bool = False
 
@@ -508,7 +474,7 @@ class OfferRequirements:
         return " ".join(terms)
 
     def filters(self) -> dict[str, Any]:
-        """The filter dict sent to Vast (also ``req.query()``): :meth:`query_text` parsed with the SDK's defaults.
+        """The filter dict sent to Vast: :meth:`query_text` parsed with the SDK's defaults.
 
         Also ``rented=false``. A default the user's ``query`` drops with a wildcard
         (``verified=any``) is sent as an empty filter, so that the dict defaults that

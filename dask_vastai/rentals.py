@@ -218,14 +218,14 @@ class RentalBroker:
 
     async def _candidate_offers(self, count: int, req: OfferRequirements) -> list[Offer]:
         offers = await self.api.search_offers(
-            req.query(), order=req.order, limit=max(3 * count, 10) + len(self._tried_offers),
+            req.filters(), order=req.order, limit=max(3 * count, 10) + len(self._tried_offers),
             type="bid" if req.interruptible else "on-demand", storage_gb=req.disk_gb,
         )
         fresh = [o for o in offers if o.id not in self._tried_offers]
         if len(fresh) < count:
             if not fresh:
                 nearest = await self.nearest_offers(req)
-                raise NoOfferAvailable(no_match_message(req, req.query(), nearest))
+                raise NoOfferAvailable(no_match_message(req, req.filters(), nearest))
             raise NoOfferAvailable(
                 f"only {len(fresh)} offer(s) match, {count} instance(s) wanted. "
                 f"Query: {req.query_text()}. Ask for fewer instances or relax the requirements."
@@ -236,7 +236,7 @@ class RentalBroker:
         """The cheapest offers for the same GPU ignoring price, region and reliability limits."""
         relaxed = replace(requirements or self.requirements, max_price=None, region=None, reliability=0.0, datacenter=False, query="")
         try:
-            return await self.api.search_offers(relaxed.query(), order="dph_total", limit=limit)
+            return await self.api.search_offers(relaxed.filters(), order="dph_total", limit=limit)
         except VastError:
             return []
 

@@ -48,7 +48,7 @@ def _calls(emu: Any, endpoint: str) -> list[dict[str, Any]]:
 
 
 async def _offers(api: VastAPI, n: int, gpu: str = "RTX_3090") -> list[int]:
-    offers = await api.search_offers(OfferRequirements(gpu=gpu).query(), limit=n)
+    offers = await api.search_offers(OfferRequirements(gpu=gpu).filters(), limit=n)
     assert len(offers) == n, f"the catalog has {len(offers)} {gpu} offers, the test wants {n}"
     return [o.id for o in offers]
 

@@ -25,13 +25,13 @@ def test_gpu_spellings_users_write_mean_vast_s_name(spelling: str) -> None:
     req = OfferRequirements(gpu=spelling)
     req.validate()
     assert req.query_text().startswith("gpu_name=RTX_3090 ")
-    assert req.query()["gpu_name"] == {"eq": "RTX 3090"}
+    assert req.filters()["gpu_name"] == {"eq": "RTX 3090"}
 
 
 def test_default_requirements_ask_for_reliable_verified_datacenter_hosts() -> None:
     req = OfferRequirements(gpu="RTX_4090")
     assert req.query_text() == "gpu_name=RTX_4090 num_gpus=1 disk_space>=40 reliability>=0.98 datacenter=true"
-    q = req.query()
+    q = req.filters()
     assert q["verified"] == {"eq": True} and q["rentable"] == {"eq": True}
     assert q["rented"] == {"eq": False} and q["external"] == {"eq": False}
     assert q["datacenter"] == {"eq": True} and q["reliability"] == {"gte": "0.98"}
@@ -48,7 +48,7 @@ def test_every_requirement_becomes_a_filter() -> None:
         "gpu_name in [RTX_3090,RTX_4090] num_gpus=2 gpu_ram>=24 cpu_ram>=64 cpu_cores_effective>=16 "
         "disk_space>=100 dph_total<=0.8 reliability>=0.99 geolocation in [DE,PL] cuda_max_good>=12.4"
     )
-    q = req.query()
+    q = req.filters()
     assert q["gpu_name"] == {"in": ["RTX 3090", "RTX 4090"]}
     assert q["gpu_ram"] == {"gte": 24000.0} and q["cpu_ram"] == {"gte": 64000.0}  # GB -> MB as the SDK
     assert q["geolocation"] == {"in": ["DE", "PL"]}
@@ -68,16 +68,16 @@ def test_a_region_expands_to_its_countries() -> None:
 
 def test_a_wildcard_in_the_extra_query_drops_a_default_filter() -> None:
     req = OfferRequirements(gpu="RTX_3090", query="verified=any")
-    body = search_body(req.query(), order=req.order)
+    body = search_body(req.filters(), order=req.order)
     assert body["verified"] == {}  # an empty filter: any, and the dict defaults cannot restore it
     assert body["rentable"] == {"eq": True}
 
 
 def test_query_option_reads_as_text_and_replace_keeps_working() -> None:
     req = OfferRequirements(gpu="RTX_3090", query="inet_down>=500")
-    assert req.query == "inet_down>=500" and isinstance(req.query(), dict)
+    assert req.query == "inet_down>=500" and isinstance(req.filters(), dict)
     relaxed = replace(req, query="", max_price=None)
-    assert relaxed.query == "" and "inet_down" not in relaxed.query()
+    assert relaxed.query == "" and "inet_down" not in relaxed.filters()
     assert relaxed == replace(req, query="")
     assert "query='inet_down>=500'" in repr(req)
 
@@ -119,7 +119,7 @@ def test_no_match_message_shows_the_query_the_nearest_offers_and_what_to_relax()
     req = OfferRequirements(gpu="RTX_4090", max_price=0.2, region="EU")
     nearest = [_offer(11, 0.35, "Warsaw, PL", 0.995), _offer(12, 0.38, "Texas, US", 0.99),
                _offer(13, 0.41, "Berlin, DE", 0.97, datacenter=False)]
-    text = no_match_message(req, req.query(), nearest)
+    text = no_match_message(req, req.filters(), nearest)
     assert req.query_text() in text and '"dph_total": {"lte": "0.2"}' in text
     assert "offer 11: 1x RTX 4090, $0.350/h, Warsaw, PL, reliability 0.995, datacenter" in text
     assert "excluded by max_price=0.2 (this one costs $0.350/h)" in text
@@ -130,7 +130,7 @@ def test_no_match_message_shows_the_query_the_nearest_offers_and_what_to_relax()
 
 def test_no_match_message_without_any_offer_suggests_another_gpu() -> None:
     req = OfferRequirements(gpu="H200", num_gpus=8)
-    text = no_match_message(req, req.query(), [])
+    text = no_match_message(req, req.filters(), [])
     assert "8x H200" in text and "another GPU model" in text
 
 
