@@ -34,7 +34,7 @@ from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 
 from .settings import ExecutorSettings
-from .staging import Stager, remote_function, restamp, unpack_results
+from .staging import Stager, remote_function, restamp, sha256_bytes, unpack_results
 
 _DIRECTORY_ARG = re.compile(r"\s--directory\s+('[^']*'|\S+)")
 STATUS_INTERVAL_S = 0.5
@@ -53,6 +53,7 @@ class _Job:
     payload: dict[str, Any]
     resources: dict[str, float]
     results: list[str]
+    shas: list[str] = field(default_factory=list)  # blob references held for this attempt
     submitted_at: float = field(default_factory=time.monotonic)
     future: Any = None
 
@@ -123,7 +124,8 @@ class Executor(RemoteExecutor):
             self._remote = remote_function()
             archive = Path(self.tmpdir) / "workflow-sources.tar.xz"
             self.workflow.write_source_archive(archive)
-            self.sources_sha = self.stager.stage_bytes(archive.read_bytes())
+            self.sources = archive.read_bytes()
+            self.sources_sha = sha256_bytes(self.sources)
         except BaseException:
             self.pool.close()
             raise
@@ -146,14 +148,19 @@ class Executor(RemoteExecutor):
     def run_job(self, job: JobExecutorInterface) -> None:
         key = f"smk-{self.run_id}-{job.jobid}-{job.attempt}"
         info = SubmittedJobInfo(job, external_jobid=key, aux={})
+        staged: list[str] = []
         try:
             resources = job_resources(job)
             resources.update(
                 self.pool.pool_resource(job.resources.get("gpu_model", None), job.resources.get("vastai_query", None))
             )
             outputs, logs = job_result_paths(job)
-            inputs = [self.stager.stage_path(self._relative(str(f), job)) for f in job.input]
-            shas = [self.sources_sha, *(i.sha for i in inputs)]
+            staged.append(self.stager.stage_bytes(self.sources, self.sources_sha))
+            inputs = []
+            for f in job.input:
+                inputs.append(self.stager.stage_path(self._relative(str(f), job)))
+                staged.append(inputs[-1].sha)
+            shas = staged
             payload = {
                 "key": key,
                 "command": self.format_job_exec(job),
@@ -168,10 +175,11 @@ class Executor(RemoteExecutor):
                 "cache_quota_bytes": int(self.settings.cache_quota_gb * 1e9),
             }
         except Exception as e:
+            self.stager.release(staged)
             self.report_job_submission(info)
             self.report_job_error(info, msg=f"vastaidask could not prepare {job}: {e}")
             return
-        self._jobs[key] = _Job(info, payload, resources, outputs)
+        self._jobs[key] = _Job(info, payload, resources, outputs, shas=staged)
         self.report_job_submission(info)
         with self._dispatch_lock:
             self._backlog.append(key)
@@ -256,8 +264,11 @@ class Executor(RemoteExecutor):
 
     def _forget(self, key: str) -> None:
         job = self._jobs.pop(key, None)
-        if job is not None and job.future is not None:
+        if job is None:
+            return
+        if job.future is not None:
             job.future.release()
+        self.stager.release(job.shas)
 
     async def _finish(self, job: _Job) -> None:
         info = job.info
@@ -330,6 +341,6 @@ class Executor(RemoteExecutor):
             if self._closed:
                 return
             self._closed = True
-        self.stager.release()
+        self.stager.release_all()
         self.pool.close()
 

@@ -12,13 +12,15 @@ filter and restamped, so outputs are never older than their inputs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import tarfile
 import threading
 import types
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,60 +57,83 @@ class StagedInput:
 
 
 class Stager:
-    """Hashes local files, puts each distinct blob into the cluster once, keeps it there."""
+    """Hashes local files and keeps each blob in the cluster while a job that needs it is active.
+
+    Every ``stage_*`` call takes a reference on the blob for the job being prepared and
+    ``release`` drops the job's references; a blob nobody references leaves the cluster's
+    memory (the workers' disk caches keep it), so idle instances hold no data the adaptive
+    policy would have to keep them for, and a 1 GB input does not sit in RAM all run long.
+    A blob needed again later is put again: only workers whose cache lacks it receive it.
+    """
 
     def __init__(self, client: Any, workdir: Path) -> None:
         self.client = client
         self.workdir = workdir
         self._lock = threading.Lock()
-        self._hashes: dict[tuple[str, int, int], tuple[str, bytes | None]] = {}
+        self._hashes: dict[tuple[str, int, int], str] = {}
         self._futures: dict[str, Any] = {}
+        self._refs: Counter[str] = Counter()
         self.uploaded_bytes = 0
 
-    # ------------------------------------------------------------- hashing
-    def stage_bytes(self, data: bytes) -> str:
-        """Put ``data`` into the cluster (once) and return its hash."""
-        sha = sha256_bytes(data)
-        self._put(sha, data)
+    # ------------------------------------------------------------- staging
+    def stage_bytes(self, data: bytes, sha: str | None = None) -> str:
+        """Reference ``data`` for one job (putting it into the cluster if absent); its hash."""
+        sha = sha or sha256_bytes(data)
+        self._acquire(sha, lambda: data)
         return sha
 
     def stage_path(self, rel: str) -> StagedInput:
-        """Stage a workdir-relative input file or directory; raises with the path when it is missing."""
+        """Reference a workdir-relative input file or directory for one job."""
         path = self.workdir / rel
         if not path.exists():
             raise FileNotFoundError(
                 f"input {rel!r} of the job is not on this machine ({path}); with --executor vastaidask "
-                "inputs travel from the local disk (or use --default-storage-provider)"
+                "inputs travel from the local disk"
             )
         st = path.stat()
         if path.is_dir():
             data = _tar_dir(path, rel)
-            sha = sha256_bytes(data)
-            self._put(sha, data)
-            return StagedInput(rel, sha, "dir", st.st_mtime_ns)
+            return StagedInput(rel, self.stage_bytes(data), "dir", st.st_mtime_ns)
         ident = (str(path), st.st_size, st.st_mtime_ns)
         with self._lock:
-            known = self._hashes.get(ident)
-        if known is None:
+            sha = self._hashes.get(ident)
+        if sha is None:
             data = path.read_bytes()
             sha = sha256_bytes(data)
             with self._lock:
-                self._hashes[ident] = (sha, None)
-            self._put(sha, data)
+                self._hashes[ident] = sha
+            self._acquire(sha, lambda: data)
         else:
-            sha = known[0]
-            if sha not in self._futures:
-                self._put(sha, path.read_bytes())
+            self._acquire(sha, path.read_bytes)
         return StagedInput(rel, sha, "file", st.st_mtime_ns)
 
     def key(self, sha: str) -> str:
         return BLOB_PREFIX + sha
 
-    # ------------------------------------------------------------- upload
-    def _put(self, sha: str, data: bytes) -> None:
+    def release(self, shas: Iterable[str]) -> None:
+        """Drop one job's references; blobs nobody references leave the cluster's memory."""
         with self._lock:
-            if sha in self._futures:
+            for sha in shas:
+                self._refs[sha] -= 1
+                if self._refs[sha] <= 0:
+                    del self._refs[sha]
+                    self._drop(sha)
+
+    def release_all(self) -> None:
+        """Unpublish and forget every blob (the run is over)."""
+        with self._lock:
+            for sha in list(self._futures):
+                self._drop(sha)
+            self._refs.clear()
+
+    # ------------------------------------------------------------- upload
+    def _acquire(self, sha: str, load: Callable[[], bytes]) -> None:
+        with self._lock:
+            self._refs[sha] += 1
+            future = self._futures.get(sha)
+            if future is not None and future.status not in ("error", "lost", "cancelled"):
                 return
+            data = load()
             key = self.key(sha)
             if self.client.scheduler_info().get("workers"):
                 future = self.client.scatter({key: data}, direct=False)[key]
@@ -122,15 +147,13 @@ class Stager:
             self._futures[sha] = future
             self.uploaded_bytes += len(data)
 
-    def release(self) -> None:
-        """Unpublish and forget every blob (the run is over)."""
-        with self._lock:
-            for sha in list(self._futures):
-                try:
-                    self.client.unpublish_dataset(self.key(sha))
-                except Exception:  # noqa: S110 - scheduler already gone at shutdown
-                    pass
-            self._futures.clear()
+    def _drop(self, sha: str) -> None:
+        future = self._futures.pop(sha, None)
+        with contextlib.suppress(Exception):  # the scheduler may be gone already at shutdown
+            self.client.unpublish_dataset(self.key(sha))
+        if future is not None:
+            with contextlib.suppress(Exception):
+                future.release()
 
 
 def _tar_dir(path: Path, rel: str) -> bytes:
