@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import threading
@@ -98,14 +99,6 @@ class Executor(RemoteExecutor):
         from .pool import Pool
 
         self.settings: ExecutorSettings = self.workflow.executor_settings or ExecutorSettings()
-        if self.workflow.storage_settings.default_storage_provider is not None:
-            from snakemake_interface_common.exceptions import WorkflowError
-
-            raise WorkflowError(
-                "--executor vastaidask does not support --default-storage-provider yet: files travel "
-                "over the Dask connection. Drop the storage options (inputs are read from this "
-                "machine's disk and outputs come back to it)."
-            )
         self.run_id = uuid.uuid4().hex[:10]
         self.next_seconds_between_status_checks = STATUS_INTERVAL_S
         self.workdir = Path.cwd()
@@ -122,16 +115,35 @@ class Executor(RemoteExecutor):
         try:
             self.stager = Stager(self.pool.client, self.workdir)
             self._remote = remote_function()
-            archive = Path(self.tmpdir) / "workflow-sources.tar.xz"
-            self.workflow.write_source_archive(archive)
-            self.sources = archive.read_bytes()
-            self.sources_sha = sha256_bytes(self.sources)
+            if self.storage_mode:
+                # Bucket mode: jobs fetch the sources (--deploy-sources) and read and write
+                # files in the bucket themselves; nothing but the logs travels over Dask.
+                self.workflow.upload_sources()
+                self.sources, self.sources_sha = b"", None
+            else:
+                archive = Path(self.tmpdir) / "workflow-sources.tar.xz"
+                self.workflow.write_source_archive(archive)
+                self.sources = archive.read_bytes()
+                self.sources_sha = sha256_bytes(self.sources)
         except BaseException:
             self.pool.close()
             raise
         self._ready = True
 
     # ------------------------------------------------------------ the command
+    @property
+    def storage_mode(self) -> bool:
+        """``--default-storage-provider`` given: files go through the bucket, not over Dask."""
+        return self.workflow.storage_settings.default_storage_provider is not None
+
+    @property
+    def common_settings(self):  # type: ignore[override]
+        # Core reads the module-level settings (can_transfer_local_files: no bucket needed);
+        # the job command reads this property: in bucket mode it must deploy the sources
+        # from the bucket (--deploy-sources) as every storage-based executor does.
+        base = self.workflow.executor_plugin.common_settings
+        return dataclasses.replace(base, can_transfer_local_files=False) if self.storage_mode else base
+
     def format_job_exec(self, job: JobExecutorInterface) -> str:
         return strip_directory(super().format_job_exec(job))
 
@@ -155,9 +167,10 @@ class Executor(RemoteExecutor):
                 self.pool.pool_resource(job.resources.get("gpu_model", None), job.resources.get("vastai_query", None))
             )
             outputs, logs = job_result_paths(job)
-            staged.append(self.stager.stage_bytes(self.sources, self.sources_sha))
             inputs = []
-            for f in job.input:
+            if self.sources_sha is not None:
+                staged.append(self.stager.stage_bytes(self.sources, self.sources_sha))
+            for f in [] if self.storage_mode else job.input:
                 inputs.append(self.stager.stage_path(self._relative(str(f), job)))
                 staged.append(inputs[-1].sha)
             shas = staged
@@ -167,7 +180,7 @@ class Executor(RemoteExecutor):
                 "sources": self.sources_sha,
                 "inputs": [[i.path, i.sha, i.kind, i.mtime_ns] for i in inputs],
                 "blob_keys": {sha: self.stager.key(sha) for sha in shas},
-                "outputs": [self._relative(p, job) for p in outputs],
+                "outputs": [] if self.storage_mode else [self._relative(p, job) for p in outputs],
                 "logs": [self._relative(p, job) for p in logs],
                 "env": self.envvars(),
                 "cancel_event": self.cancel_event_name,
@@ -343,4 +356,8 @@ class Executor(RemoteExecutor):
             self._closed = True
         self.stager.release_all()
         self.pool.close()
+        if self.storage_mode:
+            # Core removes the archive only when it uploaded it itself.
+            with contextlib.suppress(Exception):
+                self.workflow.cleanup_source_archive()
 

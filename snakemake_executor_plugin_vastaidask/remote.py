@@ -216,10 +216,11 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     os.makedirs(scratch)
     result: dict[str, Any] = {"worker": address, "worker_name": name, "rc": None, "cancelled": False}
     try:
-        src = os.path.join(scratch, ".vastaidask-sources.tar.xz")
-        _blob_to(blobs, payload["sources"], payload["blob_keys"][payload["sources"]], src, quota, stats)
-        _extract(src, scratch)
-        os.unlink(src)
+        if payload["sources"] is not None:  # None in bucket mode: the job deploys them itself
+            src = os.path.join(scratch, ".vastaidask-sources.tar.xz")
+            _blob_to(blobs, payload["sources"], payload["blob_keys"][payload["sources"]], src, quota, stats)
+            _extract(src, scratch)
+            os.unlink(src)
         for rel, sha, kind, mtime_ns in payload["inputs"]:
             dest = _safe_join(scratch, rel)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
