@@ -23,6 +23,23 @@ RESOURCE_NAMES = ("GPU", "CPU", "MEMORY")
 ADAPT_INTERVAL_S = 1.0
 
 
+def job_packages() -> list[str]:
+    """Pins the instances need to run ``python -m snakemake ... --mode remote`` as this client does.
+
+    The job command carries flags of this snakemake version and ``--storage-*`` flags of
+    every storage plugin installed here, so the same versions go to the instances (the
+    environment sync installs only what differs).
+    """
+    from importlib import metadata
+
+    pins = []
+    for dist in metadata.distributions():
+        name = (dist.metadata.get("Name") or "").lower().replace("_", "-")
+        if name == "snakemake" or name.startswith(("snakemake-interface-", "snakemake-storage-plugin-")):
+            pins.append(f"{name}=={dist.version}")
+    return sorted(set(pins))
+
+
 class Pool:
     """A Dask client plus, in renting mode, the ``VastAICluster`` it talks to."""
 
@@ -57,6 +74,7 @@ class Pool:
             datacenter=False if settings.no_datacenter else None,
             boot_timeout=settings.boot_timeout,
             orphan_timeout=settings.orphan_timeout,
+            packages=job_packages(),
             api_url=settings.api_url,
             api_key=settings.api_key,
             name=run_name,
