@@ -164,7 +164,10 @@ class Executor(RemoteExecutor):
         try:
             resources = job_resources(job)
             resources.update(
-                self.pool.pool_resource(job.resources.get("gpu_model", None), job.resources.get("vastai_query", None))
+                self.pool.pool_resource(
+                    job.resources.get("gpu_model", None), job.resources.get("vastai_query", None),
+                    resources.get("GPU", 0),
+                )
             )
             outputs, logs = job_result_paths(job)
             inputs = []

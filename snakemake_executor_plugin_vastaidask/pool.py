@@ -93,7 +93,7 @@ class Pool:
             raise
 
     # ----------------------------------------------------------------- pools
-    def pool_resource(self, gpu_model: str | None, query: str | None) -> dict[str, float]:
+    def pool_resource(self, gpu_model: str | None, query: str | None, gpus: float = 1) -> dict[str, float]:
         """The resource that sends a job to the pool of its instance shape (renting mode).
 
         A rule's ``gpu_model`` / ``vastai_query`` differing from the executor's defaults gets
@@ -109,14 +109,18 @@ class Pool:
             return {}
         model = gpu_model or self.settings.gpu
         extra = query if query is not None else self.settings.vastai_query
-        if model == self.settings.gpu and extra == self.settings.vastai_query:
+        # A job needing several GPUs gets instances with that many, held by one worker.
+        multi = int(gpus) if gpus > 1 else None
+        if model == self.settings.gpu and extra == self.settings.vastai_query and multi is None:
             return {}
-        digest = hashlib.sha1(f"{model}|{extra}".encode()).hexdigest()[:6]
-        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{model or 'any'}")[:40] + f"-{digest}"
+        digest = hashlib.sha1(f"{model}|{extra}|{multi}".encode()).hexdigest()[:6]
+        label = f"{model or 'any'}" + (f"-x{multi}" if multi else "")
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)[:40] + f"-{digest}"
         with self._pools_lock:
             if name not in self.cluster.pools:
                 self.cluster.add_pool(
-                    name, gpu=model, num_gpus=self.settings.num_gpus, max_price=self.settings.max_price,
+                    name, gpu=model, num_gpus=multi or self.settings.num_gpus,
+                    worker_per_gpu=False if multi else None, max_price=self.settings.max_price,
                     region=self.settings.region, image=self.settings.image, disk=self.settings.disk,
                     query=extra, datacenter=False if self.settings.no_datacenter else None,
                 )

@@ -144,3 +144,24 @@ def test_rule_gpu_model_gets_its_own_pool(market, tmp_path: Path) -> None:
     assert "RTX 3090" in (tmp_path / "a3090.txt").read_text()
     assert "RTX 4090" in (tmp_path / "b4090.txt").read_text()
     assert market.instances() == []
+
+
+def test_job_no_pool_can_run_fails_clearly_and_rents_nothing(market, tmp_path: Path) -> None:
+    (tmp_path / "Snakefile").write_text(
+        'rule big:\n    output: "x"\n    resources: gpu=1, gpu_model="RTX_9999"\n    shell: "touch {output}"\n'
+    )
+    run = subprocess.run(_args(market), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
+    assert run.returncode != 0
+    assert "RTX_9999" in run.stderr, run.stderr[-3000:]
+    assert market.meter()["instances"] == [], "nothing rented for a job no pool can run"
+
+
+def test_multi_gpu_job_gets_an_instance_with_that_many_gpus(market, tmp_path: Path) -> None:
+    (tmp_path / "Snakefile").write_text(
+        'rule two:\n    output: "gpus.txt"\n    resources: gpu=2\n'
+        '    shell: "nvidia-smi --query-gpu=name --format=csv,noheader > {output}"\n'
+    )
+    run = subprocess.run(_args(market), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=420)
+    assert run.returncode == 0, run.stderr[-5000:]
+    assert len((tmp_path / "gpus.txt").read_text().splitlines()) == 2
+    assert market.instances() == []
