@@ -36,6 +36,20 @@ import tarfile
 import time
 from typing import Any
 
+#: Runs the job's shell as its child and kills the whole process group when the worker that
+#: started it is gone (a SIGKILLed or crashed worker cannot kill it itself): its parent changes.
+WATCHDOG = (
+    "import os, signal, subprocess, sys\n"
+    "parent = int(sys.argv[1])\n"
+    "child = subprocess.Popen(sys.argv[2:])\n"
+    "while True:\n"
+    "    try:\n"
+    "        rc = child.wait(timeout=1.0)\n"
+    "        sys.exit(rc if rc >= 0 else 128 - rc)\n"
+    "    except subprocess.TimeoutExpired:\n"
+    "        if os.getppid() != parent:\n"
+    "            os.killpg(0, signal.SIGKILL)\n"
+)
 LOG_TAIL_CHARS = 8000
 FULL_LOG_CAP_BYTES = 2_000_000
 CANCEL_POLL_S = 0.5
@@ -240,7 +254,8 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         log_path = os.path.join(base, "jobs", payload["key"] + ".out")
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                ["/bin/sh", "-c", payload["command"]], cwd=scratch, env=env, stdout=log,
+                [sys.executable, "-c", WATCHDOG, str(os.getpid()), "/bin/sh", "-c", payload["command"]],
+                cwd=scratch, env=env, stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
             # No overall timeout here on purpose: a job runs as long as its rule needs;

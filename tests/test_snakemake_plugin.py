@@ -179,3 +179,38 @@ def test_sigint_kills_the_remote_process_group(dask_pool: str, tmp_path: Path) -
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_killed_worker_takes_its_job_with_it(tmp_path: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    pidfile = tmp_path / "remote.pid"
+    (tmp_path / "Snakefile").write_text(
+        f'rule long:\n    output: "x"\n    resources: gpu=1\n'
+        f'    shell: "sleep 300 & echo $! > {pidfile}; wait"\n'
+    )
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      resources={"GPU": 1, "CPU": 1, "MEMORY": 8e9}) as cluster, Client(cluster) as client:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "snakemake", *_vastaidask(cluster.scheduler_address, tmp_path / "cache")],
+            cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            pid = int(pidfile.read_text())
+            worker_pid = next(iter(client.run(os.getpid).values()))
+            os.kill(worker_pid, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.2)
+            else:
+                pytest.fail(f"the job's child {pid} outlived its SIGKILLed worker")
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
