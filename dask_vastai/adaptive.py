@@ -184,10 +184,17 @@ class GPUAdaptive:
         staying = [ws for name, ws in by_name.items() if name not in leaving]
         if staying:
             return ripe
-        return [
+        kept = [
             n for n in ripe
-            if not any(by_name[w].has_what for w in cluster.worker_names_of(n) if w in by_name)
+            if any(by_name[w].has_what for w in cluster.worker_names_of(n) if w in by_name)
         ]
+        if kept and not (self.log and self.log[-1][1].startswith("keep")):
+            self._record(
+                f"keep {', '.join(kept)}",
+                "idle but holding results that futures still reference (0 GPU wanted); release the "
+                "futures (del / client.cancel) to let them go",
+            )
+        return [n for n in ripe if n not in kept]
 
     def _idle_instances(self, instances: list[str]) -> list[str]:
         """Registered instances none of whose workers is running or holding queued work."""
