@@ -13,7 +13,8 @@ import os
 from urllib.parse import urlsplit
 
 
-async def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy one direction of a relayed connection, passing EOF on (shared by the host relays)."""
     try:
         while data := await reader.read(262144):
             writer.write(data)
@@ -53,7 +54,7 @@ class ApiRelay:
                 except OSError:
                     writer.close()
                     return
-                await asyncio.gather(_splice(reader, up_writer), _splice(up_reader, writer))
+                await asyncio.gather(splice(reader, up_writer), splice(up_reader, writer))
                 writer.close()
                 up_writer.close()
 

@@ -19,16 +19,7 @@ import contextlib
 import os
 from collections.abc import Iterable
 
-
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(262144):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (OSError, ConnectionError):
-        writer.close()
+from .apirelay import splice
 
 
 class PublicNet:
@@ -90,7 +81,7 @@ class PublicNet:
             except OSError:
                 writer.close()
                 return
-            await asyncio.gather(_copy(reader, up_writer), _copy(up_reader, writer))
+            await asyncio.gather(splice(reader, up_writer), splice(up_reader, writer))
             writer.close()
             up_writer.close()
         else:
