@@ -1,7 +1,8 @@
 """Dask clusters whose workers are rented Vast.ai GPUs.
 
 ``VastAICluster`` is imported lazily so that ``import dask_vastai`` (the CLI, the emulator)
-does not pay for distributed's import.
+does not pay for distributed's import. Every public error is importable from here
+(``from dask_vastai import NoOfferAvailable``) and derives from :class:`DaskVastAIError`.
 """
 
 from __future__ import annotations
@@ -9,10 +10,48 @@ from __future__ import annotations
 from typing import Any
 
 from . import config  # noqa: F401  (registers the vastai: defaults with dask.config)
+from .exceptions import (  # the public errors
+    BootFailed,
+    DaskVastAIError,
+    EnvironmentMismatch,
+    ImpossibleResources,
+    InstanceNotFound,
+    InvalidAPIKey,
+    LogsNotReady,
+    MissingAPIKey,
+    NoOfferAvailable,
+    OfferUnavailable,
+    PortBusy,
+    RateLimited,
+    TunnelError,
+    VastError,
+    VastRequestError,
+    VastServerError,
+    VastUnreachable,
+)
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["Secret", "VastAICluster", "__version__"]
+__all__ = [
+    "Secret", "VastAICluster", "__version__",
+    "BootFailed",
+    "DaskVastAIError",
+    "EnvironmentMismatch",
+    "ImpossibleResources",
+    "InstanceNotFound",
+    "InvalidAPIKey",
+    "LogsNotReady",
+    "MissingAPIKey",
+    "NoOfferAvailable",
+    "OfferUnavailable",
+    "PortBusy",
+    "RateLimited",
+    "TunnelError",
+    "VastError",
+    "VastRequestError",
+    "VastServerError",
+    "VastUnreachable",
+]
 
 
 def __getattr__(name: str) -> Any:

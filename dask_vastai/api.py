@@ -52,7 +52,19 @@ import aiohttp
 import yarl
 
 from .config import option
-from .credentials import MissingAPIKeyError, find_api_key, mask_key, where_keys_are_looked_for
+from .credentials import KEY_HELP_URL, find_api_key, mask_key
+from .exceptions import (
+    InstanceNotFound,
+    InvalidAPIKey,
+    LogsNotReady,
+    MissingAPIKey,
+    OfferUnavailable,
+    RateLimited,
+    VastError,
+    VastRequestError,
+    VastServerError,
+    VastUnreachable,
+)
 from .offers import Offer, search_body
 
 __all__ = [
@@ -81,64 +93,9 @@ DEFAULT_MIN_INTERVALS_S: Mapping[str, float] = {
 BULK_CHUNK = 64
 _RETRY_STATUS = frozenset({500, 502, 503, 504})
 _AMBIGUOUS_CREATE_STATUS = frozenset({500, 504})
-_KEY_HELP = "https://cloud.vast.ai/manage-keys/"
 
 
 # ----------------------------------------------------------------------------- errors
-
-
-class VastError(Exception):
-    """Anything Vast (or the way to it) refused; ``.status``, ``.error`` and ``.msg`` are Vast's."""
-
-    def __init__(self, message: str, *, status: int | None = None, error: str | None = None,
-                 msg: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error = error
-        self.msg = msg
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self)!r}, status={self.status}, error={self.error!r})"
-
-
-class MissingAPIKey(VastError):
-    """No key given and none found where the vastai CLI keeps one."""
-
-
-class InvalidAPIKey(VastError):
-    """Vast answered 401: the key is wrong, revoked, or meant for another server."""
-
-
-class OfferUnavailable(VastError):
-    """The offer was rented by someone else (offers are single-use) or never existed."""
-
-    def __init__(self, message: str, *, offer_id: int, **kw: Any) -> None:
-        super().__init__(message, **kw)
-        self.offer_id = offer_id
-
-
-class RateLimited(VastError):
-    """Still refused for calling too often after every retry (or the daily search quota)."""
-
-
-class InstanceNotFound(VastError):
-    """The instance does not exist (destroyed, or another account's)."""
-
-
-class VastServerError(VastError):
-    """Vast kept answering 5xx."""
-
-
-class VastRequestError(VastError):
-    """Vast refused the request (a 4xx other than the ones above); ``.msg`` says why."""
-
-
-class VastUnreachable(VastError):
-    """No answer: connection refused, reset or timed out on every attempt."""
-
-
-class LogsNotReady(VastError, TimeoutError):
-    """The logs Vast promised never appeared at their URL in time."""
 
 
 class _AmbiguousCreate(Exception):
@@ -400,14 +357,7 @@ class VastAPI:
         logs_timeout_s: float = 30.0,
         ambiguous_create_grace_s: float = 10.0,
     ) -> None:
-        try:
-            key, source = find_api_key(api_key if api_key is not None else option("api-key"))
-        except MissingAPIKeyError:
-            raise MissingAPIKey(
-                f"No Vast API key found. Looked in {where_keys_are_looked_for()}. Create one at "
-                f"{_KEY_HELP}, then `export VAST_API_KEY=<key>` (or `vastai set api-key <key>`, "
-                "or pass api_key=...). To try everything for free first, run `dask-vastai emulator`."
-            ) from None
+        key, source = find_api_key(api_key if api_key is not None else option("api-key"))
         url = str(api_url or option("api-url") or "https://console.vast.ai").strip().rstrip("/")
         parsed = yarl.URL(url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
@@ -589,7 +539,7 @@ class VastAPI:
                 error, msg = _body_fields(parsed)
                 raise InvalidAPIKey(
                     f"Vast rejected the API key {mask_key(self._api_key)} (from {self._key_source}) at "
-                    f"{self.api_url}: {msg or 'unauthorized'}. Check the key at {_KEY_HELP} (a key made "
+                    f"{self.api_url}: {msg or 'unauthorized'}. Check the key at {KEY_HELP_URL} (a key made "
                     "for the emulator only works there, and the reverse), then set VAST_API_KEY.",
                     status=status, error=error, msg=msg,
                 )

@@ -29,10 +29,11 @@ from .api import CreateRequest, Offer, VastAPI
 from .bootstrap import BootstrapConfig, onstart_script
 from .config import option
 from .environment import ClientEnvironment, InstanceEnvironment, Secret, python_option, split_env
+from .exceptions import BootFailed, NoOfferAvailable
 from .instance import ClusterContext, VastInstance
 from .offers import OfferRequirements, no_match_message
 from .pools import Pool, ResourceGuard
-from .rentals import NoOfferAvailable, RentalBroker
+from .rentals import RentalBroker
 from .safety import LEDGER
 from .tunnel import ClusterKey, TunnelHub
 
@@ -485,7 +486,7 @@ class VastAICluster(SpecCluster):
             assert self.context is not None
             if self.context.failures:
                 name, error = next(iter(self.context.failures.items()))
-                raise RuntimeError(f"worker {name} could not start: {error}") from error
+                raise BootFailed(f"worker {name} could not start: {error}") from error
             instances = list(self.workers.values())
             if instances and all(
                 isinstance(w, VastInstance) and w.registered_at is not None for w in instances

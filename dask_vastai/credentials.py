@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .exceptions import MissingAPIKey
 
-class MissingAPIKeyError(RuntimeError):
-    """Raised by :func:`find_api_key`; ``api.MissingAPIKey`` wraps it for users."""
+#: where a user creates a key
+KEY_HELP_URL = "https://cloud.vast.ai/manage-keys/"
 
 
 def key_file_paths() -> list[Path]:
@@ -30,7 +31,7 @@ def where_keys_are_looked_for() -> str:
 
 
 def find_api_key(explicit: str | None = None) -> tuple[str, str]:
-    """``(key, where it came from)``; ``MissingAPIKeyError`` when no place has one."""
+    """``(key, where it came from)``; :class:`MissingAPIKey` when no place has one."""
     if explicit is not None and str(explicit).strip():
         return str(explicit).strip(), "argument"
     env = os.environ.get("VAST_API_KEY", "").strip()
@@ -43,7 +44,11 @@ def find_api_key(explicit: str | None = None) -> tuple[str, str]:
             continue
         if text:
             return text, str(path)
-    raise MissingAPIKeyError(where_keys_are_looked_for())
+    raise MissingAPIKey(
+        f"No Vast API key found. Looked in {where_keys_are_looked_for()}. Create one at "
+        f"{KEY_HELP_URL}, then `export VAST_API_KEY=<key>` (or `vastai set api-key <key>`, "
+        "or pass api_key=...). To try everything for free first, run `dask-vastai emulator`."
+    )
 
 
 def mask_key(key: str | None) -> str:

@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from .exceptions import EnvironmentMismatch
+
 if TYPE_CHECKING:
     from distributed.scheduler import Scheduler
 
@@ -128,10 +130,6 @@ def split_env(
 
 
 # ------------------------------------------------------------------------------ versions
-class EnvironmentMismatch(RuntimeError):
-    """An instance's environment cannot be made to match the client's; retrying will not help."""
-
-
 def python_minor(version: str) -> str:
     """``"3.11"`` from ``"3.11.7"`` or distributed's ``"3.11.7.final.0"``."""
     return ".".join(str(version).split(".")[:2])

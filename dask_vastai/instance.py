@@ -29,9 +29,10 @@ from .bootstrap import (
     parse_probe,
     probe_command,
 )
-from .environment import EnvironmentMismatch, InstanceEnvironment
+from .environment import InstanceEnvironment
+from .exceptions import BootFailed, EnvironmentMismatch
 from .pools import POOL_RESOURCE_CAPACITY, Pool
-from .rentals import BootFailed, RentalBroker, RentalRecord
+from .rentals import RentalBroker, RentalRecord
 from .tunnel import InstanceLink, SSHEndpoint, TunnelHub
 
 if TYPE_CHECKING:

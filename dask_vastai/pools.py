@@ -22,6 +22,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol import pickle
 
 from .api import CreateRequest
+from .exceptions import ImpossibleResources
 from .offers import OfferRequirements
 
 logger = logging.getLogger(__name__)
@@ -85,10 +86,6 @@ class Pool:
     def describe(self) -> str:
         gpu = self.requirements.gpu or "any GPU"
         return f"{self.name} ({self.gpus_per_instance}x {gpu}, {self.gpus_per_worker} GPU per worker)"
-
-
-class ImpossibleResources(Exception):
-    """The task asks for resources no pool of the cluster can provide."""
 
 
 def impossible_message(restrictions: Mapping[str, float], pools: Iterable[Pool]) -> str:

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .api import CreateRequest, Instance, Offer, OfferUnavailable, VastAPI, VastError
+from .api import CreateRequest, Instance, Offer, VastAPI
+from .exceptions import BootFailed, NoOfferAvailable, OfferUnavailable, VastError
 from .labels import cluster_label_prefix, rental_label
 from .offers import OfferRequirements, no_match_message
 from .safety import LEDGER
@@ -32,14 +33,6 @@ _FATAL_STATUS_MSG = re.compile(
     r"manifest unknown|unauthorized|no space left",
     re.IGNORECASE,
 )
-
-
-class NoOfferAvailable(RuntimeError):
-    """No offer matches the requirements (the message shows the query and the nearest offers)."""
-
-
-class BootFailed(RuntimeError):
-    """A rental did not reach a usable running state; it has been destroyed."""
 
 
 @dataclass

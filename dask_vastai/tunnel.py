@@ -32,6 +32,7 @@ import asyncssh
 from asyncssh.listener import create_tcp_forward_listener
 
 from .bootstrap import STOP_WORKERS_COMMAND
+from .exceptions import PortBusy, TunnelError
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ logger = logging.getLogger(__name__)
 #: avoided so that a port we test free is not soon taken by an outgoing connection on Linux.
 PORT_RANGE = (20000, 32000)
 _MAX_PKTSIZE = 256 * 1024
-
-
-class TunnelError(ConnectionError):
-    """An SSH link or forward could not be set up; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -432,14 +429,6 @@ class TunnelHub:
         for exposed in list(self._exposed.values()):
             await _close_listeners(exposed)
         self._exposed.clear()
-
-
-class PortBusy(TunnelError):
-    """A port could not be listened on (client or instance side)."""
-
-    def __init__(self, message: str, port: int) -> None:
-        super().__init__(message)
-        self.port = port
 
 
 async def _close_listeners(exposed: _Exposed) -> None:

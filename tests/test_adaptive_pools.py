@@ -65,7 +65,7 @@ def test_two_pools_rent_for_their_own_demand_and_impossible_fails_at_once(tmp_pa
     from distributed import Client
 
     from dask_vastai import VastAICluster
-    from dask_vastai.pools import ImpossibleResources
+    from dask_vastai.exceptions import ImpossibleResources
 
     with Emulator(runtime="sandbox", boot_delay_s=1.0, rate_limits=True, state_dir=tmp_path / "e") as emu:
         with VastAICluster(

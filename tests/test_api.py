@@ -20,16 +20,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from dask_vastai.api import (
-    CreateRequest,
-    Instance,
+from dask_vastai.api import CreateRequest, Instance, Rental, VastAPI
+from dask_vastai.exceptions import (
     InstanceNotFound,
     InvalidAPIKey,
     MissingAPIKey,
     OfferUnavailable,
     RateLimited,
-    Rental,
-    VastAPI,
     VastRequestError,
     VastServerError,
     VastUnreachable,

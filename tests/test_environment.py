@@ -33,7 +33,6 @@ from dask_vastai.environment import (
     SYNCED_PACKAGES,
     TEST_VERSIONS_ENV,
     ClientEnvironment,
-    EnvironmentMismatch,
     InstanceEnvironment,
     Secret,
     build_shipment,
@@ -47,6 +46,7 @@ from dask_vastai.environment import (
     unpack_command,
     version_mismatches,
 )
+from dask_vastai.exceptions import EnvironmentMismatch
 from dask_vastai.tunnel import ClusterKey
 
 HERE = "%d.%d.%d" % sys.version_info[:3]  # noqa: UP031

@@ -15,9 +15,10 @@ import textwrap
 import pytest
 
 from dask_vastai.api import CreateRequest, VastAPI
+from dask_vastai.exceptions import NoOfferAvailable
 from dask_vastai.labels import rental_label
 from dask_vastai.offers import OfferRequirements
-from dask_vastai.rentals import NoOfferAvailable, RentalBroker
+from dask_vastai.rentals import RentalBroker
 
 
 def _broker(api: VastAPI, name: str = "t", **req) -> RentalBroker:
