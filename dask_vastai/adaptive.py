@@ -5,10 +5,16 @@ target duration ask for one worker; it cannot choose which kind of machine to re
 tears down machines that took minutes to boot after seconds of idleness. Here a GPU task
 needs a GPU, however short: each pool rents ``ceil(GPUs wanted / GPUs per instance)``
 instances between ``minimum`` and ``maximum``, counting those still booting, and releases
-an instance only after it has been idle ``wait_count`` intervals in a row (defaults in the
-spirit of Coiled: 5 s x 24 = 2 minutes, short against per-second billing, long against
-minute-long boots). The scheduler runs in this process, so the policy reads its state
-directly instead of through RPC.
+an instance only after it has been idle ``wait_count`` intervals in a row (defaults in
+``vastai.yaml``).
+
+As distributed's ``AdaptiveCore``, the module has two halves:
+
+* :class:`GPUDemandPolicy`, pure: a :class:`PoolView` (demand, instances, failures) in,
+  :class:`Decision` s out. Tests drive it with hand-made views, no cluster at all.
+* :class:`GPUAdaptive`, the loop that observes and acts, seeing the cluster only through
+  the :class:`AdaptiveCluster` protocol. The scheduler runs in this process, so the loop
+  reads its state directly instead of through RPC.
 """
 
 from __future__ import annotations
@@ -17,22 +23,19 @@ import collections
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 from dask.utils import parse_timedelta
 from tornado.ioloop import PeriodicCallback
 
-from .pools import POOL_RESOURCE_PREFIX, Pool
-
-if TYPE_CHECKING:
-    from .cluster import VastAICluster
+from .pools import POOL_RESOURCE_PREFIX, Pool, PoolSet
 
 logger = logging.getLogger(__name__)
 
-#: a pool whose last instances all failed to boot stops renting (each failure costs money)
-MAX_FAILURES_IN_A_ROW = 3
 
-
+# ------------------------------------------------------------------ GPU demand
 def _pool_of_worker(ws: Any) -> str | None:
     for name in ws.resources:
         if name.startswith(POOL_RESOURCE_PREFIX):
@@ -47,7 +50,7 @@ def _slots(restrictions: dict[str, float] | None) -> float:
     return max(float(restrictions.get("GPU", 0)), 1.0)
 
 
-def gpu_demand(scheduler: Any, pools: list[Pool]) -> dict[str, float]:
+def gpu_demand(scheduler: Any, pools: Sequence[Pool]) -> dict[str, float]:
     """GPUs wanted per pool: tasks running or waiting on its workers plus unassigned ones.
 
     A task nobody can run yet goes to the pool it names, else to the first pool that could
@@ -72,48 +75,207 @@ def gpu_demand(scheduler: Any, pools: list[Pool]) -> dict[str, float]:
     return demand
 
 
-class GPUAdaptive:
-    """Rents for one pool's queued GPU demand; releases its instances after an idle wait."""
+# ------------------------------------------------------------------ the policy
+@dataclass(frozen=True)
+class InstanceView:
+    """One instance of the pool as the policy sees it."""
 
-    def __init__(
-        self,
-        cluster: VastAICluster,
-        pool: str,
-        *,
-        minimum: int = 0,
-        maximum: float = math.inf,
-        interval: str | float = "5s",
-        wait_count: int = 24,
-    ) -> None:
-        if minimum < 0 or maximum < minimum:
-            raise ValueError(f"adapt(minimum={minimum}, maximum={maximum}): need 0 <= minimum <= maximum")
-        if wait_count < 1:
-            raise ValueError(f"wait_count={wait_count}: must be at least 1")
+    name: str
+    registered: bool = False
+    busy: bool = False
+    holds_data: bool = False
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """What the policy decides from: one pool's demand and instances (oldest first)."""
+
+    demand_gpus: float
+    gpus_per_instance: int
+    instances: Sequence[InstanceView] = ()
+    failures_in_a_row: int = 0
+    #: registered workers outside this pool (where retiring workers' results can go)
+    workers_elsewhere: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do: rent up to ``target`` instances, release ``instances``, or only note."""
+
+    action: Literal["rent", "release", "keep", "not renting"]
+    reason: str
+    target: int | None = None
+    instances: tuple[str, ...] = ()
+    #: instances held when the decision was taken
+    held: int = 0
+
+    @property
+    def text(self) -> str:
+        if self.action == "rent":
+            assert self.target is not None
+            return f"rent {self.target - self.held} (to {self.target})"
+        if self.action in ("release", "keep"):
+            return f"{self.action} {', '.join(self.instances)}"
+        return self.action
+
+
+@dataclass
+class GPUDemandPolicy:
+    """Rents for the GPUs wanted; releases an instance after ``wait_count`` idle rounds.
+
+    Keeps idle instances holding results when no other worker would remain to take them:
+    retiring moves data to the workers that stay, and with none left the results a client
+    still holds futures to would be lost and recomputed, renting again (stock adapt does
+    the same). Stops renting after ``max_failures_in_a_row`` boots failed in a row.
+    """
+
+    minimum: int = 0
+    maximum: float = math.inf
+    wait_count: int = 24
+    max_failures_in_a_row: int = 3
+    idle_counts: dict[str, int] = field(default_factory=dict)
+    _last_note: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.minimum < 0 or self.maximum < self.minimum:
+            raise ValueError(
+                f"adapt(minimum={self.minimum}, maximum={self.maximum}): need 0 <= minimum <= maximum"
+            )
+        if self.wait_count < 1:
+            raise ValueError(f"wait_count={self.wait_count}: must be at least 1")
+
+    def target(self, view: PoolView) -> int:
+        """Instances wanted: the GPUs wanted in whole instances, within minimum..maximum."""
+        wanted = math.ceil(view.demand_gpus / max(1, view.gpus_per_instance))
+        return int(min(self.maximum, max(self.minimum, wanted)))
+
+    def decide(self, view: PoolView) -> list[Decision]:
+        """One round's decisions (often none)."""
+        target = self.target(view)
+        held = len(view.instances)
+        demand = f"{view.demand_gpus:g} GPU(s) wanted"
+        if target > held:
+            if view.failures_in_a_row >= self.max_failures_in_a_row:
+                return self._note(Decision(
+                    "not renting",
+                    f"{demand} but the last {view.failures_in_a_row} instances of this pool failed to "
+                    "boot; see cluster.get_logs(), fix the pool's options, then call adapt() again",
+                ))
+            self.idle_counts.clear()
+            self._last_note = None
+            booting = sum(1 for i in view.instances if not i.registered)
+            return [Decision(
+                "rent",
+                f"{demand}, {held} instance(s) held of which {booting} booting, maximum {self.maximum}",
+                target=target, held=held,
+            )]
+        idle = [i for i in view.instances if i.registered and not i.busy]
+        idle_names = {i.name for i in idle}
+        for name in list(self.idle_counts):
+            if name not in idle_names:
+                del self.idle_counts[name]
+        for i in idle:
+            self.idle_counts[i.name] = self.idle_counts.get(i.name, 0) + 1
+        removable = held - max(self.minimum, target)
+        ripe = [i for i in idle if self.idle_counts[i.name] >= self.wait_count][: max(0, removable)]
+        decisions: list[Decision] = []
+        ripe, kept = self._keep_data(view, ripe)
+        if kept:
+            decisions += self._note(Decision(
+                "keep",
+                f"idle but holding results that futures still reference ({demand}); release the "
+                "futures (del / client.cancel) to let them go",
+                instances=tuple(i.name for i in kept),
+            ))
+        if ripe:
+            for i in ripe:
+                self.idle_counts.pop(i.name, None)
+            self._last_note = None
+            decisions.append(Decision(
+                "release",
+                f"idle for {self.wait_count} rounds, {demand}, minimum {self.minimum}",
+                instances=tuple(i.name for i in ripe),
+            ))
+        return decisions
+
+    def _keep_data(
+        self, view: PoolView, ripe: list[InstanceView]
+    ) -> tuple[list[InstanceView], list[InstanceView]]:
+        """``(to release, to keep)``: keep the ripe ones holding data when no worker would stay."""
+        leaving = {i.name for i in ripe}
+        staying = view.workers_elsewhere + sum(
+            i.workers for i in view.instances if i.registered and i.name not in leaving
+        )
+        if staying:
+            return ripe, []
+        kept = [i for i in ripe if i.holds_data]
+        return [i for i in ripe if not i.holds_data], kept
+
+    def _note(self, decision: Decision) -> list[Decision]:
+        """A note said once until something else happens (not every round)."""
+        if self._last_note == decision.action:
+            return []
+        self._last_note = decision.action
+        return [decision]
+
+
+# ------------------------------------------------------------------ the loop
+class AdaptiveCluster(Protocol):
+    """All the adaptive loop sees of its cluster."""
+
+    @property
+    def scheduler(self) -> Any: ...  # the in-process Scheduler (None before start)
+
+    @property
+    def pools(self) -> PoolSet: ...
+
+    def pool_instances(self, pool: str | None = None) -> list[str]: ...
+
+    def worker_names_of(self, instance_name: str) -> list[str]: ...
+
+    def scale(self, n: int = 0, *, pool: str | None = None) -> Any: ...
+
+    async def release_instances(self, names: Sequence[str]) -> None: ...
+
+    def log(self, message: str) -> None: ...
+
+
+class GPUAdaptive:
+    """Observes one pool every ``interval`` and carries out its policy's decisions.
+
+    Created by ``VastAICluster.adapt()``; :meth:`start` runs on the cluster's event loop.
+    """
+
+    def __init__(self, cluster: AdaptiveCluster, pool: str, policy: GPUDemandPolicy,
+                 *, interval: str | float) -> None:
         self.cluster = cluster
         self.pool = pool
-        self.minimum = int(minimum)
-        self.maximum = maximum
+        self.policy = policy
         self.interval_s = parse_timedelta(interval)
-        self.wait_count = int(wait_count)
-        self.idle_counts: dict[str, int] = {}
-        cluster.pool_failures.pop(pool, None)  # a new adapt() call is a new chance
+        cluster.pools.forgive(pool)  # a new adapt() call is a new chance
         #: (time, decision, reason) of every change, newest last
         self.log: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=1000)
         self._periodic: PeriodicCallback | None = None
 
+    @property
+    def minimum(self) -> int:
+        return self.policy.minimum
+
+    @property
+    def maximum(self) -> float:
+        return self.policy.maximum
+
     def start(self) -> None:
+        """Begin adapting (call on the cluster's event loop)."""
         self._periodic = PeriodicCallback(self._step, self.interval_s * 1000)
-        self.cluster.loop.add_callback(self._periodic.start)
-        self.cluster.loop.add_callback(self._step)
+        self._periodic.start()
+        self._periodic.io_loop.add_callback(self._step)
 
     def stop(self) -> None:
         if self._periodic is not None:
             self._periodic.stop()
             self._periodic = None
-
-    def _record(self, decision: str, reason: str) -> None:
-        self.log.append((time.time(), decision, reason))
-        self.cluster._log(f"adapt {self.pool}: {decision} ({reason})")
 
     async def _step(self) -> None:
         try:
@@ -121,88 +283,41 @@ class GPUAdaptive:
         except Exception:  # noqa: BLE001 - one failed round must not stop adapting
             logger.exception("adaptive step for pool %s failed", self.pool)
 
+    def observe(self) -> PoolView:
+        """The pool as it is now, read from the scheduler and the cluster's specs."""
+        cluster = self.cluster
+        scheduler = cluster.scheduler
+        pools = cluster.pools
+        by_name = {ws.name: ws for ws in scheduler.workers.values()}
+        instances = []
+        ours: set[str] = set()
+        for name in cluster.pool_instances(self.pool):
+            workers = cluster.worker_names_of(name)
+            ours.update(workers)
+            present = [by_name[w] for w in workers if w in by_name]
+            instances.append(InstanceView(
+                name=name,
+                registered=len(present) == len(workers),
+                busy=any(ws.processing for ws in present),
+                holds_data=any(ws.has_what for ws in present),
+                workers=len(workers),
+            ))
+        return PoolView(
+            demand_gpus=gpu_demand(scheduler, pools.values())[self.pool],
+            gpus_per_instance=pools[self.pool].gpus_per_instance,
+            instances=instances,
+            failures_in_a_row=pools.failures_in_a_row(self.pool),
+            workers_elsewhere=sum(1 for name in by_name if name not in ours),
+        )
+
     async def step(self) -> None:
-        """One round: compute the target, rent up to it now, release idle instances slowly."""
-        cluster = self.cluster
-        if cluster.scheduler is None or cluster.status.name not in ("running", "starting"):
+        """One round: observe, decide, act."""
+        if self.cluster.scheduler is None:
             return
-        pools = list(cluster.pools.values())
-        pool = cluster.pools[self.pool]
-        demand = gpu_demand(cluster.scheduler, pools)[self.pool]
-        wanted = math.ceil(demand / max(1, pool.gpus_per_instance))
-        target = int(min(self.maximum, max(self.minimum, wanted)))
-        instances = cluster.pool_instances(self.pool)
-        current = len(instances)
-        failures = cluster.pool_failures.get(self.pool, 0)
-        if target > current and failures >= MAX_FAILURES_IN_A_ROW:
-            if not self.log or not self.log[-1][1].startswith("not renting"):
-                self._record(
-                    "not renting",
-                    f"{demand:g} GPU(s) wanted but the last {failures} instances of this pool failed to "
-                    "boot; see cluster.get_logs(), fix the pool's options, then call adapt() again",
-                )
-            return
-        if target > current:
-            booting = sum(1 for name in instances if not cluster.instance_registered(name))
-            self.idle_counts.clear()
-            cluster.scale(target, pool=self.pool)
-            self._record(
-                f"rent {target - current} (to {target})",
-                f"{demand:g} GPU(s) wanted, {current} instance(s) held of which {booting} booting, "
-                f"maximum {self.maximum}",
-            )
-            return
-        idle = self._idle_instances(instances)
-        for name in list(self.idle_counts):
-            if name not in idle:
-                del self.idle_counts[name]
-        for name in idle:
-            self.idle_counts[name] = self.idle_counts.get(name, 0) + 1
-        removable = current - max(self.minimum, target)
-        ripe = [n for n in idle if self.idle_counts[n] >= self.wait_count][: max(0, removable)]
-        ripe = self._keep_data(ripe)
-        if ripe:
-            for name in ripe:
-                self.idle_counts.pop(name, None)
-            await cluster.release_instances(ripe)
-            self._record(
-                f"release {', '.join(ripe)}",
-                f"idle for {self.wait_count} x {self.interval_s:g}s, {demand:g} GPU(s) wanted, "
-                f"minimum {self.minimum}",
-            )
-
-    def _keep_data(self, ripe: list[str]) -> list[str]:
-        """Keep instances holding results when no other worker would remain to take them.
-
-        Retiring moves data to the workers that stay; with none left the results a client
-        still holds futures to would be lost and recomputed, renting again. As stock adapt
-        does, hold them until the client lets go of its futures.
-        """
-        cluster = self.cluster
-        by_name = {ws.name: ws for ws in cluster.scheduler.workers.values()}
-        leaving = {w for n in ripe for w in cluster.worker_names_of(n)}
-        staying = [ws for name, ws in by_name.items() if name not in leaving]
-        if staying:
-            return ripe
-        kept = [
-            n for n in ripe
-            if any(by_name[w].has_what for w in cluster.worker_names_of(n) if w in by_name)
-        ]
-        if kept and not (self.log and self.log[-1][1].startswith("keep")):
-            self._record(
-                f"keep {', '.join(kept)}",
-                "idle but holding results that futures still reference (0 GPU wanted); release the "
-                "futures (del / client.cancel) to let them go",
-            )
-        return [n for n in ripe if n not in kept]
-
-    def _idle_instances(self, instances: list[str]) -> list[str]:
-        """Registered instances none of whose workers is running or holding queued work."""
-        scheduler = self.cluster.scheduler
-        busy_names = {ws.name for ws in scheduler.workers.values() if ws.processing}
-        idle = []
-        for name in instances:
-            workers = self.cluster.worker_names_of(name)
-            if self.cluster.instance_registered(name) and not any(w in busy_names for w in workers):
-                idle.append(name)
-        return idle
+        for decision in self.policy.decide(self.observe()):
+            if decision.action == "rent":
+                self.cluster.scale(decision.target or 0, pool=self.pool)
+            elif decision.action == "release":
+                await self.cluster.release_instances(decision.instances)
+            self.log.append((time.time(), decision.text, decision.reason))
+            self.cluster.log(f"adapt {self.pool}: {decision.text} ({decision.reason})")

@@ -56,10 +56,10 @@ class ClusterContext:
     registered: Callable[[Sequence[str]], bool]
     log: Callable[[str], None]
     env: dict[str, str] = field(default_factory=dict)
+    #: rentals tried per instance before it gives up (each on another machine)
     max_boot_attempts: int = 3
-    failures: dict[str, BaseException] = field(default_factory=dict)
-    #: told (instance, pool, error) when an instance gave up booting
-    #: (None as error: it registered, which resets the pool's failure count)
+    #: told (instance, pool, error) when an instance gave up booting, or (.., None) when it
+    #: registered; the cluster's PoolSet is the one record of boot failures
     on_boot_outcome: Callable[[str, str, BaseException | None], None] | None = None
     #: versions, installs and shipped code before workers start (None: the image as it is)
     environment: InstanceEnvironment | None = None
@@ -86,7 +86,6 @@ class VastInstance(ProcessInterface):
         self.link: InstanceLink | None = None
         self.worker_ports: list[int] = []
         self.registered_at: float | None = None
-        self.error: BaseException | None = None
         self._boot: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -115,8 +114,6 @@ class VastInstance(ProcessInterface):
                 await self._teardown_link()
                 await self.context.broker.destroy(self.record.instance_id)
                 if attempts >= self.context.max_boot_attempts or not isinstance(e, BootFailed | TimeoutError | OSError):
-                    self.error = e
-                    self.context.failures[self.name] = e
                     self.status = Status.failed
                     if self.context.on_boot_outcome is not None:
                         self.context.on_boot_outcome(self.name, self.pool.name, e)

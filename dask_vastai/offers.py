@@ -487,6 +487,25 @@ class OfferRequirements:
         return parsed
 
 
+@dataclass(frozen=True)
+class OfferPreview:
+    """What ``cluster.offers()`` shows: the query as sent and what it matched."""
+
+    query_text: str
+    query: dict[str, Any]
+    offers: list[Offer]
+
+    def __repr__(self) -> str:
+        lines = [f"query: {self.query_text}", f"{len(self.offers)} offers:"]
+        for o in self.offers:
+            lines.append(
+                f"  {o.id}: {o.num_gpus}x {o.gpu_name} {o.gpu_ram_mb / 1024:.0f} GB, "
+                f"{o.cpu_cores_effective:g} CPUs, ${o.dph_total:.3f}/h, {o.geolocation}, "
+                f"reliability {o.reliability:.3f}"
+            )
+        return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- no match
 
 

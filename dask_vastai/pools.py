@@ -5,16 +5,26 @@ a pool (``resources={"GPU": 1, "pool-a100": 1}``) or just for what it needs
 (``{"GPU": 1}``, any pool). The resource is given a large capacity so that it selects a
 pool without limiting how many tasks run there (``GPU`` does that).
 
-:class:`ResourceGuard` fails a task at once when no pool could ever run it: distributed
-leaves such a task pending forever, and ``no-workers-timeout`` cannot tell an instance
-that is still booting from a shape nobody rents.
+* :class:`PoolShape` is the one home of the shape options: the cluster's keyword set, the
+  Snakemake plugin's mapping, the validation and the option docs all come from its fields,
+  and each field's default is in ``vastai.yaml``.
+* :class:`Pool` is a shape made concrete: the offer query and the create request.
+* :class:`PoolSet` owns the pools of a cluster, the names of their instances and their
+  boot failures; :func:`make_worker_spec` builds a SpecCluster spec from a pool, alone
+  (as dask-kubernetes' ``make_worker_spec``).
+* :class:`ResourceGuard` fails a task at once when no pool could ever run it: distributed
+  leaves such a task pending forever, and ``no-workers-timeout`` cannot tell an instance
+  that is still booting from a shape nobody rents.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import textwrap
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +32,8 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol import pickle
 
 from .api import CreateRequest
+from .config import option
+from .environment import split_env
 from .exceptions import ImpossibleResources
 from .offers import OfferRequirements
 
@@ -32,17 +44,149 @@ POOL_RESOURCE_PREFIX = "pool-"
 POOL_RESOURCE_CAPACITY = 1_000_000.0
 #: resources every worker advertises (besides its pool's)
 STANDARD_RESOURCES = ("GPU", "CPU", "MEMORY")
+#: the pool the cluster's own options describe
+DEFAULT_POOL = "default"
+
+
+def _doc(text: str) -> Any:
+    return field(default=None, metadata={"doc": text})
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    """What one instance of a pool is: every field None means "the default in ``vastai.yaml``".
+
+    ``VastAICluster(gpu=..., num_gpus=...)``, ``cluster.add_pool(name, ...)``,
+    ``pools=[{"name": ..., ...}]`` and the Snakemake plugin's settings all take these names.
+    """
+
+    gpu: str | Sequence[str] | None = _doc(
+        'GPU model (``"RTX_3090"``) or a list of acceptable models; None for any.')
+    num_gpus: int | None = _doc(
+        "GPUs per instance (offers are searched with exactly this many).")
+    gpu_ram: float | None = _doc("GB of memory per GPU, at least.")
+    cpu_ram: float | None = _doc("GB of RAM per instance, at least.")
+    cpu_cores: float | None = _doc("effective CPU cores per instance, at least.")
+    disk: float | None = _doc("GB of disk allocated per instance.")
+    max_price: float | None = _doc("$/h per instance, at most (``dph_total``, storage included).")
+    region: str | Sequence[str] | None = _doc(
+        '``"EU"``, ``"NA"``, ``"AS"``, ... or country codes (``"DE,PL"``).')
+    datacenter: bool | None = _doc(
+        "only verified datacenter hosts (the default); False widens to hobbyist hosts.")
+    reliability: float | None = _doc("host reliability, at least (0.98 = up 98% of the time).")
+    query: str | None = _doc(
+        'extra ``vastai search offers`` filters, e.g. ``"cuda_max_good>=12.4 inet_down>500"``.')
+    order: str | None = _doc('the order offers are taken in (``"dph_total"``: cheapest first).')
+    interruptible: bool | None = _doc("bid at the offer's ``min_bid`` instead of renting on demand.")
+    image: str | None = _doc("the Docker image of the instances.")
+    env: Mapping[str, Any] | None = _doc(
+        "environment on the instances. Vast stores it and shows it in ``show instances``: wrap "
+        'secret values, ``env={"WANDB_API_KEY": Secret(key)}``, or pass them in ``secret_env``; '
+        "those reach the workers over SSH only, never Vast.")
+    worker_options: Mapping[str, Any] | None = _doc(
+        "extra options of each dask worker (``nthreads``, ``memory_limit``, ``resources``).")
+    worker_per_gpu: bool | None = _doc(
+        "a K-GPU instance runs K workers with ``CUDA_VISIBLE_DEVICES`` each; False gives one "
+        "worker holding all K (for multi-GPU tasks).")
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], *, where: str = "pool") -> PoolShape:
+        """A shape from keyword options; an unknown name is a ``ValueError`` naming the known ones."""
+        unknown = set(options) - set(cls.option_names())
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown option(s) {sorted(unknown)}; known: {sorted(cls.option_names())}"
+            )
+        return cls(**dict(options))
+
+    def options(self) -> dict[str, Any]:
+        """The options given (not None), as keyword arguments."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def get(self, name: str) -> Any:
+        """The value of option ``name``: the one given, else its default in ``vastai.yaml``."""
+        return option(name.replace("_", "-"), getattr(self, name))
+
+    @classmethod
+    def docs(cls, indent: str = "    ") -> str:
+        """The options' docs, numpydoc style, for the docstrings of the classes that take them."""
+        lines = []
+        for f in dataclasses.fields(cls):
+            lines.append(f"{indent[:-4]}{f.name}:")
+            lines.append(textwrap.fill(f.metadata["doc"], 92, initial_indent=indent, subsequent_indent=indent))
+        return "\n".join(lines)
+
+
+def with_shape_options(func: Callable[..., Any]) -> inspect.Signature:
+    """``func``'s signature with its ``**options`` spelled out as the shape options.
+
+    What ``help()``, IDEs and notebooks show for ``VastAICluster(...)`` and ``add_pool(...)``.
+    """
+    sig = inspect.signature(func)
+    params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    taken = {p.name for p in params}
+    params += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+        for name in PoolShape.option_names() if name not in taken
+    ]
+    return sig.replace(parameters=params)
 
 
 @dataclass
 class Pool:
-    """One instance shape, scaled and adapted on its own."""
+    """One instance shape made concrete: what to search for and how to rent it."""
 
     name: str
     requirements: OfferRequirements
     create_request: CreateRequest
     worker_per_gpu: bool = True
     worker_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_shape(cls, name: str, shape: PoolShape, *, onstart: str) -> Pool:
+        """Every option resolved against ``vastai.yaml`` and validated (``ValueError`` naming it)."""
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise ValueError(f"pool name {name!r}: use letters, digits, '-' and '_'")
+        get = shape.get
+        requirements = OfferRequirements(
+            gpu=get("gpu"),
+            num_gpus=int(get("num_gpus")),
+            gpu_ram_gb=get("gpu_ram"),
+            cpu_ram_gb=get("cpu_ram"),
+            cpu_cores=get("cpu_cores"),
+            disk_gb=float(get("disk")),
+            max_price=get("max_price"),
+            region=get("region"),
+            datacenter=bool(get("datacenter")),
+            reliability=float(get("reliability")),
+            query=get("query") or "",
+            order=get("order"),
+            interruptible=bool(get("interruptible")),
+        )
+        requirements.validate()
+        env, secret = split_env(get("env"))
+        if secret:
+            raise ValueError(
+                f"pool {name!r}: secret env entries {sorted(secret)} belong to the cluster "
+                "(VastAICluster(env=..., secret_env=...)), which sends them to every pool over SSH"
+            )
+        return cls(
+            name=name,
+            requirements=requirements,
+            create_request=CreateRequest(
+                image=str(get("image")),
+                disk_gb=requirements.disk_gb,
+                onstart=onstart,
+                env=env,
+                runtype="ssh_direc ssh_proxy",
+            ),
+            worker_per_gpu=bool(get("worker_per_gpu")),
+            worker_options=dict(get("worker_options") or {}),
+        )
 
     @property
     def resource_name(self) -> str:
@@ -86,6 +230,120 @@ class Pool:
     def describe(self) -> str:
         gpu = self.requirements.gpu or "any GPU"
         return f"{self.name} ({self.gpus_per_instance}x {gpu}, {self.gpus_per_worker} GPU per worker)"
+
+
+def make_worker_spec(pool: Pool, worker_cls: type, context: Any) -> dict[str, Any]:
+    """The SpecCluster spec of one instance of ``pool`` (a group of workers on K-GPU instances)."""
+    spec: dict[str, Any] = {"cls": worker_cls, "options": {"context": context, "pool": pool}}
+    group = pool.group()
+    if group:
+        spec["group"] = group
+        spec["options"]["group"] = group
+    return spec
+
+
+def spec_pool(spec: Mapping[str, Any]) -> Pool | None:
+    """The pool a worker spec belongs to."""
+    return spec.get("options", {}).get("pool")
+
+
+def instance_worker_names(instance: str, spec: Mapping[str, Any] | None) -> list[str]:
+    """The names the workers of one instance register under (its spec name, plus group suffixes)."""
+    return [instance + s for s in (spec or {}).get("group", [])] or [instance]
+
+
+class PoolSet:
+    """The pools of one cluster, the names of their instances and their boot failures.
+
+    The one place a boot failure is recorded: an instance reports each outcome here, the
+    cluster's first wait raises the first error, and adaptive stops renting for a pool
+    whose last instances all failed (each failure costs money).
+    """
+
+    def __init__(self, cluster_name: str, *, onstart: str) -> None:
+        self.cluster_name = cluster_name
+        self.onstart = onstart
+        self._pools: dict[str, Pool] = {}
+        self._counters: dict[str, int] = {}
+        #: boot failures in a row, per pool (reset when one of its instances registers)
+        self._failures_in_a_row: dict[str, int] = {}
+        #: why each instance that gave up booting did, oldest first
+        self.boot_errors: dict[str, BaseException] = {}
+
+    # -------------------------------------------------------------- the pools
+    def add(self, name: str, shape: PoolShape) -> Pool:
+        if name in self._pools:
+            raise ValueError(f"pool {name!r} exists already; pools: {sorted(self._pools)}")
+        pool = Pool.from_shape(name, shape, onstart=self.onstart)
+        self._pools[name] = pool
+        return pool
+
+    def get(self, name: str | None = None) -> Pool:
+        """The pool called ``name`` (None: the default pool); a ``ValueError`` naming the pools."""
+        name = DEFAULT_POOL if name is None else name
+        if name not in self._pools:
+            raise ValueError(f"pool={name!r} does not exist; pools: {sorted(self._pools)} (see add_pool)")
+        return self._pools[name]
+
+    @property
+    def default(self) -> Pool:
+        return self._pools[DEFAULT_POOL]
+
+    def __getitem__(self, name: str) -> Pool:
+        return self._pools[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._pools
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._pools)
+
+    def __len__(self) -> int:
+        return len(self._pools)
+
+    def values(self) -> list[Pool]:
+        """The pools, the default pool first."""
+        return list(self._pools.values())
+
+    def __repr__(self) -> str:
+        return f"PoolSet({', '.join(p.describe() for p in self._pools.values())})"
+
+    # ------------------------------------------------------------- instances
+    def new_instance_name(self, pool: str) -> str:
+        """A fresh spec name for one instance of ``pool`` (``<cluster>-<k>``, ``<cluster>-<pool>-<k>``)."""
+        k = self._counters.get(pool, 0)
+        self._counters[pool] = k + 1
+        return f"{self.cluster_name}-{k}" if pool == DEFAULT_POOL else f"{self.cluster_name}-{pool}-{k}"
+
+    def instances_of(self, pool: str, specs: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        """Spec names (one per instance) of ``pool`` among ``specs``, oldest first."""
+        target = self.get(pool)
+        return [name for name, spec in specs.items() if spec_pool(spec) is target]
+
+    def planned_gpus(self, specs: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+        """GPUs per pool of the instances in ``specs`` (registered, booting or about to be rented)."""
+        out = {name: 0 for name in self._pools}
+        for spec in specs.values():
+            pool = spec_pool(spec)
+            if pool is not None and pool.name in out:
+                out[pool.name] += pool.gpus_per_instance
+        return out
+
+    # -------------------------------------------------------- boot outcomes
+    def record_boot(self, instance: str, pool: str, error: BaseException | None) -> None:
+        """An instance registered (``error=None``: its pool works) or gave up booting."""
+        if error is None:
+            self._failures_in_a_row.pop(pool, None)
+            return
+        self._failures_in_a_row[pool] = self._failures_in_a_row.get(pool, 0) + 1
+        self.boot_errors[instance] = error
+
+    def failures_in_a_row(self, pool: str) -> int:
+        return self._failures_in_a_row.get(pool, 0)
+
+    def forgive(self, pool: str) -> None:
+        """Forget a pool's failures in a row (a new ``adapt()`` call is a new chance)."""
+        self._failures_in_a_row.pop(pool, None)
 
 
 def impossible_message(restrictions: Mapping[str, float], pools: Iterable[Pool]) -> str:

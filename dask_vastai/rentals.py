@@ -80,6 +80,18 @@ def boot_failure(instance: Instance) -> str | None:
     return None
 
 
+async def nearest_offers(api: VastAPI, requirements: OfferRequirements, limit: int = 5) -> list[Offer]:
+    """The cheapest offers for the same GPU ignoring price, region and reliability limits.
+
+    What an error shows when nothing matches, so the user sees how far off the query is.
+    """
+    relaxed = replace(requirements, max_price=None, region=None, reliability=0.0, datacenter=False, query="")
+    try:
+        return await api.search_offers(relaxed.filters(), order="dph_total", limit=limit)
+    except VastError:
+        return []
+
+
 def ssh_ready(instance: Instance) -> bool:
     """Running with an SSH endpoint we can use."""
     return instance.actual_status == "running" and (
@@ -217,21 +229,13 @@ class RentalBroker:
         fresh = [o for o in offers if o.id not in self._tried_offers]
         if len(fresh) < count:
             if not fresh:
-                nearest = await self.nearest_offers(req)
+                nearest = await nearest_offers(self.api, req)
                 raise NoOfferAvailable(no_match_message(req, req.filters(), nearest))
             raise NoOfferAvailable(
                 f"only {len(fresh)} offer(s) match, {count} instance(s) wanted. "
                 f"Query: {req.query_text()}. Ask for fewer instances or relax the requirements."
             )
         return fresh[:count]
-
-    async def nearest_offers(self, requirements: OfferRequirements | None = None, limit: int = 5) -> list[Offer]:
-        """The cheapest offers for the same GPU ignoring price, region and reliability limits."""
-        relaxed = replace(requirements or self.requirements, max_price=None, region=None, reliability=0.0, datacenter=False, query="")
-        try:
-            return await self.api.search_offers(relaxed.filters(), order="dph_total", limit=limit)
-        except VastError:
-            return []
 
     async def _create(
         self, pairs: list[tuple[str, Offer]], requirements: OfferRequirements, create_request: CreateRequest

@@ -96,7 +96,7 @@ class Executor(RemoteExecutor):
     """``--executor vastaidask``: Snakemake jobs as Dask tasks on a warm pool of workers."""
 
     def __post_init__(self) -> None:
-        from .pool import Pool
+        from .backend import DaskBackend
 
         self.settings: ExecutorSettings = self.workflow.executor_settings or ExecutorSettings()
         self.run_id = uuid.uuid4().hex[:10]
@@ -111,9 +111,9 @@ class Executor(RemoteExecutor):
         self._refused: dict[str, str] = {}
         self._closed = False
         self.cancel_event_name = f"smk-cancel-{self.run_id}"
-        self.pool = Pool(self.settings, run_name=f"smk-{self.run_id}")
+        self.backend = DaskBackend(self.settings, run_name=f"smk-{self.run_id}")
         try:
-            self.stager = Stager(self.pool.client, self.workdir)
+            self.stager = Stager(self.backend.client, self.workdir)
             self._remote = remote_function()
             if self.storage_mode:
                 # Bucket mode: jobs fetch the sources (--deploy-sources) and read and write
@@ -126,7 +126,7 @@ class Executor(RemoteExecutor):
                 self.sources = archive.read_bytes()
                 self.sources_sha = sha256_bytes(self.sources)
         except BaseException:
-            self.pool.close()
+            self.backend.close()
             raise
         self._ready = True
 
@@ -164,7 +164,7 @@ class Executor(RemoteExecutor):
         try:
             resources = job_resources(job)
             resources.update(
-                self.pool.pool_resource(
+                self.backend.pool_resource(
                     job.resources.get("gpu_model", None), job.resources.get("vastai_query", None),
                     resources.get("GPU", 0),
                 )
@@ -223,11 +223,11 @@ class Executor(RemoteExecutor):
         with self._dispatch_lock:
             if self._closed or not self._backlog:
                 return
-            slots = self.pool.gpu_slots() + max(0, self.settings.submit_margin)
+            slots = self.backend.gpu_slots() + max(0, self.settings.submit_margin)
             busy = sum(
                 j.resources.get("GPU", 0) for j in self._jobs.values() if j.future is not None
             )
-            advertised = self.pool.advertised()
+            advertised = self.backend.advertised()
             while self._backlog:
                 job = self._jobs[self._backlog[0]]
                 gpu = job.resources.get("GPU", 0)
@@ -240,12 +240,12 @@ class Executor(RemoteExecutor):
                     for name in ("CPU", "MEMORY"):
                         if name not in advertised:
                             resources.pop(name, None)
-                why = self.pool.impossible(resources)
+                why = self.backend.impossible(resources)
                 if why:
                     self._refused[job.payload["key"]] = why
                     continue
                 busy += gpu
-                job.future = self.pool.client.submit(
+                job.future = self.backend.client.submit(
                     self._remote, job.payload, key=job.payload["key"], resources=resources, pure=False,
                 )
 
@@ -339,14 +339,14 @@ class Executor(RemoteExecutor):
         with self._dispatch_lock:
             self._backlog.clear()
         with contextlib.suppress(Exception):
-            Event(self.cancel_event_name, client=self.pool.client).set()
+            Event(self.cancel_event_name, client=self.backend.client).set()
         futures = [j.future for j in self._jobs.values() if j.future is not None]
         deadline = time.monotonic() + 15
         # Give running tasks a moment to see the Event and kill their process groups.
         while any(f.status == "pending" for f in futures) and time.monotonic() < deadline:
             time.sleep(0.2)
         with contextlib.suppress(Exception):
-            self.pool.client.cancel(futures)
+            self.backend.client.cancel(futures)
 
     def shutdown(self) -> None:
         """Idempotent (Snakemake calls it after ``cancel_jobs`` and at normal end)."""
@@ -358,7 +358,7 @@ class Executor(RemoteExecutor):
                 return
             self._closed = True
         self.stager.release_all()
-        self.pool.close()
+        self.backend.close()
         if self.storage_mode:
             # Core removes the archive only when it uploaded it itself.
             with contextlib.suppress(Exception):

@@ -40,8 +40,29 @@ def job_packages() -> list[str]:
     return sorted(set(pins))
 
 
-class Pool:
-    """A Dask client plus, in renting mode, the ``VastAICluster`` it talks to."""
+def pool_shape(settings: ExecutorSettings, **overrides: Any) -> dict[str, Any]:
+    """The instance-shape options of ``dask_vastai.PoolShape`` the settings ask for.
+
+    The one mapping of ``--vastaidask-*`` flags onto shapes, for the cluster's default pool
+    and for every per-rule pool (``overrides``: a rule's ``gpu_model``, query, GPU count).
+    Unset settings stay out, so dask-vastai's defaults apply.
+    """
+    shape: dict[str, Any] = {
+        "gpu": settings.gpu,
+        "num_gpus": settings.num_gpus,
+        "max_price": settings.max_price,
+        "region": settings.region,
+        "image": settings.image,
+        "disk": settings.disk,
+        "query": settings.vastai_query,
+        "datacenter": False if settings.no_datacenter else None,
+    }
+    shape.update({k: v for k, v in overrides.items() if v is not None})
+    return {k: v for k, v in shape.items() if v is not None}
+
+
+class DaskBackend:
+    """Where the jobs run: a Dask client plus, in renting mode, the ``VastAICluster`` it talks to."""
 
     def __init__(self, settings: ExecutorSettings, run_name: str) -> None:
         from distributed import Client
@@ -63,15 +84,7 @@ class Pool:
                 "needed to run jobs; raise it, or give --vastaidask-scheduler-address"
             )
         self.cluster = VastAICluster(
-            gpu=settings.gpu,
             n=minimum,
-            num_gpus=settings.num_gpus,
-            max_price=settings.max_price,
-            region=settings.region,
-            image=settings.image,
-            disk=settings.disk,
-            query=settings.vastai_query,
-            datacenter=False if settings.no_datacenter else None,
             boot_timeout=settings.boot_timeout,
             orphan_timeout=settings.orphan_timeout,
             packages=job_packages(),
@@ -79,6 +92,7 @@ class Pool:
             api_key=settings.api_key,
             name=run_name,
             quiet=True,
+            **pool_shape(settings),
         )
         try:
             self.cluster.adapt(
@@ -118,18 +132,16 @@ class Pool:
         name = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)[:40] + f"-{digest}"
         with self._pools_lock:
             if name not in self.cluster.pools:
-                self.cluster.add_pool(
-                    name, gpu=model, num_gpus=multi or self.settings.num_gpus,
-                    worker_per_gpu=False if multi else None, max_price=self.settings.max_price,
-                    region=self.settings.region, image=self.settings.image, disk=self.settings.disk,
-                    query=extra, datacenter=False if self.settings.no_datacenter else None,
-                )
+                self.cluster.add_pool(name, **pool_shape(
+                    self.settings, gpu=model, query=extra,
+                    num_gpus=multi, worker_per_gpu=False if multi else None,
+                ))
                 self.cluster.adapt(
                     minimum=0, maximum=max(1, int(self.settings.max_instances)), pool=name,
                     interval=f"{ADAPT_INTERVAL_S}s",
                     wait_count=max(1, int(self.settings.idle_timeout / ADAPT_INTERVAL_S)),
                 )
-        return {f"pool-{name}": 1.0}
+        return {self.cluster.pools[name].resource_name: 1.0}
 
     # ---------------------------------------------------------------- facts
     def workers(self) -> dict[str, dict[str, Any]]:
@@ -140,8 +152,8 @@ class Pool:
         registered = sum(float(w.get("resources", {}).get("GPU", 0)) for w in self.workers().values())
         if self.cluster is None:
             return registered
-        per_instance = float(self.cluster.requirements.num_gpus)
-        planned = len(self.cluster.worker_spec) * per_instance
+        # Each pool's instances count with that pool's GPUs (a 2-GPU pool plans 2 per instance).
+        planned = float(sum(self.cluster.planned_gpus().values()))
         return max(registered, planned)
 
     def impossible(self, resources: dict[str, float]) -> str | None:
