@@ -27,7 +27,7 @@ from .safety import LEDGER
 
 logger = logging.getLogger(__name__)
 
-#: Vast's own self-test treats these status messages as fatal (vast_api.md §5).
+#: Status messages Vast's own instance self-test (``vastai self-test``) treats as fatal.
 _FATAL_STATUS_MSG = re.compile(
     r"error|failed|failure|exception|traceback|oci runtime|permission denied|pull rate limit|"
     r"manifest unknown|unauthorized|no space left",

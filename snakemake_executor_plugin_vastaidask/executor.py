@@ -1,6 +1,6 @@
 """The Snakemake executor: each job becomes one Dask task on a pooled worker.
 
-Snakemake's traps this class answers (reference/snakemake.md §0, §2.5):
+Snakemake's traps this class answers (each one found in snakemake's executor interface):
 
 - ``--directory`` is stripped from the job command: the remote runs in its own scratch
   directory and must never write into the user's workdir behind the staging's back.

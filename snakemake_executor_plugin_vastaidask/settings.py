@@ -1,7 +1,7 @@
 # ruff: noqa: UP045  (snakemake hands these types to argparse, which knows Optional[X], not X | None)
 """The executor's settings: ``--vastaidask-*`` flags, ``SNAKEMAKE_VASTAIDASK_*`` env vars, profile keys.
 
-Two traps of snakemake's settings machinery shape this module (reference/snakemake.md §1.1):
+Two traps of snakemake's settings machinery shape this module:
 
 - No ``from __future__ import annotations`` here: snakemake imports every installed
   plugin and hands each field's *type* to argparse; string annotations break every

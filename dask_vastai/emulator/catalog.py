@@ -1,6 +1,6 @@
 """The emulated marketplace's offers: the shipped catalog, a user's file, or a Python list.
 
-An offer record has the fields Vast's search returns (``reference/vast_api.md`` §3), in
+An offer record has the fields Vast's search returns (``POST /api/v0/bundles/``), in
 Vast's units: ``gpu_ram``/``cpu_ram``/``gpu_total_ram`` in MB, ``disk_space`` in GB,
 ``dph_base`` in $/h for the whole machine without storage, ``storage_cost`` in $/GB/month,
 ``duration`` in seconds. A partial record (a test's ``{"gpu_name": "RTX 3090",
