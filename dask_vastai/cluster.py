@@ -130,8 +130,6 @@ class VastAICluster(SpecCluster):
         asynchronous: bool = False,
         loop: Any = None,
         quiet: bool = False,
-        _test_versions: Mapping[str, str] | None = None,
-        _test_worker_versions: Mapping[str, str] | None = None,
     ) -> None:
         if n is not None and n_workers is not None and n != n_workers:
             raise ValueError(f"give n={n} or n_workers={n_workers}, not both")
@@ -159,10 +157,7 @@ class VastAICluster(SpecCluster):
             packages=list(option("packages", packages) or ()), pip_args=list(option("pip-args", pip_args) or ())
         )
         python_path, python_version = python_option(option("python", python), client_env)
-        self.environment = InstanceEnvironment(
-            client_env, image=str(option("image", image)), test_versions=_test_versions,
-            test_worker_versions=_test_worker_versions,
-        )
+        self.environment = InstanceEnvironment(client_env, image=str(option("image", image)))
         self._bootstrap = BootstrapConfig(
             cluster_name=cluster_name,
             public_key=self.key.public_openssh,

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from . import _testing
 from .exceptions import EnvironmentMismatch
 
 if TYPE_CHECKING:
@@ -58,9 +59,6 @@ logger = logging.getLogger(__name__)
 #: What must equal the client's on every worker (with Python's minor version): the packages
 #: that serialize what travels between client, scheduler and workers.
 SYNCED_PACKAGES = ("dask", "distributed", "cloudpickle", "msgpack")
-#: Test hook: JSON ``{"distribution or python": "version"}`` that the probe on the instance and
-#: a worker started with ``--preload dask_vastai.environment`` report instead of the truth.
-TEST_VERSIONS_ENV = "DASK_VASTAI_TEST_VERSIONS"
 #: Where the shipped archive is unpacked on the instance (one folder per archive digest).
 SHIP_DIR = "/root/.dask-vastai/ship"
 #: Files bigger than this are left out of a shipped package (with a warning): data files in
@@ -634,10 +632,6 @@ class InstanceEnvironment:
 
     client: ClientEnvironment
     image: str | None = None
-    #: test hook: versions the instance's probe reports instead of its own
-    test_versions: Mapping[str, str] | None = None
-    #: test hook: versions the workers report at registration (the probe stays truthful)
-    test_worker_versions: Mapping[str, str] | None = None
     #: worker name -> why the version gate refused it
     refused: dict[str, str] = field(default_factory=dict)
     ship_config: bool = True
@@ -657,7 +651,7 @@ class InstanceEnvironment:
 
     def probe_command(self, base: Callable[..., str]) -> str:
         """The probe (``bootstrap.probe_command``) asked for the versions we compare."""
-        return base(packages=self.client.probe_names(), fake_versions=self.test_versions)
+        return base(packages=self.client.probe_names(), fake_versions=_testing.probe_versions())
 
     def refusal(self, worker_names: Iterable[str]) -> str | None:
         """The version gate's reason for refusing one of these workers, if it did."""
@@ -712,9 +706,7 @@ class InstanceEnvironment:
                     f"installing {' '.join(specs)} printed no version report ({e}); its output was: "
                     f"{(out + err).strip()[-1500:]!r}"
                 ) from e
-            versions = dict(after["versions"])
-            if self.test_versions:  # the test hook's instance keeps its fake versions
-                versions.update({k: v for k, v in self.test_versions.items() if k != "python"})
+            versions = _testing.after_install(after["versions"])
             still = version_mismatches(self.client, {**versions, "python": after["python"]}, who="instance")
             if still:
                 raise EnvironmentMismatch(
@@ -732,10 +724,7 @@ class InstanceEnvironment:
             self.shipped_everywhere = names
         else:
             self.shipped_everywhere &= names
-        env: dict[str, str] = {}
-        if self.test_worker_versions:
-            env[TEST_VERSIONS_ENV] = json.dumps(dict(self.test_worker_versions))
-            env["DASK_DISTRIBUTED__WORKER__PRELOAD"] = '["dask_vastai.environment"]'
+        env = _testing.worker_env()  # {} unless a test switched its hook on
         if not shipment.empty:
             t0 = time.monotonic()
             archive = f"{SHIP_DIR}/{shipment.digest[:16]}.tar.gz"
@@ -750,30 +739,3 @@ class InstanceEnvironment:
         )
         return env
 
-
-# ------------------------------------------------------------------ on the worker (test hook)
-def dask_setup(worker: Any) -> None:
-    """Worker preload (``--preload dask_vastai.environment``): report fake versions if asked.
-
-    Only a test hook: with ``DASK_VASTAI_TEST_VERSIONS`` set, the worker registers with those
-    versions, so the scheduler's :class:`VersionGate` can be seen refusing it.
-    """
-    fake = json.loads(os.environ.get(TEST_VERSIONS_ENV) or "{}")
-    if not fake:
-        return
-    import distributed.versions
-    import distributed.worker
-
-    real = distributed.versions.get_versions
-
-    def get_versions(packages: Iterable[str] | None = None) -> dict[str, Any]:
-        out = real(packages)
-        out["packages"] = {**out["packages"], **fake}
-        return out
-
-    distributed.worker.get_versions = get_versions  # type: ignore[attr-defined]
-
-
-def remote_square(x: float) -> float:
-    """A module-level function of dask-vastai: a worker can run it only if dask-vastai reached it."""
-    return x * x

@@ -22,6 +22,7 @@ from pathlib import Path
 import dask.config
 import pytest
 
+from dask_vastai._testing import WORKER_VERSIONS_ENV, worker_env
 from dask_vastai.bootstrap import (
     ONSTART_MAX_CHARS,
     PYTHON_VENV,
@@ -31,7 +32,6 @@ from dask_vastai.bootstrap import (
 )
 from dask_vastai.environment import (
     SYNCED_PACKAGES,
-    TEST_VERSIONS_ENV,
     ClientEnvironment,
     InstanceEnvironment,
     Secret,
@@ -301,12 +301,13 @@ def test_probe_waits_for_the_onstarts_python_install(tmp_path: Path):
 
 # ------------------------------------------------------------------ the scheduler's gate
 async def _worker_against(scheduler_address: str, tmp_path: Path, name: str, fake: dict[str, str] | None):
-    env = {k: v for k, v in os.environ.items() if k != TEST_VERSIONS_ENV}
-    if fake:
-        env[TEST_VERSIONS_ENV] = json.dumps(fake)
+    env = {k: v for k, v in os.environ.items() if k != WORKER_VERSIONS_ENV}
+    if fake:  # the hook's environment, as the incarnation carries it to a worker on an instance
+        with dask.config.set({"vastai.testing.worker-versions": fake}):
+            env.update(worker_env())
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "distributed.cli.dask_worker", scheduler_address, "--name", name, "--nanny",
-        "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard", "--preload", "dask_vastai.environment",
+        "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard", "--preload", "dask_vastai._testing",
         "--local-directory", str(tmp_path / name), env=env, cwd=tmp_path,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
