@@ -30,20 +30,20 @@ from dask_vastai.bootstrap import (
     onstart_script,
     probe_command,
 )
-from dask_vastai.environment import (
-    SYNCED_PACKAGES,
-    ClientEnvironment,
-    InstanceEnvironment,
-    Secret,
+from dask_vastai.environment import InstanceEnvironment, Secret, split_env
+from dask_vastai.environment.shipping import (
     build_shipment,
-    check_python,
-    install_command,
     local_modules,
     non_default_config,
+    unpack_command,
+)
+from dask_vastai.environment.versions import (
+    SYNCED_PACKAGES,
+    ClientEnvironment,
+    check_python,
+    install_command,
     packages_to_install,
     python_option,
-    split_env,
-    unpack_command,
     version_mismatches,
 )
 from dask_vastai.exceptions import EnvironmentMismatch
@@ -213,7 +213,7 @@ def test_shipment_unpacks_into_an_importable_folder_with_the_dask_config(tmp_pat
     one = build_shipment(mods, config)
     assert one.digest == build_shipment(mods, config).digest, "same inputs, same archive"
     names = tarfile.open(fileobj=__import__("io").BytesIO(one.archive)).getnames()
-    assert "site/shipped_mod.py" in names and "site/dask_vastai/environment.py" in names
+    assert "site/shipped_mod.py" in names and "site/dask_vastai/environment/__init__.py" in names
     assert "dask-config/client.yaml" in names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     assert "site/shipped_pkg/__init__.py" in names and "site/shipped_pkg/.env" not in names
