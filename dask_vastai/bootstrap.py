@@ -321,8 +321,9 @@ def probe_command(
     """Install the supervisor, then probe: one round trip, with the interpreter the onstart chose.
 
     ``packages``: more distributions whose versions to report. ``fake_versions`` is a test
-    hook: the instance reports these (``"python"`` included) instead of its own. While the
-    onstart still installs a Python (``python-pending``), the probe waits up to ``wait_s``.
+    hook (``vastai.testing.probe-versions``, in ``dask_vastai._testing``): the instance
+    reports these (``"python"`` included) instead of its own. While the onstart still
+    installs a Python (``python-pending``), the probe waits up to ``wait_s``.
     """
     program = (
         f"SUPERVISOR = {supervisor_program()!r}\n"

@@ -22,6 +22,7 @@ from pathlib import Path
 import dask.config
 import pytest
 
+from dask_vastai._testing import WORKER_VERSIONS_ENV, worker_env
 from dask_vastai.bootstrap import (
     ONSTART_MAX_CHARS,
     PYTHON_VENV,
@@ -29,21 +30,20 @@ from dask_vastai.bootstrap import (
     onstart_script,
     probe_command,
 )
-from dask_vastai.environment import (
-    SYNCED_PACKAGES,
-    TEST_VERSIONS_ENV,
-    ClientEnvironment,
-    InstanceEnvironment,
-    Secret,
+from dask_vastai.environment import InstanceEnvironment, Secret, split_env
+from dask_vastai.environment.shipping import (
     build_shipment,
-    check_python,
-    install_command,
     local_modules,
     non_default_config,
+    unpack_command,
+)
+from dask_vastai.environment.versions import (
+    SYNCED_PACKAGES,
+    ClientEnvironment,
+    check_python,
+    install_command,
     packages_to_install,
     python_option,
-    split_env,
-    unpack_command,
     version_mismatches,
 )
 from dask_vastai.exceptions import EnvironmentMismatch
@@ -213,7 +213,7 @@ def test_shipment_unpacks_into_an_importable_folder_with_the_dask_config(tmp_pat
     one = build_shipment(mods, config)
     assert one.digest == build_shipment(mods, config).digest, "same inputs, same archive"
     names = tarfile.open(fileobj=__import__("io").BytesIO(one.archive)).getnames()
-    assert "site/shipped_mod.py" in names and "site/dask_vastai/environment.py" in names
+    assert "site/shipped_mod.py" in names and "site/dask_vastai/environment/__init__.py" in names
     assert "dask-config/client.yaml" in names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     assert "site/shipped_pkg/__init__.py" in names and "site/shipped_pkg/.env" not in names
@@ -301,12 +301,13 @@ def test_probe_waits_for_the_onstarts_python_install(tmp_path: Path):
 
 # ------------------------------------------------------------------ the scheduler's gate
 async def _worker_against(scheduler_address: str, tmp_path: Path, name: str, fake: dict[str, str] | None):
-    env = {k: v for k, v in os.environ.items() if k != TEST_VERSIONS_ENV}
-    if fake:
-        env[TEST_VERSIONS_ENV] = json.dumps(fake)
+    env = {k: v for k, v in os.environ.items() if k != WORKER_VERSIONS_ENV}
+    if fake:  # the hook's environment, as the incarnation carries it to a worker on an instance
+        with dask.config.set({"vastai.testing.worker-versions": fake}):
+            env.update(worker_env())
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "distributed.cli.dask_worker", scheduler_address, "--name", name, "--nanny",
-        "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard", "--preload", "dask_vastai.environment",
+        "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard", "--preload", "dask_vastai._testing",
         "--local-directory", str(tmp_path / name), env=env, cwd=tmp_path,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )

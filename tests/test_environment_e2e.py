@@ -38,7 +38,8 @@ def test_checkout_code_config_and_secrets_reach_the_workers_but_not_vast(market,
     from distributed import Client
 
     from dask_vastai import VastAICluster
-    from dask_vastai.environment import SHIP_DIR, Secret, remote_square
+    from dask_vastai._testing import remote_square
+    from dask_vastai.environment import SHIP_DIR, Secret
 
     def sandbox_view() -> dict[str, object]:
         import os
@@ -125,13 +126,18 @@ def test_script_with_a_local_module_runs_it_on_the_workers(market, tmp_path: Pat
 
 
 def test_instance_with_another_python_is_refused_naming_both(market) -> None:
+    import dask
+
     from dask_vastai import VastAICluster
 
     here = "%d.%d.%d" % sys.version_info[:3]  # noqa: UP031
-    with pytest.raises(RuntimeError) as info:
+    with (
+        dask.config.set({"vastai.testing.probe-versions": {"python": "3.9.18"}}),
+        pytest.raises(RuntimeError) as info,
+    ):
         VastAICluster(
             gpu="RTX_3090", n=1, api_url=market.url, api_key=market.api_key, name="oldpy", quiet=True,
-            boot_timeout=120, _test_versions={"python": "3.9.18"},
+            boot_timeout=120,
         )
     message = str(info.value)
     assert "3.9.18" in message and here in message
@@ -140,14 +146,18 @@ def test_instance_with_another_python_is_refused_naming_both(market) -> None:
 
 
 def test_instance_with_another_distributed_is_refused_when_install_fails(market) -> None:
+    import dask
     from distributed import __version__ as ours
 
     from dask_vastai import VastAICluster
 
-    with pytest.raises(RuntimeError) as info:
+    with (
+        dask.config.set({"vastai.testing.probe-versions": {"distributed": "2020.1.0"}}),
+        pytest.raises(RuntimeError) as info,
+    ):
         VastAICluster(
             gpu="RTX_3090", n=1, api_url=market.url, api_key=market.api_key, name="olddist", quiet=True,
-            boot_timeout=120, pip_args=["--no-index"], _test_versions={"distributed": "2020.1.0"},
+            boot_timeout=120, pip_args=["--no-index"],
         )
     message = str(info.value)
     assert f"distributed: client {ours}, instance 2020.1.0" in message
@@ -174,12 +184,17 @@ def test_python_version_option_boots_even_where_uv_cannot_be_fetched(market) -> 
 
 def test_worker_registering_with_other_versions_is_refused_by_the_scheduler(market) -> None:
     """The probe saw a matching instance, but the worker reports another msgpack: refused."""
+    import dask
+
     from dask_vastai import VastAICluster
 
-    with pytest.raises(RuntimeError) as info:
+    with (
+        dask.config.set({"vastai.testing.worker-versions": {"msgpack": "0.6.0"}}),
+        pytest.raises(RuntimeError) as info,
+    ):
         VastAICluster(
             gpu="RTX_3090", n=1, api_url=market.url, api_key=market.api_key, name="gate", quiet=True,
-            boot_timeout=120, _test_worker_versions={"msgpack": "0.6.0"},
+            boot_timeout=120,
         )
     message = str(info.value)
     assert "gate-0 was refused" in message
