@@ -65,7 +65,8 @@ from .exceptions import (
     VastServerError,
     VastUnreachable,
 )
-from .offers import Offer, search_body
+from .offers import Offer
+from .vast.query import search_body
 
 __all__ = [
     "CreateRequest", "Instance", "InstanceNotFound", "InvalidAPIKey", "MissingAPIKey", "Offer",

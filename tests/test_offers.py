@@ -13,10 +13,9 @@ from dask_vastai.offers import (
     OfferRequirements,
     canonical_gpu_name,
     no_match_message,
-    parse_query,
     region_codes,
-    search_body,
 )
+from dask_vastai.vast.query import parse_query, search_body
 
 
 @pytest.mark.parametrize("spelling", ["RTX_3090", "rtx 3090", "RTX3090", "rtx-3090", "RTX 3090"])
