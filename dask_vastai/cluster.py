@@ -25,7 +25,6 @@ from distributed.security import Security
 from distributed.utils import NoOpAwaitable
 
 from .adaptive import GPUAdaptive
-from .api import CreateRequest, Offer, VastAPI
 from .bootstrap import BootstrapConfig, onstart_script
 from .config import option
 from .environment import ClientEnvironment, InstanceEnvironment, Secret, python_option, split_env
@@ -36,6 +35,7 @@ from .pools import Pool, ResourceGuard
 from .rentals import RentalBroker
 from .safety import LEDGER
 from .tunnel import ClusterKey, TunnelHub
+from .vast import CreateRequest, Offer, VastAPI
 
 logger = logging.getLogger(__name__)
 

@@ -14,82 +14,11 @@ import difflib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from .vast import Offer
 from .vast.query import STRING_QUERY_DEFAULTS, parse_order, parse_query
-
-# ----------------------------------------------------------------------------- offer records
-
-
-def _num(value: Any, default: float = 0.0) -> float:
-    try:
-        return float(value) if value is not None else default
-    except (TypeError, ValueError):
-        return default
-
-
-@dataclass(frozen=True)
-class Offer:
-    """One rentable machine (a Vast "ask") in the units Vast reports: MB, GB, $/h."""
-
-    id: int
-    gpu_name: str
-    num_gpus: int
-    gpu_ram_mb: float
-    gpu_total_ram_mb: float
-    cpu_cores_effective: float
-    cpu_ram_mb: float
-    disk_space_gb: float
-    dph_total: float
-    min_bid: float
-    reliability: float
-    geolocation: str | None
-    datacenter: bool
-    verified: bool
-    direct_port_count: int
-    cuda_max_good: float
-    inet_down: float
-    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
-
-    @classmethod
-    def from_json(cls, row: Mapping[str, Any]) -> Offer:
-        """An offer from a search result row (missing fields become 0/None, never KeyError)."""
-        num_gpus = int(_num(row.get("num_gpus"), 0))
-        gpu_ram = _num(row.get("gpu_ram"))
-        reliability = row.get("reliability", row.get("reliability2"))
-        verified = row.get("verified")
-        if verified is None:
-            verified = row.get("verification") == "verified"
-        return cls(
-            id=int(row["id"]),
-            gpu_name=str(row.get("gpu_name") or ""),
-            num_gpus=num_gpus,
-            gpu_ram_mb=gpu_ram,
-            gpu_total_ram_mb=_num(row.get("gpu_total_ram"), gpu_ram * num_gpus),
-            cpu_cores_effective=_num(row.get("cpu_cores_effective"), _num(row.get("cpu_cores"))),
-            cpu_ram_mb=_num(row.get("cpu_ram")),
-            disk_space_gb=_num(row.get("disk_space")),
-            dph_total=_num(row.get("dph_total")),
-            min_bid=_num(row.get("min_bid")),
-            reliability=_num(reliability),
-            geolocation=(str(row["geolocation"]).strip() if row.get("geolocation") else None),
-            datacenter=row.get("hosting_type") == 1 or row.get("datacenter") is True,
-            verified=bool(verified),
-            direct_port_count=int(_num(row.get("direct_port_count"))),
-            cuda_max_good=_num(row.get("cuda_max_good")),
-            inet_down=_num(row.get("inet_down")),
-            raw=dict(row),
-        )
-
-    @property
-    def country(self) -> str | None:
-        """The ISO-2 code that ends Vast's geolocation string (``"Warsaw, PL"`` -> ``"PL"``)."""
-        if not self.geolocation:
-            return None
-        code = self.geolocation.strip()[-2:].upper()
-        return code if code.isalpha() else None
-
 
 # ----------------------------------------------------------------------------- GPU names and regions
 

@@ -21,9 +21,9 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol import pickle
 
-from .api import CreateRequest
 from .exceptions import ImpossibleResources
 from .offers import OfferRequirements
+from .vast import CreateRequest
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from dask_vastai.api import CreateRequest, Instance, Rental, VastAPI
 from dask_vastai.exceptions import (
     InstanceNotFound,
     InvalidAPIKey,
@@ -32,6 +31,7 @@ from dask_vastai.exceptions import (
     VastUnreachable,
 )
 from dask_vastai.offers import OfferRequirements
+from dask_vastai.vast import CreateRequest, Instance, Rental, VastAPI
 
 REQUEST = CreateRequest(image="vastai/pytorch", disk_gb=20, label="t:one", onstart="echo hi", ports=(8786,))
 
@@ -146,7 +146,7 @@ def test_bulk_create_gives_one_result_per_offer_in_order(emulator: Any) -> None:
 
 def test_a_rejected_key_never_shows_itself(emulator: Any, caplog: pytest.LogCaptureFixture) -> None:
     secret = "sk-not-the-right-key-0123456789abcd"
-    caplog.set_level(logging.DEBUG, logger="dask_vastai.api")
+    caplog.set_level(logging.DEBUG, logger="dask_vastai.vast")
 
     async def main() -> None:
         async with VastAPI(secret, emulator.url, pace=False) as api:

@@ -9,12 +9,12 @@ import pytest
 
 from dask_vastai.offers import (
     REGIONS,
-    Offer,
     OfferRequirements,
     canonical_gpu_name,
     no_match_message,
     region_codes,
 )
+from dask_vastai.vast import Offer
 from dask_vastai.vast.query import parse_query, search_body
 
 
