@@ -14,9 +14,9 @@ The rest of the product imports from here (``from .vast import VastAPI``).
 """
 
 from .client import BULK_CHUNK, VastAPI
-from .records import CreateRequest, Instance, Offer, Rental
+from .records import CreatedInstance, CreateRequest, Instance, Offer
 from .transport import DEFAULT_MIN_INTERVALS_S
 
 __all__ = [
-    "BULK_CHUNK", "DEFAULT_MIN_INTERVALS_S", "CreateRequest", "Instance", "Offer", "Rental", "VastAPI",
+    "BULK_CHUNK", "DEFAULT_MIN_INTERVALS_S", "CreateRequest", "CreatedInstance", "Instance", "Offer", "VastAPI",
 ]

@@ -34,7 +34,7 @@ from ..exceptions import (
     VastUnreachable,
 )
 from .query import search_body
-from .records import CreateRequest, Instance, Offer, Rental
+from .records import CreatedInstance, CreateRequest, Instance, Offer
 from .transport import AmbiguousCreate, VastTransport, body_fields
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class VastAPI(VastTransport):
         return [Offer.from_json(r) for r in rows or [] if isinstance(r, Mapping) and "id" in r]
 
     # ------------------------------------------------------------------ renting
-    async def create_instance(self, offer_id: int, request: CreateRequest) -> Rental:
+    async def create_instance(self, offer_id: int, request: CreateRequest) -> CreatedInstance:
         """Rent ``offer_id``; OfferUnavailable when it is gone (take the next offer)."""
         resent = False
         while True:
@@ -128,18 +128,18 @@ class VastAPI(VastTransport):
             )
         if status >= 400 or not isinstance(parsed, Mapping) or not parsed.get("success") or not parsed.get("new_contract"):
             raise self._fail(status, parsed, f"rent offer {offer_id}")
-        rental = Rental(int(parsed["new_contract"]), int(offer_id), parsed.get("instance_api_key"))
-        self._known_ids.add(rental.instance_id)
-        return rental
+        created = CreatedInstance(int(parsed["new_contract"]), int(offer_id), parsed.get("instance_api_key"))
+        self._known_ids.add(created.instance_id)
+        return created
 
-    async def create_instances(self, offer_ids: Sequence[int], request: CreateRequest) -> list[Rental | VastError]:
+    async def create_instances(self, offer_ids: Sequence[int], request: CreateRequest) -> list[CreatedInstance | VastError]:
         """Rent several offers with the bulk endpoint: one result per offer, in order.
 
         A result is an :class:`OfferUnavailable` (or another :class:`VastError`) for an offer
         that could not be rented; errors of the whole call (bad key, bad image) raise.
         """
         ids = [int(i) for i in offer_ids]
-        results: list[Rental | VastError] = []
+        results: list[CreatedInstance | VastError] = []
         for start in range(0, len(ids), BULK_CHUNK):
             chunk = ids[start : start + BULK_CHUNK]
             try:
@@ -151,23 +151,23 @@ class VastAPI(VastTransport):
                 raise self._fail(status, parsed, f"rent offers {chunk}")
             results.extend(self._bulk_results(chunk, parsed))
         for r in results:
-            if isinstance(r, Rental):
+            if isinstance(r, CreatedInstance):
                 self._known_ids.add(r.instance_id)
         return results
 
     @staticmethod
-    def _bulk_results(chunk: list[int], parsed: Mapping[str, Any]) -> list[Rental | VastError]:
+    def _bulk_results(chunk: list[int], parsed: Mapping[str, Any]) -> list[CreatedInstance | VastError]:
         """Per-offer results of a bulk create, matched by ``ask_id`` where given, else by position."""
         items = parsed.get("results")
         if not isinstance(items, list):
             contracts = parsed.get("new_contracts") or ([parsed["new_contract"]] if parsed.get("new_contract") else [])
             items = [{"ask_id": a, "success": True, "new_contract": c} for a, c in zip(chunk, contracts, strict=False)]
         by_ask = {int(i["ask_id"]): i for i in items if isinstance(i, Mapping) and i.get("ask_id") is not None}
-        out: list[Rental | VastError] = []
+        out: list[CreatedInstance | VastError] = []
         for pos, offer_id in enumerate(chunk):
             item = by_ask.get(offer_id) or (items[pos] if pos < len(items) and not by_ask else None)
             if isinstance(item, Mapping) and item.get("success") is not False and item.get("new_contract"):
-                out.append(Rental(int(item["new_contract"]), offer_id, item.get("instance_api_key")))
+                out.append(CreatedInstance(int(item["new_contract"]), offer_id, item.get("instance_api_key")))
                 continue
             error, msg = body_fields(item) if item is not None else (None, "no result for this offer")
             out.append(OfferUnavailable(
@@ -189,7 +189,7 @@ class VastAPI(VastTransport):
                 return found
             await asyncio.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
-    async def _recover_single_create(self, offer_id: int, request: CreateRequest, e: AmbiguousCreate) -> Rental | None:
+    async def _recover_single_create(self, offer_id: int, request: CreateRequest, e: AmbiguousCreate) -> CreatedInstance | None:
         """The rental an unanswered create made, or None when it surely made none (safe to resend)."""
         if not request.label:
             raise VastUnreachable(
@@ -209,11 +209,11 @@ class VastAPI(VastTransport):
         row = max(found, key=lambda r: r.id)
         self._known_ids.add(row.id)
         logger.warning("renting offer %s: found instance %s under label %r", offer_id, row.id, request.label)
-        return Rental(row.id, int(offer_id), None)
+        return CreatedInstance(row.id, int(offer_id), None)
 
-    async def _undo_ambiguous_bulk(self, request: CreateRequest, why: str, rented: list[Rental | VastError]) -> None:
+    async def _undo_ambiguous_bulk(self, request: CreateRequest, why: str, rented: list[CreatedInstance | VastError]) -> None:
         """Destroy what an unanswered bulk create may have rented, then raise."""
-        done = [r.instance_id for r in rented if isinstance(r, Rental)]
+        done = [r.instance_id for r in rented if isinstance(r, CreatedInstance)]
         if not request.label:
             raise VastUnreachable(
                 f"Bulk create: {why}; it may have rented instances ({len(done)} earlier ones: {done}). "

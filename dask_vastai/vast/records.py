@@ -80,8 +80,12 @@ class CreateRequest:
 
 
 @dataclass(frozen=True)
-class Rental:
-    """What a successful create returns: the new instance's id (Vast's ``new_contract``)."""
+class CreatedInstance:
+    """What a successful create returns: the new instance's id (Vast's ``new_contract``).
+
+    Only the answer of one call; the life of the instance it starts (boot, billing, destroy)
+    is what the rest of the product calls a rental.
+    """
 
     instance_id: int
     offer_id: int
