@@ -1,11 +1,11 @@
 """The typed records of Vast's wire: what a create sends and answers, and the rows of search
 and of ``show instances``.
 
-Vast's rows are loosely typed JSON: a field may be missing, ``null``, a number sent as a
-string, or absent on one endpoint and present on another. So every row is read leniently
-(a missing or unreadable field becomes 0 or None, never a ``KeyError``) and kept whole in
-``raw`` for what the record does not name. Units stay Vast's (MB, GB, $/h) and the field
-names say which.
+Vast's rows are loosely typed JSON: a field may be missing or ``null``, a number may come
+as a string, and some fields have two spellings (``reliability``/``reliability2``,
+``verified``/``verification``). So every row is read leniently (a missing or unreadable
+field becomes 0 or None, never a ``KeyError``) and kept whole in ``raw`` for what the
+record does not name. Units stay Vast's (MB, GB, $/h) and the field names say which.
 """
 
 from __future__ import annotations
