@@ -26,7 +26,6 @@ from distributed.security import Security
 from distributed.utils import NoOpAwaitable
 
 from .adaptive import GPUAdaptive, GPUDemandPolicy
-from .api import VastAPI
 from .bootstrap import BootstrapConfig, onstart_script
 from .config import option
 from .environment import ClientEnvironment, InstanceEnvironment, python_option, split_env
@@ -46,6 +45,7 @@ from .pools import (
 from .rentals import RentalBroker, nearest_offers
 from .safety import LEDGER
 from .tunnel import ClusterKey, TunnelHub
+from .vast import VastAPI
 
 _CLUSTER_OPTIONS = """\
 n:

@@ -14,10 +14,10 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from .api import Instance, VastAPI
 from .exceptions import VastError
 from .labels import LABEL_PREFIX, cluster_label_prefix, parse_label
 from .offers import OfferRequirements
+from .vast import Instance, VastAPI
 
 
 def _console() -> Console:

@@ -36,7 +36,7 @@ from .rentals import RentalBroker, RentalRecord
 from .tunnel import InstanceLink, SSHEndpoint, TunnelHub
 
 if TYPE_CHECKING:
-    from .api import Instance
+    from .vast import Instance
 
 logger = logging.getLogger(__name__)
 

@@ -31,11 +31,11 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol import pickle
 
-from .api import CreateRequest
 from .config import option
 from .environment import split_env
 from .exceptions import ImpossibleResources
 from .offers import OfferRequirements
+from .vast import CreateRequest
 
 logger = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .api import CreateRequest, Instance, Offer, VastAPI
 from .exceptions import BootFailed, NoOfferAvailable, OfferUnavailable, VastError
 from .labels import cluster_label_prefix, rental_label
 from .offers import OfferRequirements, no_match_message
 from .safety import LEDGER
+from .vast import CreateRequest, Instance, Offer, VastAPI
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .api import VastAPI
+    from .vast import VastAPI
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class RentalLedger:
 
 
 async def _destroy(live: dict[tuple[str, str], set[int]]) -> None:
-    from .api import VastAPI
+    from .vast import VastAPI
 
     for (url, key), ids in live.items():
         async with VastAPI(api_key=key, api_url=url) as api:

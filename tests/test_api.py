@@ -20,7 +20,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from dask_vastai.api import CreateRequest, Instance, Rental, VastAPI
 from dask_vastai.exceptions import (
     InstanceNotFound,
     InvalidAPIKey,
@@ -32,6 +31,7 @@ from dask_vastai.exceptions import (
     VastUnreachable,
 )
 from dask_vastai.offers import OfferRequirements
+from dask_vastai.vast import CreatedInstance, CreateRequest, Instance, VastAPI
 
 REQUEST = CreateRequest(image="vastai/pytorch", disk_gb=20, label="t:one", onstart="echo hi", ports=(8786,))
 
@@ -64,7 +64,7 @@ def test_rent_watch_change_and_destroy_one_instance(emulator: Any) -> None:
             offer = offers[0]
 
             rental = await api.create_instance(offer.id, REQUEST)
-            assert isinstance(rental, Rental) and rental.offer_id == offer.id
+            assert isinstance(rental, CreatedInstance) and rental.offer_id == offer.id
             assert rental.instance_api_key  # Vast's instance-scoped key
 
             shown = await api.show_instance(rental.instance_id)
@@ -130,9 +130,9 @@ def test_bulk_create_gives_one_result_per_offer_in_order(emulator: Any) -> None:
             ids = await _offers(api, 4)
             taken = await api.create_instance(ids[1], REQUEST)
             results = await api.create_instances(ids, REQUEST)
-            assert [type(r) for r in results] == [Rental, OfferUnavailable, Rental, Rental]
+            assert [type(r) for r in results] == [CreatedInstance, OfferUnavailable, CreatedInstance, CreatedInstance]
             assert [r.offer_id for r in results] == ids  # type: ignore[union-attr]
-            rented = [r.instance_id for r in results if isinstance(r, Rental)] + [taken.instance_id]
+            rented = [r.instance_id for r in results if isinstance(r, CreatedInstance)] + [taken.instance_id]
             assert sorted(i.id for i in await api.list_instances()) == sorted(rented)
             await api.destroy_instances([*rented, 999_999])  # an id already gone is fine
             assert await api.list_instances() == []
@@ -146,7 +146,7 @@ def test_bulk_create_gives_one_result_per_offer_in_order(emulator: Any) -> None:
 
 def test_a_rejected_key_never_shows_itself(emulator: Any, caplog: pytest.LogCaptureFixture) -> None:
     secret = "sk-not-the-right-key-0123456789abcd"
-    caplog.set_level(logging.DEBUG, logger="dask_vastai.api")
+    caplog.set_level(logging.DEBUG, logger="dask_vastai.vast")
 
     async def main() -> None:
         async with VastAPI(secret, emulator.url, pace=False) as api:
@@ -448,7 +448,7 @@ def test_concurrent_callers_wait_their_turn_instead_of_tripping_429(emulator_rat
         async with VastAPI(emu.api_key, emu.url) as api:
             ids = await _offers(api, 3)
             rentals = await api.create_instances(ids, REQUEST)
-            instance_ids = [r.instance_id for r in rentals if isinstance(r, Rental)]
+            instance_ids = [r.instance_id for r in rentals if isinstance(r, CreatedInstance)]
             calls: list[Callable[[], Any]] = []
             calls += [api.list_instances for _ in range(4)]
             calls += [lambda i=i: api.show_instance(i) for i in instance_ids[:2]]
@@ -474,7 +474,7 @@ def test_bulk_rents_and_destroys_twenty_in_one_call_each(emulator_rate_limited: 
             ids = await _offers(api, 20)
             started = time.monotonic()
             results = await api.create_instances(ids, REQUEST)
-            assert all(isinstance(r, Rental) for r in results)
+            assert all(isinstance(r, CreatedInstance) for r in results)
             assert len(emu.instances()) == 20
             await api.destroy_instances([r.instance_id for r in results])  # type: ignore[union-attr]
             return time.monotonic() - started

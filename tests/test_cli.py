@@ -6,8 +6,8 @@ import asyncio
 import subprocess
 import sys
 
-from dask_vastai.api import CreateRequest, VastAPI
 from dask_vastai.labels import rental_label
+from dask_vastai.vast import CreateRequest, VastAPI
 
 
 def _cli(*args: str, emu, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -9,14 +9,13 @@ import pytest
 
 from dask_vastai.offers import (
     REGIONS,
-    Offer,
     OfferRequirements,
     canonical_gpu_name,
     no_match_message,
-    parse_query,
     region_codes,
-    search_body,
 )
+from dask_vastai.vast import Offer
+from dask_vastai.vast.query import parse_query, search_body
 
 
 @pytest.mark.parametrize("spelling", ["RTX_3090", "rtx 3090", "RTX3090", "rtx-3090", "RTX 3090"])

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dask_vastai.api import CreateRequest
-from dask_vastai.offers import parse_order, search_body
+from dask_vastai.vast import CreateRequest
+from dask_vastai.vast.query import parse_order, search_body
 
 pytestmark = pytest.mark.oracle
 

@@ -14,11 +14,11 @@ import textwrap
 
 import pytest
 
-from dask_vastai.api import CreateRequest, VastAPI
 from dask_vastai.exceptions import NoOfferAvailable
 from dask_vastai.labels import rental_label
 from dask_vastai.offers import OfferRequirements
 from dask_vastai.rentals import RentalBroker
+from dask_vastai.vast import CreateRequest, VastAPI
 
 
 def _broker(api: VastAPI, name: str = "t", **req) -> RentalBroker:
@@ -94,7 +94,7 @@ def test_exit_handler_destroys_what_the_process_left(emulator_rate_limited) -> N
     code = textwrap.dedent(
         f"""
         import asyncio
-        from dask_vastai.api import CreateRequest, VastAPI
+        from dask_vastai.vast import CreateRequest, VastAPI
         from dask_vastai.offers import OfferRequirements
         from dask_vastai.rentals import RentalBroker
 

@@ -74,8 +74,11 @@ class ManualClock:
 
 
 @dataclass
-class Rental:
-    """One instance: what was asked, where it stands, what it has cost."""
+class Contract:
+    """One instance as the market keeps it (Vast's word: a create answers ``new_contract``).
+
+    What was asked, where it stands, what it has cost.
+    """
 
     id: int
     offer: dict[str, Any]
@@ -197,8 +200,8 @@ class Market:
         self.boot_delay_s = float(boot_delay_s)
         self.initial_balance_usd = float(balance_usd)
         self.faults: Faults | None = None
-        self.rentals: dict[int, Rental] = {}  # live ones
-        self.ledger: dict[int, Rental] = {}  # every rental ever made, for the meter
+        self.rentals: dict[int, Contract] = {}  # live ones
+        self.ledger: dict[int, Contract] = {}  # every rental ever made, for the meter
         self.instance_keys: dict[str, int] = {}
         self.account_keys: list[dict[str, Any]] = []
         self._taken: dict[int, int | None] = {}  # offer id -> rental id (None: another user)
@@ -292,7 +295,7 @@ class Market:
         elif args is None and body.get("args_str"):
             args = shlex.split(str(body["args_str"]))
         now = self.clock()
-        rental = Rental(
+        rental = Contract(
             id=self._next_id, offer=dict(offer), image=str(image), env=parse_env(body.get("env")),
             label=None if label in (None, "") else str(label), onstart=body.get("onstart"), args=args,
             runtype=str(body.get("runtype") or "ssh"), disk_gb=disk_gb, is_bid=is_bid, gpu_dph=gpu_dph,
@@ -334,7 +337,7 @@ class Market:
         task.add_done_callback(self._background.discard)
         return task
 
-    def _launch(self, r: Rental, *, first: bool = False) -> None:
+    def _launch(self, r: Contract, *, first: bool = False) -> None:
         """Send ``r`` to loading now and to running after the boot delay."""
         now = self.clock()
         r.intended_status = "running"
@@ -346,7 +349,7 @@ class Market:
         r.task = self._spawn(self._boot(r))
         self._ensure_monitor()
 
-    async def _boot(self, r: Rental) -> None:
+    async def _boot(self, r: Contract) -> None:
         await asyncio.sleep(0)  # the create answer goes out with actual_status None
         r.actual_status = "loading"
         r.status_msg = f"Pulling image {r.image}: downloading layers"
@@ -375,7 +378,7 @@ class Market:
         r.actual_status = "running"
         r.status_msg = f"success, running {r.image}/ssh"
 
-    def _spec(self, r: Rental) -> SandboxSpec:
+    def _spec(self, r: Contract) -> SandboxSpec:
         keys = tuple([k["public_key"] for k in self.account_keys] + [k for _, k in r.attached_keys])
         env = {k: v for k, v in r.env.items() if not k.startswith("-")}
         env.update({
@@ -412,7 +415,7 @@ class Market:
                     r.bill("storage", self.clock())
             await asyncio.sleep(interval_s)
 
-    async def _halt(self, r: Rental) -> None:
+    async def _halt(self, r: Contract) -> None:
         """Cancel the boot of ``r`` if under way and stop its sandbox."""
         task, r.task = r.task, None
         if task is not None and not task.done():
@@ -421,7 +424,7 @@ class Market:
                 await task
         await self.runtime.stop(r.id)
 
-    def live(self, instance_id: int) -> Rental:
+    def live(self, instance_id: int) -> Contract:
         r = self.rentals.get(instance_id)
         if r is None:
             raise ApiError(404, "not_found", "Instance not found")
@@ -501,7 +504,7 @@ class Market:
         self._spawn(self._halt(r))
 
     # ------------------------------------------------------------------ rows
-    def row(self, r: Rental) -> dict[str, Any]:
+    def row(self, r: Contract) -> dict[str, Any]:
         """The instance as Vast's API shows it."""
         o = r.offer
         now = self.now()

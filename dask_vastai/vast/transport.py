@@ -1,0 +1,362 @@
+"""The paced HTTP transport to Vast's REST API (or to anything serving it): one aiohttp
+session, one queue per endpoint, retries, and errors that say what to do.
+
+Why aiohttp rather than tornado's HTTP client (which distributed already has): one pooled
+session for all calls, a timeout per request, and async context managers that always
+release the connection.
+
+What a caller can rely on:
+
+* **Pacing, not retrying.** Vast refuses (429) a call that comes sooner than an endpoint's
+  threshold after the previous call of that endpoint (create 4.5 s, destroy 3 s, ...). All
+  calls of one client queue per endpoint and go out no sooner than the interval after the
+  previous call's *answer* (the server stamps a call somewhere between our send and its
+  answer, so counting from the answer can never be too early). N concurrent callers thus
+  never trip a 429; they wait their turn. ``pace=False`` turns the queue off. The queue is
+  per client: two clients of one account (two clusters, or the CLI beside a cluster) can
+  still meet a 429, which the retries absorb.
+* **Retries** with exponential backoff and jitter, up to ``max_attempts`` in all: a 429 (no
+  Retry-After exists: wait at least the endpoint's threshold, which the plain-text body
+  names), 502/503/504 and 500, timeouts and connection errors. Other 4xx are never retried.
+* **A create is never retried blindly.** A create that timed out, lost its connection after
+  sending, or got a 500/504 may have rented, and a double rental bills twice. The transport
+  raises :class:`AmbiguousCreate` for it instead of retrying; the client then looks for the
+  rental under its label (:mod:`dask_vastai.vast.client`).
+* **Typed errors** (all :class:`~dask_vastai.exceptions.VastError`), with Vast's ``error``
+  code and ``msg``, and messages that say what to do. The key is sent only as a Bearer
+  header, never in a URL, and appears in no log line, repr or message (``***abcd`` at most).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote_plus
+
+import aiohttp
+import yarl
+
+from ..config import option
+from ..credentials import KEY_HELP_URL, find_api_key, mask_key
+from ..exceptions import (
+    InstanceNotFound,
+    InvalidAPIKey,
+    RateLimited,
+    VastError,
+    VastRequestError,
+    VastServerError,
+    VastUnreachable,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Vast's per-endpoint thresholds: it refuses (429) a call of an endpoint sooner than this
+#: after the previous one of the same endpoint. Search has none published.
+DEFAULT_MIN_INTERVALS_S: Mapping[str, float] = {
+    "search": 0.5,
+    "create": 4.5,  # also bulk create
+    "destroy": 3.0,  # also bulk destroy
+    "show": 2.0,
+    "list": 1.0,
+    "update": 1.0,  # state and label
+    "reboot": 1.0,
+    "command": 1.5,
+    "logs": 1.0,
+    "ssh": 1.0,
+    "user": 0.5,
+}
+_RETRY_STATUS = frozenset({500, 502, 503, 504})
+_AMBIGUOUS_CREATE_STATUS = frozenset({500, 504})
+
+
+class AmbiguousCreate(Exception):
+    """A create that may have been carried out although no answer says so.
+
+    ``settled`` is True when the server cannot still be working on it (the connection
+    dropped: nothing under the label means nothing was rented, and it is safe to send it
+    again); False after a timeout or a 500/504, when it may still be in progress.
+    """
+
+    def __init__(self, why: str, *, settled: bool) -> None:
+        super().__init__(why)
+        self.why = why
+        self.settled = settled
+
+
+class _Pacer:
+    """One queue per endpoint: a call goes out no sooner than the interval after the last answer."""
+
+    def __init__(self, intervals_s: Mapping[str, float], enabled: bool) -> None:
+        self.intervals_s = dict(intervals_s)
+        self.enabled = enabled
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._next_at: dict[str, float] = {}
+
+    def interval(self, endpoint: str) -> float:
+        return self.intervals_s.get(endpoint, 0.0)
+
+    @asynccontextmanager
+    async def turn(self, endpoint: str) -> AsyncIterator[None]:
+        if not self.enabled:
+            delay = self._next_at.get(endpoint, 0.0) - time.monotonic()
+            if delay > 0:  # a 429 seen by another caller holds everyone back
+                await asyncio.sleep(delay)
+            yield
+            return
+        lock = self._locks.setdefault(endpoint, asyncio.Lock())
+        async with lock:
+            delay = self._next_at.get(endpoint, 0.0) - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                yield
+            finally:
+                self.hold(endpoint, self.interval(endpoint))
+
+    def hold(self, endpoint: str, seconds: float) -> None:
+        """No call of ``endpoint`` before ``seconds`` from now."""
+        self._next_at[endpoint] = max(self._next_at.get(endpoint, 0.0), time.monotonic() + seconds)
+
+
+def body_fields(body: Any) -> tuple[str | None, str | None]:
+    """Vast's ``(error, msg)`` from a JSON error body, or ``(None, text)`` for plain text."""
+    if isinstance(body, Mapping):
+        error = body.get("error")
+        msg = body.get("msg") or body.get("message") or body.get("detail")
+        return (str(error) if error else None), (str(msg) if msg else None)
+    text = str(body or "").strip()
+    return None, (text[:500] or None)
+
+
+class VastTransport:
+    """One account's connection to a Vast API: key, session, pacing, retries, typed errors.
+
+    The endpoints are :class:`~dask_vastai.vast.VastAPI`, a subclass: a caller holds one
+    object that is both, so a setting such as ``max_attempts`` is read where a user set it.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        api_url: str | None = None,
+        *,
+        pace: bool = True,
+        request_timeout_s: float = 30.0,
+        max_attempts: int = 8,
+        min_intervals_s: Mapping[str, float] | None = None,
+        backoff_s: float = 0.5,
+        backoff_max_s: float = 20.0,
+    ) -> None:
+        key, source = find_api_key(api_key if api_key is not None else option("api-key"))
+        url = str(api_url or option("api-url") or "https://console.vast.ai").strip().rstrip("/")
+        parsed = yarl.URL(url)
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ValueError(f"api_url={url!r} is not an http(s) URL; the default is https://console.vast.ai")
+        if parsed.query_string:
+            raise ValueError(f"api_url={parsed.with_query(None)!s}... must not carry a query; the key goes in api_key")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts={max_attempts} must be at least 1")
+        self._api_key = key
+        self._key_source = source
+        self.api_url: str = url
+        self.request_timeout_s = float(request_timeout_s)
+        self.max_attempts = int(max_attempts)
+        self.backoff_s = float(backoff_s)
+        self.backoff_max_s = float(backoff_max_s)
+        intervals = {**DEFAULT_MIN_INTERVALS_S, **dict(min_intervals_s or {})}
+        self._pacer = _Pacer(intervals, enabled=pace)
+        self._session: aiohttp.ClientSession | None = None
+        from .. import __version__
+
+        self._headers = {
+            "Authorization": f"Bearer {key}",
+            "Accept": "application/json",
+            "User-Agent": f"dask-vastai/{__version__}",
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(api_url={self.api_url!r}, api_key={mask_key(self._api_key)})"
+
+    def credentials(self) -> tuple[str, str]:
+        """``(api_url, api_key)``: what a fresh client needs to act for this account (exit handlers)."""
+        return self.api_url, self._api_key
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connection pool (idempotent)."""
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.request_timeout_s),
+                connector=aiohttp.TCPConnector(limit=32),
+            )
+            # aiohttp silently resends a PUT or DELETE once when a reused connection drops
+            # (RFC 9112 allows it for idempotent methods), but Vast's PUT /asks/{id}/ rents: a
+            # resent create would find its own rental and report the offer as taken, leaking
+            # it. Our retries decide instead. No public switch exists; aiohttp's own test
+            # client turns it off the same way.
+            if hasattr(self._session, "_retry_connection"):
+                self._session._retry_connection = False
+        return self._session
+
+    # ------------------------------------------------------------------ plumbing
+    def _url(self, path: str, query: Mapping[str, Any] | None = None) -> yarl.URL:
+        """As the SDK builds it: ``/api/v0`` unless versioned, JSON-then-quote_plus query values."""
+        if not re.match(r"^/api/v\d+/", path):
+            path = "/api/v0" + path
+        text = self.api_url + path
+        if query:
+            text += "?" + "&".join(
+                f"{k}={quote_plus(v if isinstance(v, str) else json.dumps(v))}" for k, v in query.items()
+            )
+        return yarl.URL(text, encoded=True)
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1))
+        return base * random.uniform(0.5, 1.0)
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        *,
+        body: Any = None,
+        query: Mapping[str, Any] | None = None,
+        create: bool = False,
+    ) -> tuple[int, Any]:
+        """``(status, parsed body)`` after pacing and retries; raises for what cannot be retried.
+
+        ``create=True`` raises :class:`AmbiguousCreate` instead of retrying when the request
+        may have been carried out.
+        """
+        url = self._url(path, query)
+        if body is None and method != "GET":
+            body = {}  # the SDK always sends a JSON body, even with DELETE
+        where = f"{method} {path}"
+        last_problem = ""
+        for attempt in range(1, self.max_attempts + 1):
+            started = time.monotonic()
+            try:
+                async with self._pacer.turn(endpoint):
+                    started = time.monotonic()
+                    async with self._get_session().request(
+                        method, url, json=body, headers=self._headers, allow_redirects=False
+                    ) as resp:
+                        status = resp.status
+                        location = resp.headers.get("Location", "?")
+                        text = await resp.text()
+            except (TimeoutError, aiohttp.ClientError) as e:
+                sent = not isinstance(e, aiohttp.ClientConnectorError)
+                problem = "timed out" if isinstance(e, TimeoutError) else f"failed: {type(e).__name__}"
+                logger.debug("%s %s (attempt %d, %.0f ms)", where, problem, attempt, 1000 * (time.monotonic() - started))
+                if create and sent:
+                    raise AmbiguousCreate(
+                        f"{where} {problem} after the request was sent", settled=not isinstance(e, TimeoutError)
+                    ) from e
+                last_problem = f"{problem} ({e})" if str(e) else problem
+                hopeless = isinstance(e, aiohttp.ClientConnectorCertificateError | aiohttp.InvalidURL)
+                if attempt < self.max_attempts and not hopeless:
+                    await asyncio.sleep(self._backoff(attempt))
+                    continue
+                raise VastUnreachable(
+                    f"Could not reach Vast at {self.api_url} ({where} {last_problem}, {attempt} attempts). "
+                    "Check the network and api_url; Vast's status is at https://status.vast.ai"
+                ) from e
+            elapsed_ms = 1000 * (time.monotonic() - started)
+            logger.debug("%s -> %d (%.0f ms)", where, status, elapsed_ms)
+            try:
+                parsed: Any = json.loads(text) if text else None
+            except ValueError:
+                parsed = text
+            if status == 429:
+                error, msg = body_fields(parsed)
+                threshold = self._pacer.interval(endpoint)
+                m = re.search(r"threshold=([\d.]+)", msg or "")
+                if m:
+                    threshold = max(threshold, float(m.group(1)))
+                if error == "search_quota_exceeded" or attempt >= self.max_attempts:
+                    raise RateLimited(
+                        f"Vast refused {where} as too frequent ({msg or error}) after {attempt} attempts. "
+                        + ("The daily search quota resets at midnight UTC." if error == "search_quota_exceeded"
+                           else "Another client on this account may be calling too; wait a minute and retry."),
+                        status=429, error=error, msg=msg,
+                    )
+                wait = max(threshold, 0.5) * (1 + 0.25 * (attempt - 1)) * random.uniform(1.0, 1.25)
+                logger.debug("%s rate limited; retrying in %.1f s", where, wait)
+                self._pacer.hold(endpoint, wait)
+                continue
+            if status in _RETRY_STATUS:
+                error, msg = body_fields(parsed)
+                if create and status in _AMBIGUOUS_CREATE_STATUS:
+                    raise AmbiguousCreate(f"{where} answered {status} ({msg or error or 'no message'})", settled=False)
+                if attempt < self.max_attempts:
+                    await asyncio.sleep(self._backoff(attempt))
+                    continue
+                raise VastServerError(
+                    f"Vast answered {status} to {where} {attempt} times ({msg or error or 'no message'}). "
+                    "Vast may be having trouble (https://status.vast.ai); retry later.",
+                    status=status, error=error, msg=msg,
+                )
+            if 300 <= status < 400:
+                # Not followed: the Bearer key must only ever go to the configured origin.
+                raise VastRequestError(
+                    f"{self.api_url} redirected {where} to {location}; set api_url "
+                    "to the server's real address (the default is https://console.vast.ai)",
+                    status=status,
+                )
+            if status < 300 and isinstance(parsed, str):
+                raise VastRequestError(
+                    f"{self.api_url} answered {where} with something that is not JSON "
+                    f"({parsed[:80]!r}); is api_url the address of the Vast API?",
+                    status=status,
+                )
+            if status == 401 or (isinstance(parsed, Mapping) and parsed.get("error") == "auth_error"):
+                error, msg = body_fields(parsed)
+                raise InvalidAPIKey(
+                    f"Vast rejected the API key {mask_key(self._api_key)} (from {self._key_source}) at "
+                    f"{self.api_url}: {msg or 'unauthorized'}. Check the key at {KEY_HELP_URL} (a key made "
+                    "for the emulator only works there, and the reverse), then set VAST_API_KEY.",
+                    status=status, error=error, msg=msg,
+                )
+            return status, parsed
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _fail(self, status: int, parsed: Any, what: str, *, instance_id: int | None = None) -> VastError:
+        """The error for an answer that is not a success (non-2xx, or ``success: false``)."""
+        error, msg = body_fields(parsed)
+        detail = msg or error or f"HTTP {status}"
+        if instance_id is not None and (status == 404 or error in ("not_found", "invalid_id", "no_such_instance")):
+            return InstanceNotFound(
+                f"Instance {instance_id} does not exist on this account ({detail}); it may have been destroyed. "
+                "`dask-vastai ls` lists the live ones.",
+                status=status, error=error, msg=msg,
+            )
+        return VastRequestError(f"Vast refused to {what}: {detail} (HTTP {status})", status=status, error=error, msg=msg)
+
+    async def _ok(self, method: str, path: str, endpoint: str, what: str, *, body: Any = None,
+                  query: Mapping[str, Any] | None = None, instance_id: int | None = None) -> Any:
+        """The parsed body of a successful call; the right :class:`VastError` otherwise."""
+        status, parsed = await self._call(method, path, endpoint, body=body, query=query)
+        if status >= 400 or (isinstance(parsed, Mapping) and parsed.get("success") is False):
+            raise self._fail(status, parsed, what, instance_id=instance_id)
+        return parsed
