@@ -26,6 +26,7 @@ from typing import Any, Literal
 import aiohttp
 import yarl
 
+from ..config import option
 from ..exceptions import (
     LogsNotReady,
     OfferUnavailable,
@@ -61,20 +62,20 @@ class VastAPI(VastTransport):
         api_url: str | None = None,
         *,
         pace: bool = True,
-        request_timeout_s: float = 30.0,
-        max_attempts: int = 8,
+        request_timeout_s: float | None = None,
+        max_attempts: int | None = None,
         min_intervals_s: Mapping[str, float] | None = None,
-        backoff_s: float = 0.5,
-        backoff_max_s: float = 20.0,
-        logs_timeout_s: float = 30.0,
-        ambiguous_create_grace_s: float = 10.0,
+        backoff_s: float | None = None,
+        backoff_max_s: float | None = None,
+        logs_timeout_s: float | None = None,
+        ambiguous_create_grace_s: float | None = None,
     ) -> None:
         super().__init__(
             api_key, api_url, pace=pace, request_timeout_s=request_timeout_s, max_attempts=max_attempts,
             min_intervals_s=min_intervals_s, backoff_s=backoff_s, backoff_max_s=backoff_max_s,
         )
-        self.logs_timeout_s = float(logs_timeout_s)
-        self.ambiguous_create_grace_s = float(ambiguous_create_grace_s)
+        self.logs_timeout_s = float(option("api.logs-timeout", logs_timeout_s))
+        self.ambiguous_create_grace_s = float(option("api.ambiguous-create-grace", ambiguous_create_grace_s))
         self._known_ids: set[int] = set()
 
     # ------------------------------------------------------------------ account

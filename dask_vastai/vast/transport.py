@@ -59,20 +59,8 @@ from ..exceptions import (
 logger = logging.getLogger(__name__)
 
 #: Vast's per-endpoint thresholds: it refuses (429) a call of an endpoint sooner than this
-#: after the previous one of the same endpoint. Search has none published.
-DEFAULT_MIN_INTERVALS_S: Mapping[str, float] = {
-    "search": 0.5,
-    "create": 4.5,  # also bulk create
-    "destroy": 3.0,  # also bulk destroy
-    "show": 2.0,
-    "list": 1.0,
-    "update": 1.0,  # state and label
-    "reboot": 1.0,
-    "command": 1.5,
-    "logs": 1.0,
-    "ssh": 1.0,
-    "user": 0.5,
-}
+#: after the previous one of the same endpoint (``vastai.api.min-intervals`` in vastai.yaml).
+DEFAULT_MIN_INTERVALS_S: Mapping[str, float] = dict(option("api.min-intervals"))
 _RETRY_STATUS = frozenset({500, 502, 503, 504})
 _AMBIGUOUS_CREATE_STATUS = frozenset({500, 504})
 
@@ -149,12 +137,14 @@ class VastTransport:
         api_url: str | None = None,
         *,
         pace: bool = True,
-        request_timeout_s: float = 30.0,
-        max_attempts: int = 8,
+        request_timeout_s: float | None = None,
+        max_attempts: int | None = None,
         min_intervals_s: Mapping[str, float] | None = None,
-        backoff_s: float = 0.5,
-        backoff_max_s: float = 20.0,
+        backoff_s: float | None = None,
+        backoff_max_s: float | None = None,
     ) -> None:
+        # None: the default in vastai.yaml (section vastai.api).
+        max_attempts = int(option("api.max-attempts", max_attempts))
         key, source = find_api_key(api_key if api_key is not None else option("api-key"))
         url = str(api_url or option("api-url") or "https://console.vast.ai").strip().rstrip("/")
         parsed = yarl.URL(url)
@@ -167,11 +157,11 @@ class VastTransport:
         self._api_key = key
         self._key_source = source
         self.api_url: str = url
-        self.request_timeout_s = float(request_timeout_s)
-        self.max_attempts = int(max_attempts)
-        self.backoff_s = float(backoff_s)
-        self.backoff_max_s = float(backoff_max_s)
-        intervals = {**DEFAULT_MIN_INTERVALS_S, **dict(min_intervals_s or {})}
+        self.request_timeout_s = float(option("api.request-timeout", request_timeout_s))
+        self.max_attempts = max_attempts
+        self.backoff_s = float(option("api.backoff", backoff_s))
+        self.backoff_max_s = float(option("api.backoff-max", backoff_max_s))
+        intervals = {**dict(option("api.min-intervals")), **dict(min_intervals_s or {})}
         self._pacer = _Pacer(intervals, enabled=pace)
         self._session: aiohttp.ClientSession | None = None
         from .. import __version__
