@@ -14,7 +14,13 @@ or inside an event loop (it then serves from the caller's loop)::
 Leaving either block (or ``emu.stop()``) destroys nothing on the meter but stops every
 sandbox the emulator started and freezes the meter. The modules: ``catalog`` (offers),
 ``api_query`` (filters), ``api_market`` (rentals, life cycle, billing), ``api_server``
-(HTTP), ``api_ratelimit``, ``faults``, ``runtime`` (what a rental runs).
+(HTTP), ``api_ratelimit``, ``faults``, ``variants`` (every plausible answer where Vast's
+behaviour is unknown), ``runtime`` (what a rental runs).
+
+Where Vast's behaviour is unknown the emulator plays any plausible variant, and is never
+kinder than Vast: ``Emulator(profile="strict")`` turns on the defensible ones at once,
+``Emulator(variants={...})`` and ``emu.variants.set(...)`` pick single ones (see
+``variants`` and ``docs/emulator-variants.md``).
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ from .api_server import ApiServer
 from .catalog import load_catalog
 from .faults import Faults
 from .runtime import InstanceRuntime, RecordOnlyRuntime
+from .variants import Variants
 
-__all__ = ["Emulator", "ManualClock", "DEFAULT_INTERVALS_S", "make_runtime"]
+__all__ = ["Emulator", "ManualClock", "DEFAULT_INTERVALS_S", "Variants", "make_runtime"]
 
 T = TypeVar("T")
 #: seconds the synchronous API waits for the emulator's loop before giving up
@@ -91,13 +98,16 @@ class Emulator:
     state_dir: where sandboxes keep their logs; a temporary directory (removed at stop) if None.
     clock: wall clock for billing and dates (``ManualClock`` lets tests move time).
     balance_usd: the account's starting credit, shown by ``/users/current`` minus the meter.
+    variants: ``{name: value}`` of the variants to play (see ``variants.VARIANTS``), over the profile.
+    profile: "default" (None) or "strict" (the defensible variants at once, ``variants.STRICT``).
     """
 
     def __init__(self, *, port: int = 0, api_key: str | None = None, boot_delay_s: float = 2.0,
                  catalog: str | Path | Iterable[Mapping[str, Any]] | None = None,
                  rate_limits: bool | Mapping[str, float] = True,
                  runtime: str | InstanceRuntime = "auto", state_dir: str | Path | None = None,
-                 clock: Callable[[], float] | None = None, balance_usd: float = 100.0) -> None:
+                 clock: Callable[[], float] | None = None, balance_usd: float = 100.0,
+                 variants: Mapping[str, Any] | None = None, profile: str | None = None) -> None:
         if boot_delay_s < 0:
             raise ValueError(f"boot_delay_s must be >= 0 seconds, not {boot_delay_s}")
         self.port = int(port)
@@ -114,12 +124,17 @@ class Emulator:
         self._state_dir_arg = Path(state_dir) if state_dir is not None else None
         self.clock = clock or time.time
         self.balance_usd = balance_usd
+        #: what the emulator plays where Vast's behaviour is unknown; change it any time
+        self.variants = Variants(variants, profile)  # a bad name or value fails here
         self.url = ""
+        #: the other origin that the off_origin redirect variants point at
+        self.off_origin_url = ""
         self.runtime_name = ""
         self.market: Market | None = None
         self._server: ApiServer | None = None
         self._faults: Faults | None = None
         self._site_runner: web.AppRunner | None = None
+        self._off_origin_runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tmp_state: Path | None = None
@@ -136,11 +151,11 @@ class Emulator:
         state_dir.mkdir(parents=True, exist_ok=True)
         runtime, self.runtime_name = make_runtime(self._runtime_choice, state_dir)
         self.market = Market(self.offers, runtime, api_url="", clock=self.clock,
-                             boot_delay_s=self.boot_delay_s, balance_usd=self.balance_usd)
+                             boot_delay_s=self.boot_delay_s, balance_usd=self.balance_usd, variants=self.variants)
         self._faults = Faults(self.market, self._run_on_loop)
         self.market.faults = self._faults
         self._server = ApiServer(self.market, api_key=self.api_key, limiter=RateLimiter(self.rate_limits),
-                                 faults=self._faults)
+                                 faults=self._faults, variants=self.variants)
         self._site_runner = web.AppRunner(self._server.app(), access_log=None)
         await self._site_runner.setup()
         site = web.TCPSite(self._site_runner, "127.0.0.1", self.port)
@@ -148,6 +163,12 @@ class Emulator:
         self.port = self._site_runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.market.api_url = self.url
+        # another port is another origin: where the off_origin redirects send a client
+        self._off_origin_runner = web.AppRunner(self._server.off_origin_app(), access_log=None)
+        await self._off_origin_runner.setup()
+        await web.TCPSite(self._off_origin_runner, "127.0.0.1", 0).start()
+        self.off_origin_url = f"http://127.0.0.1:{self._off_origin_runner.addresses[0][1]}"
+        self._server.off_origin_url = self.off_origin_url
         return self
 
     async def aclose(self) -> None:
@@ -157,8 +178,9 @@ class Emulator:
         self._closed = True
         if self.market is not None:
             await self.market.close()
-        if self._site_runner is not None:
-            await self._site_runner.cleanup()
+        for runner in (self._site_runner, self._off_origin_runner):
+            if runner is not None:
+                await runner.cleanup()
         if self._tmp_state is not None:
             shutil.rmtree(self._tmp_state, ignore_errors=True)
 
@@ -236,7 +258,9 @@ class Emulator:
         return iter((self.url, self.api_key))
 
     def __repr__(self) -> str:
-        return f"<Emulator {self.url or '(not started)'} runtime={self.runtime_name or self._runtime_choice}>"
+        changed = " ".join(f"{k}={v}" for k, v in self.variants.changed().items())
+        return (f"<Emulator {self.url or '(not started)'} runtime={self.runtime_name or self._runtime_choice}"
+                f" profile={self.variants.profile}{' ' + changed if changed else ''}>")
 
     @property
     def faults(self) -> Faults:
@@ -246,7 +270,11 @@ class Emulator:
 
     @property
     def requests(self) -> list[dict[str, Any]]:
-        """Every API request so far: time, method, path, endpoint, status, key ("account"/"instance:N")."""
+        """Every API request so far: time, method, path, endpoint, status, key ("account"/"instance:N").
+
+        Requests that followed an off_origin redirect are there too, with endpoint "off_origin"
+        and the key they carried: a client that leaks the key shows as key "account".
+        """
         return list(self._server.records) if self._server else []
 
     def meter(self) -> dict[str, Any]:

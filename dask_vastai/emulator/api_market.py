@@ -18,6 +18,14 @@ storage (``storage_cost * disk_gb / 720`` $/h) while ``stopped``, ``exited`` or
 ``bid + storage`` for an interruptible rental (``price`` given at create).
 
 Offers are single-use: a rented offer is hidden from search until its rental is destroyed.
+
+Where Vast's behaviour is unknown the market plays the variants (``variants.py``): a boot
+may stall in ``created``/``scheduling``/``frozen`` first (billed at the full rate), a
+destroyed row may linger listed (unbilled, ``cur_state`` ``unloaded``), an outbid row's
+``intended_status`` and ``status_msg`` vary, a long ``onstart`` may be refused, and what a
+sandbox is asked to be (:class:`~dask_vastai.emulator.runtime.SandboxQuirks`: blocked
+direct ports, a broken SSH proxy mended by one reboot, SSH sessions without the
+container's env, a CPU/memory view, no ``CONTAINER_API_KEY``) is decided at each boot.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 import secrets
 import shlex
 import time
@@ -39,6 +48,7 @@ from .api_query import QueryError, matches, ordered
 from .catalog import HOURS_PER_MONTH, priced
 from .faults import Faults
 from .runtime import InstanceRuntime, SandboxEndpoints, SandboxSpec
+from .variants import STALL_MESSAGES, Variants, sandbox_quirks
 
 logger = logging.getLogger("dask_vastai.emulator")
 
@@ -100,6 +110,7 @@ class Contract:
     endpoints: SandboxEndpoints | None = None
     exit_code: int | None = None
     attached_keys: list[tuple[int, str]] = field(default_factory=list)
+    reboots: int = 0
     task: asyncio.Task[None] | None = None
     destroyed: bool = False
     end_date: float | None = None
@@ -192,7 +203,8 @@ class Market:
 
     def __init__(self, offers: Iterable[dict[str, Any]], runtime: InstanceRuntime, *,
                  api_url: str, clock: Callable[[], float] = time.time, boot_delay_s: float = 2.0,
-                 balance_usd: float = 100.0, first_instance_id: int = 7_000_001) -> None:
+                 balance_usd: float = 100.0, first_instance_id: int = 7_000_001,
+                 variants: Variants | None = None) -> None:
         self.offers: dict[int, dict[str, Any]] = {o["id"]: o for o in offers}
         self.runtime = runtime
         self.api_url = api_url
@@ -200,8 +212,10 @@ class Market:
         self.boot_delay_s = float(boot_delay_s)
         self.initial_balance_usd = float(balance_usd)
         self.faults: Faults | None = None
+        self.variants = variants or Variants()
         self.rentals: dict[int, Contract] = {}  # live ones
         self.ledger: dict[int, Contract] = {}  # every rental ever made, for the meter
+        self.lingering: dict[int, float] = {}  # destroyed rental id -> until when it stays listed
         self.instance_keys: dict[str, int] = {}
         self.account_keys: list[dict[str, Any]] = []
         self._taken: dict[int, int | None] = {}  # offer id -> rental id (None: another user)
@@ -289,6 +303,10 @@ class Market:
             if gpu_dph < offer["min_bid"]:
                 raise ApiError(400, "invalid_price", f"error 400/3467: bid price {gpu_dph} $/h is below this "
                                f"offer's minimum bid {offer['min_bid']} $/h", ask_id=offer_id)
+        onstart_max = self.variants["onstart_max_chars"]
+        if onstart_max is not None and len(str(body.get("onstart") or "")) > onstart_max:
+            raise ApiError(400, "invalid_args", f"error 400/3467: Invalid args: onstart is "
+                           f"{len(str(body['onstart']))} characters; the limit is {onstart_max}", ask_id=offer_id)
         args = body.get("args")
         if args is not None and not isinstance(args, list):
             args = shlex.split(str(args))
@@ -320,6 +338,10 @@ class Market:
         for raw in ids:
             try:
                 offer_id = int(raw)
+                offer = self.offers.get(offer_id)
+                if offer is not None and offer_id not in self._taken and self.variants.picks(
+                        "bulk_create_refused", offer_id, offer_id=offer_id, machine_id=offer.get("machine_id")):
+                    self._taken[offer_id] = None  # another user's, as a raced create
                 out = self.create(offer_id, body)
                 results.append({"ask_id": offer_id, "success": True, "new_contract": out["new_contract"],
                                 "instance_api_key": out["instance_api_key"]})
@@ -351,6 +373,11 @@ class Market:
 
     async def _boot(self, r: Contract) -> None:
         await asyncio.sleep(0)  # the create answer goes out with actual_status None
+        stall = self.variants["boot_stall"]
+        if stall != "none" and self.variants.picks_host("boot_stall_hosts", r.offer, r.id):
+            r.actual_status, r.status_msg = stall, STALL_MESSAGES[stall].format(image=r.image)
+            stall_s = self.variants["boot_stall_s"]
+            await (asyncio.sleep(stall_s) if math.isfinite(stall_s) else asyncio.Event().wait())
         r.actual_status = "loading"
         r.status_msg = f"Pulling image {r.image}: downloading layers"
         fault = self.faults.take_boot() if self.faults else None
@@ -383,18 +410,21 @@ class Market:
         env = {k: v for k, v in r.env.items() if not k.startswith("-")}
         env.update({
             "CONTAINER_ID": str(r.id),
-            "CONTAINER_API_KEY": r.api_key,
             "GPU_COUNT": str(r.offer["num_gpus"]),
             "VAST_CONTAINERLABEL": f"C.{r.id}",
             "SSH_PUBLIC_KEY": keys[0] if keys else "",
             "DATA_DIRECTORY": "/workspace/",
         })
+        if self.variants["container_api_key"] == "injected":
+            env["CONTAINER_API_KEY"] = r.api_key
+        ports = container_ports(r.env, r.runtype)
         return SandboxSpec(
             instance_id=r.id, image=r.image, runtype=r.runtype, onstart=r.onstart, args=r.args, env=env,
-            container_ports=container_ports(r.env, r.runtype), authorized_keys=keys,
+            container_ports=ports, authorized_keys=keys,
             num_gpus=int(r.offer["num_gpus"]), gpu_name=str(r.offer["gpu_name"]),
             gpu_ram_mb=int(r.offer["gpu_ram"]), cpu_cores=float(r.offer["cpu_cores_effective"]),
             cpu_ram_mb=int(r.offer["cpu_ram"]), disk_gb=r.disk_gb, api_url=self.api_url,
+            quirks=sandbox_quirks(self.variants, r.offer, r.id, ports, r.reboots),
         )
 
     def _ensure_monitor(self) -> None:
@@ -431,6 +461,8 @@ class Market:
         return r
 
     async def destroy(self, instance_id: int) -> None:
+        if instance_id in self.lingering and instance_id not in self.rentals:
+            return  # already being torn down: a second destroy succeeds and changes nothing
         r = self.live(instance_id)
         now = self.clock()
         r.bill(None, now)
@@ -439,6 +471,9 @@ class Market:
         del self.rentals[r.id]
         self.instance_keys.pop(r.api_key, None)
         self._taken = {o: i for o, i in self._taken.items() if i != r.id}
+        linger_s = self.variants["destroy_linger_s"]
+        if linger_s > 0:
+            self.lingering[r.id] = now + linger_s
         # Vast answers a destroy at once and tears the container down behind it; answering
         # only after the sandbox stopped would bill the client's clock for our teardown.
         self._spawn(self._halt(r))
@@ -469,6 +504,7 @@ class Market:
 
     async def reboot(self, instance_id: int) -> None:
         r = self.live(instance_id)
+        r.reboots += 1
         r.actual_status = "rebooting"
         await self._halt(r)
         self._launch(r)
@@ -479,7 +515,8 @@ class Market:
             raise ValueError(f"instance {instance_id} is on-demand; only interruptible rentals "
                              "(created with a price) can be outbid")
         r.actual_status = "stopped"
-        r.status_msg = "Instance outbid: an interruptible rental was preempted by a higher bid"
+        r.intended_status = self.variants["outbid_intended"]
+        r.status_msg = self.variants["outbid_msg"] or r.status_msg
         r.endpoints = None
         r.bill("storage", self.clock())
         self._spawn(self._halt(r))
@@ -550,8 +587,31 @@ class Market:
             row["direct_port_end"] = max(ep.ports.values(), default=None)
         return row
 
+    def shown(self, instance_id: int) -> dict[str, Any] | None:
+        """The row ``GET /instances/{id}/`` shows: a live rental's, a lingering one's, or None."""
+        r = self.rentals.get(instance_id)
+        if r is not None:
+            return self.row(r)
+        return self._lingering_row(instance_id)
+
     def rows(self) -> list[dict[str, Any]]:
-        return [self.row(r) for r in sorted(self.rentals.values(), key=lambda r: r.id)]
+        rows = [self.row(r) for r in self.rentals.values()]
+        rows += filter(None, (self._lingering_row(i) for i in list(self.lingering)))
+        return sorted(rows, key=lambda row: row["id"])
+
+    def _lingering_row(self, instance_id: int) -> dict[str, Any] | None:
+        """A destroyed rental still listed while its teardown runs (variant destroy_linger_s)."""
+        until = self.lingering.get(instance_id)
+        if until is None or self.now() >= until:
+            self.lingering.pop(instance_id, None)
+            return None
+        r = self.ledger[instance_id]
+        row = self.row(r)
+        row.update({"actual_status": self.variants["destroy_linger_status"], "intended_status": "stopped",
+                    "cur_state": "unloaded", "next_state": "unloaded", "end_date": r.end_date,
+                    "status_msg": "Instance destroyed; tearing down the container"})
+        row.pop("ports", None)
+        return row
 
     def list_page(self, params: Mapping[str, str]) -> dict[str, Any]:
         """``GET /api/v1/instances/``: filtered, ordered, paginated rows with counts."""

@@ -3,7 +3,7 @@
 Vast answers a call that arrives sooner than an endpoint's threshold after the previous
 accepted call of that endpoint (same identity) with HTTP 429 and a plain-text body
 ``API requests too frequent endpoint threshold=X``, without a ``Retry-After`` header
-(as Vast's OpenAPI spec and the official SDK's retry loop show). The thresholds below are the OpenAPI examples; search has
+(as Vast's OpenAPI spec says; variant ``retry_after_s`` adds one). The thresholds below are the OpenAPI examples; search has
 none published, so it gets a lenient 0.5 s. Bulk create/destroy share the single-call
 endpoint's budget, as they are the same route family on Vast.
 """

@@ -1,24 +1,36 @@
 """The HTTP face of the emulated marketplace: Vast's routes, auth, rate limits, errors.
 
 One catch-all aiohttp handler matches the path (trailing slash or not) against the route
-table below, so ``/api/v0/instances/5`` and ``/api/v0/instances/5/`` are the same call, as
-on Vast. Per request, in order: auth (Bearer header or ``?api_key=``; 401 otherwise) ->
-route (404 JSON for an unknown one) -> the scope of an instance's own key -> an armed
-fault for the endpoint -> the endpoint's minimum interval (429 plain text) -> the
-handler. Every request is recorded (time, method, path, endpoint, status, key id; never
-the key itself) for tests.
+table below, so ``/api/v0/instances/5`` and ``/api/v0/instances/5/`` are the same call
+(unless variant ``trailing_slash`` says otherwise). Per request, in order: a redirect the
+``trailing_slash`` variant asks for (before auth, as a web framework's middleware
+redirects) -> auth (Bearer header or ``?api_key=``; 401 otherwise) -> route (404 for an
+unknown one, its body shaped by variant ``missing_route``) -> the scope of an instance's
+own key -> an armed fault for the endpoint -> the endpoint's minimum interval (429 plain
+text, ``Retry-After`` where variant ``retry_after_s`` gives one) -> the handler. Every
+request is recorded (time, method, path, endpoint, status, key id; never the key itself)
+for tests, including those that followed an off-origin redirect to the other origin
+(endpoint ``off_origin``).
 
-Shapes not documented anywhere, chosen here and kept stable:
+Shapes not documented anywhere, played as the variants say (``variants.py``):
 
 - bulk create ``POST /api/v0/asks/bulk/`` takes the single create's fields plus
-  ``"ids": [offer ids]`` and answers ``{"success": true, "results": [{"ask_id": id,
-  "success": true, "new_contract": n, "instance_api_key": k} | {"ask_id": id,
-  "success": false, "error": "no_such_ask", "msg": ...}]}`` in the order of ``ids``;
-- bulk destroy ``DELETE /api/v0/instances/`` ``{"instance_ids": [...]}`` and bulk state
-  ``PUT /api/v0/instances/`` ``{"state": ..., "ids": [...]}`` answer ``{"success": true,
-  "results": [{"id": i, "success": true} | {"id": i, "success": false, "error":
-  "not_found", "msg": "Instance not found"}]}``.
+  ``"ids": [offer ids]``. Variant ``bulk_create``: ``results`` (the default) answers
+  ``{"success": true, "results": [{"ask_id": id, "success": true, "new_contract": n,
+  "instance_api_key": k} | {"ask_id": id, "success": false, "error": "no_such_ask", "msg":
+  ...}]}`` in the order of ``ids``; ``success_only`` ``{"success": true}``; ``ids``
+  ``{"success": true, "new_contracts": [n, ...]}``; ``id_list`` ``[n, ...]``; ``absent`` no
+  such route. Where nothing was rented, the non-``results`` shapes answer the first
+  refusal as a single create would. Variant ``bulk_create_refused`` refuses some offers;
+- bulk destroy ``DELETE /api/v0/instances/`` ``{"instance_ids": [...]}``: variant
+  ``bulk_destroy`` ``results`` answers ``{"success": true, "results": [{"id": i,
+  "success": true} | {"id": i, "success": false, "error": "not_found", "msg": "Instance
+  not found"}]}``, ``success_only`` ``{"success": true}``, ``absent`` no such route; variant
+  ``bulk_destroy_survivors`` leaves some running while reporting them destroyed;
+- bulk state ``PUT /api/v0/instances/`` ``{"state": ..., "ids": [...]}`` answers like
+  bulk destroy's ``results``.
 
+``/_emulator/{meter,requests,faults,variants}`` are the emulator's own (account key).
 Every JSON answer carries ``Content-Type: application/json`` exactly (the CLI's search
 refuses ``application/json; charset=utf-8``).
 """
@@ -37,6 +49,7 @@ from aiohttp import web
 from .api_market import ApiError, Market
 from .api_ratelimit import RateLimiter, too_frequent_body
 from .faults import Faults
+from .variants import Variants
 
 Handler = Callable[["Call"], Awaitable[web.Response]]
 
@@ -64,15 +77,25 @@ def _error(status: int, error: str, msg: str) -> web.Response:
     return json_response({"success": False, "error": error, "msg": msg}, status)
 
 
+#: the 404 page of a web server in front of an application (variant missing_route=html)
+NOT_FOUND_HTML = ("<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n"
+                  "<center><h1>404 Not Found</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+
+
 class ApiServer:
     """Routes requests to a :class:`Market`; owns auth, limits, faults and the request log."""
 
-    def __init__(self, market: Market, *, api_key: str, limiter: RateLimiter, faults: Faults) -> None:
+    def __init__(self, market: Market, *, api_key: str, limiter: RateLimiter, faults: Faults,
+                 variants: Variants | None = None) -> None:
         self.market = market
         self.api_key = api_key
         self.limiter = limiter
         self.faults = faults
+        self.variants = variants or market.variants
+        #: the other origin the off_origin redirects point at (set by the Emulator)
+        self.off_origin_url = ""
         self.records: list[dict[str, Any]] = []
+        self._survived: set[int] = set()  # instances that already outlived one bulk destroy
         v0, v1 = r"/api/v0", r"/api/v1"
         n = r"(\d+)"
         # (method, path regex without trailing slash, endpoint name, handler, instance key may call)
@@ -108,13 +131,30 @@ class ApiServer:
                 ("GET", "/_emulator/faults", "_faults", self.emu_faults, False),
                 ("POST", "/_emulator/faults", "_faults", self.emu_faults, False),
                 ("DELETE", "/_emulator/faults", "_faults", self.emu_faults, False),
+                ("GET", "/_emulator/variants", "_variants", self.emu_variants, False),
+                ("POST", "/_emulator/variants", "_variants", self.emu_variants, False),
+                ("DELETE", "/_emulator/variants", "_variants", self.emu_variants, False),
             ]
         ]
+        #: routes that the variant of the same name can make absent
+        self._optional: dict[Handler, str] = {self.create_bulk: "bulk_create", self.destroy_bulk: "bulk_destroy"}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.router.add_route("*", "/logs/{token}", self.log_file)
         app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    def off_origin_app(self) -> web.Application:
+        """The other origin of the off_origin redirects: it records who came, and with which key."""
+        async def trap(request: web.Request) -> web.Response:
+            started = time.time()
+            response = web.Response(text=NOT_FOUND_HTML, status=404, content_type="text/html")
+            self._record(request, "off_origin", response.status, self._identity(request), started)
+            return response
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", trap)
         return app
 
     # ------------------------------------------------------------------ plumbing
@@ -150,30 +190,79 @@ class ApiServer:
         return response
 
     async def _handle(self, request: web.Request, identity: str | None, route: list[str]) -> web.Response:
+        found = self._route(request)
+        if found is not None:
+            route.append(found[0])
+        moved = self._redirect(request, found)
+        if moved is not None:
+            return moved
         if identity is None:
             return _error(401, "auth_error", "Invalid user key")
+        slashless = not request.path.endswith("/") and not request.path.startswith("/_emulator/")
+        if found is None or (slashless and self.variants["trailing_slash"] == "strict"):
+            return self._missing(request)
+        endpoint, handler, instance_ok, groups = found
+        body = await self._body(request)
+        call = Call(request, groups, body, identity)
+        if identity != "account":
+            denied = self._scope(call, endpoint, instance_ok)
+            if denied is not None:
+                return denied
+        forced = self.faults.take_http(endpoint)
+        if forced == 429:
+            return self._too_frequent("API requests too frequent")
+        if forced is not None:
+            return _error(forced, "server_error", f"emulated server error {forced} (injected fault)")
+        threshold = self.limiter.check(identity, endpoint)
+        if threshold is not None:
+            return self._too_frequent(too_frequent_body(threshold))
+        return await handler(call)
+
+    def _route(self, request: web.Request) -> tuple[str, Handler, bool, tuple[str, ...]] | None:
+        """(endpoint, handler, instance key may call, path groups) of the route, trailing slash or not."""
         path = request.path.rstrip("/") or "/"
         for method, pattern, endpoint, handler, instance_ok in self.routes:
             match = pattern.fullmatch(path)
             if match is None or method != request.method:
                 continue
-            route.append(endpoint)
-            body = await self._body(request)
-            call = Call(request, match.groups(), body, identity)
-            if identity != "account":
-                denied = self._scope(call, endpoint, instance_ok)
-                if denied is not None:
-                    return denied
-            forced = self.faults.take_http(endpoint)
-            if forced == 429:
-                return web.Response(text="API requests too frequent", status=429, content_type="text/plain")
-            if forced is not None:
-                return _error(forced, "server_error", f"emulated server error {forced} (injected fault)")
-            threshold = self.limiter.check(identity, endpoint)
-            if threshold is not None:
-                return web.Response(text=too_frequent_body(threshold), status=429, content_type="text/plain")
-            return await handler(call)
+            optional = self._optional.get(handler)
+            if optional is not None and self.variants[optional] == "absent":
+                return None
+            return endpoint, handler, instance_ok, match.groups()
+        return None
+
+    def _redirect(self, request: web.Request, found: object) -> web.Response | None:
+        """The redirect variant trailing_slash asks for this request, if any (before auth, as a
+        web framework's middleware redirects)."""
+        mode = self.variants["trailing_slash"]
+        if found is None or request.path.startswith("/_emulator/"):
+            return None
+        slashless = not request.path.endswith("/")
+        target = request.path + ("/" if slashless else "")
+        if request.query_string:
+            target += "?" + request.query_string
+        if mode == "off_origin_all" or (mode == "off_origin" and slashless):
+            return web.Response(status=301, headers={"Location": self.off_origin_url + target})
+        if slashless and mode in ("redirect_301", "redirect_308"):
+            return web.Response(status=int(mode[-3:]), headers={"Location": target})
+        return None
+
+    def _missing(self, request: web.Request) -> web.Response:
+        """A 404 for a route that does not exist, in the body variant missing_route says."""
+        kind = self.variants["missing_route"]
+        if kind == "html":
+            return web.Response(text=NOT_FOUND_HTML, status=404, content_type="text/html")
+        if kind == "text":
+            return web.Response(text="404: Not Found", status=404, content_type="text/plain")
         return _error(404, "not_found", f"no such API route: {request.method} {request.path}")
+
+    def _too_frequent(self, text: str) -> web.Response:
+        """A 429 in plain text, with a Retry-After header where variant retry_after_s gives one."""
+        response = web.Response(text=text, status=429, content_type="text/plain")
+        retry_after_s = self.variants["retry_after_s"]
+        if retry_after_s is not None:
+            response.headers["Retry-After"] = f"{retry_after_s:g}"
+        return response
 
     @staticmethod
     async def _body(request: web.Request) -> dict[str, Any]:
@@ -236,12 +325,24 @@ class ApiServer:
         if not isinstance(ids, list) or not ids:
             raise ApiError(400, "invalid_args", "bulk create needs \"ids\": a non-empty list of offer ids")
         body = {k: v for k, v in call.body.items() if k != "ids"}
-        return json_response({"success": True, "results": self.market.create_bulk(ids, body)})
+        results = self.market.create_bulk(ids, body)
+        shape = self.variants["bulk_create"]
+        if shape == "results":
+            return json_response({"success": True, "results": results})
+        made = [r["new_contract"] for r in results if r["success"]]
+        if not made:  # nothing rented: the first refusal, as a single create would answer it
+            first = results[0]
+            status = {"no_such_ask": 404, "invalid_args": 400, "invalid_price": 400}.get(first.get("error"), 400)
+            return json_response(first, status)
+        if shape == "ids":
+            return json_response({"success": True, "new_contracts": made})
+        if shape == "id_list":
+            return json_response(made)
+        return json_response({"success": True})
 
     # ------------------------------------------------------------------ instances
     async def show(self, call: Call) -> web.Response:
-        r = self.market.rentals.get(call.id())
-        return json_response({"instances": None if r is None else self.market.row(r)})
+        return json_response({"instances": self.market.shown(call.id())})
 
     async def list_legacy(self, call: Call) -> web.Response:
         return json_response({"instances": self.market.rows()})
@@ -266,13 +367,29 @@ class ApiServer:
         results = []
         for raw in ids:
             try:
+                if self._survives(int(raw)):
+                    results.append({"id": raw, "success": True})  # said, not done
+                    continue
                 await self.market.destroy(int(raw))
                 results.append({"id": raw, "success": True})
             except (ApiError, TypeError, ValueError) as e:
                 body = e.body if isinstance(e, ApiError) else {"success": False, "error": "not_found",
                                                                "msg": "Instance not found"}
                 results.append({"id": raw, **body})
+        if self.variants["bulk_destroy"] == "success_only":
+            return json_response({"success": True})
         return json_response({"success": True, "results": results})
+
+    def _survives(self, instance_id: int) -> bool:
+        """Whether this bulk destroy leaves ``instance_id`` running (variant bulk_destroy_survivors;
+        once per instance)."""
+        r = self.market.rentals.get(instance_id)
+        if r is None or instance_id in self._survived or not self.variants.picks(
+                "bulk_destroy_survivors", instance_id, instance_id=instance_id,
+                machine_id=r.offer.get("machine_id"), offer_id=r.offer.get("id")):
+            return False
+        self._survived.add(instance_id)
+        return True
 
     async def update(self, call: Call) -> web.Response:
         if "state" not in call.body and "label" not in call.body:
@@ -382,3 +499,24 @@ class ApiServer:
         elif method == "DELETE":
             self.faults.clear()
         return json_response({"success": True, "armed": self.faults.armed()})
+
+    async def emu_variants(self, call: Call) -> web.Response:
+        """GET: the variants and their table; POST ``{"profile": ..., "values": {...}}`` (or the
+        values alone) sets them; DELETE restores the defaults."""
+        method = call.request.method
+        try:
+            if method == "POST":
+                body = dict(call.body)
+                profile = body.pop("profile", None)
+                values = body.pop("values", None) if "values" in body else body
+                if not isinstance(values, dict):
+                    raise ValueError("\"values\" must be an object of variant names and values")
+                parsed = {name: self.variants.parse(name, value) for name, value in values.items()}
+                if profile is not None:
+                    self.variants.reset(profile)
+                self.variants.set(parsed)
+            elif method == "DELETE":
+                self.variants.reset()
+        except ValueError as e:
+            raise ApiError(400, "invalid_args", str(e)) from e
+        return json_response({"success": True, **self.variants.describe()})

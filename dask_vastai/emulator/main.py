@@ -3,6 +3,10 @@
 Also runs as ``python -m dask_vastai.emulator.main``. It prints the URL and the key it
 accepts, with a line to paste for the official CLI, and on Ctrl-C/SIGTERM stops every
 sandbox it started and exits 0.
+
+Where Vast's behaviour is unknown it plays the variants asked for: ``--profile strict``
+(the defensible ones at once) and ``--variant NAME[=VALUE]`` (repeatable, over the
+profile); ``--list-variants`` prints them all with their values.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import sys
 from pathlib import Path
 
 from . import Emulator
+from .variants import PROFILES, Variants, describe_table
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +34,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=("auto", "sandbox", "record"), default="auto",
                    help="what a rental runs: a namespace sandbox, records only, or the best available (default)")
     p.add_argument("--state-dir", type=Path, default=None, help="where sandboxes keep logs (default: a temp dir)")
+    p.add_argument("--profile", choices=tuple(PROFILES), default=None,
+                   help="a set of variants: strict turns on every defensible one (default: none)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME[=VALUE]", type=_variant,
+                   help="play this variant of Vast's unknown behaviour (repeatable; see --list-variants)")
+    p.add_argument("--list-variants", action="store_true", help="print the variants and their values, then exit")
     return p
+
+
+def _variant(text: str) -> tuple[str, object]:
+    try:
+        return Variants.parse_option(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -39,10 +56,15 @@ async def _serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with Emulator(port=args.port, api_key=args.api_key, boot_delay_s=args.boot_delay,
                         catalog=args.catalog, rate_limits=not args.no_rate_limits,
-                        runtime=args.runtime, state_dir=args.state_dir) as emu:
+                        runtime=args.runtime, state_dir=args.state_dir,
+                        variants=dict(args.variant), profile=args.profile) as emu:
         print(f"Vast emulator serving {emu.url} (runtime: {emu.runtime_name}, {len(emu.offers)} offers)")
         print(f"API key: {emu.api_key}")
         print(f"try: export VAST_API_KEY={emu.api_key}; vastai --url {emu.url} search offers")
+        changed = emu.variants.changed()
+        if changed:
+            print(f"variants ({emu.variants.profile} profile): "
+                  + ", ".join(f"{k}={v}" for k, v in changed.items()))
         print("Ctrl-C stops it and every instance it started.", flush=True)
         await stop.wait()
         print("stopping: destroying sandboxes...", flush=True)
@@ -50,6 +72,9 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.list_variants:
+        print(describe_table())
+        return 0
     try:
         asyncio.run(_serve(args))
     except (ValueError, RuntimeError, OSError) as e:

@@ -16,6 +16,24 @@ from typing import Protocol
 
 
 @dataclass(frozen=True)
+class SandboxQuirks:
+    """How this rental's host differs from a plain one (the control plane decides, from ``variants``)."""
+
+    #: what SSH sessions see: "container" (the container's env), "image" (the image's PATH and
+    #: LANG only) or "none" (sshd's defaults)
+    ssh_env: str = "container"
+    #: container ports whose mapped (direct) port does not answer, and how ("hang": SYNs are
+    #: dropped, "refuse": connections are reset)
+    blocked_ports: tuple[int, ...] = ()
+    blocked_mode: str = "hang"
+    #: the proxy SSH endpoint: "ok", "no_remote_forward" (ssh -R refused) or "dead" (refused,
+    #: and the container log says the proxy's port forwarding failed)
+    proxy: str = "ok"
+    #: (cores, RAM in MB) the instance's /proc and /sys show; None: the machine's own
+    cpu_view: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
     """Everything a runtime needs to start one rental's "container"."""
 
@@ -44,6 +62,7 @@ class SandboxSpec:
     #: the emulator's API origin, e.g. "http://127.0.0.1:5123"; a sandbox makes the same
     #: address reach the API from inside, as console.vast.ai is reachable from an instance
     api_url: str
+    quirks: SandboxQuirks = SandboxQuirks()
 
 
 @dataclass
