@@ -9,7 +9,19 @@ key, hands them to the launcher, and waits for it to report ready.
 
 Modules: ``nsinit`` (the launcher and pid 1, run as a script), ``sshd`` (OpenSSH's
 configuration and host key), ``fallback_ssh`` (asyncssh's server where OpenSSH cannot run),
-``gpus`` and ``fake_nvidia_smi`` (what ``nvidia-smi`` shows), ``support`` (``available()``).
+``gpus`` and ``fake_nvidia_smi`` (what ``nvidia-smi`` shows), ``fake_nproc`` (``nproc`` under a
+faked CPU view), ``blackhole`` (ports that hang or refuse), ``support`` (``available()``).
+
+The host of a rental may differ from a plain one as the control plane's variants say
+(:class:`~dask_vastai.emulator.runtime.SandboxQuirks`): direct ports that hang (SYNs
+dropped) or refuse, an SSH proxy that refuses ``-R`` or is dead until a reboot, SSH
+sessions without the container's env, and a CPU/memory view (``/proc/cpuinfo``,
+``/proc/meminfo``, ``/sys/devices/system/cpu/online``, ``nproc``) that says what the offer
+says ("honest") or shows a bigger host ("soft"). The view is made of files bound over the
+kernel's: the CPU affinity (``os.sched_getaffinity``, hence ``dask.system.CPU_COUNT``)
+cannot exceed the machine's real CPUs, and "honest" narrows it to the offer's cores where
+the machine has more. Pid 1's environment (``/proc/1/environ``) is the container's env,
+as a container's entrypoint has it, less the variables that steer the host's loader.
 """
 
 from __future__ import annotations
@@ -31,8 +43,9 @@ from pathlib import Path
 from ..runtime import SandboxEndpoints, SandboxSpec
 from . import gpus as gpu_mod
 from .apirelay import ApiRelay
+from .blackhole import hold_syns
 from .publicnet import PublicNet
-from .sshd import SSHD_CONFIG, find_sshd, new_host_key
+from .sshd import DEFAULT_SESSION_PATH, find_sshd, new_host_key, sshd_config
 from .support import available
 
 __all__ = ["SandboxRuntime"]
@@ -42,6 +55,7 @@ log = logging.getLogger(__name__)
 NSINIT = Path(__file__).with_name("nsinit.py")
 FAKE_NVIDIA_SMI = Path(__file__).with_name("fake_nvidia_smi.py")
 FALLBACK_SSH = Path(__file__).with_name("fallback_ssh.py")
+FAKE_NPROC = Path(__file__).with_name("fake_nproc.py")
 SYSTEM_PATHS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 UID_RANGE = 65536
 #: where the sandboxes' uid ranges start on the host when we run as root: far above any
@@ -49,6 +63,10 @@ UID_RANGE = 65536
 UID_BASE = 0x60000000
 UID_SLOTS = (0xFFFF0000 - UID_BASE) // UID_RANGE
 LOG_TAIL_BYTES = 1 << 20
+#: variables of the container's env kept off the launcher (pid 1's environment is the
+#: launcher's): they would steer the host's dynamic loader or libc before the sandbox exists
+HOST_UNSAFE_ENV_PREFIXES = ("LD_", "GCONV_", "GLIBC_", "MALLOC_")
+HOST_UNSAFE_ENV = frozenset({"LOCPATH", "NLSPATH", "HOSTALIASES", "RES_OPTIONS", "LOCALDOMAIN", "TZDIR"})
 
 
 @dataclass
@@ -58,6 +76,8 @@ class _Sandbox:
     process: asyncio.subprocess.Process
     sockets: list[socket.socket]
     slot: int
+    #: our own connections that keep the accept queues of hanging ports full
+    fillers: list[socket.socket] = field(default_factory=list)
     gpus: list[gpu_mod.HostGPU] = field(default_factory=list)
     pidfd: int | None = None
     pid1_host: int | None = None
@@ -110,6 +130,7 @@ class SandboxRuntime:
         self._gpus_taken: set[int] = set()
         self._fallback_source = FALLBACK_SSH.read_text()
         self._fake_nvidia_smi = FAKE_NVIDIA_SMI.read_text()
+        self._fake_nproc = FAKE_NPROC.read_text()
 
     # ------------------------------------------------------------------ InstanceRuntime
 
@@ -126,22 +147,35 @@ class SandboxRuntime:
         self._slots.add(slot)
         sockets: list[socket.socket] = []
         host_gpus: list[gpu_mod.HostGPU] = []
+        quirks = spec.quirks
+        fillers: list[socket.socket] = []
         try:
-            sockets = [_listen(self.public_ipaddr) for _ in ports + ([22] if ssh else [])]
+            # a blocked port or a dead proxy is bound (the port is ours and listed) but never served
+            sockets = [_listen(self.public_ipaddr, p not in quirks.blocked_ports) for p in ports]
+            if ssh:
+                sockets.append(_listen(self.public_ipaddr, quirks.proxy != "dead"))
+            if quirks.blocked_mode == "hang":
+                for port, sock in zip(ports, sockets, strict=False):
+                    if port in quirks.blocked_ports:
+                        fillers += await asyncio.to_thread(hold_syns, sock)
             host_gpus = await self._allocate_gpus(spec)
-            return await self._launch(spec, ssh, ports, sockets, slot, host_gpus)
+            return await self._launch(spec, ssh, ports, sockets, fillers, slot, host_gpus)
         finally:
             if spec.instance_id not in self._sandboxes or self._sandboxes[spec.instance_id].slot != slot:
                 # never registered (or already stopped by _launch): release what we reserved
-                for sock in sockets:
+                for sock in sockets + fillers:
                     sock.close()
                 self._slots.discard(slot)
                 self._gpus_taken.difference_update(g.index for g in host_gpus)
 
     async def _launch(self, spec: SandboxSpec, ssh: bool, ports: list[int], all_sockets: list[socket.socket],
-                      slot: int, host_gpus: list[gpu_mod.HostGPU]) -> SandboxEndpoints:
+                      fillers: list[socket.socket], slot: int, host_gpus: list[gpu_mod.HostGPU]) -> SandboxEndpoints:
         sockets, proxy = all_sockets[: len(ports)], (all_sockets[-1] if ssh else None)
         mapped = {port: sock.getsockname()[1] for port, sock in zip(ports, sockets, strict=True)}
+        quirks = spec.quirks
+        blocked = {port for port in ports if port in quirks.blocked_ports}
+        served = [(p, s) for p, s in zip(ports, sockets, strict=True) if p not in blocked]
+        proxy_served = proxy is not None and quirks.proxy != "dead"
         directory = self.state_dir / str(spec.instance_id)
         await asyncio.to_thread(_fresh_directory, directory)
         async with self._lock:  # concurrent starts: one directory
@@ -150,11 +184,15 @@ class SandboxRuntime:
         api_sock = await self._api.socket_for(spec.api_url, self._socket_dir) if spec.api_url else None
         public_sock = await self._public.socket_in(self._socket_dir)
         env = self._environment(spec, mapped, host_gpus)
+        session_env, set_env = self._session_env(spec, env)
         fake = [] if host_gpus else gpu_mod.fake_gpus(spec.instance_id, spec.num_gpus, spec.gpu_name,
                                                       spec.gpu_ram_mb)
         host_key, _ = await asyncio.to_thread(new_host_key)
         status_r, status_w = os.pipe()
         log_fd = os.open(directory / "container.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if proxy is not None and quirks.proxy == "dead":  # what the container's tunnel to the proxy says
+            os.write(log_fd, f"Error: remote port forwarding failed for listen port "
+                             f"{proxy.getsockname()[1]}\n".encode())
         sshd_log_fd = os.open(directory / "sshd.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         cfg = {
             "status_fd": status_w, "log_fd": log_fd, "sshd_log_fd": sshd_log_fd,
@@ -174,31 +212,39 @@ class SandboxRuntime:
             "api_port": ApiRelay.api_port(spec.api_url)[1] if spec.api_url else None,
             # Vast's identity mapping: a "port" above 65535 asks for inside == outside (random)
             "listen": [{"fd": s.fileno(), "port": p if p <= 65535 else mapped[p],
-                        "kind": "ssh" if p == 22 and ssh else "tcp"}
-                       for p, s in zip(ports, sockets, strict=True)]
-            + ([{"fd": proxy.fileno(), "port": 22, "kind": "ssh"}] if proxy else []),
+                        "kind": "ssh" if p == 22 and ssh else "tcp", "sshd": "direct"}
+                       for p, s in served]
+            + ([{"fd": proxy.fileno(), "port": 22, "kind": "ssh", "sshd": "proxy"}] if proxy_served else []),
             "mode": "ssh" if ssh else "args",
             "onstart": spec.onstart,
             "args": list(spec.args or []),
             "env": env,
-            "ssh_environment": env,
+            # ~/.ssh/environment, where sessions see the container's env; else sshd's SetEnv
+            "ssh_environment": env if set_env is None else None,
+            "session_env": session_env,
             "openssh": bool(self._root and self._sshd),
             "sshd": self._sshd or "/usr/sbin/sshd",
-            "sshd_config": SSHD_CONFIG,
+            "sshd_configs": {
+                "direct": sshd_config(set_env),
+                "proxy": sshd_config(set_env, remote_forward=quirks.proxy != "no_remote_forward"),
+            },
+            "proxy_remote_forward": quirks.proxy != "no_remote_forward",
+            "cpu_view": None if quirks.cpu_view is None else
+            {"cores": quirks.cpu_view[0], "ram_mb": quirks.cpu_view[1]},
             "host_key": host_key,
             "authorized_keys": "".join(k.strip() + "\n" for k in spec.authorized_keys if k.strip()),
             "fake_gpus": fake,
             "gpu_devices": gpu_mod.device_nodes(host_gpus) if host_gpus else [],
-            "bin_files": {} if host_gpus else {
-                "nvidia-smi": f"#!{sys.executable} -IS\n" + self._fake_nvidia_smi},
+            "bin_files": self._bin_files(host_gpus, quirks.cpu_view is not None),
         }
         try:  # status_r is ours until the end of start(), whatever happens
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-S", str(NSINIT),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=sshd_log_fd,
-                # not the emulator's environment: pid 1's is readable from inside (API keys)
-                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
-                pass_fds=[status_w, log_fd, sshd_log_fd, *(s.fileno() for s in all_sockets)],
+                # never the emulator's environment: pid 1's is readable from inside (API keys)
+                env=_launcher_env(env),
+                pass_fds=[status_w, log_fd, sshd_log_fd, *(s.fileno() for _, s in served),
+                          *([proxy.fileno()] if proxy is not None and proxy_served else [])],
             )
         except BaseException:
             os.close(status_r)
@@ -206,7 +252,7 @@ class SandboxRuntime:
         finally:
             for fd in (status_w, log_fd, sshd_log_fd):
                 os.close(fd)
-        box = _Sandbox(spec, directory, process, all_sockets, slot, host_gpus)
+        box = _Sandbox(spec, directory, process, all_sockets, slot, fillers, host_gpus)
         self._sandboxes[spec.instance_id] = box
         box.waiter = asyncio.create_task(self._wait(box))
         try:
@@ -228,7 +274,11 @@ class SandboxRuntime:
             ) from exc
         finally:
             os.close(status_r)
-        self._public.publish(s.getsockname()[1] for s in all_sockets)
+        self._public.publish(s.getsockname()[1] for p, s in served)
+        if proxy_served:
+            self._public.publish([proxy.getsockname()[1]])
+        if quirks.blocked_mode == "hang":  # other instances meet the same hang
+            self._public.publish((mapped[p] for p in blocked), hang=True)
         return SandboxEndpoints(
             public_ipaddr=self.public_ipaddr,
             ports=mapped,
@@ -257,7 +307,7 @@ class SandboxRuntime:
             log.error("sandbox of instance %s: launcher pid %s did not exit 10 s after SIGKILL",
                       instance_id, box.process.pid)
         self._public.withdraw(s.getsockname()[1] for s in box.sockets if s.fileno() != -1)
-        for sock in box.sockets:
+        for sock in box.sockets + box.fillers:
             sock.close()
         if box.pidfd is not None:
             os.close(box.pidfd)
@@ -336,10 +386,7 @@ class SandboxRuntime:
 
     def _environment(self, spec: SandboxSpec, mapped: dict[int, int],
                      host_gpus: list[gpu_mod.HostGPU]) -> dict[str, str]:
-        bins = list(dict.fromkeys(os.path.join(p, "bin") for p in (sys.prefix, sys.base_prefix)))
-        path = ":".join(["/run/vast-emu/bin", *bins, "/usr/local/sbin", "/usr/local/bin",
-                         "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
-        env = {"PATH": path, "HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash",
+        env = {"PATH": _image_path(), "HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash",
                "LANG": "C.UTF-8", "TERM": "xterm"}
         env.update(spec.env)
         env["PUBLIC_IPADDR"] = self.public_ipaddr
@@ -350,6 +397,28 @@ class SandboxRuntime:
         elif spec.num_gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(spec.num_gpus))
         return env
+
+    @staticmethod
+    def _session_env(spec: SandboxSpec, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str] | None]:
+        """(the env of an SSH session, the SetEnv of sshd or None for the container's whole env)."""
+        base = {"HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash"}
+        mode = spec.quirks.ssh_env
+        if mode == "container":
+            return env, None
+        if mode == "image":  # what the image's own profile gives a login: its PATH and locale
+            set_env = {"PATH": _image_path(), "LANG": "C.UTF-8"}
+        else:
+            set_env = {"PATH": DEFAULT_SESSION_PATH}
+        return {**base, **set_env}, set_env
+
+    def _bin_files(self, host_gpus: list[gpu_mod.HostGPU], cpu_view: bool) -> dict[str, str]:
+        """The tools a sandbox gets in /run/vast-emu/bin (first on its PATH)."""
+        files = {}
+        if not host_gpus:
+            files["nvidia-smi"] = f"#!{sys.executable} -IS\n" + self._fake_nvidia_smi
+        if cpu_view:
+            files["nproc"] = f"#!{sys.executable} -IS\n" + self._fake_nproc
+        return files
 
     async def _allocate_gpus(self, spec: SandboxSpec) -> list[gpu_mod.HostGPU]:
         """Real GPUs for this rental where the host has enough free ones, else none (fake)."""
@@ -374,11 +443,27 @@ def _is_args_runtype(runtype: str) -> bool:
     return "args" in runtype.split()
 
 
-def _listen(address: str) -> socket.socket:
+def _image_path() -> str:
+    """The "image's" PATH: the driver's tools, our interpreter's prefix, the system's."""
+    bins = list(dict.fromkeys(os.path.join(p, "bin") for p in (sys.prefix, sys.base_prefix)))
+    return ":".join(["/run/vast-emu/bin", *bins, "/usr/local/sbin", "/usr/local/bin",
+                     "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+
+
+def _launcher_env(env: dict[str, str]) -> dict[str, str]:
+    """The container's env as pid 1 gets it, less what would steer the host side of the launch."""
+    return {k: v for k, v in env.items()
+            if not k.startswith(HOST_UNSAFE_ENV_PREFIXES) and k not in HOST_UNSAFE_ENV
+            and "=" not in k and "\0" not in k + v}
+
+
+def _listen(address: str, listening: bool = True) -> socket.socket:
+    """A socket on a free port of ``address``: listening, or only bound (connections refused)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((address, 0))
-    sock.listen(128)
+    if listening:
+        sock.listen(128)
     return sock
 
 

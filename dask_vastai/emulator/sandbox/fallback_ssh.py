@@ -3,7 +3,8 @@
 Loaded by ``nsinit.py`` inside the sandbox (so: standard library plus asyncssh from the
 read-only site-packages). It behaves like the OpenSSH configuration we use: public keys
 from ``/root/.ssh/authorized_keys`` read at each login (onstart may append), exec and
-shell sessions, SFTP and scp, local (-L) and remote (-R) forwards on the loopback.
+shell sessions, SFTP and scp, local (-L) and remote (-R) forwards on the loopback, and
+the session environment the sandbox's init gives it (variant ``ssh_env``).
 """
 
 import asyncio
@@ -16,6 +17,9 @@ AUTHORIZED_KEYS = "/root/.ssh/authorized_keys"
 
 
 class _Server(asyncssh.SSHServer):
+    def __init__(self, remote_forward: bool = True) -> None:
+        self._remote_forward = remote_forward
+
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
 
@@ -36,7 +40,7 @@ class _Server(asyncssh.SSHServer):
         return True
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        return True
+        return self._remote_forward  # False: a proxy that refuses ssh -R (variant proxy_broken)
 
 
 class _SFTPServer(asyncssh.SFTPServer):
@@ -90,11 +94,11 @@ async def _copy_pipe(fd: int, writer: asyncssh.SSHWriter) -> None:
         transport.close()
 
 
-async def serve_connection(sock, host_key_text: str, spawn, wait) -> None:
-    """Run one SSH server connection on an accepted socket."""
+async def serve_connection(sock, host_key_text: str, spawn, wait, remote_forward: bool = True) -> None:
+    """Run one SSH server connection on an accepted socket (``remote_forward`` False refuses -R)."""
     await asyncssh.run_server(
         sock,
-        server_factory=_Server,
+        server_factory=lambda: _Server(remote_forward),
         server_host_keys=[asyncssh.import_private_key(host_key_text)],
         process_factory=session_handler(spawn, wait),
         encoding=None,

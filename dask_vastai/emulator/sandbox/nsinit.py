@@ -3,7 +3,8 @@
 This file is executed as a script (``python -I -S nsinit.py``) by
 :class:`~dask_vastai.emulator.sandbox.SandboxRuntime`, never imported by the emulator:
 it forks and unshares, which must not happen inside the emulator's event loop, and it
-pivots into a root where our package is not visible. It uses the standard library only.
+pivots into a root where our package is not visible. It uses the standard library only,
+and ``blackhole.py`` beside it (loaded at start, before the pivot).
 
 Process tree (host pids on the left)::
 
@@ -31,6 +32,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import importlib.util
 import json
 import os
 import shlex
@@ -58,6 +60,18 @@ PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, PR_SET_PDEATHSIG = 36, 4, 1
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _sibling(name: str) -> types.ModuleType:
+    """A module beside this script (``-I`` keeps our directory off sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                     name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+blackhole = _sibling("blackhole")
 
 
 def _check(result: int, what: str) -> None:
@@ -278,6 +292,8 @@ def build_root(cfg: dict) -> str:
         mount("sysfs", root + "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except OSError:
         pass  # nothing we run needs /sys; the fake nvidia-smi reads our own file
+    if cfg.get("cpu_view"):
+        fake_cpu_view(cfg["cpu_view"], root)
     for key, name in (("api_sock", "api.sock"), ("public_sock", "public.sock")):
         if cfg.get(key):
             write_file(root + "/run/vast-emu/" + name, "", 0o600)
@@ -292,6 +308,47 @@ def build_root(cfg: dict) -> str:
     write_file(root + "/run/vast-emu/hosts", f"127.0.0.1\tlocalhost {cfg['hostname']}\n::1\tlocalhost ip6-localhost\n")
     bind(root + "/run/vast-emu/hosts", root + "/etc/hosts")
     return root
+
+
+def fake_cpu_view(view: dict, root: str) -> None:
+    """Show ``view["cores"]`` CPUs and ``view["ram_mb"]`` of memory: files bound over the kernel's.
+
+    /proc/cpuinfo repeats the machine's first processor; /proc/meminfo says the total (and
+    most of it free); /sys/devices/system/cpu/{online,possible,present} is what glibc's
+    ``sysconf(_SC_NPROCESSORS_ONLN)`` reads, so ``os.cpu_count()`` and psutil follow.
+    """
+    cores, ram_kb = int(view["cores"]), int(view["ram_mb"]) * 1024
+    run = root + "/run/vast-emu"
+    with open("/proc/cpuinfo") as f:  # still the host's /proc here
+        first = f.read().split("\n\n")[0]
+    blocks = []
+    for i in range(cores):
+        lines = []
+        for line in first.splitlines():
+            key = line.split(":")[0].strip()
+            value = {"processor": i, "core id": i, "apicid": i, "initial apicid": i, "physical id": 0,
+                     "siblings": cores, "cpu cores": cores}.get(key)
+            lines.append(line if value is None else f"{line.split(':')[0]}: {value}")
+        blocks.append("\n".join(lines))
+    write_file(run + "/cpuinfo", "\n\n".join(blocks) + "\n\n")
+    fields = [("MemTotal", ram_kb), ("MemFree", ram_kb * 9 // 10), ("MemAvailable", ram_kb * 19 // 20),
+              ("Buffers", 0), ("Cached", ram_kb // 20), ("SwapCached", 0), ("Active", ram_kb // 20),
+              ("Inactive", 0), ("SwapTotal", 0), ("SwapFree", 0), ("Shmem", 0), ("Slab", 0),
+              ("SReclaimable", 0), ("SUnreclaim", 0)]
+    write_file(run + "/meminfo", "".join(f"{k + ':':<16}{v:>8} kB\n" for k, v in fields))
+    write_file(run + "/cpu_online", f"0-{cores - 1}\n" if cores > 1 else "0\n")
+    for name in ("cpuinfo", "meminfo"):
+        bind(run + "/" + name, root + "/proc/" + name)
+    for name in ("online", "possible", "present"):
+        if os.path.exists(root + "/sys/devices/system/cpu/" + name):
+            bind(run + "/cpu_online", root + "/sys/devices/system/cpu/" + name)
+
+
+def narrow_affinity(cores: int) -> None:
+    """Run on at most ``cores`` of the machine's CPUs (children inherit it)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if cores < len(cpus):
+        os.sched_setaffinity(0, cpus[:cores])
 
 
 def build_dev(cfg: dict, dev: str) -> None:
@@ -315,13 +372,20 @@ def build_dev(cfg: dict, dev: str) -> None:
 def write_files(cfg: dict, root: str) -> None:
     run = root + "/run/vast-emu"
     write_file(root + "/root/.ssh/authorized_keys", cfg["authorized_keys"], 0o600)
-    env_lines = "".join(f"{k}={v}\n" for k, v in cfg["ssh_environment"].items() if "\n" not in v)
-    write_file(root + "/root/.ssh/environment", env_lines, 0o600)
+    if cfg["ssh_environment"] is not None:  # sessions see the container's env (variant ssh_env)
+        env_lines = "".join(f"{k}={v}\n" for k, v in cfg["ssh_environment"].items() if "\n" not in v)
+        write_file(root + "/root/.ssh/environment", env_lines, 0o600)
     write_file(run + "/ssh_host_ed25519_key", cfg["host_key"], 0o600)
-    write_file(run + "/sshd_config", cfg["sshd_config"], 0o644)
+    for name, text in cfg["sshd_configs"].items():
+        write_file(run + "/" + sshd_config_name(name), text, 0o644)
     write_file(run + "/gpus.json", json.dumps(cfg["fake_gpus"]), 0o644)
     for name, text in cfg["bin_files"].items():
         write_file(run + "/bin/" + name, text, 0o755)
+
+
+def sshd_config_name(name: str) -> str:
+    """The file of the sshd configuration for one kind of listener ("direct" or "proxy")."""
+    return "sshd_config" if name == "direct" else f"sshd_config_{name}"
 
 
 def network_up() -> None:
@@ -382,6 +446,8 @@ def sandbox_init(cfg: dict) -> int:
         for fd in cfg["sources"].values():
             os.close(fd)
         nest_user_namespace(cfg["uid_count"])
+        if cfg.get("cpu_view"):
+            narrow_affinity(int(cfg["cpu_view"]["cores"]))
         if cfg["openssh"]:
             check_sshd(cfg)
     except BaseException as exc:  # noqa: BLE001 - reported to the emulator
@@ -392,11 +458,13 @@ def sandbox_init(cfg: dict) -> int:
 
 def check_sshd(cfg: dict) -> None:
     """Fail the boot with sshd's own words if it refuses its configuration."""
-    pid = os.posix_spawn(cfg["sshd"], [cfg["sshd"], "-t", "-f", "/run/vast-emu/sshd_config"], cfg["env"],
-                         file_actions=[(os.POSIX_SPAWN_DUP2, SSHD_LOG_FD, 2)])
-    _, wstatus = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(wstatus) != 0:
-        raise RuntimeError("sshd -t rejected the sandbox's sshd_config (see the sshd log)")
+    for name in dict.fromkeys(spec["sshd"] for spec in cfg["listen"] if spec["kind"] == "ssh"):
+        path = "/run/vast-emu/" + sshd_config_name(name)
+        pid = os.posix_spawn(cfg["sshd"], [cfg["sshd"], "-t", "-f", path], cfg["env"],
+                             file_actions=[(os.POSIX_SPAWN_DUP2, SSHD_LOG_FD, 2)])
+        _, wstatus = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(wstatus) != 0:
+            raise RuntimeError(f"sshd -t rejected the sandbox's {path} (see the sshd log)")
 
 
 # --------------------------------------------------------------------------- P1: serve
@@ -419,6 +487,7 @@ class Init:
     def __init__(self, cfg: dict) -> None:
         self.cfg = cfg
         self.env: dict[str, str] = cfg["env"]
+        self.session_env: dict[str, str] = cfg["session_env"]
         self.workload_pid: int | None = None
         self.done: asyncio.Future[int] | None = None
         self.servers: list = []
@@ -444,7 +513,7 @@ class Init:
         for spec in self.cfg["listen"]:
             sock = socket.socket(fileno=spec["fd"])
             sock.setblocking(False)
-            handler = self.serve_ssh if spec["kind"] == "ssh" else self.relay_to_port(spec["port"])
+            handler = self.ssh_server(spec["sshd"]) if spec["kind"] == "ssh" else self.relay_to_port(spec["port"])
             self.servers.append(asyncio.create_task(self.accept_loop(sock, handler)))
         if self.cfg.get("api_port"):
             server = await asyncio.start_server(self.relay_api, "127.0.0.1", self.cfg["api_port"])
@@ -506,24 +575,28 @@ class Init:
                 os.write(SSHD_LOG_FD, f"nsinit: connection failed: {exc}\n".encode())
                 conn.close()
 
-    async def serve_ssh(self, conn: socket.socket) -> None:
-        """Hand the connection to a fresh ``sshd -i``: no byte of SSH traffic passes through us."""
-        if not self.cfg["openssh"]:
-            if self.fallback is None:
-                conn.close()
+    def ssh_server(self, name: str):
+        """The handler of one SSH listener ("direct" or "proxy": they may differ in -R)."""
+        async def serve_ssh(conn: socket.socket) -> None:
+            """Hand the connection to a fresh ``sshd -i``: no byte of SSH traffic passes through us."""
+            if not self.cfg["openssh"]:
+                if self.fallback is None:
+                    conn.close()
+                    return
+                remote_forward = name != "proxy" or self.cfg["proxy_remote_forward"]
+                asyncio.create_task(self.fallback.serve_connection(
+                    conn, self.cfg["host_key"], self.spawn_session, self.wait_for, remote_forward))
                 return
-            asyncio.create_task(self.fallback.serve_connection(
-                conn, self.cfg["host_key"], self.spawn_session, self.wait_for))
-            return
-        conn.setblocking(True)
-        try:
-            spawn([self.cfg["sshd"], "-i", "-e", "-f", "/run/vast-emu/sshd_config"], self.env,
-                  conn.fileno(), conn.fileno(), SSHD_LOG_FD)
-        finally:
-            conn.close()
+            conn.setblocking(True)
+            try:
+                spawn([self.cfg["sshd"], "-i", "-e", "-f", "/run/vast-emu/" + sshd_config_name(name)], self.env,
+                      conn.fileno(), conn.fileno(), SSHD_LOG_FD)
+            finally:
+                conn.close()
+        return serve_ssh
 
     def spawn_session(self, argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
-        pid = spawn(argv, self.env, stdin, stdout, stderr)
+        pid = spawn(argv, self.session_env, stdin, stdout, stderr)
         self.waiters[pid] = asyncio.get_running_loop().create_future()
         return pid
 
@@ -546,6 +619,12 @@ class Init:
                 try:  # a port our own programs already use keeps them: they were here first
                     listeners[port] = await asyncio.start_server(
                         lambda r, w, port=port: self.relay_public(port, r, w), "127.0.0.1", port)
+                except OSError:
+                    pass
+            elif sign == b"~" and int(value) not in listeners and int(value) not in own:
+                try:  # another instance's port that hangs: ours hangs the same way
+                    sock, fillers = await asyncio.to_thread(blackhole.hole, "127.0.0.1", int(value), "hang")
+                    listeners[int(value)] = _Closing([sock, *fillers])
                 except OSError:
                     pass
             elif sign == b"-" and int(value) in listeners:
@@ -582,6 +661,17 @@ class Init:
             writer.close()
             return
         await splice(reader, writer, up_reader, up_writer)
+
+
+class _Closing:
+    """Sockets closed together, in place of a server (a hanging port's listener and fillers)."""
+
+    def __init__(self, sockets: list) -> None:
+        self.sockets = sockets
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
 
 
 async def splice(a_reader: asyncio.StreamReader, a_writer: asyncio.StreamWriter,

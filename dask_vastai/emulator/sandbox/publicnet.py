@@ -8,8 +8,13 @@ runtime, and forwards each connection through this unix socket to the host's
 ``127.0.0.1:HOSTPORT``. Only mapped ports are allowed through: the host's other services
 stay unreachable. No bridge and no root needed.
 
-Protocol, one line first: ``WATCH`` (then ``+PORT``/``-PORT`` lines, ``=`` after the
-initial set) or ``CONNECT PORT`` (then raw bytes both ways).
+A mapped port that hangs on its host (variant ``direct_blocked``, mode ``hang``) is
+announced as ``~PORT``: each init then makes its own ``127.0.0.1:PORT`` drop SYNs too, so
+another instance's connection hangs as the client's does. A refusing one is not
+announced (inside, nothing listens there: refused).
+
+Protocol, one line first: ``WATCH`` (then ``+PORT``/``~PORT``/``-PORT`` lines, ``=``
+after the initial set) or ``CONNECT PORT`` (then raw bytes both ways).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class PublicNet:
         self.public_ipaddr = public_ipaddr
         self.path: str | None = None
         self._ports: set[int] = set()
+        self._hanging: set[int] = set()
         self._watchers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.AbstractServer | None = None
 
@@ -42,17 +48,24 @@ class PublicNet:
         assert self.path is not None
         return self.path
 
-    def publish(self, ports: Iterable[int]) -> None:
-        self._announce(b"+", set(ports) - self._ports)
+    def publish(self, ports: Iterable[int], *, hang: bool = False) -> None:
+        """Announce mapped ports: reachable, or (``hang``) dropping every connection."""
+        if hang:
+            self._announce(b"~", set(ports) - self._hanging)
+        else:
+            self._announce(b"+", set(ports) - self._ports)
 
     def withdraw(self, ports: Iterable[int]) -> None:
-        self._announce(b"-", set(ports) & self._ports)
+        self._announce(b"-", set(ports) & (self._ports | self._hanging))
 
     def _announce(self, sign: bytes, ports: set[int]) -> None:
         if sign == b"+":
             self._ports |= ports
+        elif sign == b"~":
+            self._hanging |= ports
         else:
             self._ports -= ports
+            self._hanging -= ports
         lines = b"".join(sign + str(p).encode() + b"\n" for p in sorted(ports))
         for writer in list(self._watchers):
             if lines and not writer.is_closing():
@@ -65,7 +78,8 @@ class PublicNet:
             writer.close()
             return
         if request == ["WATCH"]:
-            writer.write(b"".join(b"+%d\n" % p for p in sorted(self._ports)) + b"=\n")
+            writer.write(b"".join(b"+%d\n" % p for p in sorted(self._ports))
+                         + b"".join(b"~%d\n" % p for p in sorted(self._hanging)) + b"=\n")
             self._watchers.add(writer)
             try:
                 await reader.read()  # until the sandbox goes away
