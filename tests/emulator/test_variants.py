@@ -228,10 +228,10 @@ def test_boots_stall_in_created_scheduling_or_frozen_on_the_chosen_hosts() -> No
         row = show(emu, stuck)
         assert row["actual_status"] == "created" and "OCI runtime create failed" in row["status_msg"]
         assert row["intended_status"] == "running"
-        emu.variants.set(boot_stall="scheduling", boot_stall_hosts="all", boot_stall_s=0.5)
+        emu.variants.set(boot_stall="scheduling", boot_stall_hosts="all", boot_stall_s=1.0)
         later = rent(emu, 1000003)
         assert wait_status(emu, later, "scheduling", 1)["status_msg"].startswith("Scheduling")
-        wait_status(emu, later, "running", 3)
+        wait_status(emu, later, "running", 5)
         # a restart after a stop stalls as well (Vast: its GPU may have gone to someone else)
         call(emu, "PUT", f"/api/v0/instances/{later}/", {"state": "stopped"})
         emu.variants.set(boot_stall="frozen", boot_stall_s=math.inf)
