@@ -4,28 +4,21 @@
   answers at once, for tests of what clients send and read.
 - ``emulator_rate_limited``: the same with Vast's per-endpoint intervals on (429s).
 - ``oracle``: ``oracle.cli(*args, emu=emu)`` runs ``vastai --url emu.url --api-key
-  emu.api_key ARGS`` from the oracle virtualenv (built once, see ``tests/oracle.py``).
+  emu.api_key ARGS`` from the oracle virtualenv (built once, see ``tests/helpers/oracle.py``).
+- ``sandbox``: skips, loudly, where real sandboxes cannot run; ``market``: an emulator with them.
+
+The doubles and helpers themselves live in ``tests/helpers/``; this file only makes fixtures.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dask_vastai.emulator import Emulator
-
-
-def _oracle_module() -> Any:
-    spec = importlib.util.spec_from_file_location("dask_vastai_tests_oracle", Path(__file__).with_name("oracle.py"))
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.oracle import Oracle
 
 
 @pytest.fixture
@@ -38,18 +31,6 @@ def emulator() -> Iterator[Emulator]:
 def emulator_rate_limited() -> Iterator[Emulator]:
     with Emulator(runtime="record", rate_limits=True, boot_delay_s=0) as emu:
         yield emu
-
-
-class Oracle:
-    """The official ``vastai`` CLI pointed at an emulator."""
-
-    def __init__(self) -> None:
-        self._module = _oracle_module()
-
-    def cli(self, *args: str, emu: Emulator, api_key: str | None = None, check: bool = True,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return self._module.run_cli(*args, url=emu.url, api_key=api_key or emu.api_key,
-                                    timeout=timeout, check=check)
 
 
 @pytest.fixture(scope="session")

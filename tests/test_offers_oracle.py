@@ -7,15 +7,14 @@ and the SDK's ``parse_order``; we compare those with ours, dict for dict.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from dask_vastai.vast import CreateRequest
 from dask_vastai.vast.query import parse_order, search_body
+from tests.helpers.oracle import run_sdk
 
 pytestmark = pytest.mark.oracle
 
@@ -103,10 +102,6 @@ _ORACLE = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def oracle_answers() -> dict:
-    spec = importlib.util.spec_from_file_location("dask_vastai_tests_oracle", Path(__file__).with_name("oracle.py"))
-    assert spec and spec.loader
-    oracle = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(oracle)
     cases = {
         "search": SEARCHES,
         "bad": BAD_QUERIES,
@@ -117,7 +112,7 @@ def oracle_answers() -> dict:
             runtype="ssh_direc ssh_proxy", price=0.25,
         ),
     }
-    return oracle.run_sdk(_ORACLE % json.dumps(cases), timeout=120)  # type: ignore[return-value]
+    return run_sdk(_ORACLE % json.dumps(cases), timeout=120)  # type: ignore[return-value]
 
 
 @pytest.mark.parametrize("case", range(len(SEARCHES)), ids=[s[0].strip() for s in SEARCHES])

@@ -71,7 +71,6 @@ def test_bad_key_is_refused_with_vasts_message(oracle, emulator) -> None:
 
 def test_sdk_functions_against_the_emulator(oracle, emulator) -> None:
     """The SDK's own parsing of our rows (it crashes on rows without start_date/extra_env)."""
-    oracle_mod = oracle._module
     code = f"""
 import json
 from vastai import VastAI
@@ -86,7 +85,7 @@ print(json.dumps({{"n": len(offers), "dc": [o["datacenter"] for o in offers], "m
                    "rows": [r["label"] for r in rows], "one": one["id"] == made["new_contract"],
                    "logs": logs, "gone": gone, "after": v.show_instance(id=made["new_contract"])}}))
 """
-    result = oracle_mod.run_sdk(code)
+    result = oracle.sdk(code)
     assert result["n"] == 3 and result["dc"] == [True] * 3 and result["made"]
     assert result["rows"] == ["sdk"] and result["one"] and "record-only" in result["logs"]
     assert result["gone"] == {"success": True} and result["after"] is None

@@ -7,7 +7,6 @@ at ``vastai ssh-url``, destroy. Everything here goes through the CLI, as a user 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import time
@@ -15,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("oracle", Path(__file__).resolve().parents[1] / "oracle.py")
-oracle = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(oracle)
+from tests.helpers.oracle import run_cli
 
 emulator = pytest.importorskip("dask_vastai.emulator")
 from dask_vastai.emulator.sandbox import SandboxRuntime  # noqa: E402
@@ -51,7 +48,7 @@ def test_rent_with_the_vastai_cli_read_logs_log_in_and_destroy(tmp_path: Path, m
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     with emulator.Emulator(runtime="sandbox", boot_delay_s=0.5, state_dir=tmp_path / "emu") as emu:
         def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-            return oracle.run_cli(*args, url=emu.url, api_key=emu.api_key, check=check)
+            return run_cli(*args, url=emu.url, api_key=emu.api_key, check=check)
 
         cli("create", "ssh-key", key.with_suffix(".pub").read_text().strip())
         offers = json.loads(cli("search", "offers", "num_gpus=1 rentable=true", "--raw").stdout)
@@ -94,7 +91,7 @@ def test_args_launch_runs_the_entrypoint_and_the_instance_exits(tmp_path: Path) 
     """``--entrypoint/--args`` (runtype args): the workload is the container; its end is ``exited``."""
     with emulator.Emulator(runtime="sandbox", boot_delay_s=0.2, state_dir=tmp_path / "emu") as emu:
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            return oracle.run_cli(*args, url=emu.url, api_key=emu.api_key)
+            return run_cli(*args, url=emu.url, api_key=emu.api_key)
 
         offers = json.loads(cli("search", "offers", "num_gpus=1 rentable=true", "--raw").stdout)
         created = json.loads(cli("create", "instance", str(offers[0]["id"]), "--image", "vastai/pytorch",

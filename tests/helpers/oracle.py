@@ -2,7 +2,8 @@
 
 vastai pins cryptography, pillow and pycares exactly, so it never enters our environment:
 the suite builds one virtualenv per machine (cached under ~/.cache, rebuilt when the
-version changes) and runs the CLI as a subprocess, as a user would.
+version changes) and runs the CLI as a subprocess, as a user would. :class:`Oracle` is
+what the ``oracle`` fixture hands a test: the CLI pointed at an emulator.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import subprocess
 import sys
 import venv
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dask_vastai.emulator import Emulator
 
 VASTAI_VERSION = "1.9.1"
 _VENV = Path(os.environ.get("DASK_VASTAI_ORACLE_VENV", "~/.cache/dask-vastai/vastai-oracle")).expanduser()
@@ -60,5 +65,17 @@ def run_sdk(code: str, timeout: float = 60) -> object:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-if __name__ == "__main__":  # pragma: no cover - manual warm-up: python tests/oracle.py
+class Oracle:
+    """The official ``vastai`` CLI pointed at an emulator."""
+
+    def cli(self, *args: str, emu: Emulator, api_key: str | None = None, check: bool = True,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, url=emu.url, api_key=api_key or emu.api_key, timeout=timeout, check=check)
+
+    def sdk(self, code: str, timeout: float = 60) -> object:
+        """:func:`run_sdk`: ``code`` in the oracle's interpreter, its one JSON document parsed."""
+        return run_sdk(code, timeout=timeout)
+
+
+if __name__ == "__main__":  # pragma: no cover - manual warm-up: python -m tests.helpers.oracle
     print(oracle_python(), file=sys.stderr)
