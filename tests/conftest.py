@@ -5,6 +5,7 @@
 - ``emulator_rate_limited``: the same with Vast's per-endpoint intervals on (429s).
 - ``oracle``: ``oracle.cli(*args, emu=emu)`` runs ``vastai --url emu.url --api-key
   emu.api_key ARGS`` from the oracle virtualenv (built once, see ``tests/helpers/oracle.py``).
+- ``fake_vast``: a :class:`~tests.helpers.fake_vast.FakeVast` on 127.0.0.1, shut down after.
 - ``sandbox``: skips, loudly, where real sandboxes cannot run; ``market``: an emulator with them.
 
 The doubles and helpers themselves live in ``tests/helpers/``; this file only makes fixtures.
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from dask_vastai.emulator import Emulator
+from tests.helpers.fake_vast import FakeVast
 from tests.helpers.oracle import Oracle
 
 
@@ -31,6 +33,13 @@ def emulator() -> Iterator[Emulator]:
 def emulator_rate_limited() -> Iterator[Emulator]:
     with Emulator(runtime="record", rate_limits=True, boot_delay_s=0) as emu:
         yield emu
+
+
+@pytest.fixture
+def fake_vast() -> Iterator[FakeVast]:
+    """Where an instance's watchdog destroys its own rental: records the DELETEs, answers 200."""
+    with FakeVast() as vast:
+        yield vast
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,10 @@ temporary folder (the namespace tests in ``test_tunnel.py`` run them at their re
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +29,8 @@ from dask_vastai.bootstrap import (
     supervisor_program,
 )
 from dask_vastai.tunnel import ClusterKey
+from tests.helpers.fake_vast import FakeVast
+from tests.helpers.waiting import until, wait_until
 
 KEY = ClusterKey.generate(comment="dask-vastai-a-cluster")
 
@@ -125,31 +125,6 @@ def test_supervisor_program_runs_on_python_38_syntax():
     ast.parse(LOADER, feature_version=(3, 8))
 
 
-class FakeVast(http.server.ThreadingHTTPServer):
-    """Answers DELETE with the given statuses in turn (then 200), recording path and bearer."""
-
-    def __init__(self, statuses: list[int] | None = None) -> None:
-        self.deletes: list[tuple[str, str]] = []
-        statuses = list(statuses or [])
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_DELETE(h) -> None:  # noqa: N805
-                self.deletes.append((h.path, h.headers.get("Authorization", "")))
-                code = statuses.pop(0) if statuses else 200
-                body = b'{"success": true}' if code == 200 else b"slow down"
-                h.send_response(code)
-                h.send_header("Content-Length", str(len(body)))
-                h.end_headers()
-                h.wfile.write(body)
-
-            def log_message(h, *args) -> None:  # noqa: N805
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-
 def _start(program: list[str], tmp: Path, api_url: str, orphan_s: float, env: dict[str, str] | None = None):
     """The loader or supervisor with this test's folder as its state, as the onstart starts it."""
     state = tmp / "state"
@@ -163,14 +138,6 @@ def _start(program: list[str], tmp: Path, api_url: str, orphan_s: float, env: di
     )
 
 
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.1)
-
-
 def _supervisor_file(tmp: Path) -> str:
     path = tmp / "supervisor.py"
     path.write_bytes(supervisor_program())
@@ -178,7 +145,7 @@ def _supervisor_file(tmp: Path) -> str:
 
 
 def test_supervisor_destroys_its_rental_when_heartbeats_stop_retrying_429(tmp_path):
-    vast = FakeVast([429, 503])
+    vast = FakeVast(statuses=[429, 503])
     proc = _start([_supervisor_file(tmp_path)], tmp_path, vast.url, orphan_s=2)
     try:
         heartbeat = tmp_path / "state" / "heartbeat"
@@ -186,7 +153,7 @@ def test_supervisor_destroys_its_rental_when_heartbeats_stop_retrying_429(tmp_pa
             heartbeat.write_text(str(time.time()))
             time.sleep(0.5)
         assert vast.deletes == [] and proc.poll() is None
-        _wait(lambda: proc.poll() is not None, 20, "the supervisor to destroy and exit")
+        wait_until(lambda: proc.poll() is not None, 20, "the supervisor to destroy and exit")
         assert vast.deletes == [("/api/v0/instances/4242/", "Bearer k-4242")] * 3
         assert proc.returncode == 0
         log = (tmp_path / "dask-vastai.log").read_text()
@@ -197,8 +164,8 @@ def test_supervisor_destroys_its_rental_when_heartbeats_stop_retrying_429(tmp_pa
         vast.shutdown()
 
 
-def test_loader_destroys_when_no_client_comes_and_hands_over_when_one_does(tmp_path):
-    vast = FakeVast()
+def test_loader_destroys_when_no_client_comes_and_hands_over_when_one_does(tmp_path, fake_vast):
+    vast = fake_vast
     lonely = tmp_path / "lonely"
     lonely.mkdir()
     proc = _start(["-"], lonely, vast.url, orphan_s=1.5)
@@ -215,14 +182,13 @@ def test_loader_destroys_when_no_client_comes_and_hands_over_when_one_does(tmp_p
         time.sleep(1)
         (tmp_path / "state" / "supervisor.py").write_bytes(supervisor_program())
         log = tmp_path / "dask-vastai.log"
-        _wait(lambda: log.exists() and "supervisor: watching" in log.read_text(), 10, "the supervisor to take over")
+        wait_until(lambda: log.exists() and "supervisor: watching" in log.read_text(), 10, "the supervisor to take over")
         assert proc.poll() is None
         # never a heartbeat: destroyed about 3 s after the *loader* started, not after the handover
-        _wait(lambda: proc.poll() is not None, 15, "the supervisor to destroy")
+        wait_until(lambda: proc.poll() is not None, 15, "the supervisor to destroy")
         assert vast.deletes == [("/api/v0/instances/4242/", "Bearer k-4242")]
     finally:
         proc.kill()
-        vast.shutdown()
 
 
 def _incarnation(name: str, scheduler: str, ports: tuple[int, int], *, tls: tuple[str, str, str]) -> Incarnation:
@@ -271,19 +237,19 @@ def test_supervisor_starts_replaces_and_stops_workers(tmp_path):
             hub = TunnelHub(KEY, scheduler_port=0)  # only for its port allocator
             first = tuple(await hub.allocate_ports(2))
             write(_incarnation("w", s.address, first, tls=tls))
-            await _until(lambda: [w.name for w in s.workers.values()] == ["w"], 60, "worker w")
+            await until(lambda: [w.name for w in s.workers.values()] == ["w"], 60, "worker w")
             (w,) = s.workers.values()
             assert w.address == f"tls://127.0.0.1:{first[0]}" and w.resources == {"GPU": 1.0, "CPU": 1.0}
             key_file = tmp_path / "state" / f"w-{first[0]}" / "key.pem"
             assert oct(key_file.stat().st_mode & 0o777) == "0o600"
             second = tuple(await hub.allocate_ports(2))
             write(_incarnation("w", s.address, second, tls=tls))
-            await _until(lambda: [w.address for w in s.workers.values()] == [f"tls://127.0.0.1:{second[0]}"],
-                         60, "the new incarnation to replace the old")
+            await until(lambda: [w.address for w in s.workers.values()] == [f"tls://127.0.0.1:{second[0]}"],
+                        60, "the new incarnation to replace the old")
             old, new = pids()
-            await _until(lambda: not _group_alive(old), 15, "the old process group to end")
+            await until(lambda: not _group_alive(old), 15, "the old process group to end")
             (incs / "w.json").unlink()
-            await _until(lambda: not s.workers and not _group_alive(new), 20, "the worker to stop")
+            await until(lambda: not s.workers and not _group_alive(new), 20, "the worker to stop")
 
     try:
         asyncio.run(main())
@@ -293,11 +259,3 @@ def test_supervisor_starts_replaces_and_stops_workers(tmp_path):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(20)
-
-
-async def _until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.1)

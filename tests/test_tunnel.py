@@ -10,7 +10,6 @@ The onstart script runs for real, with the env Vast injects.
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
 import os
 import random
@@ -18,7 +17,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,6 +32,8 @@ from dask_vastai.bootstrap import (
     parse_probe,
 )
 from dask_vastai.tunnel import ClusterKey, InstanceLink, SSHEndpoint, TunnelHub
+from tests.helpers.fake_vast import FakeVast
+from tests.helpers.waiting import until, wait_until
 
 PYENV = Path(sys.prefix).parents[1]  # /root/.pyenv: bound back into the sandbox's /root
 
@@ -188,37 +188,6 @@ class Sandbox:
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
 
 
-class FakeVast(http.server.ThreadingHTTPServer):
-    """Records DELETE /api/v0/instances/<id>/ as the supervisor sends it."""
-
-    def __init__(self, host: str) -> None:
-        self.deletes: list[tuple[str, str]] = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_DELETE(h) -> None:  # noqa: N805
-                self.deletes.append((h.path, h.headers.get("Authorization", "")))
-                body = b'{"success": true}'
-                h.send_response(200)
-                h.send_header("Content-Length", str(len(body)))
-                h.end_headers()
-                h.wfile.write(body)
-
-            def log_message(h, *args) -> None:  # noqa: N805
-                pass
-
-        super().__init__((host, 0), Handler)
-        self.url = f"http://{host}:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.2)
-
-
 @pytest.fixture
 def key() -> ClusterKey:
     return ClusterKey.generate(comment="dask-vastai-test")
@@ -312,12 +281,12 @@ def _incarnation(name: str, scheduler: str, security, ports: tuple[int, int], gp
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_two_instances_run_dask_through_the_tunnels(tmp_path, key):
+def test_two_instances_run_dask_through_the_tunnels(tmp_path, key, fake_vast):
     """Onstart -> connect -> probe -> forwards -> incarnations -> workers; then tasks, mesh, gather, TLS."""
     from distributed import Client, Scheduler, wait
     from distributed.security import Security
 
-    vast = FakeVast("127.0.0.1")  # not reachable from inside: these instances must not destroy themselves
+    vast = fake_vast  # on 127.0.0.1, not reachable from inside: these instances must not destroy themselves
     config = BootstrapConfig("t", key.public_openssh, vast.url, orphan_timeout_s=600, python=sys.executable)
     boxes = [
         Sandbox(tmp_path, tag, onstart=onstart_script(config),
@@ -414,14 +383,14 @@ def test_two_instances_run_dask_through_the_tunnels(tmp_path, key):
             await hub.close_link(links[0])
             timings["close_link_s"] = time.monotonic() - t_close
             # The workers stopped while the tunnel was up: they said goodbye to the scheduler.
-            await _until(lambda: "w-x" not in {w.name for w in scheduler.workers.values()}, 2, "w-x to leave")
-            await _until(lambda: not boxes[0].processes("dask_worker") and not boxes[0].processes("multiprocessing"),
-                         5, "the worker's processes on x to end")
+            await until(lambda: "w-x" not in {w.name for w in scheduler.workers.values()}, 2, "w-x to leave")
+            await until(lambda: not boxes[0].processes("dask_worker") and not boxes[0].processes("multiprocessing"),
+                        5, "the worker's processes on x to end")
             log = boxes[0].path("/var/log/dask-vastai.log").read_text()
             assert "its incarnation file was removed" in log and "SIGKILL" not in log
             assert "w-y" in {w.name for w in scheduler.workers.values()}
             await hub.close()
-            await _until(lambda: not boxes[1].processes("dask_worker"), 20, "the worker's processes on y to end")
+            await until(lambda: not boxes[1].processes("dask_worker"), 20, "the worker's processes on y to end")
             assert vast.deletes == []
 
     try:
@@ -429,16 +398,7 @@ def test_two_instances_run_dask_through_the_tunnels(tmp_path, key):
     finally:
         for b in boxes:
             b.stop()
-        vast.shutdown()
     print("tunnel timings:", json.dumps(timings))
-
-
-async def _until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -472,7 +432,7 @@ def test_orphaned_instances_destroy_themselves(tmp_path, key):
             await hub.close()
 
         asyncio.run(main())
-        _wait(lambda: vasts[0].deletes and vasts[1].deletes, 30, "both instances to DELETE themselves")
+        wait_until(lambda: vasts[0].deletes and vasts[1].deletes, 30, "both instances to DELETE themselves")
         assert vasts[0].deletes == [("/api/v0/instances/7/", "Bearer key-7")]
         assert vasts[1].deletes == [("/api/v0/instances/8/", "Bearer key-8")]
         assert "loader: no client within the orphan timeout" in boxes[0].path("/var/log/dask-vastai.log").read_text()

@@ -8,9 +8,7 @@ path of one worker from "running with SSH" to "registered", minus only the REST 
 from __future__ import annotations
 
 import asyncio
-import http.server
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from dask_vastai.bootstrap import (
     parse_probe,
 )
 from dask_vastai.tunnel import ClusterKey, SSHEndpoint, TunnelHub
+from tests.helpers.waiting import until
 
 try:
     from dask_vastai.emulator.runtime import SandboxSpec
@@ -38,28 +37,6 @@ except ImportError as e:  # pragma: no cover - the emulator is part of this dist
 pytestmark = [pytest.mark.sandbox, pytest.mark.skipif(not ok, reason=f"sandboxes unavailable: {why}")]
 
 
-class FakeVast(http.server.ThreadingHTTPServer):
-    """Records the DELETEs that instances send to their own rental."""
-
-    def __init__(self) -> None:
-        self.deletes: list[tuple[str, str]] = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_DELETE(h) -> None:  # noqa: N805
-                self.deletes.append((h.path, h.headers.get("Authorization", "")))
-                h.send_response(200)
-                h.send_header("Content-Length", "2")
-                h.end_headers()
-                h.wfile.write(b"{}")
-
-            def log_message(h, *args) -> None:  # noqa: N805
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-
 def _spec(instance_id: int, onstart: str, api_url: str, num_gpus: int = 1) -> SandboxSpec:
     return SandboxSpec(
         instance_id=instance_id, image="vastai/pytorch", runtype="ssh_direc ssh_proxy", onstart=onstart, args=None,
@@ -69,22 +46,14 @@ def _spec(instance_id: int, onstart: str, api_url: str, num_gpus: int = 1) -> Sa
     )
 
 
-async def _until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_emulated_instances_run_workers_through_the_tunnels(tmp_path: Path):
+def test_emulated_instances_run_workers_through_the_tunnels(tmp_path: Path, fake_vast):
     from distributed import Client, Scheduler
     from distributed.security import Security
 
     key = ClusterKey.generate("dask-vastai-emu")
-    vast = FakeVast()
+    vast = fake_vast
 
     async def main() -> None:
         runtime = SandboxRuntime(tmp_path / "state")
@@ -112,8 +81,8 @@ def test_emulated_instances_run_workers_through_the_tunnels(tmp_path: Path):
                         tls_key=security.tls_worker_key, death_timeout_s=30)
                     await link.put(incarnation_path(inc.worker_name), incarnation_payload(inc))
                     names.append(inc.worker_name)
-                await _until(lambda: {w.name for w in scheduler.workers.values()} == set(names), 90,
-                             f"workers to register; log: {runtime.logs(1)[-3000:]}")
+                await until(lambda: {w.name for w in scheduler.workers.values()} == set(names), 90,
+                            f"workers to register; log: {runtime.logs(1)[-3000:]}")
                 print(f"emulated instances: connect() to 2 workers registered in {time.monotonic() - t0:.1f}s")
                 assert {w.name: w.resources["GPU"] for w in scheduler.workers.values()} == {"w-i1": 1.0, "w-i2": 2.0}
                 async with Client(scheduler.address, security=security, asynchronous=True) as client:
@@ -121,34 +90,28 @@ def test_emulated_instances_run_workers_through_the_tunnels(tmp_path: Path):
                     b = client.submit(sum, a, workers=["w-i2"], resources={"GPU": 2}, pure=False)
                     assert await b == sum(range(1000))
                 await hub.close()
-                await _until(lambda: not scheduler.workers, 20, "the workers to leave after the links closed")
+                await until(lambda: not scheduler.workers, 20, "the workers to leave after the links closed")
         finally:
             await runtime.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        vast.shutdown()
+    asyncio.run(main())
     assert vast.deletes == []
 
 
 @pytest.mark.timeout(60)
-def test_emulated_instance_nobody_connects_to_destroys_itself(tmp_path: Path):
+def test_emulated_instance_nobody_connects_to_destroys_itself(tmp_path: Path, fake_vast):
     key = ClusterKey.generate("dask-vastai-emu")
-    vast = FakeVast()
+    vast = fake_vast
 
     async def main() -> None:
         runtime = SandboxRuntime(tmp_path / "state")
         config = BootstrapConfig("emu", key.public_openssh, vast.url, orphan_timeout_s=2, python=sys.executable)
         try:
             await runtime.start(_spec(9, onstart_script(config), vast.url))
-            await _until(lambda: vast.deletes, 30, f"the DELETE; log: {runtime.logs(9)}")
+            await until(lambda: vast.deletes, 30, f"the DELETE; log: {runtime.logs(9)}")
             assert "no client within the orphan timeout" in runtime.logs(9)  # seen by `vastai logs`
         finally:
             await runtime.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        vast.shutdown()
+    asyncio.run(main())
     assert vast.deletes == [("/api/v0/instances/9/", "Bearer key-9")]

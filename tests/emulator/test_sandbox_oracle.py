@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.oracle import run_cli
+from tests.helpers.waiting import wait_until
 
 emulator = pytest.importorskip("dask_vastai.emulator")
 from dask_vastai.emulator.sandbox import SandboxRuntime  # noqa: E402
@@ -28,17 +28,6 @@ pytestmark = [
 
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
             "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
-
-
-def until(check, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")
 
 
 def test_rent_with_the_vastai_cli_read_logs_log_in_and_destroy(tmp_path: Path, monkeypatch) -> None:
@@ -66,10 +55,10 @@ def test_rent_with_the_vastai_cli_read_logs_log_in_and_destroy(tmp_path: Path, m
             row = json.loads(cli("show", "instance", str(instance_id), "--raw").stdout)
             return row if row and row.get("actual_status") == "running" else None
 
-        row = until(running, 60, f"instance {instance_id} to be running")
+        row = wait_until(running, 60, f"instance {instance_id} to be running", interval_s=0.3)
         host_port_8000 = row["ports"]["8000/tcp"][0]["HostPort"]
-        log = until(lambda: (out := cli("logs", str(instance_id)).stdout) and "hello from" in out and out,
-                    30, "the onstart output in `vastai logs`")
+        log = wait_until(lambda: (out := cli("logs", str(instance_id)).stdout) and "hello from" in out and out,
+                         30, "the onstart output in `vastai logs`", interval_s=0.3)
         expected_gpu = offer["gpu_name"].replace("_", " ")
         assert f"hello from {instance_id}: " in log and expected_gpu in log, log
         assert f"port={host_port_8000} hi" in log, log
@@ -82,9 +71,9 @@ def test_rent_with_the_vastai_cli_read_logs_log_in_and_destroy(tmp_path: Path, m
         assert out.returncode == 0 and out.stdout.split() == ["served", f"C.{instance_id}"], out.stderr
 
         cli("destroy", "instance", str(instance_id), "-y")
-        until(lambda: subprocess.run(["ssh", "-i", str(key), "-p", port, *SSH_OPTS, "root@127.0.0.1", "true"],
-                                     capture_output=True, timeout=30).returncode != 0,
-              20, "the destroyed instance's SSH port to close")
+        wait_until(lambda: subprocess.run(["ssh", "-i", str(key), "-p", port, *SSH_OPTS, "root@127.0.0.1", "true"],
+                                          capture_output=True, timeout=30).returncode != 0,
+                   20, "the destroyed instance's SSH port to close", interval_s=0.3)
 
 
 def test_args_launch_runs_the_entrypoint_and_the_instance_exits(tmp_path: Path) -> None:
@@ -103,9 +92,9 @@ def test_args_launch_runs_the_entrypoint_and_the_instance_exits(tmp_path: Path) 
             row = json.loads(cli("show", "instance", str(instance_id), "--raw").stdout)
             return row if row and row.get("actual_status") == "exited" else None
 
-        row = until(exited, 60, f"instance {instance_id} to exit")
+        row = wait_until(exited, 60, f"instance {instance_id} to exit", interval_s=0.3)
         assert "3" in row["status_msg"] and "22/tcp" not in (row.get("ports") or {})
-        log = until(lambda: (out := cli("logs", str(instance_id)).stdout) and "workload ran" in out and out,
-                    30, "the workload's output in `vastai logs`")
+        log = wait_until(lambda: (out := cli("logs", str(instance_id)).stdout) and "workload ran" in out and out,
+                         30, "the workload's output in `vastai logs`", interval_s=0.3)
         assert f"workload ran on C.{instance_id}" in log
         cli("destroy", "instance", str(instance_id), "-y")
