@@ -6,7 +6,7 @@ one boot per rental), and against a baseline run in the same process: a fixed cl
 ``maximum`` instances held from the first submission to the last result, which is what a
 user pays without adapt.
 
-    python benchmarks/adaptive_bursty.py [--boot 60] [--gap 180] [--task 10] [--tasks 20] [--maximum 4]
+    python -m benchmarks.adaptive_bursty [--boot 60] [--gap 180] [--task 10] [--tasks 20] [--maximum 4]
 
 Defaults are the issue's numbers (about 25 minutes of wall time for both runs); smaller
 numbers give a quick smoke run. The emulator bills from create to destroy, as Vast does.

@@ -4,7 +4,7 @@ The emulator (real sandboxes, Vast's rate limits on) rents up to 4 RTX 3090 inst
 a 60 s boot delay. The ideal is 60 s of boot plus 6 waves of 5 s = 90 s; the printed ratio
 is the measured makespan (snakemake start to exit, every rental destroyed) over it.
 
-    python benchmarks/snakemake_makespan.py [jobs] [seconds] [boot_delay_s]
+    python -m benchmarks.snakemake_makespan [jobs] [seconds] [boot_delay_s]
 """
 
 from __future__ import annotations

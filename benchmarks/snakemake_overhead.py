@@ -10,7 +10,7 @@ workflow with ``--cores 1`` (local executor), in the same process. Two pools:
   boot is excluded by taking the median hand-off -> outputs-on-disk latency of the jobs
   after the first, which the executor records per job.
 
-    python benchmarks/snakemake_overhead.py [N]
+    python -m benchmarks.snakemake_overhead [N]
 """
 
 from __future__ import annotations

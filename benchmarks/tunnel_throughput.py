@@ -1,18 +1,19 @@
 """Dask through the SSH tunnels against Dask direct on this machine, in one process.
 
-Two fake instances (OpenSSH in network namespaces, see tests/test_tunnel.py, run as root)
-run one TLS worker each through a TunnelHub; the baseline is a LocalCluster with two TLS
-worker processes. Prints time from connect() to registered, sequential task round trip,
+Two fake instances (OpenSSH in network namespaces: ``tests.helpers.sandbox.SshdSandbox``, run
+as root) run one TLS worker each through a TunnelHub; the baseline is a LocalCluster with two
+TLS worker processes. Prints time from connect() to registered, sequential task round trip,
 50 MB gather to the client and 50 MB worker-to-worker, and the tunnel/direct ratios.
 
-    sudo python benchmarks/tunnel_throughput.py [--rounds 3]
+Run it as a module from the repository root, so that ``tests.helpers`` imports:
+
+    sudo python -m benchmarks.tunnel_throughput [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import statistics
@@ -34,16 +35,9 @@ from dask_vastai.bootstrap import (
     parse_probe,
 )
 from dask_vastai.tunnel import ClusterKey, TunnelHub
+from tests.helpers.sandbox import SshdSandbox
 
 MB = 2**20
-
-
-def _sandbox_module():
-    path = Path(__file__).resolve().parents[1] / "tests" / "test_tunnel.py"
-    spec = importlib.util.spec_from_file_location("tunnel_sandbox", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 async def measure(client: Client, workers: list[str], rounds: int) -> dict[str, float]:
@@ -82,10 +76,9 @@ async def direct(rounds: int) -> dict[str, float]:
 
 
 async def tunnel(rounds: int, tmp: Path) -> dict[str, float]:
-    sb = _sandbox_module()
     key = ClusterKey.generate("dask-vastai-bench")
     config = BootstrapConfig("bench", key.public_openssh, "http://127.0.0.1:9", 600, python=sys.executable)
-    boxes = [sb.Sandbox(tmp, tag, onstart=onstart_script(config)).start() for tag in ("p", "q")]
+    boxes = [SshdSandbox(tmp, tag, onstart=onstart_script(config)).start() for tag in ("p", "q")]
     security = Security.temporary()
     try:
         async with Scheduler(protocol="tls", host="127.0.0.1", port=0, security=security,

@@ -21,6 +21,7 @@ import pytest
 from dask_vastai.emulator import Emulator
 from tests.helpers.fake_vast import FakeVast
 from tests.helpers.oracle import Oracle
+from tests.helpers.sandbox import SANDBOX_OK, SANDBOX_WHY
 
 
 @pytest.fixture
@@ -50,13 +51,8 @@ def oracle() -> Oracle:
 @pytest.fixture
 def sandbox() -> None:
     """Skip, loudly, where the emulator's real sandboxes cannot run (not Linux, no user namespaces)."""
-    try:
-        from dask_vastai.emulator.sandbox import SandboxRuntime
-    except ImportError as e:  # pragma: no cover
-        pytest.skip(f"sandbox runtime unavailable: {e}")
-    ok, why = SandboxRuntime.available()
-    if not ok:
-        pytest.skip(f"sandbox runtime unavailable here: {why}")
+    if not SANDBOX_OK:
+        pytest.skip(SANDBOX_WHY)
 
 
 @pytest.fixture

@@ -22,22 +22,8 @@ import pytest
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
 
-Emulator = pytest.importorskip("dask_vastai.emulator").Emulator
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "gpu_pipeline"
-
-
-@pytest.fixture
-def market(tmp_path: Path):
-    try:
-        from dask_vastai.emulator.sandbox import SandboxRuntime
-    except ImportError as e:  # pragma: no cover
-        pytest.skip(f"sandbox runtime unavailable: {e}")
-    ok, why = SandboxRuntime.available()
-    if not ok:
-        pytest.skip(f"sandbox runtime unavailable here: {why}")
-    with Emulator(runtime="sandbox", boot_delay_s=1.0, rate_limits=True, state_dir=tmp_path / "emu") as emu:
-        yield emu
 
 
 def _env() -> dict[str, str]:

@@ -1,10 +1,8 @@
 """The SSH tunnel network against real OpenSSH servers, each in its own network namespace.
 
-Each "instance" is ``sshd`` in a network namespace of ours (its own 127.0.0.1; a veth pair
-with 10.231.x.y addresses is its only way in) and a mount/PID namespace where ``/root``,
-``/run``, ``/var/log`` and ``/tmp`` are empty tmpfs (the interpreter's prefix is bound back
-read-only), so what the onstart script and the supervisor write never reaches this machine.
-The onstart script runs for real, with the env Vast injects.
+Each "instance" is a :class:`~tests.helpers.sandbox.SshdSandbox`: ``sshd`` in a network namespace
+of ours and a mount/PID namespace of empty tmpfs, so what the onstart script and the supervisor
+write never reaches this machine. The onstart script runs for real, with the env Vast injects.
 """
 
 from __future__ import annotations
@@ -12,13 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
-import shutil
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -33,160 +28,10 @@ from dask_vastai.bootstrap import (
 )
 from dask_vastai.tunnel import ClusterKey, InstanceLink, SSHEndpoint, TunnelHub
 from tests.helpers.fake_vast import FakeVast
+from tests.helpers.sandbox import SshdSandbox, requires_netns_sshd
 from tests.helpers.waiting import until, wait_until
 
-PYENV = Path(sys.prefix).parents[1]  # /root/.pyenv: bound back into the sandbox's /root
-
-pytestmark = [
-    pytest.mark.sandbox,
-    pytest.mark.root,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or not shutil.which("ip") or not Path("/usr/sbin/sshd").exists(),
-        reason="needs root, iproute2 and OpenSSH's sshd to build network namespaces",
-    ),
-]
-
-SSHD_CONFIG = """\
-Port 22
-ListenAddress 0.0.0.0
-HostKey /run/dvt/host_key
-PidFile none
-UsePAM no
-PermitRootLogin prohibit-password
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-AuthorizedKeysFile /root/.ssh/authorized_keys
-StrictModes no
-AllowTcpForwarding yes
-X11Forwarding no
-PrintMotd no
-MaxStartups 64
-MaxSessions 64
-Subsystem sftp /usr/lib/openssh/sftp-server
-"""
-
-SETUP = r"""
-set -e
-mount --make-rprivate /
-mount --rbind "$PYENV" "$T/keep"
-mount -t tmpfs -o mode=700 tmpfs /root
-mkdir -p "$PYENV" && mount --rbind "$T/keep" "$PYENV" && mount -o remount,bind,ro "$PYENV"
-mount -t tmpfs tmpfs /run && mkdir -p /run/sshd /run/dvt && chmod 755 /run/sshd
-cp "$T/sshd_config" "$T/host_key" /run/dvt/ && chmod 600 /run/dvt/host_key
-[ -f "$T/onstart.sh" ] && cp "$T/onstart.sh" /run/dvt/
-[ -f "$T/authorized_keys" ] && mkdir -p /root/.ssh && cp "$T/authorized_keys" /root/.ssh/
-mount -t tmpfs tmpfs /var/log
-mount -t tmpfs tmpfs /tmp
-cd /root
-if [ -f /run/dvt/onstart.sh ]; then
-  env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root CONTAINER_ID="$CID" CONTAINER_API_KEY="$CKEY" \
-    sh /run/dvt/onstart.sh >/run/dvt/onstart.log 2>&1 &
-fi
-exec /usr/sbin/sshd -D -e -f /run/dvt/sshd_config
-"""
-
-
-def _free_subnet() -> int:
-    """A /30 in 10.231.0.0/16 not already on this machine (other sandboxes may use 10.x too)."""
-    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
-    for _ in range(200):
-        k = random.randrange(1, 16000)
-        if f"10.231.{k // 64}.{(k % 64) * 4 + 1}/" not in used:
-            return k
-    raise RuntimeError("no free 10.231.x.y/30 subnet")
-
-
-class Sandbox:
-    """One fake instance: sshd in its own network, mount and PID namespaces."""
-
-    def __init__(self, tmp: Path, tag: str, *, onstart: str | None = None, authorized_key: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.tag = tag
-        self.dir = tmp / tag
-        self.dir.mkdir(parents=True)
-        (self.dir / "keep").mkdir()
-        k = _free_subnet()
-        self.host_ip = f"10.231.{k // 64}.{(k % 64) * 4 + 1}"
-        self.ip = f"10.231.{k // 64}.{(k % 64) * 4 + 2}"
-        suffix = f"{os.getpid() % 100000}{tag}"[-9:]
-        self.netns = f"dvt-{suffix}"
-        self.veth = f"dvh{suffix}"
-        (self.dir / "sshd_config").write_text(SSHD_CONFIG)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / "host_key")], check=True)
-        if onstart is not None:
-            (self.dir / "onstart.sh").write_text(onstart)
-        if authorized_key is not None:
-            (self.dir / "authorized_keys").write_text(authorized_key + "\n")
-        self.env = env or {}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 15) -> Sandbox:
-        ip = ["ip"]
-        subprocess.run(ip + ["netns", "add", self.netns], check=True)
-        subprocess.run(ip + ["link", "add", self.veth, "type", "veth", "peer", "name", "dvtin"], check=True)
-        subprocess.run(ip + ["link", "set", "dvtin", "netns", self.netns], check=True)
-        subprocess.run(ip + ["addr", "add", f"{self.host_ip}/30", "dev", self.veth], check=True)
-        subprocess.run(ip + ["link", "set", self.veth, "up"], check=True)
-        inside = ip + ["netns", "exec", self.netns, "ip"]
-        subprocess.run(inside + ["addr", "add", f"{self.ip}/30", "dev", "dvtin"], check=True)
-        subprocess.run(inside + ["link", "set", "dvtin", "up"], check=True)
-        subprocess.run(inside + ["link", "set", "lo", "up"], check=True)
-        env = dict(os.environ, T=str(self.dir), PYENV=str(PYENV), CID=self.env.get("CONTAINER_ID", ""),
-                   CKEY=self.env.get("CONTAINER_API_KEY", ""))
-        self.log = open(self.dir / "sshd.log", "wb")
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--pid", "--fork", "--kill-child",
-             "--mount-proc", "sh", "-c", SETUP],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with socket.create_connection((self.ip, 22), timeout=1) as s:
-                    if s.recv(64).startswith(b"SSH-"):
-                        return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"sandbox sshd did not start: {(self.dir / 'sshd.log').read_text()}")
-            time.sleep(0.1)
-
-    @property
-    def endpoint(self) -> SSHEndpoint:
-        return SSHEndpoint(self.ip, 22)
-
-    def init_pid(self) -> int:
-        """Host pid of the namespace's init (sshd): its /proc/<pid>/root is the sandbox's view."""
-        assert self.proc is not None
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        return int(children[0])
-
-    def path(self, inside: str) -> Path:
-        """A file of the sandbox, as seen from this machine."""
-        return Path(f"/proc/{self.init_pid()}/root{inside}")
-
-    def processes(self, needle: str) -> list[int]:
-        """Host pids of the sandbox's processes whose command line contains ``needle``."""
-        ns = os.readlink(f"/proc/{self.init_pid()}/ns/pid")
-        out = []
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                if os.readlink(d / "ns/pid") == ns and needle in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    out.append(int(d.name))
-            except OSError:
-                continue
-        return out
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
-        subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
-
+pytestmark = [pytest.mark.sandbox, pytest.mark.root, requires_netns_sshd]
 
 @pytest.fixture
 def key() -> ClusterKey:
@@ -194,7 +39,7 @@ def key() -> ClusterKey:
 
 
 def test_connect_waits_for_the_key_then_runs_commands_and_files(tmp_path, key):
-    box = Sandbox(tmp_path, "a").start()
+    box = SshdSandbox(tmp_path, "a").start()
     try:
         async def main() -> None:
             hub = TunnelHub(key, scheduler_port=1, stop_command=None)
@@ -239,7 +84,7 @@ def test_connect_waits_for_the_key_then_runs_commands_and_files(tmp_path, key):
 
 
 def test_link_loss_is_reported(tmp_path, key):
-    box = Sandbox(tmp_path, "l", authorized_key=key.public_openssh).start()
+    box = SshdSandbox(tmp_path, "l", authorized_key=key.public_openssh).start()
     try:
         async def main() -> None:
             hub = TunnelHub(key, scheduler_port=1, keepalive_interval_s=1, keepalive_count_max=2)
@@ -289,7 +134,7 @@ def test_two_instances_run_dask_through_the_tunnels(tmp_path, key, fake_vast):
     vast = fake_vast  # on 127.0.0.1, not reachable from inside: these instances must not destroy themselves
     config = BootstrapConfig("t", key.public_openssh, vast.url, orphan_timeout_s=600, python=sys.executable)
     boxes = [
-        Sandbox(tmp_path, tag, onstart=onstart_script(config),
+        SshdSandbox(tmp_path, tag, onstart=onstart_script(config),
                 env={"CONTAINER_ID": str(100 + i), "CONTAINER_API_KEY": "instance-key"}).start()
         for i, tag in enumerate("xy")
     ]
@@ -405,11 +250,11 @@ def test_two_instances_run_dask_through_the_tunnels(tmp_path, key, fake_vast):
 @pytest.mark.timeout(120)
 def test_orphaned_instances_destroy_themselves(tmp_path, key):
     """No client ever (the loader) and a client that stops beating (the supervisor): both DELETE."""
-    boxes: list[Sandbox] = []
+    boxes: list[SshdSandbox] = []
     vasts: list[FakeVast] = []
     try:
         for tag, cid in (("n", "7"), ("h", "8")):
-            box = Sandbox(tmp_path, tag, env={"CONTAINER_ID": cid, "CONTAINER_API_KEY": f"key-{cid}"}).start()
+            box = SshdSandbox(tmp_path, tag, env={"CONTAINER_ID": cid, "CONTAINER_API_KEY": f"key-{cid}"}).start()
             boxes.append(box)
             # The API listens on the host side of the sandbox's veth: reachable from inside, as Vast is.
             vasts.append(FakeVast(box.host_ip))

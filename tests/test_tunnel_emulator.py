@@ -23,18 +23,13 @@ from dask_vastai.bootstrap import (
     onstart_script,
     parse_probe,
 )
+from dask_vastai.emulator.runtime import SandboxSpec
+from dask_vastai.emulator.sandbox import SandboxRuntime
 from dask_vastai.tunnel import ClusterKey, SSHEndpoint, TunnelHub
+from tests.helpers.sandbox import requires_sandbox
 from tests.helpers.waiting import until
 
-try:
-    from dask_vastai.emulator.runtime import SandboxSpec
-    from dask_vastai.emulator.sandbox import SandboxRuntime
-
-    ok, why = SandboxRuntime.available()
-except ImportError as e:  # pragma: no cover - the emulator is part of this distribution
-    ok, why = False, str(e)
-
-pytestmark = [pytest.mark.sandbox, pytest.mark.skipif(not ok, reason=f"sandboxes unavailable: {why}")]
+pytestmark = [pytest.mark.sandbox, requires_sandbox]
 
 
 def _spec(instance_id: int, onstart: str, api_url: str, num_gpus: int = 1) -> SandboxSpec:

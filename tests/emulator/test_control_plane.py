@@ -451,15 +451,8 @@ def test_command_line_prints_url_and_stops_on_sigterm() -> None:
 
 
 @pytest.mark.sandbox
-def test_an_instance_destroys_itself_with_its_container_api_key(tmp_path: Path) -> None:
+def test_an_instance_destroys_itself_with_its_container_api_key(sandbox, tmp_path: Path) -> None:
     """From inside a real sandbox: the injected key cannot touch a neighbour, but ends its own rental."""
-    try:
-        from dask_vastai.emulator.sandbox import SandboxRuntime
-    except ImportError as e:  # pragma: no cover - the sandbox is optional
-        pytest.skip(f"sandbox runtime unavailable: {e}")
-    ok, why = SandboxRuntime.available()
-    if not ok:
-        pytest.skip(f"sandbox runtime unavailable here: {why}")
     with Emulator(runtime="sandbox", rate_limits=False, boot_delay_s=0, state_dir=tmp_path) as emu:
         neighbour = rent(emu, 1000002, runtype="args", onstart="/bin/sh", args=["-c", "sleep 60"])
         script = f"""

@@ -20,12 +20,11 @@ import pytest
 
 from dask_vastai.emulator.runtime import SandboxSpec
 from dask_vastai.emulator.sandbox import SandboxRuntime
+from tests.helpers.sandbox import requires_sandbox, ssh_options
 
-ok, why = SandboxRuntime.available()
-pytestmark = [pytest.mark.sandbox, pytest.mark.skipif(not ok, reason=f"sandboxes unavailable: {why}")]
+pytestmark = [pytest.mark.sandbox, requires_sandbox]
 
-SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-            "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
+SSH_OPTS = ssh_options()
 
 
 @pytest.fixture

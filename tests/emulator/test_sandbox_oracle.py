@@ -14,20 +14,18 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.oracle import run_cli
+from tests.helpers.sandbox import requires_sandbox, ssh_options
 from tests.helpers.waiting import wait_until
 
 emulator = pytest.importorskip("dask_vastai.emulator")
-from dask_vastai.emulator.sandbox import SandboxRuntime  # noqa: E402
 
-ok, why = SandboxRuntime.available()
 pytestmark = [
     pytest.mark.sandbox, pytest.mark.oracle, pytest.mark.slow,
     pytest.mark.skipif(not hasattr(emulator, "Emulator"), reason="the emulator's control plane is not there yet"),
-    pytest.mark.skipif(not ok, reason=f"sandboxes unavailable: {why}"),
+    requires_sandbox,
 ]
 
-SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-            "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
+SSH_OPTS = ssh_options()
 
 
 def test_rent_with_the_vastai_cli_read_logs_log_in_and_destroy(tmp_path: Path, monkeypatch) -> None:

@@ -18,11 +18,10 @@ import pytest
 
 from dask_vastai.emulator.runtime import SandboxSpec
 from dask_vastai.emulator.sandbox import SandboxRuntime
+from tests.helpers.sandbox import requires_sandbox
 
-ok, why = SandboxRuntime.available()
 pytestmark = [
-    pytest.mark.sandbox, pytest.mark.root,
-    pytest.mark.skipif(not ok, reason=f"sandboxes unavailable: {why}"),
+    pytest.mark.sandbox, pytest.mark.root, requires_sandbox,
     pytest.mark.skipif(os.geteuid() != 0, reason="host-safety checks must run as root"),
 ]
 

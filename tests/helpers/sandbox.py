@@ -1,0 +1,198 @@
+"""Where tests run instances: the emulator's sandboxes, or sshd in a network namespace of ours.
+
+- :data:`SANDBOX_OK` / :data:`SANDBOX_WHY` and the :data:`requires_sandbox` skip mark: whether the
+  emulator's real sandboxes (``SandboxRuntime``) can run here, and if not why (the ``sandbox``
+  fixture in ``conftest.py`` skips with the same sentence).
+- :class:`SshdSandbox` and its :data:`requires_netns_sshd` skip mark: one fake instance without
+  the emulator, OpenSSH's ``sshd`` in its own network namespace (its own 127.0.0.1; a veth pair
+  with 10.231.x.y addresses is its only way in) and a mount/PID namespace where ``/root``,
+  ``/run``, ``/var/log`` and ``/tmp`` are empty tmpfs (the interpreter's prefix is bound back
+  read-only), so what the onstart script and the supervisor write never reaches this machine.
+  Needs root, iproute2 and sshd. Used by ``tests/core/test_tunnel.py`` and
+  ``benchmarks/tunnel_throughput.py``.
+- :func:`ssh_options`: what a user passes to OpenSSH to reach an emulated instance.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dask_vastai.tunnel import SSHEndpoint
+
+
+def _sandbox_support() -> tuple[bool, str]:
+    try:
+        from dask_vastai.emulator.sandbox import SandboxRuntime
+    except ImportError as e:  # pragma: no cover - the emulator is part of this distribution
+        return False, f"sandbox runtime unavailable: {e}"
+    ok, why = SandboxRuntime.available()
+    return ok, "" if ok else f"sandbox runtime unavailable here: {why}"
+
+
+#: whether the emulator's sandboxes run on this machine, and if not, why (a sentence)
+SANDBOX_OK, SANDBOX_WHY = _sandbox_support()
+requires_sandbox = pytest.mark.skipif(not SANDBOX_OK, reason=SANDBOX_WHY)
+
+requires_netns_sshd = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("ip") or not Path("/usr/sbin/sshd").exists(),
+    reason="needs root, iproute2 and OpenSSH's sshd to build network namespaces",
+)
+
+
+def ssh_options(connect_timeout_s: int = 10) -> list[str]:
+    """OpenSSH client options for an emulated instance: no host-key prompts, no agent, no chatter."""
+    return ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+            "-o", "LogLevel=ERROR", "-o", f"ConnectTimeout={connect_timeout_s}"]
+
+
+PYENV = Path(sys.prefix).parents[1]  # /root/.pyenv: bound back into the sandbox's /root
+
+SSHD_CONFIG = """\
+Port 22
+ListenAddress 0.0.0.0
+HostKey /run/dvt/host_key
+PidFile none
+UsePAM no
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+AuthorizedKeysFile /root/.ssh/authorized_keys
+StrictModes no
+AllowTcpForwarding yes
+X11Forwarding no
+PrintMotd no
+MaxStartups 64
+MaxSessions 64
+Subsystem sftp /usr/lib/openssh/sftp-server
+"""
+
+SETUP = r"""
+set -e
+mount --make-rprivate /
+mount --rbind "$PYENV" "$T/keep"
+mount -t tmpfs -o mode=700 tmpfs /root
+mkdir -p "$PYENV" && mount --rbind "$T/keep" "$PYENV" && mount -o remount,bind,ro "$PYENV"
+mount -t tmpfs tmpfs /run && mkdir -p /run/sshd /run/dvt && chmod 755 /run/sshd
+cp "$T/sshd_config" "$T/host_key" /run/dvt/ && chmod 600 /run/dvt/host_key
+[ -f "$T/onstart.sh" ] && cp "$T/onstart.sh" /run/dvt/
+[ -f "$T/authorized_keys" ] && mkdir -p /root/.ssh && cp "$T/authorized_keys" /root/.ssh/
+mount -t tmpfs tmpfs /var/log
+mount -t tmpfs tmpfs /tmp
+cd /root
+if [ -f /run/dvt/onstart.sh ]; then
+  env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root CONTAINER_ID="$CID" CONTAINER_API_KEY="$CKEY" \
+    sh /run/dvt/onstart.sh >/run/dvt/onstart.log 2>&1 &
+fi
+exec /usr/sbin/sshd -D -e -f /run/dvt/sshd_config
+"""
+
+
+def _free_subnet() -> int:
+    """A /30 in 10.231.0.0/16 not already on this machine (other sandboxes may use 10.x too)."""
+    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    for _ in range(200):
+        k = random.randrange(1, 16000)
+        if f"10.231.{k // 64}.{(k % 64) * 4 + 1}/" not in used:
+            return k
+    raise RuntimeError("no free 10.231.x.y/30 subnet")
+
+
+class SshdSandbox:
+    """One fake instance: sshd in its own network, mount and PID namespaces."""
+
+    def __init__(self, tmp: Path, tag: str, *, onstart: str | None = None, authorized_key: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.tag = tag
+        self.dir = tmp / tag
+        self.dir.mkdir(parents=True)
+        (self.dir / "keep").mkdir()
+        k = _free_subnet()
+        self.host_ip = f"10.231.{k // 64}.{(k % 64) * 4 + 1}"
+        self.ip = f"10.231.{k // 64}.{(k % 64) * 4 + 2}"
+        suffix = f"{os.getpid() % 100000}{tag}"[-9:]
+        self.netns = f"dvt-{suffix}"
+        self.veth = f"dvh{suffix}"
+        (self.dir / "sshd_config").write_text(SSHD_CONFIG)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / "host_key")], check=True)
+        if onstart is not None:
+            (self.dir / "onstart.sh").write_text(onstart)
+        if authorized_key is not None:
+            (self.dir / "authorized_keys").write_text(authorized_key + "\n")
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 15) -> SshdSandbox:
+        ip = ["ip"]
+        subprocess.run(ip + ["netns", "add", self.netns], check=True)
+        subprocess.run(ip + ["link", "add", self.veth, "type", "veth", "peer", "name", "dvtin"], check=True)
+        subprocess.run(ip + ["link", "set", "dvtin", "netns", self.netns], check=True)
+        subprocess.run(ip + ["addr", "add", f"{self.host_ip}/30", "dev", self.veth], check=True)
+        subprocess.run(ip + ["link", "set", self.veth, "up"], check=True)
+        inside = ip + ["netns", "exec", self.netns, "ip"]
+        subprocess.run(inside + ["addr", "add", f"{self.ip}/30", "dev", "dvtin"], check=True)
+        subprocess.run(inside + ["link", "set", "dvtin", "up"], check=True)
+        subprocess.run(inside + ["link", "set", "lo", "up"], check=True)
+        env = dict(os.environ, T=str(self.dir), PYENV=str(PYENV), CID=self.env.get("CONTAINER_ID", ""),
+                   CKEY=self.env.get("CONTAINER_API_KEY", ""))
+        self.log = open(self.dir / "sshd.log", "wb")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--pid", "--fork", "--kill-child",
+             "--mount-proc", "sh", "-c", SETUP],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with socket.create_connection((self.ip, 22), timeout=1) as s:
+                    if s.recv(64).startswith(b"SSH-"):
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sandbox sshd did not start: {(self.dir / 'sshd.log').read_text()}")
+            time.sleep(0.1)
+
+    @property
+    def endpoint(self) -> SSHEndpoint:
+        return SSHEndpoint(self.ip, 22)
+
+    def init_pid(self) -> int:
+        """Host pid of the namespace's init (sshd): its /proc/<pid>/root is the sandbox's view."""
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return int(children[0])
+
+    def path(self, inside: str) -> Path:
+        """A file of the sandbox, as seen from this machine."""
+        return Path(f"/proc/{self.init_pid()}/root{inside}")
+
+    def processes(self, needle: str) -> list[int]:
+        """Host pids of the sandbox's processes whose command line contains ``needle``."""
+        ns = os.readlink(f"/proc/{self.init_pid()}/ns/pid")
+        out = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                if os.readlink(d / "ns/pid") == ns and needle in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                continue
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
