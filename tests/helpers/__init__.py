@@ -4,7 +4,8 @@
 - ``waiting``: :func:`until` (async), :func:`wait_until` and :func:`eventually` (sync).
 - ``oracle``: the official ``vastai`` CLI in its own virtualenv, and :class:`Oracle`.
 - ``sandbox``: the sshd-in-a-namespace instance, the sandbox skip checks, OpenSSH options.
-- ``snakemake``: the checkout's paths and the env a ``snakemake`` subprocess needs.
+- ``checkout``: the repository root, the example workflow, and the env a ``snakemake``
+  subprocess needs to find the plugin in the checkout.
 
 Import them as ``from tests.helpers.<module> import ...``: pytest finds ``tests`` from the
 repository root (``pythonpath`` in ``pyproject.toml``), benchmarks run as

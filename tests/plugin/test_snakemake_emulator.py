@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,16 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.checkout import EXAMPLE, checkout_env
+
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "gpu_pipeline"
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
-    return env
 
 
 def _args(emu, *extra: str, max_instances: int = 2) -> list[str]:
@@ -44,7 +36,7 @@ def _args(emu, *extra: str, max_instances: int = 2) -> list[str]:
 def test_example_pipeline_on_rented_instances(market, tmp_path: Path) -> None:
     wd = tmp_path / "wf"
     shutil.copytree(EXAMPLE, wd)
-    run = subprocess.run(_args(market, "--config", "samples=6"), cwd=wd, env=_env(), capture_output=True,
+    run = subprocess.run(_args(market, "--config", "samples=6"), cwd=wd, env=checkout_env(), capture_output=True,
                          text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-5000:]
     assert (wd / "results" / "summary.txt").read_text().count("evaluated") == 6
@@ -56,7 +48,7 @@ def test_example_pipeline_on_rented_instances(market, tmp_path: Path) -> None:
     lines = [json.loads(x) for x in (wd / ".snakemake/vastaidask/transfers.jsonl").read_text().splitlines()]
     per_worker = Counter(t["worker_name"] for t in lines for sha, _ in t["fetched"] if sha == shared)
     assert all(n <= 1 for n in per_worker.values()), per_worker
-    again = subprocess.run(_args(market, "--config", "samples=6"), cwd=wd, env=_env(), capture_output=True,
+    again = subprocess.run(_args(market, "--config", "samples=6"), cwd=wd, env=checkout_env(), capture_output=True,
                            text=True, timeout=120)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
     assert market.instances() == []
@@ -65,7 +57,7 @@ def test_example_pipeline_on_rented_instances(market, tmp_path: Path) -> None:
 def test_sigint_mid_run_leaves_no_rental(market, tmp_path: Path) -> None:
     wd = tmp_path / "wf"
     shutil.copytree(EXAMPLE, wd)
-    proc = subprocess.Popen(_args(market, "--config", "samples=4", "seconds=120"), cwd=wd, env=_env(),
+    proc = subprocess.Popen(_args(market, "--config", "samples=4", "seconds=120"), cwd=wd, env=checkout_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -91,7 +83,7 @@ def test_sigkill_mid_run_leaves_it_to_the_watchdog(market, tmp_path: Path) -> No
     shutil.copytree(EXAMPLE, wd)
     proc = subprocess.Popen(
         _args(market, "--vastaidask-orphan-timeout", "8", "--config", "samples=2", "seconds=120"),
-        cwd=wd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=wd, env=checkout_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 240
@@ -125,7 +117,7 @@ rule b:
 
 def test_rule_gpu_model_gets_its_own_pool(market, tmp_path: Path) -> None:
     (tmp_path / "Snakefile").write_text(_TWO_SHAPES)
-    run = subprocess.run(_args(market), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=420)
+    run = subprocess.run(_args(market), cwd=tmp_path, env=checkout_env(), capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-5000:]
     assert "RTX 3090" in (tmp_path / "a3090.txt").read_text()
     assert "RTX 4090" in (tmp_path / "b4090.txt").read_text()
@@ -136,7 +128,7 @@ def test_job_no_pool_can_run_fails_clearly_and_rents_nothing(market, tmp_path: P
     (tmp_path / "Snakefile").write_text(
         'rule big:\n    output: "x"\n    resources: gpu=1, gpu_model="RTX_9999"\n    shell: "touch {output}"\n'
     )
-    run = subprocess.run(_args(market), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
+    run = subprocess.run(_args(market), cwd=tmp_path, env=checkout_env(), capture_output=True, text=True, timeout=180)
     assert run.returncode != 0
     assert "RTX_9999" in run.stderr, run.stderr[-3000:]
     assert market.meter()["instances"] == [], "nothing rented for a job no pool can run"
@@ -147,7 +139,7 @@ def test_multi_gpu_job_gets_an_instance_with_that_many_gpus(market, tmp_path: Pa
         'rule two:\n    output: "gpus.txt"\n    resources: gpu=2\n'
         '    shell: "nvidia-smi --query-gpu=name --format=csv,noheader > {output}"\n'
     )
-    run = subprocess.run(_args(market), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=420)
+    run = subprocess.run(_args(market), cwd=tmp_path, env=checkout_env(), capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-5000:]
     assert len((tmp_path / "gpus.txt").read_text().splitlines()) == 2
     assert market.instances() == []

@@ -20,22 +20,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "gpu_pipeline"
-
-
-def _env() -> dict[str, str]:
-    # snakemake finds executor plugins by scanning sys.path for the package name; an
-    # import-hook editable install is invisible to that scan, so the checkout goes on the path.
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
-    return env
+from tests.helpers.checkout import EXAMPLE, checkout_env
 
 
 def snakemake(workdir: Path, *args: str, timeout: float = 120,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", *args], cwd=workdir, env={**_env(), **(env or {})},
+        [sys.executable, "-m", "snakemake", *args], cwd=workdir, env={**checkout_env(), **(env or {})},
         capture_output=True, text=True, timeout=timeout,
     )
 
@@ -156,7 +147,7 @@ def test_sigint_kills_the_remote_process_group(dask_pool: str, tmp_path: Path) -
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "snakemake", *_vastaidask(dask_pool, tmp_path / "cache")],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path, env=checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         deadline = time.monotonic() + 60
@@ -193,7 +184,7 @@ def test_a_killed_worker_takes_its_job_with_it(tmp_path: Path) -> None:
                       resources={"GPU": 1, "CPU": 1, "MEMORY": 8e9}) as cluster, Client(cluster) as client:
         proc = subprocess.Popen(
             [sys.executable, "-m", "snakemake", *_vastaidask(cluster.scheduler_address, tmp_path / "cache")],
-            cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=tmp_path, env=checkout_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
             deadline = time.monotonic() + 60

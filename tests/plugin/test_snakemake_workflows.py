@@ -8,15 +8,15 @@ workers run in their own scratch directories under the cache, not in ``tmp_path`
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers.checkout import REPO
+
 # snakemake finds executor plugins by scanning sys.path (an import-hook editable install is
 # invisible to that scan); this must happen before snakemake builds its plugin registry.
-REPO = str(Path(__file__).resolve().parents[1])
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 import snakemake.common.tests  # noqa: E402
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.checkout import REPO
+
 pytest.importorskip("snakemake_storage_plugin_s3")
 boto3 = pytest.importorskip("boto3")
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 SNAKEFILE = """
 rule all:
