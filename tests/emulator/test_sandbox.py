@@ -86,6 +86,37 @@ async def http_get(url: str) -> str:
     return await asyncio.to_thread(get)
 
 
+async def http_get_once_served(url: str, attempts: int = 100) -> str:
+    """``http_get`` retried while nothing listens yet (a server the onstart starts, a forward)."""
+    for _ in range(attempts - 1):
+        try:
+            return await http_get(url)
+        except OSError:
+            await asyncio.sleep(0.1)
+    return await http_get(url)
+
+
+async def host_service(greeting: bytes) -> tuple[asyncio.Server, int]:
+    """A server on the host's 127.0.0.1 that sends ``greeting`` to whoever connects; (server, port)."""
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(greeting)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(greet, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def read_port(port: int) -> str:
+    """Python code (quoted for a shell) that prints what 127.0.0.1:``port`` sends, retrying 5 s."""
+    return shlex.quote(
+        "import socket, time\n"
+        "for _ in range(50):\n"
+        "    try:\n"
+        f"        print(socket.create_connection(('127.0.0.1', {port}), 3).recv(100).decode()); break\n"
+        "    except OSError: time.sleep(0.1)\n")
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -108,13 +139,7 @@ def test_instance_sees_nothing_of_the_host_and_is_reached_over_openssh(tmp_path:
     cwd_file = Path.cwd() / "pyproject.toml"
 
     async def scenario() -> None:
-        async def host_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.write(b"hello from the host\n")
-            await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_server(host_service, "127.0.0.1", 0)
-        host_port = server.sockets[0].getsockname()[1]
+        server, host_port = await host_service(b"hello from the host\n")
         onstart = f"""
 python3 - <<'EOF'
 import socket
@@ -152,12 +177,7 @@ echo onstart-done
             assert (await ssh(key, ep.ports[22], "echo $FOO")).strip() == "bar baz"
 
             # the mapped -p port reaches the server onstart started
-            for _ in range(100):
-                try:
-                    body = await http_get(f"http://127.0.0.1:{ep.ports[8000]}/index.txt")
-                    break
-                except OSError:
-                    await asyncio.sleep(0.1)
+            body = await http_get_once_served(f"http://127.0.0.1:{ep.ports[8000]}/index.txt")
             assert body == "served from inside\n"
 
             # -L: a local port to the server inside
@@ -166,25 +186,15 @@ echo onstart-done
                 "ssh", "-i", str(key), "-p", str(ep.ports[22]), *SSH_OPTS, "-N", "-o",
                 "ExitOnForwardFailure=yes", "-L", f"{local}:127.0.0.1:8000", "root@127.0.0.1")
             try:
-                for _ in range(100):
-                    try:
-                        body = await http_get(f"http://127.0.0.1:{local}/index.txt")
-                        break
-                    except OSError:
-                        await asyncio.sleep(0.1)
+                body = await http_get_once_served(f"http://127.0.0.1:{local}/index.txt")
                 assert body == "served from inside\n"
             finally:
                 forward.kill()
                 await forward.wait()
 
             # -R: a port inside to the test's server on the host
-            reached = await ssh(key, ep.ports[22], "python3", "-c", shlex.quote(
-                "import socket,time\n"
-                "for _ in range(50):\n"
-                "    try:\n"
-                "        print(socket.create_connection(('127.0.0.1', 9000), 3).recv(100).decode()); break\n"
-                "    except OSError: time.sleep(0.1)\n"), extra=("-o", "ExitOnForwardFailure=yes",
-                                                        "-R", f"9000:127.0.0.1:{host_port}"))
+            reached = await ssh(key, ep.ports[22], "python3", "-c", read_port(9000),
+                                extra=("-o", "ExitOnForwardFailure=yes", "-R", f"9000:127.0.0.1:{host_port}"))
             assert reached.strip() == "hello from the host"
 
             # scp both ways (OpenSSH 9 scp speaks SFTP) and the legacy scp protocol
@@ -339,13 +349,7 @@ def test_stop_kills_everything_and_closes_the_ports(tmp_path: Path, key: Path) -
 def test_with_one_uid_asyncssh_stands_in_for_openssh(tmp_path: Path, key: Path) -> None:
     """As an unprivileged user (one uid mapped) sshd cannot run; the user sees SSH work anyway."""
     async def scenario() -> None:
-        async def host_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.write(b"hello from the host\n")
-            await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_server(host_service, "127.0.0.1", 0)
-        host_port = server.sockets[0].getsockname()[1]
+        server, host_port = await host_service(b"hello from the host\n")
         runtime = SandboxRuntime(tmp_path / "state", single_uid=True)
         try:
             ep = await runtime.start(make_spec(13, key, onstart="echo up > /workspace/up.txt"))
@@ -358,13 +362,8 @@ def test_with_one_uid_asyncssh_stands_in_for_openssh(tmp_path: Path, key: Path) 
                            "root@127.0.0.1:/root/up.txt")
             assert await ssh(key, ep.ports[22], "cat /root/up.txt") == "uploaded\n"
             try:
-                reached = await ssh(key, ep.ports[22], "python3", "-c", shlex.quote(
-                    "import socket, time\n"
-                    "for _ in range(50):\n"
-                    "    try:\n"
-                    "        print(socket.create_connection(('127.0.0.1', 9000), 3).recv(100).decode()); break\n"
-                    "    except OSError: time.sleep(0.1)\n"),
-                    extra=("-o", "ExitOnForwardFailure=yes", "-R", f"9000:127.0.0.1:{host_port}"))
+                reached = await ssh(key, ep.ports[22], "python3", "-c", read_port(9000),
+                                    extra=("-o", "ExitOnForwardFailure=yes", "-R", f"9000:127.0.0.1:{host_port}"))
             except AssertionError as exc:
                 log = (tmp_path / "state" / "13" / "sshd.log").read_text()
                 raise AssertionError(f"{exc}\n--- server log ---\n{log}") from None
@@ -442,12 +441,7 @@ def test_identity_port_mapping_above_65535(tmp_path: Path) -> None:
                        "python3 -m http.server $VAST_TCP_PORT_70000 --bind 127.0.0.1 >/dev/null 2>&1 &")
             ep = await runtime.start(make_spec(17, onstart=onstart, container_ports=(70000,)))
             port = ep.ports[70000]
-            for _ in range(100):
-                try:
-                    body = await http_get(f"http://127.0.0.1:{port}/i.txt")
-                    break
-                except OSError:
-                    await asyncio.sleep(0.1)
+            body = await http_get_once_served(f"http://127.0.0.1:{port}/i.txt")
             assert body == "same\n"
         finally:
             await runtime.close()
@@ -459,13 +453,7 @@ def test_instances_reach_each_others_mapped_ports_at_the_public_ip_and_nothing_e
         tmp_path: Path, key: Path) -> None:
     """Direct mode: what one instance serves on a -p port, another reaches at PUBLIC_IPADDR:HOSTPORT."""
     async def scenario() -> None:
-        async def host_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.write(b"host only\n")
-            await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_server(host_service, "127.0.0.1", 0)
-        host_port = server.sockets[0].getsockname()[1]
+        server, host_port = await host_service(b"host only\n")
         runtime = SandboxRuntime(tmp_path / "state")
         try:
             a = await runtime.start(make_spec(31, key, container_ports=(8786,), onstart=(
@@ -489,12 +477,7 @@ def test_instances_reach_each_others_mapped_ports_at_the_public_ip_and_nothing_e
             c = await runtime.start(make_spec(33, key, container_ports=(9000,), onstart=(
                 "python3 -c \"import socket; s=socket.create_server(('127.0.0.1', 9000)); "
                 "c,_=s.accept(); c.sendall(b'from-c')\" &")))
-            out = await ssh(key, a.ports[22], "python3", "-c", shlex.quote(
-                "import socket, time\n"
-                "for _ in range(50):\n"
-                "    try:\n"
-                f"        print(socket.create_connection(('127.0.0.1', {c.ports[9000]}), 3).recv(100).decode()); break\n"
-                "    except OSError: time.sleep(0.1)\n"))
+            out = await ssh(key, a.ports[22], "python3", "-c", read_port(c.ports[9000]))
             assert out.strip() == "from-c"
         finally:
             await runtime.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.checkout import EXAMPLE, checkout_env
+from tests.helpers.waiting import eventually
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
 
@@ -60,9 +61,7 @@ def test_sigint_mid_run_leaves_no_rental(market, tmp_path: Path) -> None:
     proc = subprocess.Popen(_args(market, "--config", "samples=4", "seconds=120"), cwd=wd, env=checkout_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (wd / "prepared" / "shared.bin").exists():
-            time.sleep(0.5)
+        eventually(lambda: (wd / "prepared" / "shared.bin").exists(), 240, interval_s=0.5)
         assert (wd / "prepared" / "shared.bin").exists(), "the first job never finished"
         time.sleep(5)  # GPU jobs running on the instances
         assert market.instances(), "instances should be rented mid-run"
@@ -71,9 +70,7 @@ def test_sigint_mid_run_leaves_no_rental(market, tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    deadline = time.monotonic() + 60
-    while market.instances() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    eventually(lambda: not market.instances(), 60, interval_s=0.5)
     assert market.instances() == []
     assert not (wd / "train" / "0.txt").exists(), "cancelled jobs report no outputs"
 
@@ -86,16 +83,12 @@ def test_sigkill_mid_run_leaves_it_to_the_watchdog(market, tmp_path: Path) -> No
         cwd=wd, env=checkout_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (wd / "prepared" / "shared.bin").exists():
-            time.sleep(0.5)
+        eventually(lambda: (wd / "prepared" / "shared.bin").exists(), 240, interval_s=0.5)
         assert market.instances(), "instances should be rented mid-run"
     finally:
         proc.kill()
         proc.wait(timeout=30)
-    deadline = time.monotonic() + 120
-    while market.instances() and time.monotonic() < deadline:
-        time.sleep(1)
+    eventually(lambda: not market.instances(), 120, interval_s=1)
     assert market.instances() == [], "the on-instance watchdog destroys what a SIGKILLed run left"
 
 

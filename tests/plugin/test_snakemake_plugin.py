@@ -14,13 +14,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.checkout import EXAMPLE, checkout_env
+from tests.helpers.waiting import eventually
 
 
 def snakemake(workdir: Path, *args: str, timeout: float = 120,
@@ -139,33 +139,38 @@ def test_job_no_worker_can_run_fails_with_the_resources(dask_pool: str, tmp_path
     assert "no worker" in run.stderr and "'GPU': 8.0" in run.stderr, run.stderr[-3000:]
 
 
-def test_sigint_kills_the_remote_process_group(dask_pool: str, tmp_path: Path) -> None:
-    pidfile = tmp_path / "remote.pid"
-    (tmp_path / "Snakefile").write_text(
+def _long_job(workdir: Path) -> Path:
+    """A Snakefile whose one GPU job starts a child sleeping 300 s; the file the child's pid goes to."""
+    pidfile = workdir / "remote.pid"
+    (workdir / "Snakefile").write_text(
         f'rule long:\n    output: "x"\n    resources: gpu=1\n'
         f'    shell: "sleep 300 & echo $! > {pidfile}; wait"\n'
     )
+    return pidfile
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigint_kills_the_remote_process_group(dask_pool: str, tmp_path: Path) -> None:
+    pidfile = _long_job(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "snakemake", *_vastaidask(dask_pool, tmp_path / "cache")],
         cwd=tmp_path, env=checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        eventually(lambda: pidfile.exists() and pidfile.read_text().strip(), 60, interval_s=0.2)
         assert pidfile.exists(), "the job never started on the worker"
         pid = int(pidfile.read_text())
         os.kill(pid, 0)  # running
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
+        if not eventually(lambda: not _alive(pid), 20, interval_s=0.2):
             pytest.fail(f"the job's child {pid} outlived Ctrl-C")
     finally:
         if proc.poll() is None:
@@ -175,11 +180,7 @@ def test_sigint_kills_the_remote_process_group(dask_pool: str, tmp_path: Path) -
 def test_a_killed_worker_takes_its_job_with_it(tmp_path: Path) -> None:
     from distributed import Client, LocalCluster
 
-    pidfile = tmp_path / "remote.pid"
-    (tmp_path / "Snakefile").write_text(
-        f'rule long:\n    output: "x"\n    resources: gpu=1\n'
-        f'    shell: "sleep 300 & echo $! > {pidfile}; wait"\n'
-    )
+    pidfile = _long_job(tmp_path)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
                       resources={"GPU": 1, "CPU": 1, "MEMORY": 8e9}) as cluster, Client(cluster) as client:
         proc = subprocess.Popen(
@@ -187,20 +188,11 @@ def test_a_killed_worker_takes_its_job_with_it(tmp_path: Path) -> None:
             cwd=tmp_path, env=checkout_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
-            deadline = time.monotonic() + 60
-            while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            eventually(lambda: pidfile.exists() and pidfile.read_text().strip(), 60, interval_s=0.2)
             pid = int(pidfile.read_text())
             worker_pid = next(iter(client.run(os.getpid).values()))
             os.kill(worker_pid, signal.SIGKILL)
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.2)
-            else:
+            if not eventually(lambda: not _alive(pid), 20, interval_s=0.2):
                 pytest.fail(f"the job's child {pid} outlived its SIGKILLed worker")
         finally:
             proc.kill()
