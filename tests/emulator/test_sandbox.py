@@ -18,57 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from dask_vastai.emulator.runtime import SandboxSpec
 from dask_vastai.emulator.sandbox import SandboxRuntime
-from tests.helpers.sandbox import requires_sandbox, ssh_options
+from tests.helpers.sandbox import (
+    SSH_OPTS,
+    make_spec,
+    requires_sandbox,
+    run_scenario,
+    ssh,
+    wait_for_log,
+)
 
 pytestmark = [pytest.mark.sandbox, requires_sandbox]
-
-SSH_OPTS = ssh_options()
-
-
-@pytest.fixture
-def key(tmp_path: Path) -> Path:
-    path = tmp_path / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
-    return path
-
-
-def make_spec(instance_id: int, key: Path | None = None, **overrides) -> SandboxSpec:
-    fields = dict(
-        instance_id=instance_id, image="vastai/pytorch", runtype="ssh_proxy", onstart=None, args=None,
-        env={"CONTAINER_ID": str(instance_id), "FOO": "bar baz"}, container_ports=(),
-        authorized_keys=(key.with_suffix(".pub").read_text(),) if key else (),
-        num_gpus=2, gpu_name="RTX_3090", gpu_ram_mb=24576, cpu_cores=4, cpu_ram_mb=16384, disk_gb=1,
-        api_url="",
-    )
-    fields.update(overrides)
-    return SandboxSpec(**fields)
-
-
-async def wait_for_log(runtime: SandboxRuntime, instance_id: int, text: str, timeout_s: float = 20) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        log = runtime.logs(instance_id)
-        if text in log:
-            return log
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{text!r} not in the log of instance {instance_id} after {timeout_s} s:\n"
-                         f"{runtime.logs(instance_id)}")
-
-
-async def ssh(key: Path, port: int, *command: str, extra: tuple[str, ...] = (), timeout_s: float = 30,
-              check: bool = True):
-    """OpenSSH's client as a user runs it: stdout (or, unchecked, (exit status, stdout))."""
-    proc = await asyncio.create_subprocess_exec(
-        "ssh", "-i", str(key), "-p", str(port), *SSH_OPTS, *extra, "root@127.0.0.1", *command,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    if not check:
-        return proc.returncode, out.decode()
-    assert proc.returncode == 0, f"ssh {command} failed ({proc.returncode}): {err.decode()}"
-    return out.decode()
 
 
 async def run_tool(*argv: str, timeout_s: float = 30) -> str:
@@ -126,10 +86,6 @@ def free_port() -> int:
 
 def alive(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 120))
 
 
 def test_instance_sees_nothing_of_the_host_and_is_reached_over_openssh(tmp_path: Path, key: Path) -> None:
@@ -217,7 +173,7 @@ echo onstart-done
             await runtime.close()
             server.close()
 
-    run(scenario())
+    run_scenario(scenario())
 
 
 def test_asyncssh_client_and_authorized_keys_from_onstart(tmp_path: Path, key: Path) -> None:
@@ -251,7 +207,7 @@ def test_asyncssh_client_and_authorized_keys_from_onstart(tmp_path: Path, key: P
         finally:
             await runtime.close()
 
-    run(scenario())
+    run_scenario(scenario())
 
 
 def test_nvidia_smi_reports_the_rented_gpus(tmp_path: Path) -> None:
@@ -268,7 +224,7 @@ def test_nvidia_smi_reports_the_rented_gpus(tmp_path: Path) -> None:
         finally:
             await runtime.close()
 
-    log = run(scenario())
+    log = run_scenario(scenario())
     csv = [line.split(", ") for line in log.splitlines() if line.startswith(("0, ", "1, "))]
     assert [row[:3] for row in csv] == [["0", "NVIDIA GeForce RTX 4090", "24564"],
                                         ["1", "NVIDIA GeForce RTX 4090", "24564"]]
@@ -297,7 +253,7 @@ def test_args_runtype_runs_the_entrypoint_and_reports_its_exit_code(tmp_path: Pa
         finally:
             await runtime.close()
 
-    run(scenario())
+    run_scenario(scenario())
 
 
 def test_api_is_reachable_from_inside_at_the_same_url(tmp_path: Path) -> None:
@@ -323,7 +279,7 @@ def test_api_is_reachable_from_inside_at_the_same_url(tmp_path: Path) -> None:
             await runtime.close()
             server.close()
 
-    assert 'api says {"seen": "/api/v0/instances/11/"}' in run(scenario())
+    assert 'api says {"seen": "/api/v0/instances/11/"}' in run_scenario(scenario())
 
 
 def test_stop_kills_everything_and_closes_the_ports(tmp_path: Path, key: Path) -> None:
@@ -343,7 +299,7 @@ def test_stop_kills_everything_and_closes_the_ports(tmp_path: Path, key: Path) -
         finally:
             await runtime.close()
 
-    run(scenario())
+    run_scenario(scenario())
 
 
 def test_with_one_uid_asyncssh_stands_in_for_openssh(tmp_path: Path, key: Path) -> None:
@@ -372,7 +328,7 @@ def test_with_one_uid_asyncssh_stands_in_for_openssh(tmp_path: Path, key: Path) 
             await runtime.close()
             server.close()
 
-    run(scenario())
+    run_scenario(scenario())
 
 
 def test_a_sandbox_that_cannot_boot_says_why_and_leaves_nothing(tmp_path: Path) -> None:
@@ -392,7 +348,7 @@ def test_a_sandbox_that_cannot_boot_says_why_and_leaves_nothing(tmp_path: Path) 
         finally:
             await runtime.close()
 
-    run(scenario())
+    run_scenario(scenario())
 
 
 def test_sandboxes_die_with_a_killed_emulator(tmp_path: Path) -> None:
@@ -446,7 +402,7 @@ def test_identity_port_mapping_above_65535(tmp_path: Path) -> None:
         finally:
             await runtime.close()
 
-    run(scenario())
+    run_scenario(scenario())
 
 
 def test_instances_reach_each_others_mapped_ports_at_the_public_ip_and_nothing_else(
@@ -483,4 +439,4 @@ def test_instances_reach_each_others_mapped_ports_at_the_public_ip_and_nothing_e
             await runtime.close()
             server.close()
 
-    run(scenario())
+    run_scenario(scenario())

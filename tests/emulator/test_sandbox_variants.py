@@ -20,13 +20,17 @@ import pytest
 from dask_vastai.emulator import Emulator
 from dask_vastai.emulator.runtime import SandboxQuirks
 from dask_vastai.emulator.sandbox import SandboxRuntime
-from tests.emulator.test_control_plane import call, rent, wait_status
-from tests.emulator.test_sandbox import SSH_OPTS, key, make_spec, run, ssh, wait_for_log
+from tests.helpers.control_plane import call, rent, wait_status
+from tests.helpers.sandbox import (
+    SSH_OPTS,
+    make_spec,
+    requires_sandbox,
+    run_scenario,
+    ssh,
+    wait_for_log,
+)
 
-__all__ = ["key"]  # the fixture
-
-ok, why = SandboxRuntime.available()
-pytestmark = [pytest.mark.sandbox, pytest.mark.skipif(not ok, reason=f"sandboxes unavailable: {why}")]
+pytestmark = [pytest.mark.sandbox, requires_sandbox]
 
 
 def connect_outcome(port: int, timeout_s: float = 1.5) -> str:
@@ -96,7 +100,7 @@ def test_blocked_direct_ports_hang_or_refuse_for_the_client_and_other_instances(
         finally:
             await runtime.close()
 
-    run(scenario())
+    run_scenario(scenario())
 
 
 def test_proxy_refuses_remote_forwards_until_the_instance_is_rebooted(tmp_path: Path, key: Path) -> None:
@@ -120,12 +124,12 @@ def test_proxy_refuses_remote_forwards_until_the_instance_is_rebooted(tmp_path: 
             await forward.wait()
             return proxy, direct, answer.decode().strip()
 
-        proxy, direct, local = run(forwards(row))
+        proxy, direct, local = run_scenario(forwards(row))
         assert proxy[0] == 255 and "remote port forwarding failed" in proxy[1], proxy
         assert direct == (0, "ok\n") and local.endswith(" 401 Unauthorized"), "-R direct and -L via the proxy work"
         assert call(emu, "PUT", f"/api/v0/instances/reboot/{iid}/")[0] == 200
         row = wait_status(emu, iid, "running", 30)
-        proxy, _, _ = run(forwards(row))
+        proxy, _, _ = run_scenario(forwards(row))
         assert proxy == (0, "ok\n"), "one reboot mends it"
 
 
@@ -153,7 +157,7 @@ def test_ssh_sessions_see_the_container_env_or_not(tmp_path: Path, key: Path, si
             await runtime.close()
         return seen
 
-    seen = run(scenario())
+    seen = run_scenario(scenario())
     port = seen["container"][0].rsplit("[", 1)[1]
     assert seen["container"][0] == f"[bar baz][sekrit][{port}" and port.rstrip("]").isdigit()
     assert seen["image"][0] == seen["none"][0] == "[][][]"
@@ -170,8 +174,8 @@ def test_a_template_without_container_api_key(tmp_path: Path, key: Path) -> None
         call(emu, "POST", "/api/v0/ssh/", {"ssh_key": key.with_suffix(".pub").read_text()})
         iid = rent(emu, 1000001, runtype="ssh_proxy", onstart="echo \"onstart key=[$CONTAINER_API_KEY] id=$CONTAINER_ID\"")
         row = wait_status(emu, iid, "running", 30)
-        out = run(ssh(key, row["ssh_port"], "echo \"ssh key=[$CONTAINER_API_KEY]\"; "
-                                            "tr '\\0' '\\n' < /proc/1/environ | grep -c CONTAINER_ || true"))
+        out = run_scenario(ssh(key, row["ssh_port"], "echo \"ssh key=[$CONTAINER_API_KEY]\"; "
+                                                     "tr '\\0' '\\n' < /proc/1/environ | grep -c CONTAINER_ || true"))
         assert out.splitlines() == ["ssh key=[]", "1"], "pid 1 has CONTAINER_ID only"
         _, body, _ = call(emu, "PUT", f"/api/v0/instances/request_logs/{iid}/", {})
         for _ in range(50):
@@ -201,7 +205,7 @@ def test_the_cpu_and_memory_an_instance_sees(tmp_path: Path, key: Path, view: st
         finally:
             await runtime.close()
 
-    out = run(scenario())
+    out = run_scenario(scenario())
     machine = len(__import__("os").sched_getaffinity(0))
     assert out[:2] == [str(cores), str(cores)], "nproc and os.cpu_count() say the view's cores"
     assert out[2] == str(min(cores, machine)), "the affinity: at most the machine's, narrowed to honest cores"

@@ -14,15 +14,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from dask_vastai.emulator import Emulator, ManualClock
 from dask_vastai.emulator.variants import STRICT, VARIANTS, Selection, Variants
-from tests.emulator.test_control_plane import ScriptedRuntime, call, rent, search, show, wait_status
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.checkout import REPO
+from tests.helpers.control_plane import ScriptedRuntime, call, rent, search, show, wait_status
 
 
 def emulator(**kwargs) -> Emulator:

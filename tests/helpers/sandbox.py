@@ -10,11 +10,14 @@
   read-only), so what the onstart script and the supervisor write never reaches this machine.
   Needs root, iproute2 and sshd. Used by ``tests/core/test_tunnel.py`` and
   ``benchmarks/tunnel_throughput.py``.
-- :func:`ssh_options`: what a user passes to OpenSSH to reach an emulated instance.
+- How a user meets an emulated instance: :func:`ssh_options` / :data:`SSH_OPTS` (what they pass
+  to OpenSSH), :func:`ssh` (OpenSSH's client), :func:`make_spec` (a ``SandboxSpec`` with test
+  defaults), :func:`wait_for_log` (the container log) and :func:`run_scenario`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -22,18 +25,20 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
+from dask_vastai.emulator.runtime import SandboxSpec
+from dask_vastai.emulator.sandbox import SandboxRuntime
 from dask_vastai.tunnel import SSHEndpoint
+
+T = TypeVar("T")
 
 
 def _sandbox_support() -> tuple[bool, str]:
-    try:
-        from dask_vastai.emulator.sandbox import SandboxRuntime
-    except ImportError as e:  # pragma: no cover - the emulator is part of this distribution
-        return False, f"sandbox runtime unavailable: {e}"
     ok, why = SandboxRuntime.available()
     return ok, "" if ok else f"sandbox runtime unavailable here: {why}"
 
@@ -52,6 +57,53 @@ def ssh_options(connect_timeout_s: int = 10) -> list[str]:
     """OpenSSH client options for an emulated instance: no host-key prompts, no agent, no chatter."""
     return ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
             "-o", "LogLevel=ERROR", "-o", f"ConnectTimeout={connect_timeout_s}"]
+
+
+SSH_OPTS = ssh_options()
+
+
+def make_spec(instance_id: int, key: Path | None = None, **overrides: Any) -> SandboxSpec:
+    """What the control plane hands the runtime for one rental: 2 RTX 3090s, ``key`` authorized."""
+    fields = dict(
+        instance_id=instance_id, image="vastai/pytorch", runtype="ssh_proxy", onstart=None, args=None,
+        env={"CONTAINER_ID": str(instance_id), "FOO": "bar baz"}, container_ports=(),
+        authorized_keys=(key.with_suffix(".pub").read_text(),) if key else (),
+        num_gpus=2, gpu_name="RTX_3090", gpu_ram_mb=24576, cpu_cores=4, cpu_ram_mb=16384, disk_gb=1,
+        api_url="",
+    )
+    fields.update(overrides)
+    return SandboxSpec(**fields)
+
+
+async def wait_for_log(runtime: SandboxRuntime, instance_id: int, text: str, timeout_s: float = 20) -> str:
+    """The container log of ``instance_id`` once ``text`` is in it (``vastai logs``, polled)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        log = runtime.logs(instance_id)
+        if text in log:
+            return log
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{text!r} not in the log of instance {instance_id} after {timeout_s} s:\n"
+                         f"{runtime.logs(instance_id)}")
+
+
+async def ssh(key: Path, port: int, *command: str, extra: tuple[str, ...] = (), timeout_s: float = 30,
+              check: bool = True):
+    """OpenSSH's client as a user runs it: stdout (or, unchecked, (exit status, stdout))."""
+    proc = await asyncio.create_subprocess_exec(
+        "ssh", "-i", str(key), "-p", str(port), *SSH_OPTS, *extra, "root@127.0.0.1", *command,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    if not check:
+        return proc.returncode, out.decode()
+    assert proc.returncode == 0, f"ssh {command} failed ({proc.returncode}): {err.decode()}"
+    return out.decode()
+
+
+def run_scenario(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one async test scenario to its end, two minutes at the most."""
+    return asyncio.run(asyncio.wait_for(coro, 120))
 
 
 PYENV = Path(sys.prefix).parents[1]  # /root/.pyenv: bound back into the sandbox's /root
