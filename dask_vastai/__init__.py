@@ -28,6 +28,7 @@ from .exceptions import (  # the public errors
     VastRequestError,
     VastServerError,
     VastUnreachable,
+    WorkerClientsDisabled,
 )
 
 __version__ = "0.1.0.dev0"
@@ -51,6 +52,7 @@ __all__ = [
     "VastRequestError",
     "VastServerError",
     "VastUnreachable",
+    "WorkerClientsDisabled",
 ]
 
 

@@ -21,8 +21,6 @@ from typing import Any
 
 from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
-from distributed.scheduler import Scheduler
-from distributed.security import Security
 from distributed.utils import NoOpAwaitable
 
 from .adaptive import GPUAdaptive, GPUDemandPolicy
@@ -43,7 +41,9 @@ from .pools import (
     with_shape_options,
 )
 from .rentals import RentalBroker, nearest_offers
+from .roles import GuardedScheduler, scheduler_gate
 from .safety import LEDGER
+from .security import ClusterCA
 from .tunnel import ClusterKey, TunnelHub
 from .vast import VastAPI
 
@@ -67,6 +67,12 @@ api_key, api_url:
     Vast credentials and origin (defaults: ``VAST_API_KEY``, https://console.vast.ai).
 name:
     the cluster's name, in every rental's label ``dask-vastai:<name>:<worker>``.
+allow_worker_clients:
+    let tasks submit tasks (``get_client()``/``worker_client()``, or a ``Future``, ``Event``,
+    ``Lock``, ``Queue`` or ``Variable`` used inside a task). Off by default: hosts then act only
+    as workers. Turning it on lets every host run code on every other host and on this
+    machine (the scheduler unpickles the task graphs a client sends), so turn it on only for
+    hosts you trust as much as this machine.
 pools:
     more instance shapes, e.g. ``[{"name": "a100", "gpu": "A100_SXM4", "cpu_ram": 64}]``
     (the shape options below); the cluster's own shape options make the ``default`` pool."""
@@ -110,6 +116,7 @@ class VastAICluster(SpecCluster):
         api_key: str | None = None,
         api_url: str | None = None,
         name: str | None = None,
+        allow_worker_clients: bool | None = None,
         pools: Sequence[Mapping[str, Any]] | None = None,
         dashboard_address: str = ":0",
         scheduler_options: Mapping[str, Any] | None = None,
@@ -162,10 +169,15 @@ class VastAICluster(SpecCluster):
                 raise ValueError(f"pools=[...{extra}...]: every pool needs a 'name'")
             self.add_pool(str(pool_name), **extra)
         self._adaptives: dict[str, GPUAdaptive] = {}
-        self.security = Security.temporary()
+        # The CA key stays in this process; Client(cluster) picks up the client-role Security.
+        self.allow_worker_clients = bool(option("allow-worker-clients", allow_worker_clients))
+        self.certificates = ClusterCA(cluster_name, lifetime_days=float(option("certificate-lifetime-days")))
+        self.security = self.certificates.security()
         scheduler_opts: dict[str, Any] = {
             "protocol": "tls", "host": "127.0.0.1", "port": 0, "dashboard_address": dashboard_address,
-            "security": self.security, **dict(scheduler_options or {}),
+            "security": self.security,
+            "gate": scheduler_gate(worker_clients=self.allow_worker_clients, is_current=self.certificates.is_current),
+            **dict(scheduler_options or {}),
         }
         # Refuses a worker whose versions differ from this client's; warns of late imports.
         scheduler_opts["plugins"] = [*scheduler_opts.get("plugins", ()), *self.environment.scheduler_plugins]
@@ -177,7 +189,7 @@ class VastAICluster(SpecCluster):
         LEDGER.install_handlers()
         try:
             super().__init__(
-                scheduler={"cls": Scheduler, "options": scheduler_opts},
+                scheduler={"cls": GuardedScheduler, "options": scheduler_opts},
                 worker={"cls": VastInstance, "options": {"pool": self.pools.default}},
                 asynchronous=asynchronous, loop=loop, security=self.security, name=cluster_name,
             )
@@ -217,9 +229,8 @@ class VastAICluster(SpecCluster):
             broker=self.broker,
             hub=self.hub,
             scheduler_address=self.scheduler.address,
-            tls_ca=self.security.tls_ca_file,
-            tls_cert=self.security.tls_worker_cert,
-            tls_key=self.security.tls_worker_key,
+            certificates=self.certificates,
+            worker_clients=self.allow_worker_clients,
             boot_timeout_s=self.boot_timeout_s,
             heartbeat_interval_s=max(1.0, min(10.0, self.orphan_timeout_s / 6)),
             registered=self._registered,

@@ -31,6 +31,7 @@ __all__ = [
     "VastRequestError",
     "VastServerError",
     "VastUnreachable",
+    "WorkerClientsDisabled",
 ]
 
 
@@ -125,3 +126,9 @@ class PortBusy(TunnelError):
     def __init__(self, message: str, port: int) -> None:
         super().__init__(message)
         self.port = port
+
+
+# ------------------------------------------------------------------ the trust boundary
+class WorkerClientsDisabled(DaskVastAIError, PermissionError):
+    """A task asked for a client (``get_client()``, ``worker_client()``) on a host of a cluster
+    that does not let hosts act as clients (``allow_worker_clients``, off by default)."""

@@ -33,6 +33,8 @@ from .environment import InstanceEnvironment
 from .exceptions import BootFailed, EnvironmentMismatch
 from .pools import POOL_RESOURCE_CAPACITY, Pool
 from .rentals import RentalBroker, RentalRecord
+from .roles import WORKER_ARGS, WORKER_CLIENTS_ENV
+from .security import ClusterCA
 from .tunnel import InstanceLink, SSHEndpoint, TunnelHub
 
 if TYPE_CHECKING:
@@ -48,9 +50,8 @@ class ClusterContext:
     broker: RentalBroker
     hub: TunnelHub
     scheduler_address: str
-    tls_ca: str
-    tls_cert: str
-    tls_key: str
+    #: mints each worker incarnation's certificate once its addresses are known
+    certificates: ClusterCA
     boot_timeout_s: float
     heartbeat_interval_s: float
     registered: Callable[[Sequence[str]], bool]
@@ -63,6 +64,8 @@ class ClusterContext:
     on_boot_outcome: Callable[[str, str, BaseException | None], None] | None = None
     #: versions, installs and shipped code before workers start (None: the image as it is)
     environment: InstanceEnvironment | None = None
+    #: whether tasks may act as clients (``allow_worker_clients``): told to every worker
+    worker_clients: bool = False
 
 
 class VastInstance(ProcessInterface):
@@ -195,6 +198,7 @@ class VastInstance(ProcessInterface):
             env = dict(self.context.env)
             env.update(extra_env or {})
             env["CUDA_VISIBLE_DEVICES"] = visible
+            env[WORKER_CLIENTS_ENV] = str(bool(self.context.worker_clients))
             out.append(
                 Incarnation(
                     worker_name=worker_name,
@@ -205,17 +209,20 @@ class VastInstance(ProcessInterface):
                     memory_limit=int(opts.get("memory_limit", mem)),
                     resources=resources,
                     env=env,
-                    tls_ca=self.context.tls_ca,
-                    tls_cert=self.context.tls_cert,
-                    tls_key=self.context.tls_key,
+                    # The CA's certificate only: each worker's own is minted with its ports.
+                    tls_ca=self.context.certificates.ca_pem,
+                    tls_cert="",
+                    tls_key="",
                     death_timeout_s=int(opts.get("death_timeout", 60)),
+                    # Every worker and nanny checks its peers' roles (dask_vastai.roles).
+                    extra_args=WORKER_ARGS,
                     python=probe.get("executable") if self.context.environment is not None else None,
                 )
             )
         return out
 
     async def _start_workers(self, incarnations: list[Incarnation]) -> None:
-        """Fresh ports, forwards in place everywhere, then the incarnation files."""
+        """Fresh ports, forwards in place everywhere, certificates for them, then the incarnation files."""
         from dataclasses import replace
 
         assert self.link is not None
@@ -226,7 +233,13 @@ class VastInstance(ProcessInterface):
             worker_port, nanny_port = await self.context.hub.expose_worker(
                 self.link, ports[2 * k], ports[2 * k + 1]
             )
-            ready.append(replace(inc, worker_port=worker_port, nanny_port=nanny_port))
+            # The supervisor's worker listens and advertises tls://127.0.0.1:<worker_port>: the
+            # certificate pins that address and the nanny's, which the scheduler holds it to.
+            creds = self.context.certificates.issue_worker(
+                inc.worker_name, address=f"tls://127.0.0.1:{worker_port}", nanny=f"tls://127.0.0.1:{nanny_port}"
+            )
+            ready.append(replace(inc, worker_port=worker_port, nanny_port=nanny_port,
+                                 tls_cert=creds.cert_pem, tls_key=creds.key_pem))
         self.worker_ports = [inc.worker_port for inc in ready]
         await asyncio.gather(
             *(self.link.put(incarnation_path(inc.worker_name), incarnation_payload(inc)) for inc in ready)
