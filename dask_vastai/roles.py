@@ -202,7 +202,8 @@ SCHEDULER_RULES = Rules(
         "shuffle_barrier": None,
         "shuffle_get": _own_address("worker"),
         "shuffle_get_or_create": _own_address("worker"),
-        "shuffle_restrict_task": _own_address("worker"),
+        # The worker asks to move an output task to the worker its partition is assigned to.
+        "shuffle_restrict_task": None,
         "close": None,
     },
     stream=frozenset({
@@ -328,6 +329,10 @@ class GuardedTLS(TLS):
 
     def __init__(self, stream: Any, local_addr: str, peer_addr: str, deserialize: bool = True, *, gate: Gate):
         super().__init__(stream, local_addr, peer_addr, deserialize)
+        self.guard(gate)
+
+    def guard(self, gate: Gate) -> None:
+        """Decide, once per connection, who the peer is and whether it is trusted."""
         self.gate = gate
         self.peer = Peer.from_peercert(self._extra.get("peercert"))
         self._refusal = gate.refuse_connection(self.peer)

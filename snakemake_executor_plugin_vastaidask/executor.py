@@ -10,8 +10,10 @@ Snakemake's traps this class answers (each one found in snakemake's executor int
   scheduler still holds would hand back the old, failed future.
 - A task whose resources no worker has would wait forever: it fails at hand-off with the
   resources asked for and those the workers advertise.
-- ``future.cancel()`` lets a running subprocess finish: cancellation sets a
-  ``distributed.Event`` the task polls, and the task kills the job's process group.
+- ``future.cancel()`` lets a running subprocess finish: the task polls its own key on its
+  worker and kills the job's process group once it is cancelled. No ``Event`` or other
+  client-side object is used inside tasks: the hosts of a dask-vastai cluster act only as
+  workers (the cluster's ``allow_worker_clients`` stays off).
 """
 
 from __future__ import annotations
@@ -110,7 +112,6 @@ class Executor(RemoteExecutor):
         self._backlog: deque[str] = deque()
         self._refused: dict[str, str] = {}
         self._closed = False
-        self.cancel_event_name = f"smk-cancel-{self.run_id}"
         self.backend = DaskBackend(self.settings, run_name=f"smk-{self.run_id}")
         try:
             self.stager = Stager(self.backend.client, self.workdir)
@@ -186,7 +187,6 @@ class Executor(RemoteExecutor):
                 "outputs": [] if self.storage_mode else [self._relative(p, job) for p in outputs],
                 "logs": [self._relative(p, job) for p in logs],
                 "env": self.envvars(),
-                "cancel_event": self.cancel_event_name,
                 "cache_dir": self.settings.worker_cache_dir,
                 "cache_quota_bytes": int(self.settings.cache_quota_gb * 1e9),
             }
@@ -245,8 +245,10 @@ class Executor(RemoteExecutor):
                     self._refused[job.payload["key"]] = why
                     continue
                 busy += gpu
+                # Blobs still waiting in a task travel as dependencies; the others by key.
+                payload = {**job.payload, "blobs": self.stager.waiting(job.shas)}
                 job.future = self.backend.client.submit(
-                    self._remote, job.payload, key=job.payload["key"], resources=resources, pure=False,
+                    self._remote, payload, key=job.payload["key"], resources=resources, pure=False,
                 )
 
     # ---------------------------------------------------------------- status
@@ -333,20 +335,12 @@ class Executor(RemoteExecutor):
 
     # ------------------------------------------------------------ cancel/end
     def cancel_jobs(self, active_jobs: list[SubmittedJobInfo]) -> None:
-        """Kill every running job's process group (the tasks poll the run's Event), drop the rest."""
-        from distributed import Event
-
+        """Cancel every handed-over job (running tasks see it and kill their process groups)."""
         with self._dispatch_lock:
             self._backlog.clear()
-        with contextlib.suppress(Exception):
-            Event(self.cancel_event_name, client=self.backend.client).set()
         futures = [j.future for j in self._jobs.values() if j.future is not None]
-        deadline = time.monotonic() + 15
-        # Give running tasks a moment to see the Event and kill their process groups.
-        while any(f.status == "pending" for f in futures) and time.monotonic() < deadline:
-            time.sleep(0.2)
         with contextlib.suppress(Exception):
-            self.backend.client.cancel(futures)
+            self.backend.client.cancel(futures, force=True)
 
     def shutdown(self) -> None:
         """Idempotent (Snakemake calls it after ``cancel_jobs`` and at normal end)."""

@@ -11,13 +11,21 @@ One job's life on the worker:
 
 1. Make a scratch directory; copy the sources archive and every input into it from the
    worker's content-addressed cache (``<cache>/blobs/<sha256>``). A blob missing from the
-   cache is gathered from the cluster under the key the client gave it, written to the
-   cache (evicting least recently used blobs beyond the disk quota) and reported back as
-   "fetched": a worker that already has a file never receives it again.
+   cache arrived as a task dependency (blobs still in a task when the job was handed over)
+   or is fetched under the key the client gave it, from the worker holding it: the
+   scheduler's ``who_has`` and the holder's ``get_data``, over this worker's own
+   connections. It is written to the cache (evicting least recently used blobs beyond the
+   disk quota) and reported back as "fetched": a worker that already has a file never
+   receives it again.
 2. Run ``python -m snakemake ... --mode remote`` (the client's command) in its own process
-   group, with the client's interpreter first on ``PATH`` and the job's environment.
-   A ``distributed.Event`` named by the client is polled; when set, the process group is
-   killed (``future.cancel()`` alone lets a running subprocess finish).
+   group, with the client's interpreter first on ``PATH`` and the job's environment. The
+   task polls its own key on its worker: once the client cancels it (or the worker
+   closes), the process group is killed (Dask's cancellation alone lets a running
+   subprocess finish).
+
+No client is made here (no ``get_client()``, ``Event`` or dataset): a dask-vastai cluster
+lets its hosts act only as workers, and this code must run there without the cluster's
+``allow_worker_clients``.
 3. Pack the outputs, logs and benchmarks of every job of the group (on failure: whatever
    logs exist) into a tar returned with the exit code and the tail of the job's output.
    Produced files enter the cache too, so a consumer placed on the same worker needs no copy.
@@ -54,6 +62,8 @@ LOG_TAIL_CHARS = 8000
 FULL_LOG_CAP_BYTES = 2_000_000
 CANCEL_POLL_S = 0.5
 KILL_GRACE_S = 5.0
+#: how long a blob may be held by no worker (moving between workers) before the job fails
+BLOB_WAIT_S = 60.0
 
 
 def _sha256_file(path: str) -> str:
@@ -107,8 +117,41 @@ def _cache_put(blobs: str, sha: str, data: bytes | None, src_path: str | None, q
     return True
 
 
-def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats: dict[str, Any]) -> None:
-    """Put blob ``sha`` at ``dest``: from the cache when present, else from the cluster once."""
+def _fetch_blob(key: str) -> Any:
+    """The value of a staged blob's key, from the worker holding it, asked over this worker's
+    own connections (the scheduler's ``who_has``, the holder's ``get_data``), never a client."""
+    import asyncio
+
+    from distributed import get_worker
+    from distributed.utils import sync
+    from distributed.worker import get_data_from_worker
+
+    worker = get_worker()
+
+    async def fetch() -> Any:
+        deadline = time.monotonic() + BLOB_WAIT_S
+        while True:
+            if key in worker.data:
+                return worker.data[key]
+            holders = (await worker.scheduler.who_has(keys=[key])).get(key) or []
+            for address in holders:
+                response = await get_data_from_worker(worker.rpc, [key], address, who=worker.address)
+                if response.get("status") == "OK" and key in response.get("data", {}):
+                    return response["data"][key]
+            if time.monotonic() > deadline:
+                raise LookupError(
+                    f"staged blob {key} is held by no worker (asked the scheduler for {BLOB_WAIT_S:.0f}s); "
+                    "the client releases blobs only when no job needs them"
+                )
+            await asyncio.sleep(0.5)
+
+    return sync(worker.loop, fetch)
+
+
+def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats: dict[str, Any],
+             delivered: dict[str, Any]) -> None:
+    """Put blob ``sha`` at ``dest``: from the cache when present, else from the cluster once
+    (``delivered``: blobs that came as task dependencies)."""
     cached = os.path.join(blobs, sha)
     lock_path = os.path.join(blobs, f"{sha}.lock")
     # One fetch per blob per worker even when several of its jobs start together.
@@ -122,13 +165,7 @@ def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats:
                 return
             except FileNotFoundError:
                 pass
-            from distributed import get_client
-
-            # The client published each blob's future as a dataset under its key.
-            data = get_client().get_dataset(key, default=None)
-            if data is None:
-                raise LookupError(f"staged blob {key} is not published on the scheduler")
-            data = data.result()
+            data = delivered[sha] if sha in delivered else _fetch_blob(key)
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise TypeError(f"staged blob {key} arrived as {type(data).__name__}, expected bytes")
             data = bytes(data)
@@ -184,13 +221,20 @@ def _cache_outputs(root: str, rels: list[str], blobs: str, quota_bytes: int) -> 
                     _cache_put(blobs, sha, None, path, quota_bytes)
 
 
-def _event_is_set(name: str) -> bool:
-    from distributed import Event
-
+def _cancelled() -> bool:
+    """Whether the client cancelled this task (its key left this worker) or the worker closes."""
     try:
-        return Event(name).is_set()
-    except Exception:  # scheduler gone: the client is gone too, stop the job
+        from distributed import get_worker
+        from distributed.utils import thread_state
+
+        worker = get_worker()
+        key = thread_state.key
+    except (ImportError, ValueError, AttributeError):  # run outside a worker (tests of this module)
+        return False
+    if worker.status.name in ("closing", "closed", "failed"):
         return True
+    ts = worker.state.tasks.get(key)
+    return ts is None or ts.state in ("cancelled", "released", "forgotten")
 
 
 def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
@@ -225,6 +269,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     os.makedirs(blobs, exist_ok=True)
     quota = int(payload["cache_quota_bytes"])
     stats: dict[str, Any] = {"hits": 0, "fetched": [], "uncached": 0}
+    delivered = payload.get("blobs") or {}
     scratch = os.path.join(base, "jobs", payload["key"])
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch)
@@ -232,7 +277,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     try:
         if payload["sources"] is not None:  # None in bucket mode: the job deploys them itself
             src = os.path.join(scratch, ".vastaidask-sources.tar.xz")
-            _blob_to(blobs, payload["sources"], payload["blob_keys"][payload["sources"]], src, quota, stats)
+            _blob_to(blobs, payload["sources"], payload["blob_keys"][payload["sources"]], src, quota, stats, delivered)
             _extract(src, scratch)
             os.unlink(src)
         for rel, sha, kind, mtime_ns in payload["inputs"]:
@@ -240,12 +285,12 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             if kind == "dir":  # a tar whose member names are workdir-relative
                 tmp = os.path.join(scratch, f".vastaidask-{sha}.tar")
-                _blob_to(blobs, sha, payload["blob_keys"][sha], tmp, quota, stats)
+                _blob_to(blobs, sha, payload["blob_keys"][sha], tmp, quota, stats, delivered)
                 os.makedirs(dest, exist_ok=True)
                 _extract(tmp, scratch)
                 os.unlink(tmp)
             else:
-                _blob_to(blobs, sha, payload["blob_keys"][sha], dest, quota, stats)
+                _blob_to(blobs, sha, payload["blob_keys"][sha], dest, quota, stats, delivered)
             os.utime(dest, ns=(mtime_ns, mtime_ns))
         env = dict(os.environ)
         env.update(payload.get("env") or {})
@@ -265,7 +310,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
                 time.sleep(0.05)
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + CANCEL_POLL_S
-                    if _event_is_set(payload["cancel_event"]):
+                    if _cancelled():
                         result["cancelled"] = True
                         _kill_group(proc)
                         break

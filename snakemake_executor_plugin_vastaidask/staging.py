@@ -3,10 +3,11 @@
 Every file a job needs (the workflow's source archive, each input) is named by its
 SHA-256. The bytes enter the cluster once per run under the key ``vastaidask-blob-<sha>``
 (scattered to a worker when one is registered, else as a task holding them, which the
-first worker to arrive computes); a job's payload names only the hashes and keys. On
-the worker (``remote.py``) a blob already in the worker's disk cache is used as is, so a
-worker that has a file never receives it twice; a missing one is gathered from the
-cluster by key. Results come back as a tar that is unpacked here with tarfile's ``data``
+first worker to arrive computes); a job's payload names only the hashes and keys, plus, as
+task dependencies, the blobs still waiting in such a task. On the worker (``remote.py``)
+a blob already in the worker's disk cache is used as is, so a worker that has a file
+never receives it twice; a missing one is fetched by key from the worker holding it,
+through that worker's own connections (no client runs on a worker). Results come back as a tar that is unpacked here with tarfile's ``data``
 filter and restamped, so outputs are never older than their inputs.
 """
 
@@ -119,8 +120,15 @@ class Stager:
                     del self._refs[sha]
                     self._drop(sha)
 
+    def waiting(self, shas: Iterable[str]) -> dict[str, Any]:
+        """The futures of these blobs that no worker holds yet (still a task): a job gets them as
+        dependencies, so that it never starts before them and never waits for them."""
+        with self._lock:
+            futures = {sha: self._futures.get(sha) for sha in shas}
+        return {sha: f for sha, f in futures.items() if f is not None and f.status == "pending"}
+
     def release_all(self) -> None:
-        """Unpublish and forget every blob (the run is over)."""
+        """Forget every blob (the run is over)."""
         with self._lock:
             for sha in list(self._futures):
                 self._drop(sha)
@@ -141,16 +149,13 @@ class Stager:
                 # No worker yet (instances booting): the bytes wait in a task that the
                 # first worker computes; ``bytes`` is a builtin, importable everywhere.
                 future = self.client.submit(bytes, data, key=key, pure=False)
-            # Published so that a task can ask for it by name, only on a cache miss
-            # (a future passed as an argument would be moved to the worker every time).
-            self.client.publish_dataset(future, name=key, override=True)
+            # A job names it by key and fetches it only on a cache miss (a future passed as
+            # an argument would be moved to the worker every time).
             self._futures[sha] = future
             self.uploaded_bytes += len(data)
 
     def _drop(self, sha: str) -> None:
         future = self._futures.pop(sha, None)
-        with contextlib.suppress(Exception):  # the scheduler may be gone already at shutdown
-            self.client.unpublish_dataset(self.key(sha))
         if future is not None:
             with contextlib.suppress(Exception):
                 future.release()
