@@ -30,6 +30,22 @@ def _ssh(cluster, name: str, key: Path, command: str, stdin: str = "", timeout: 
     return run.stdout
 
 
+def _p2p_shuffle_across(client) -> None:
+    """What workers legitimately do to each other still works: a p2p dataframe shuffle."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    import dask
+    import dask.dataframe as dd
+
+    df = dd.from_pandas(pd.DataFrame({"k": range(4000), "v": range(4000)}), npartitions=8)
+    with dask.config.set({"dataframe.shuffle.method": "p2p"}):
+        shuffled = client.persist(df.shuffle("k"))
+        assert client.compute(shuffled.v.sum()).result() == sum(range(4000))
+    holders = {w for ws in client.who_has(shuffled).values() for w in ws}
+    assert len(holders) == 2, f"the shuffle's output should span both instances: {holders}"
+    del shuffled
+
+
 @pytest.mark.slow
 def test_root_in_one_instance_can_act_only_as_that_worker(market, tmp_path: Path) -> None:
     import os
@@ -48,6 +64,7 @@ def test_root_in_one_instance_can_act_only_as_that_worker(market, tmp_path: Path
         key.chmod(0o600)
         workers = {w["name"]: address for address, w in client.scheduler_info()["workers"].items()}
         a, b = workers["hh-0"], workers["hh-1"]
+        _p2p_shuffle_across(client)
         nanny_a = client.scheduler_info()["workers"][a]["nanny"]
         config = {
             "scheduler": cluster.scheduler_address, "a_name": "hh-0", "a_address": a, "a_nanny": nanny_a,
