@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.sandbox import ssh_options
+
 ATTACKER = Path(__file__).with_name("hostile_host.py")
-SSH = ["ssh", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-       "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
 
 
 def _ssh(cluster, name: str, key: Path, command: str, stdin: str = "", timeout: float = 240) -> str:
     endpoint = cluster.workers[name].link.endpoint
-    run = subprocess.run([*SSH, "-i", str(key), "-p", str(endpoint.port), f"root@{endpoint.host}", command],
+    run = subprocess.run(["ssh", *ssh_options(), "-i", str(key), "-p", str(endpoint.port), f"root@{endpoint.host}", command],
                          input=stdin, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, f"ssh {name} {command!r}: {run.stderr[-3000:]}"
     return run.stdout

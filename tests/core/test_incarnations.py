@@ -18,6 +18,7 @@ from dask_vastai import BootFailed
 from dask_vastai.instance import VastInstance
 from dask_vastai.pools import POOL_RESOURCE_CAPACITY, Pool, PoolShape
 from dask_vastai.rentals import RentalRecord
+from dask_vastai.roles import WORKER_ARGS, WORKER_CLIENTS_ENV
 from dask_vastai.vast import Offer
 
 GiB = 2**30
@@ -38,7 +39,8 @@ def _context(environment: object | None = None) -> types.SimpleNamespace:
     return types.SimpleNamespace(
         env={"SECRET_TOKEN": "from-the-cluster", "PYTHONPATH": "cluster"},
         scheduler_address="tls://127.0.0.1:8786",
-        tls_ca="CA", tls_cert="CERT", tls_key="KEY",
+        certificates=types.SimpleNamespace(ca_pem="CA"),
+        worker_clients=False,
         environment=environment,
     )
 
@@ -62,7 +64,9 @@ def test_one_worker_per_gpu_sees_its_own_gpu_and_a_share_of_the_box() -> None:
         assert inc.resources == {"GPU": 1.0, "CPU": 4.0, "MEMORY": float(16 * GiB), "pool-a": POOL_RESOURCE_CAPACITY}
         assert (inc.nthreads, inc.memory_limit) == (4, 16 * GiB)
         assert inc.scheduler_address == "tls://127.0.0.1:8786"
-        assert (inc.tls_ca, inc.tls_cert, inc.tls_key) == ("CA", "CERT", "KEY")
+        # The cluster CA's certificate; the worker's own is minted with its ports, later.
+        assert (inc.tls_ca, inc.tls_cert, inc.tls_key) == ("CA", "", "")
+        assert inc.extra_args == WORKER_ARGS  # every worker and nanny checks its peers' roles
         assert (inc.worker_port, inc.nanny_port) == (0, 0)  # fresh ports come later, per incarnation
         assert inc.death_timeout_s == 60
         assert inc.python is None  # no environment step: the image's interpreter
@@ -120,9 +124,10 @@ def test_worker_options_override_threads_memory_and_add_resources() -> None:
 def test_env_is_the_clusters_then_the_shipped_then_the_gpu() -> None:
     shipped = {"PYTHONPATH": "shipped", "CUDA_VISIBLE_DEVICES": "7"}
     incs = _instance(_pool(num_gpus=2))._incarnations(_probe([0, 1]), _record(num_gpus=2), shipped)
+    policy = {WORKER_CLIENTS_ENV: "False"}  # tells the workers whether tasks may act as clients
     assert [inc.env for inc in incs] == [
-        {"SECRET_TOKEN": "from-the-cluster", "PYTHONPATH": "shipped", "CUDA_VISIBLE_DEVICES": "0"},
-        {"SECRET_TOKEN": "from-the-cluster", "PYTHONPATH": "shipped", "CUDA_VISIBLE_DEVICES": "1"},
+        {"SECRET_TOKEN": "from-the-cluster", "PYTHONPATH": "shipped", "CUDA_VISIBLE_DEVICES": "0", **policy},
+        {"SECRET_TOKEN": "from-the-cluster", "PYTHONPATH": "shipped", "CUDA_VISIBLE_DEVICES": "1", **policy},
     ]
 
 
