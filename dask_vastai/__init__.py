@@ -12,6 +12,7 @@ from typing import Any
 from . import config  # noqa: F401  (registers the vastai: defaults with dask.config)
 from .exceptions import (  # the public errors
     BootFailed,
+    ClusterNotAttachable,
     DaskVastAIError,
     EnvironmentMismatch,
     ImpossibleResources,
@@ -36,6 +37,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "Secret", "VastAICluster", "__version__",
     "BootFailed",
+    "ClusterNotAttachable",
     "DaskVastAIError",
     "EnvironmentMismatch",
     "ImpossibleResources",

@@ -256,6 +256,8 @@ class GPUAdaptive:
         cluster.pools.forgive(pool)  # a new adapt() call is a new chance
         #: (time, decision, reason) of every change, newest last
         self.log: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=1000)
+        #: instances the policy wanted at its last round (None before the first)
+        self.target: int | None = None
         self._periodic: PeriodicCallback | None = None
 
     @property
@@ -314,7 +316,9 @@ class GPUAdaptive:
         """One round: observe, decide, act."""
         if self.cluster.scheduler is None:
             return
-        for decision in self.policy.decide(self.observe()):
+        view = self.observe()
+        self.target = self.policy.target(view)
+        for decision in self.policy.decide(view):
             if decision.action == "rent":
                 self.cluster.scale(decision.target or 0, pool=self.pool)
             elif decision.action == "release":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import math
 import textwrap
 import time
@@ -19,15 +20,18 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import dask.config
+from dask.utils import parse_timedelta
 from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
 from distributed.utils import NoOpAwaitable
+from tornado.ioloop import PeriodicCallback
 
 from .adaptive import GPUAdaptive, GPUDemandPolicy
 from .bootstrap import BootstrapConfig, onstart_script
 from .config import option
 from .environment import ClientEnvironment, InstanceEnvironment, python_option, split_env
-from .exceptions import BootFailed, NoOfferAvailable
+from .exceptions import BootFailed, ClusterNotAttachable, NoOfferAvailable
 from .instance import ClusterContext, VastInstance
 from .offers import OfferPreview, no_match_message
 from .pools import (
@@ -40,17 +44,20 @@ from .pools import (
     make_worker_spec,
     with_shape_options,
 )
+from .progress import Progress, choose_mode
 from .rentals import RentalBroker, nearest_offers
 from .roles import GuardedScheduler, scheduler_gate
 from .safety import LEDGER
 from .security import ClusterCA
+from .status import InstanceTable, PhaseBook, instance_table
 from .tunnel import ClusterKey, TunnelHub
 from .vast import VastAPI
+from .widget import ClusterWidget, cluster_html
 
 _CLUSTER_OPTIONS = """\
 n:
-    instances to rent at start (``n_workers`` is an alias). ``scale(n)`` and ``adapt()``
-    count instances too: a K-GPU instance runs K workers.
+    instances to rent at start (``n_workers`` is an alias). ``n``, ``scale(n)`` and
+    ``adapt()`` count instances, not workers: a K-GPU instance runs K workers.
 secret_env:
     environment that reaches the workers over SSH only (API tokens), never Vast.
 packages, pip_args:
@@ -73,6 +80,11 @@ allow_worker_clients:
     as workers. Turning it on lets every host run code on every other host and on this
     machine (the scheduler unpickles the task graphs a client sends), so turn it on only for
     hosts you trust as much as this machine.
+quiet:
+    print nothing (no log lines, no boot progress); ``get_logs()`` still has the log.
+silence_logs:
+    level below which distributed's own log lines are not printed while the cluster runs
+    (``"warning"``, as ``LocalCluster``); False leaves distributed's logging as it is.
 pools:
     more instance shapes, e.g. ``[{"name": "a100", "gpu": "A100_SXM4", "cpu_ram": 64}]``
     (the shape options below); the cluster's own shape options make the ``default`` pool."""
@@ -123,6 +135,7 @@ class VastAICluster(SpecCluster):
         asynchronous: bool = False,
         loop: Any = None,
         quiet: bool = False,
+        silence_logs: str | int | bool | None = None,
         **shape_options: Any,
     ) -> None:
         if n is not None and n_workers is not None and n != n_workers:
@@ -185,6 +198,13 @@ class VastAICluster(SpecCluster):
         self.hub: TunnelHub | None = None
         self.context: ClusterContext | None = None
         self._quiet = quiet
+        #: the last phase each instance reported (kept after it is gone: failures keep their reason)
+        self._phases = PhaseBook()
+        self._progress = Progress(
+            lambda: self.instances, mode=choose_mode(quiet),
+            message_every_s=float(option("progress.message-every")),
+        )
+        self._cluster_widget: ClusterWidget | None = None
         # Here, on the caller's (normally the main) thread, where signal handlers can be set.
         LEDGER.install_handlers()
         try:
@@ -192,6 +212,7 @@ class VastAICluster(SpecCluster):
                 scheduler={"cls": GuardedScheduler, "options": scheduler_opts},
                 worker={"cls": VastInstance, "options": {"pool": self.pools.default}},
                 asynchronous=asynchronous, loop=loop, security=self.security, name=cluster_name,
+                silence_logs=option("silence-logs", silence_logs),
             )
         except BaseException:
             # SpecCluster leaves its loop thread running when _start() raises.
@@ -200,6 +221,7 @@ class VastAICluster(SpecCluster):
                 loop_runner.stop()
             raise
         if not self.called_from_running_loop and self._initial_n:
+            self._progress.show_in_notebook()
             try:
                 self.sync(self._wait_for_initial_workers)
             except BaseException:
@@ -239,7 +261,13 @@ class VastAICluster(SpecCluster):
             env=dict(self._secret_env),
             environment=self.environment,
             max_boot_attempts=int(option("max-boot-attempts")),
+            on_phase=self._phases.note,
         )
+        progress = PeriodicCallback(
+            self._progress.refresh, 1000 * parse_timedelta(option("progress.refresh"), default="s")
+        )
+        self.periodic_callbacks["dask-vastai-progress"] = progress
+        progress.start()
         self.new_spec = make_worker_spec(default, VastInstance, self.context)
         for _ in range(self._initial_n):
             self._add_instance(DEFAULT_POOL)
@@ -255,11 +283,15 @@ class VastAICluster(SpecCluster):
                 raise NoOfferAvailable(no_match_message(requirements, preview.query, nearest))
 
     def log(self, message: str) -> None:
-        """A line in the cluster's log (``get_logs()``), printed unless ``quiet``."""
-        # Cluster.__init__ resets ``quiet`` before the first rentals are logged.
+        """A line in the cluster's log (``get_logs()``), shown unless ``quiet``."""
         self._log(message)
-        if not self._quiet:
-            print(message, flush=True)
+
+    def _log(self, log: str) -> None:
+        # Not distributed's: it prints whenever ``self.quiet`` is False, which SpecCluster
+        # leaves so; here a line goes where the user reads it (above a live display in a
+        # terminal, stdout in a notebook), once.
+        self._cluster_manager_logs.append((datetime.datetime.now(), log))
+        self._progress.log(log)
 
     # ------------------------------------------------------------------ pools
     def add_pool(self, name: str, **options: Any) -> Pool:
@@ -301,12 +333,22 @@ class VastAICluster(SpecCluster):
         return all(n in seen for n in names)
 
     # ---------------------------------------------------------------- scaling
-    def scale(self, n: int = 0, memory: Any = None, cores: Any = None, *, pool: str | None = None):  # type: ignore[override]
-        """Hold ``n`` instances in ``pool`` (default: the default pool); counts instances, not workers."""
+    def scale(  # type: ignore[override]
+        self, n: int | None = None, memory: Any = None, cores: Any = None, *,
+        instances: int | None = None, jobs: int | None = None, workers: int | None = None,
+        pool: str | None = None,
+    ):
+        """Hold this many instances in ``pool`` (default: the default pool).
+
+        ``scale(n)``, ``scale(instances=n)`` and ``scale(jobs=n)`` (dask-jobqueue's spelling)
+        all count instances. ``scale(workers=w)`` counts workers and rents whole instances:
+        ``ceil(w / workers per instance)`` (a 4-GPU instance runs 4 workers, so
+        ``workers=6`` holds 2 instances, 8 workers). Instances being dropped go
+        unregistered first, then newest first.
+        """
         if memory is not None or cores is not None:
             raise ValueError("scale(memory=/cores=) is not supported: scale counts instances; pick a pool shape")
-        if n < 0:
-            raise ValueError(f"scale({n}): the number of instances cannot be negative")
+        n = self._instances_wanted(n, instances=instances, jobs=jobs, workers=workers, pool=pool)
         pool_name = self.pools.get(pool).name
         names = self.pool_instances(pool_name)
         if len(names) > n:
@@ -320,6 +362,24 @@ class VastAICluster(SpecCluster):
                 self._add_instance(pool_name)
         self.loop.add_callback(self._correct_state)
         return NoOpAwaitable() if self.asynchronous else None
+
+    def _instances_wanted(
+        self, n: int | None, *, instances: int | None, jobs: int | None, workers: int | None, pool: str | None
+    ) -> int:
+        """The instance count that ``scale``'s one given spelling asks for."""
+        given = {k: v for k, v in {"n": n, "instances": instances, "jobs": jobs, "workers": workers}.items()
+                 if v is not None}
+        if len(given) > 1:
+            raise ValueError(
+                f"scale({', '.join(f'{k}={v}' for k, v in given.items())}): give one of n, instances, "
+                "jobs (all count instances) or workers"
+            )
+        name, value = next(iter(given.items()), ("n", 0))
+        if int(value) != value or value < 0:
+            raise ValueError(f"scale({name}={value!r}): give a whole number, 0 or more")
+        if name == "workers":
+            return math.ceil(int(value) / self.pools.get(pool).workers_per_instance)
+        return int(value)
 
     async def release_instances(self, names: Sequence[str]) -> None:
         """Retire these instances' workers (their data moves first), then destroy them."""
@@ -403,8 +463,13 @@ class VastAICluster(SpecCluster):
                 with contextlib.suppress(Exception):
                     await self.hub.close()
             await self.api.close()
-        if self.status != Status.closed:
-            self.status = Status.closed
+            if self.status != Status.closed:
+                self.status = Status.closed
+            # The last word: every instance destroyed, the final cost.
+            self._progress.close()
+            if self._cluster_widget is not None:
+                with contextlib.suppress(Exception):
+                    self._cluster_widget.update()
 
     # -------------------------------------------------------------- previews
     async def _offers(self) -> OfferPreview:
@@ -435,24 +500,58 @@ class VastAICluster(SpecCluster):
         return self.broker.hourly_rate_usd if self.broker else 0.0
 
     @property
-    def instances(self) -> list[dict[str, Any]]:
-        """One row per rental: id, GPU, state, $/h, uptime, worker names."""
-        if self.broker is None:
-            return []
-        by_id = {w.instance_id: w for w in self.workers.values() if isinstance(w, VastInstance)}
-        rows = []
-        for record in self.broker.records.values():
-            inst = by_id.get(record.instance_id)
-            rows.append({
-                "id": record.instance_id,
-                "gpu": f"{record.offer.num_gpus}x {record.offer.gpu_name}",
-                "state": "registered" if inst is not None and inst.registered_at else record.state,
-                "dph": record.dph_total,
-                "uptime_s": round(record.uptime_s, 1),
-                "cost_usd": record.cost_usd,
-                "workers": list(inst.worker_names) if inst is not None else [record.worker_name],
-            })
-        return rows
+    def instances(self) -> InstanceTable:
+        """One row per rental, then one per instance still renting: a list that shows as a table.
+
+        Each row (:class:`~dask_vastai.status.InstanceRow`, also a mapping: ``row["state"]``)
+        has the rental id, GPU model x count, phase (renting, loading image, connecting,
+        installing, starting workers, registered, failed with its reason, destroyed),
+        Vast's status message, $/h, uptime, dollars so far, worker names and pool.
+        """
+        records = self.broker.records.values() if self.broker is not None else ()
+        scheduler = self.scheduler
+        registered = {ws.name for ws in list(scheduler.workers.values())} if scheduler is not None else set()
+        return instance_table(records, self._phases, dict(self.worker_spec), registered)
+
+    @property
+    def adaptive_targets(self) -> dict[str, tuple[int, float, int | None]]:
+        """Per adapting pool: (minimum, maximum, instances wanted at its last round)."""
+        return {pool: (a.minimum, a.maximum, a.target) for pool, a in self._adaptives.items()}
+
+    # --------------------------------------------------------------- notebook
+    def _repr_html_(self, cluster_status: Any = None) -> str:  # type: ignore[override]
+        return cluster_html(self)
+
+    def _widget(self) -> Any:
+        """The ipywidgets view (None without ipywidgets): distributed's ``_ipython_display_`` shows it."""
+        if self._cluster_widget is None:
+            try:
+                import ipywidgets  # noqa: F401
+            except ImportError:
+                return None
+            self._cluster_widget = ClusterWidget(self)
+            refresh = PeriodicCallback(
+                self._cluster_widget.update,
+                1000 * parse_timedelta(dask.config.get("distributed.deploy.cluster-repr-interval"), default="ms"),
+            )
+            self.periodic_callbacks["cluster-repr"] = refresh
+            if self.status == Status.running:
+                self.loop.add_callback(refresh.start)
+        else:
+            # Displaying again shows the cluster as it is now, not as of the last tick.
+            self._cluster_widget.update()
+        return self._cluster_widget.root
+
+    @classmethod
+    def from_name(cls, name: str) -> VastAICluster:
+        """Not possible: a cluster lives in the process that made it (see the error)."""
+        raise ClusterNotAttachable(
+            f"VastAICluster.from_name({name!r}): a VastAICluster lives in the process that created "
+            "it: its scheduler runs there, and only that process holds the cluster's SSH key and "
+            "TLS certificates, so no other process can take it over. From that process, pass the "
+            "cluster object (Client(cluster)); to find or destroy its rentals from anywhere, run "
+            f"`dask-vastai ls --cluster {name}` or `dask-vastai cleanup --cluster {name}`."
+        )
 
     async def _get_logs(self, cluster=True, scheduler=True, workers=True):  # type: ignore[override]
         from distributed.utils import Log

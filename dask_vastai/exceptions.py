@@ -15,6 +15,7 @@ from typing import Any
 
 __all__ = [
     "BootFailed",
+    "ClusterNotAttachable",
     "DaskVastAIError",
     "EnvironmentMismatch",
     "ImpossibleResources",
@@ -109,6 +110,10 @@ class BootFailed(DaskVastAIError, RuntimeError):
 
 class EnvironmentMismatch(DaskVastAIError, RuntimeError):
     """An instance's Python or packages cannot match this client's; the message names both."""
+
+
+class ClusterNotAttachable(DaskVastAIError, NotImplementedError):
+    """``VastAICluster.from_name``: a cluster lives in the process that made it."""
 
 
 class ImpossibleResources(DaskVastAIError):

@@ -35,6 +35,7 @@ from .pools import POOL_RESOURCE_CAPACITY, Pool
 from .rentals import RentalBroker, RentalRecord
 from .roles import WORKER_ARGS, WORKER_CLIENTS_ENV
 from .security import ClusterCA
+from .status import Phase
 from .tunnel import InstanceLink, SSHEndpoint, TunnelHub
 
 if TYPE_CHECKING:
@@ -66,6 +67,8 @@ class ClusterContext:
     environment: InstanceEnvironment | None = None
     #: whether tasks may act as clients (``allow_worker_clients``): told to every worker
     worker_clients: bool = False
+    #: told each instance whose phase changed (the cluster's PhaseBook: widget, progress)
+    on_phase: Callable[[VastInstance], None] | None = None
 
 
 class VastInstance(ProcessInterface):
@@ -91,10 +94,12 @@ class VastInstance(ProcessInterface):
         self.registered_at: float | None = None
         self._boot: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._enter(Phase.RENTING)
 
     # ----------------------------------------------------------------- start
     async def start(self) -> None:
         self.record = await self._rent()
+        self._enter(Phase.LOADING)
         self._boot = asyncio.create_task(self._bring_up(), name=f"boot {self.name}")
         await super().start()
 
@@ -114,6 +119,7 @@ class VastInstance(ProcessInterface):
                 raise
             except Exception as e:  # noqa: BLE001 - every boot failure destroys and maybe retries
                 self.context.log(f"{self.name}: instance {self.record.instance_id} failed: {e}")
+                self._enter(Phase.FAILED, str(e))
                 await self._teardown_link()
                 await self.context.broker.destroy(self.record.instance_id)
                 if attempts >= self.context.max_boot_attempts or not isinstance(e, BootFailed | TimeoutError | OSError):
@@ -121,14 +127,18 @@ class VastInstance(ProcessInterface):
                     if self.context.on_boot_outcome is not None:
                         self.context.on_boot_outcome(self.name, self.pool.name, e)
                     return
+                self._enter(Phase.RENTING)
                 self.record = await self._rent()
+                self._enter(Phase.LOADING)
 
     async def _boot_once(self, record: RentalRecord) -> None:
         ctx = self.context
         row = await ctx.broker.wait_until_ready(record.instance_id, ctx.boot_timeout_s)
+        self._enter(Phase.CONNECTING)
         started = time.monotonic()
         self.link = await ctx.hub.connect(self.name, _ssh_endpoint(row), timeout_s=ctx.boot_timeout_s)
         self.link.on_lost(self._on_link_lost)
+        self._enter(Phase.INSTALLING)
         # Heartbeats start at once: the watchdog's orphan clock runs from boot.
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.create_task(self._beat())
@@ -145,6 +155,7 @@ class VastInstance(ProcessInterface):
                 self.link, probe, log=lambda m: ctx.log(f"{self.name}: {m}"),
                 timeout_s=max(60.0, ctx.boot_timeout_s - (time.monotonic() - started)),
             )
+        self._enter(Phase.STARTING)
         incarnations = self._incarnations(probe, record, extra_env)
         await self._start_workers(incarnations)
         left = max(5.0, ctx.boot_timeout_s - (time.monotonic() - started))
@@ -156,6 +167,7 @@ class VastInstance(ProcessInterface):
         if env is not None and (refusal := env.refusal(self.worker_names)) is not None:
             raise EnvironmentMismatch(refusal)
         self.registered_at = time.time()
+        self._enter(Phase.REGISTERED)
         if self.context.on_boot_outcome is not None:
             self.context.on_boot_outcome(self.name, self.pool.name, None)
         ctx.log(
@@ -285,9 +297,17 @@ class VastInstance(ProcessInterface):
         await self._teardown_link()
         if self.record is not None:
             await self.context.broker.destroy(self.record.instance_id)
+            if self.phase != Phase.FAILED:
+                self._enter(Phase.DESTROYED)
         await super().close()
 
     # ------------------------------------------------------------------ info
+    def _enter(self, phase: Phase, reason: str | None = None) -> None:
+        """Note where the boot stands (``phase``, since when, why it failed) for the user."""
+        self.phase, self.phase_since, self.phase_reason = phase, time.time(), reason
+        if self.context.on_phase is not None:
+            self.context.on_phase(self)
+
     @property
     def instance_id(self) -> int | None:
         return self.record.instance_id if self.record else None

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .display import TextTable, usd_per_hour
 from .vast import Offer
 from .vast.query import STRING_QUERY_DEFAULTS, parse_order, parse_query
 
@@ -249,6 +250,26 @@ class OfferPreview:
                 f"reliability {o.reliability:.3f}"
             )
         return "\n".join(lines)
+
+    def text_table(self) -> TextTable:
+        """The offers as a table (HTML in a notebook, ``rich`` in a terminal)."""
+        rows = [
+            [str(o.id), o.gpu_name, str(o.num_gpus), f"{o.gpu_ram_mb / 1024:.0f} GB",
+             f"{o.cpu_cores_effective:g}", f"{o.cpu_ram_mb / 1024:.0f} GB", usd_per_hour(o.dph_total),
+             f"{o.reliability:.3f}", o.geolocation or "", "datacenter" if o.datacenter else "hobbyist"]
+            for o in self.offers
+        ]
+        return TextTable(
+            ("offer", "GPU", "#", "GPU RAM", "CPUs", "RAM", "$/h", "reliability", "where", "host"),
+            rows, title=f"query: {self.query_text}", notes=(f"{len(self.offers)} offer(s)",),
+            empty="no offer matches",
+        )
+
+    def _repr_html_(self) -> str:
+        return self.text_table().html()
+
+    def __rich__(self) -> Any:
+        return self.text_table().rich()
 
 
 # ----------------------------------------------------------------------------- no match
