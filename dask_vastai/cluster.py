@@ -566,7 +566,7 @@ class VastAICluster(SpecCluster):
         return logs
 
     def __repr__(self) -> str:
-        alive = [r for r in self.instances if r["state"] != "destroyed"]
+        alive = [r for r in self.instances if r["state"] not in ("destroyed", "failed")]
         return (
             f"VastAICluster({self.name!r}, {self.scheduler_address!r}, "
             f"instances={len(alive)}, workers={len(self.scheduler_info.get('workers', {}))}, "

@@ -48,6 +48,7 @@ def shorten(text: str | None, width: int = 70) -> str:
 TABLE_STYLE = "border-collapse: collapse; font-size: 0.9em; text-align: left;"
 CELL_STYLE = "padding: 2px 8px; text-align: left; vertical-align: top; white-space: nowrap;"
 HEAD_STYLE = CELL_STYLE + " border-bottom: 1px solid #999;"
+WRAP_STYLE = "padding: 2px 8px; text-align: left; vertical-align: top; min-width: 16em;"
 #: a cell's tone, as CSS and as a rich style: "ok" (registered), "busy" (booting), "bad", "dim"
 TONES_CSS = {"ok": "color: #1a7f37;", "busy": "color: #b35900;", "bad": "color: #c62828;", "dim": "color: #888;"}
 TONES_RICH = {"ok": "green", "busy": "dark_orange", "bad": "red", "dim": "dim"}
@@ -75,10 +76,12 @@ class TextTable:
         if self.title:
             parts.append(f"<div style='font-weight: bold; margin: 4px 0;'>{esc(self.title)}</div>")
         if self.rows:
+            last = len(self.columns) - 1  # the free text (a status message) may wrap
             head = "".join(f"<th style='{HEAD_STYLE}'>{esc(c)}</th>" for c in self.columns)
             body = "".join(
                 "<tr>" + "".join(
-                    f"<td style='{CELL_STYLE} {TONES_CSS.get(self._tone(r, c), '')}'>{esc(str(v))}</td>"
+                    f"<td style='{CELL_STYLE if c < last else WRAP_STYLE} {TONES_CSS.get(self._tone(r, c), '')}'>"
+                    f"{esc(str(v))}</td>"
                     for c, v in enumerate(row)
                 ) + "</tr>"
                 for r, row in enumerate(self.rows)

@@ -147,7 +147,7 @@ class InstanceRow(Mapping[str, Any]):
         return [
             "-" if self.id is None else str(self.id), self.pool, self.gpu, phase,
             usd_per_hour(self.dph if self.id is not None else None), duration(self.uptime_s),
-            usd(self.cost_usd), workers, shorten(self.detail),
+            usd(self.cost_usd), workers, shorten(self.detail, 240 if self.phase == Phase.FAILED else 70),
         ]
 
 

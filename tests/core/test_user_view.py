@@ -212,3 +212,22 @@ def test_from_name_explains_where_clusters_live() -> None:
     text = str(err.value)
     assert "lives in the process that created it" in text and "dask-vastai ls --cluster mine" in text
     assert isinstance(err.value, DaskVastAIError) and isinstance(err.value, NotImplementedError)
+
+
+def test_a_failed_boot_shows_failed_with_vasts_reason_after_the_rental_is_gone(emulator) -> None:
+    import dask.config
+
+    emulator.faults.fail_boot("oci runtime", count=1)
+    with dask.config.set({"vastai.max-boot-attempts": 1}), VastAICluster(
+        gpu="RTX_3090", api_url=emulator.url, api_key=emulator.api_key, quiet=True, boot_timeout=60,
+    ) as cluster:
+        cluster.scale(1)
+        deadline = time.monotonic() + 60
+        while not any(r["state"] == "failed" for r in cluster.instances):
+            assert time.monotonic() < deadline, cluster.instances
+            time.sleep(0.2)
+        row = next(r for r in cluster.instances if r["state"] == "failed")
+        assert "OCI runtime create failed" in row["reason"] and row["id"] is not None
+        assert "failed" in cluster._repr_html_() and "OCI runtime" in cluster._repr_html_()
+        assert "1 failed" in cluster._repr_html_()
+    assert emulator.instances() == []
