@@ -27,7 +27,9 @@ SCREENSHOT_CELLS = [
     'cluster = VastAICluster(gpu="RTX_3090", n=2, name="demo", boot_timeout=120)',
     "import time\n"
     "cluster.scale(3)\n"
+    "deadline = time.monotonic() + 60\n"
     'while not any(r["state"] == "loading image" and r["status_msg"] for r in cluster.instances):\n'
+    "    assert time.monotonic() < deadline, cluster.instances\n"
     "    time.sleep(0.2)\n"
     "cluster",
     "cluster.close()",
@@ -43,7 +45,7 @@ def chromium() -> str | None:
     return None
 
 
-def render_png(html: str, out: Path, *, width: int = 1180, height: int = 420, timeout_s: float = 60) -> Path:
+def render_png(html: str, out: Path, *, width: int = 1180, height: int = 300, timeout_s: float = 60) -> Path:
     """Draw ``html`` (a notebook output fragment) as ``out``, a PNG, with headless Chromium."""
     browser = chromium()
     if browser is None:
@@ -106,7 +108,8 @@ def main() -> int:
     sys.path.insert(0, str(HERE.parent))
     from dask_vastai.emulator import Emulator
 
-    with Emulator(boot_delay_s=1.0) as emu, tempfile.TemporaryDirectory() as tmp:
+    # Loading lasts longer than a poll interval, so the third instance is caught loading.
+    with Emulator(boot_delay_s=5.0) as emu, tempfile.TemporaryDirectory() as tmp:
         env = {"VAST_API_KEY": emu.api_key, "DASK_VASTAI__API_URL": emu.url,
                "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
         nb, _ = run_notebook(SCREENSHOT_CELLS, env=env, cwd=Path(tmp))

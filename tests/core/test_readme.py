@@ -24,6 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers.sandbox import SANDBOX_OK, SANDBOX_WHY
+from tests.helpers.waiting import wait_until
+
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,11 +85,8 @@ def _rentals_left(env: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def readme_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """The environment after the README's emulator block ran; the emulator stops at the end."""
-    from dask_vastai.emulator.sandbox import SandboxRuntime
-
-    ok, why = SandboxRuntime.available()
-    if not ok:
-        pytest.skip(f"sandbox runtime unavailable here: {why}")
+    if not SANDBOX_OK:
+        pytest.skip(SANDBOX_WHY)
     block = next(b for b in readme_blocks() if EMULATOR_BLOCK in b.text)
     port = _port(block)
     assert not _listening(port), f"port {port} is taken (an emulator from the README left running?)"
@@ -100,10 +100,7 @@ def readme_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
     try:
         assert shell.wait(timeout=60) == 0, (tmp / "emulator.log").read_text()
         env = dict(item.split("=", 1) for item in env_file.read_text().split("\0") if "=" in item)
-        deadline = time.monotonic() + 60
-        while not _listening(port):
-            assert time.monotonic() < deadline, (tmp / "emulator.log").read_text()
-            time.sleep(0.25)
+        wait_until(lambda: _listening(port), 60, f"the README's emulator on port {port}")
         yield env
     finally:
         # The emulator is the shell's background job: same process group.

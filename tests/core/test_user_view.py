@@ -20,6 +20,7 @@ from dask_vastai.rentals import RentalRecord
 from dask_vastai.status import InstanceRow, InstanceTable, Phase, PhaseBook, instance_table
 from dask_vastai.vast import Instance, Offer
 from dask_vastai.widget import cluster_html
+from tests.helpers.waiting import wait_until
 
 OFFER = Offer.from_json({"id": 11, "gpu_name": "RTX 4090", "num_gpus": 2, "dph_total": 0.8, "gpu_ram": 24000})
 
@@ -222,11 +223,8 @@ def test_a_failed_boot_shows_failed_with_vasts_reason_after_the_rental_is_gone(e
         gpu="RTX_3090", api_url=emulator.url, api_key=emulator.api_key, quiet=True, boot_timeout=60,
     ) as cluster:
         cluster.scale(1)
-        deadline = time.monotonic() + 60
-        while not any(r["state"] == "failed" for r in cluster.instances):
-            assert time.monotonic() < deadline, cluster.instances
-            time.sleep(0.2)
-        row = next(r for r in cluster.instances if r["state"] == "failed")
+        row = wait_until(lambda: next((r for r in cluster.instances if r["state"] == "failed"), None),
+                         60, "the instance to fail")
         assert "OCI runtime create failed" in row["reason"] and row["id"] is not None
         assert "failed" in cluster._repr_html_() and "OCI runtime" in cluster._repr_html_()
         assert "1 failed" in cluster._repr_html_()
