@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shlex
 import zlib
 from collections.abc import Mapping, Sequence
@@ -79,10 +80,14 @@ class Incarnation:
     python: str | None = None
 
 
-#: The program the onstart starts (Python 3.8+, stdlib): it waits for the client to install
-#: the supervisor (``PROBE_COMMAND`` does), then becomes it. Until then it is the watchdog: a
-#: rental that no client ever reached destroys itself after the orphan timeout. Plain text, so
-#: that a user reading ``vastai show instance`` sees what runs.
+#: The program the onstart starts (Python 3.8+, stdlib). First it prints the public host keys
+#: of the image's sshd (``/etc/ssh``, where Vast's images keep them, and any ``HostKey`` of
+#: ``sshd_config``; it waits up to 30 s for an sshd that makes them at boot) into the container
+#: log, where the client reads them through Vast's authenticated API before it connects
+#: (:func:`parse_host_keys`). Then it waits for the client to install the supervisor
+#: (``PROBE_COMMAND`` does) and becomes it. Until then it is the watchdog: a rental that no
+#: client ever reached destroys itself after the orphan timeout. Plain text, so that a user
+#: reading ``vastai show instance`` sees what runs.
 #: argv: API URL, orphan timeout (s), heartbeat file, state folder, log file.
 LOADER = """\
 import os, sys, time, urllib.request as r
@@ -99,6 +104,24 @@ def say(m):
         with open(log, "a") as out: out.write(m)
     except OSError:
         pass
+def host_keys():
+    import base64 as b, glob as g, hashlib, re
+    ps = set(g.glob("/etc/ssh/ssh_host_*_key.pub"))
+    for c in ["/etc/ssh/sshd_config"] + g.glob("/etc/ssh/sshd_config.d/*.conf"):
+        try: ps.update(k + ".pub" for k in re.findall(r"(?mi)^[ \\t]*HostKey[ \\t]+(\\S+)", open(c).read()))
+        except OSError: pass
+    out = []
+    for p in sorted(ps):
+        try:
+            t, k = open(p).read().split()[:2]
+            out.append("%s %s SHA256:%s" % (t, k, b.b64encode(hashlib.sha256(b.b64decode(k)).digest()).decode().rstrip("=")))
+        except (OSError, ValueError): pass
+    return out
+for i in range(30):
+    keys = host_keys()
+    if keys: break
+    time.sleep(1)
+say("sshd host keys: " + (", ".join(keys) or "none found"))
 say("waiting up to %ss for the client to install %s" % (orphan_s, sup))
 while not os.path.exists(sup):
     if time.time() - t0 > float(orphan_s):
@@ -116,6 +139,33 @@ while not os.path.exists(sup):
     time.sleep(1)
 os.execv(sys.executable, [sys.executable, sup] + sys.argv[1:])
 """
+
+
+#: What the loader's host-key line says after its timestamp: ``<mark> <type> <base64>
+#: SHA256:<fingerprint>, ...`` or ``<mark> none found``. Also the filter of the log request.
+HOST_KEYS_MARK = "dask-vastai loader: sshd host keys:"
+_HOST_KEY_ALGS = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|ssh-ed448)$")
+
+
+def parse_host_keys(log_text: str) -> tuple[str, ...] | None:
+    """The sshd host keys the loader printed (``"type base64"`` lines), from a container log.
+
+    None when the log holds no such line yet; ``()`` when the loader found no key. The last
+    line wins: each boot of the container prints its own. Entries that are not a known key
+    type with base64 data are dropped (the log is the host's to write).
+    """
+    found: tuple[str, ...] | None = None
+    for line in log_text.splitlines():
+        _, mark, rest = line.partition(HOST_KEYS_MARK)
+        if not mark:
+            continue
+        keys = []
+        for entry in rest.split(","):
+            words = entry.split()
+            if len(words) >= 2 and _HOST_KEY_ALGS.match(words[0]) and re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", words[1]):
+                keys.append(f"{words[0]} {words[1]}")
+        found = tuple(keys)
+    return found
 
 
 @lru_cache(maxsize=1)

@@ -18,6 +18,7 @@ __all__ = [
     "ClusterNotAttachable",
     "DaskVastAIError",
     "EnvironmentMismatch",
+    "HostKeyMismatch",
     "ImpossibleResources",
     "InstanceNotFound",
     "InvalidAPIKey",
@@ -131,6 +132,15 @@ class PortBusy(TunnelError):
     def __init__(self, message: str, port: int) -> None:
         super().__init__(message)
         self.port = port
+
+
+class HostKeyMismatch(TunnelError):
+    """An instance's SSH endpoint presented a host key other than the one pinned for it.
+
+    Pinned: the keys its sshd printed into the instance's log (read through Vast's API), or
+    the first key seen where the log had none in time. Someone else answers at that address;
+    nothing was sent to it.
+    """
 
 
 # ------------------------------------------------------------------ the trust boundary

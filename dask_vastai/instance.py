@@ -29,6 +29,7 @@ from .bootstrap import (
     parse_probe,
     probe_command,
 )
+from .config import option
 from .environment import InstanceEnvironment
 from .exceptions import BootFailed, EnvironmentMismatch
 from .pools import POOL_RESOURCE_CAPACITY, Pool
@@ -36,7 +37,7 @@ from .rentals import RentalBroker, RentalRecord
 from .roles import WORKER_ARGS, WORKER_CLIENTS_ENV
 from .security import ClusterCA
 from .status import Phase
-from .tunnel import InstanceLink, SSHEndpoint, TunnelHub
+from .tunnel import HostKeyPin, InstanceLink, SSHEndpoint, TunnelHub
 
 if TYPE_CHECKING:
     from .vast import Instance
@@ -69,6 +70,8 @@ class ClusterContext:
     worker_clients: bool = False
     #: told each instance whose phase changed (the cluster's PhaseBook: widget, progress)
     on_phase: Callable[[VastInstance], None] | None = None
+    #: seconds to wait for a rental's sshd host keys in its log before its first connection
+    host_key_timeout_s: float = field(default_factory=lambda: float(option("host-key-timeout")))
 
 
 class VastInstance(ProcessInterface):
@@ -89,6 +92,8 @@ class VastInstance(ProcessInterface):
         self.pool = pool
         self.worker_names = [name + suffix for suffix in group] if group else [name]
         self.record: RentalRecord | None = None
+        #: the host keys pinned for one rental (instance id): its first connection and every reconnect
+        self.host_keys: tuple[int, HostKeyPin] | None = None
         self.link: InstanceLink | None = None
         self.worker_ports: list[int] = []
         self.registered_at: float | None = None
@@ -136,7 +141,11 @@ class VastInstance(ProcessInterface):
         row = await ctx.broker.wait_until_ready(record.instance_id, ctx.boot_timeout_s)
         self._enter(Phase.CONNECTING)
         started = time.monotonic()
-        self.link = await ctx.hub.connect(self.name, _ssh_endpoint(row), timeout_s=ctx.boot_timeout_s)
+        if self.host_keys is None or self.host_keys[0] != record.instance_id:
+            self.host_keys = (record.instance_id, await self._host_keys_from_log(record))
+        self.link = await ctx.hub.connect(
+            self.name, _ssh_endpoint(row), timeout_s=ctx.boot_timeout_s, host_keys=self.host_keys[1]
+        )
         self.link.on_lost(self._on_link_lost)
         self._enter(Phase.INSTALLING)
         # Heartbeats start at once: the watchdog's orphan clock runs from boot.
@@ -174,6 +183,19 @@ class VastInstance(ProcessInterface):
             f"{self.name}: instance {record.instance_id} ready, workers {', '.join(self.worker_names)} "
             f"registered {time.time() - record.rented_at:.0f}s after renting"
         )
+
+    async def _host_keys_from_log(self, record: RentalRecord) -> HostKeyPin:
+        """Pin the keys the rental's sshd printed into its log; trust on first use if none came."""
+        ctx = self.context
+        keys = await ctx.broker.host_keys(record.instance_id, ctx.host_key_timeout_s)
+        pin = HostKeyPin(keys or (), source=f"the log of instance {record.instance_id}")
+        if pin.first_use:
+            why = "it found none in /etc/ssh" if keys == () else f"none within {ctx.host_key_timeout_s:.0f}s"
+            ctx.log(
+                f"{self.name}: instance {record.instance_id} printed no sshd host key into its log ({why}): "
+                "trusting the first key its SSH endpoint presents, and refusing any other from then on"
+            )
+        return pin
 
     def _incarnations(
         self, probe: dict[str, Any], record: RentalRecord, extra_env: dict[str, str] | None = None

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .bootstrap import HOST_KEYS_MARK, parse_host_keys
 from .exceptions import BootFailed, NoOfferAvailable, OfferUnavailable, VastError
 from .labels import cluster_label_prefix, rental_label
 from .offers import OfferRequirements, no_match_message
@@ -336,6 +337,30 @@ class RentalBroker:
                 await asyncio.wait_for(record.changed.wait(), timeout=left)
             except TimeoutError:
                 pass
+
+    async def host_keys(self, instance_id: int, wait_s: float) -> tuple[str, ...] | None:
+        """The sshd host keys the instance printed into its log, read through Vast's API.
+
+        The log is what the instance wrote, fetched over HTTPS with the account's key: a man
+        in the middle of the SSH path cannot change it. Polls until the loader's line is there
+        or ``wait_s`` passes; None then, ``()`` when the line says no key was found.
+        """
+        deadline = time.monotonic() + wait_s
+        last = "no answer yet"
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                text = await asyncio.wait_for(self.api.logs(instance_id, filter=HOST_KEYS_MARK), max(left, 1.0))
+                keys = parse_host_keys(text)
+                if keys is not None:
+                    return keys
+                last = "no host-key line in the log yet"
+            except (VastError, TimeoutError) as e:
+                last = f"{type(e).__name__}: {e}"
+            if deadline - time.monotonic() <= 0:
+                logger.info("instance %s: no sshd host keys in its log after %.0fs (%s)", instance_id, wait_s, last)
+                return None
+            await asyncio.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
     # -------------------------------------------------------------- destroying
     async def destroy(self, instance_id: int) -> None:

@@ -28,7 +28,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ import asyncssh
 from asyncssh.listener import create_tcp_forward_listener
 
 from .bootstrap import STOP_WORKERS_COMMAND
-from .exceptions import PortBusy, TunnelError
+from .exceptions import HostKeyMismatch, PortBusy, TunnelError
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,69 @@ class ClusterKey:
 
     def __repr__(self) -> str:
         return f"<ClusterKey {self.public_openssh.split()[-1]}>"
+
+
+class HostKeyPin:
+    """The SSH host keys one rental may present: every connection to it is checked against them.
+
+    Made from the keys its sshd printed into the instance's log, which the client reads
+    through Vast's authenticated HTTPS API before the first connection, so an impostor on
+    the path (a hijacked address, a compromised proxy) is refused during the key exchange,
+    before authentication, any forward or any file. Without keys (the log had none in
+    time) the first key a connection meets is pinned (trust on first use) and a changed key
+    is refused ever after, reconnects included. One pin per rental: a new rental gets its own.
+    """
+
+    def __init__(self, keys: Sequence[str] = (), *, source: str) -> None:
+        #: where the keys came from, for messages ("the log of instance 123")
+        self.source = source
+        self._keys: list[asyncssh.SSHKey] = []
+        for text in keys:
+            try:
+                self._keys.append(asyncssh.import_public_key(text))
+            except (asyncssh.KeyImportError, ValueError) as e:
+                logger.warning("ignoring a host key in %s that is not an OpenSSH public key: %s", source, e)
+        #: the fingerprint of the last key refused (for the error message)
+        self.refused: str | None = None
+
+    @property
+    def first_use(self) -> bool:
+        """No key pinned yet: the next connection pins the key it meets."""
+        return not self._keys
+
+    def fingerprints(self) -> list[str]:
+        return [k.get_fingerprint("sha256") for k in self._keys]
+
+    def __repr__(self) -> str:
+        keys = ", ".join(self.fingerprints()) or "trust on first use"
+        return f"<HostKeyPin {keys} from {self.source}>"
+
+    def connect_options(self) -> dict[str, Any]:
+        """asyncssh options that accept only these keys (any, on first use)."""
+        return {"known_hosts": (list(self._keys), [], []), "client_factory": lambda: _HostKeyCheck(self)}
+
+    def pin(self, conn: asyncssh.SSHClientConnection) -> None:
+        """After a first-use connection: its server's key is the only one from now on."""
+        if self._keys:
+            return
+        key = conn.get_server_host_key()
+        if key is None:  # pragma: no cover - asyncssh always has one after the key exchange
+            raise TunnelError(f"no host key was seen on the first connection to {self.source}")
+        self._keys = [key]
+        self.source = f"the first connection ({self.source} had none)"
+
+
+class _HostKeyCheck(asyncssh.SSHClient):
+    """asyncssh asks this only for a key outside the pinned ones: refused, unless none is pinned."""
+
+    def __init__(self, pin: HostKeyPin) -> None:
+        self._pin = pin
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        if self._pin.first_use:
+            return True  # asyncssh still checks that the server holds the key's private half
+        self._pin.refused = key.get_fingerprint("sha256")
+        return False
 
 
 class InstanceLink:
@@ -232,16 +295,25 @@ class TunnelHub:
         return f"<TunnelHub scheduler_port={self.scheduler_port} links={sorted(self.links)} workers={sorted(self._exposed)}>"
 
     # ---------------------------------------------------------------- links
-    async def _open(self, endpoint: SSHEndpoint, timeout_s: float) -> asyncssh.SSHClientConnection:
+    async def _open(self, endpoint: SSHEndpoint, timeout_s: float, host_keys: HostKeyPin) -> asyncssh.SSHClientConnection:
         return await asyncssh.connect(
             endpoint.host,
             endpoint.port,
             username=endpoint.username,
             client_keys=[self.key.private],
-            # Every rental has fresh host keys we cannot know in advance; the channel is still
-            # encrypted and every Dask connection inside it is TLS-authenticated by our own CA.
-            known_hosts=None,
+            **host_keys.connect_options(),
+            # Nothing of the user's SSH setup reaches a stranger's host: no ~/.ssh/config
+            # (ForwardAgent, ForwardX11Trusted, ProxyCommand, SendEnv...), no agent, no other
+            # way to authenticate than the cluster's own key.
+            config=None,
             agent_path=None,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            password_auth=False,
+            kbdint_auth=False,
+            host_based_auth=False,
+            gss_auth=False,
+            gss_kex=False,
             encryption_algs=["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"],
             compression_algs=["none"],
             keepalive_interval=self.keepalive_interval_s,
@@ -250,13 +322,19 @@ class TunnelHub:
             login_timeout=timeout_s,
         )
 
-    async def connect(self, name: str, endpoint: SSHEndpoint, *, timeout_s: float) -> InstanceLink:
+    async def connect(
+        self, name: str, endpoint: SSHEndpoint, *, timeout_s: float, host_keys: HostKeyPin | None = None
+    ) -> InstanceLink:
         """An SSH link to ``endpoint`` with the scheduler and all existing workers forwarded.
 
-        Retries until the instance's sshd accepts our key (it boots, then the onstart script
-        authorizes the key) or ``timeout_s`` passes: then TimeoutError naming the endpoint and
-        the last error.
+        ``host_keys``: the rental's pinned host keys (one object for its first connection and
+        every reconnect); None trusts the first key met, for this call only. A server
+        presenting another key is refused during the key exchange, before anything is sent:
+        :class:`HostKeyMismatch`, never retried. Otherwise retries until the instance's sshd
+        accepts our key (it boots, then the onstart script authorizes the key) or ``timeout_s``
+        passes: then TimeoutError naming the endpoint and the last error.
         """
+        pin = host_keys if host_keys is not None else HostKeyPin(source=f"{name} at {endpoint}")
         deadline = time.monotonic() + timeout_s
         delay, last_error = 0.5, "no attempt made"
         while True:
@@ -266,8 +344,15 @@ class TunnelHub:
                     f"could not open SSH to {name} at {endpoint} within {timeout_s:.0f}s; last error: {last_error}"
                 )
             try:
-                conn = await self._open(endpoint, min(self.connect_timeout_s, max(left, 1.0)))
+                conn = await self._open(endpoint, min(self.connect_timeout_s, max(left, 1.0)), pin)
+                pin.pin(conn)
                 break
+            except asyncssh.HostKeyNotVerifiable as e:
+                raise HostKeyMismatch(
+                    f"refused SSH to {name} at {endpoint}: it presented the host key {pin.refused or '(unknown)'}, "
+                    f"not the one pinned from {pin.source} ({', '.join(pin.fingerprints())}). Someone else "
+                    "answers at that address (a man in the middle, or another machine); nothing was sent to it"
+                ) from e
             except (TimeoutError, OSError, asyncssh.Error) as e:
                 last_error = f"{type(e).__name__}: {e}"
                 logger.debug("SSH to %s (%s) not ready: %s", name, endpoint, last_error)

@@ -41,7 +41,7 @@ import secrets
 import shlex
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .api_query import QueryError, matches, ordered
@@ -389,8 +389,11 @@ class Market:
                 r.bill("storage", self.clock())
             return
         r.status_msg = f"Starting container {r.image}"
+        spec = self._spec(r)
+        if self.faults and self.faults.take_impostor():
+            spec = replace(spec, quirks=replace(spec.quirks, ssh_impostor=True))
         try:
-            endpoints = await self.runtime.start(self._spec(r))
+            endpoints = await self.runtime.start(spec)
         except asyncio.CancelledError:
             await self.runtime.stop(r.id)
             raise

@@ -6,7 +6,9 @@ Two kinds:
   calls of an endpoint fail (429 plain text or a 5xx), the next N boots fail with a fatal
   ``status_msg`` or stay in ``loading`` forever, the next N creates find their offer
   taken by someone else between search and create (404 ``no_such_ask``, or 410 as Vast
-  answers a ``cancel_unavail`` create whose machine cannot start now);
+  answers a ``cancel_unavail`` create whose machine cannot start now), the next N boots
+  (first boots or reboots) have a man in the middle on their SSH endpoints, presenting
+  another host key than the one the instance has and prints (``impostor_ssh``);
 - *immediate* faults change a rental now: an interruptible rental is outbid (-> ``stopped``),
   a host goes ``offline`` (its sandbox is stopped: nothing on it answers any more), a
   container dies (-> ``exited`` with an exit code).
@@ -59,6 +61,7 @@ class Faults:
         self._http: dict[str, list[int]] = {}  # endpoint -> statuses, one per coming call
         self._boots: list[BootFault] = []
         self._races: list[int] = []  # statuses (404/410) of the coming raced creates
+        self._impostors = 0  # coming boots whose SSH endpoints present a foreign host key
 
     # ----------------------------------------------------------------- arm
     def fail_next(self, endpoint: str, count: int = 1, status: int = 429) -> None:
@@ -89,6 +92,11 @@ class Faults:
         with self._lock:
             self._races.extend([int(status)] * int(count))
 
+    def impostor_ssh(self, count: int = 1) -> None:
+        """The next ``count`` boots (or reboots) answer SSH with a host key not the instance's own."""
+        with self._lock:
+            self._impostors += int(count)
+
     # ----------------------------------------------------------------- now
     def preempt(self, instance_id: int) -> None:
         """Outbid the interruptible rental ``instance_id``: it goes to ``stopped`` now."""
@@ -108,12 +116,14 @@ class Faults:
             self._http.clear()
             self._boots.clear()
             self._races.clear()
+            self._impostors = 0
 
     def armed(self) -> dict[str, Any]:
         """What is armed, for ``GET /_emulator/faults`` and for test messages."""
         with self._lock:
             return {"http": {k: list(v) for k, v in self._http.items() if v},
-                    "boots": [asdict(b) for b in self._boots], "create_races": list(self._races)}
+                    "boots": [asdict(b) for b in self._boots], "create_races": list(self._races),
+                    "impostor_ssh": self._impostors}
 
     # ----------------------------------------------------------------- consume (event loop)
     def take_http(self, endpoint: str) -> int | None:
@@ -125,6 +135,14 @@ class Faults:
         with self._lock:
             return self._boots.pop(0) if self._boots else None
 
+    def take_impostor(self) -> bool:
+        """Whether the boot starting now gets a man in the middle on its SSH endpoints."""
+        with self._lock:
+            if self._impostors <= 0:
+                return False
+            self._impostors -= 1
+            return True
+
     def take_race(self) -> int | None:
         """The status (404/410) the next create answers if it is raced, else None."""
         with self._lock:
@@ -135,7 +153,7 @@ class Faults:
         """Arm or trigger one fault from its JSON form (``{"fault": name, **arguments}``)."""
         actions: dict[str, Callable[..., None]] = {
             "fail_next": self.fail_next, "fail_boot": self.fail_boot, "stick_loading": self.stick_loading,
-            "race_next_create": self.race_next_create, "preempt": self.preempt,
+            "race_next_create": self.race_next_create, "impostor_ssh": self.impostor_ssh, "preempt": self.preempt,
             "host_offline": self.host_offline, "container_exit": self.container_exit, "clear": self.clear,
         }
         args = dict(spec)

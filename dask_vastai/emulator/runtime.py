@@ -31,6 +31,9 @@ class SandboxQuirks:
     proxy: str = "ok"
     #: (cores, RAM in MB) the instance's /proc and /sys show; None: the machine's own
     cpu_view: tuple[int, int] | None = None
+    #: the SSH endpoints present a host key other than the instance's own (fault ``impostor_ssh``:
+    #: a man in the middle); the instance's /etc/ssh and its log still show its own keys
+    ssh_impostor: bool = False
 
 
 @dataclass(frozen=True)

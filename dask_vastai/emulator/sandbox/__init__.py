@@ -45,7 +45,16 @@ from . import gpus as gpu_mod
 from .apirelay import ApiRelay
 from .blackhole import hold_syns
 from .publicnet import PublicNet
-from .sshd import DEFAULT_SESSION_PATH, find_sshd, new_host_key, sshd_config
+from .sshd import (
+    DEFAULT_SESSION_PATH,
+    HOST_KEY_DIR,
+    HOST_KEY_NAMES,
+    IMPOSTOR_KEY,
+    find_sshd,
+    new_host_key,
+    new_host_keys,
+    sshd_config,
+)
 from .support import available
 
 __all__ = ["SandboxRuntime"]
@@ -118,6 +127,8 @@ class SandboxRuntime:
         self._sshd = find_sshd()
         self._sandboxes: dict[int, _Sandbox] = {}
         self._logs_after_stop: dict[int, str] = {}
+        #: each rental's /etc/ssh host keys, made at its first boot and kept across reboots
+        self._host_keys: dict[int, dict[str, str]] = {}
         self._api = ApiRelay()
         self._public = PublicNet(public_ipaddr)
         self._socket_dir: str | None = None
@@ -187,7 +198,12 @@ class SandboxRuntime:
         session_env, set_env = self._session_env(spec, env)
         fake = [] if host_gpus else gpu_mod.fake_gpus(spec.instance_id, spec.num_gpus, spec.gpu_name,
                                                       spec.gpu_ram_mb)
-        host_key, _ = await asyncio.to_thread(new_host_key)
+        if spec.instance_id not in self._host_keys:
+            self._host_keys[spec.instance_id] = await asyncio.to_thread(new_host_keys)
+        host_keys = self._host_keys[spec.instance_id]
+        impostor = (await asyncio.to_thread(new_host_key))[0] if quirks.ssh_impostor else None
+        # what sshd presents: the image's keys, or the man in the middle's
+        presented = (IMPOSTOR_KEY,) if impostor else tuple(f"{HOST_KEY_DIR}/{n}" for n in HOST_KEY_NAMES)
         status_r, status_w = os.pipe()
         log_fd = os.open(directory / "container.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if proxy is not None and quirks.proxy == "dead":  # what the container's tunnel to the proxy says
@@ -225,13 +241,17 @@ class SandboxRuntime:
             "openssh": bool(self._root and self._sshd),
             "sshd": self._sshd or "/usr/sbin/sshd",
             "sshd_configs": {
-                "direct": sshd_config(set_env),
-                "proxy": sshd_config(set_env, remote_forward=quirks.proxy != "no_remote_forward"),
+                "direct": sshd_config(set_env, host_keys=presented),
+                "proxy": sshd_config(set_env, remote_forward=quirks.proxy != "no_remote_forward", host_keys=presented),
             },
+            # the image's own sshd_config in /etc/ssh: what the instance believes it serves
+            "image_sshd_config": sshd_config(set_env),
             "proxy_remote_forward": quirks.proxy != "no_remote_forward",
             "cpu_view": None if quirks.cpu_view is None else
             {"cores": quirks.cpu_view[0], "ram_mb": quirks.cpu_view[1]},
-            "host_key": host_key,
+            "host_keys": host_keys,
+            "impostor_key": impostor,
+            "served_host_keys": [impostor] if impostor else [host_keys[n] for n in HOST_KEY_NAMES],
             "authorized_keys": "".join(k.strip() + "\n" for k in spec.authorized_keys if k.strip()),
             "fake_gpus": fake,
             "gpu_devices": gpu_mod.device_nodes(host_gpus) if host_gpus else [],

@@ -94,12 +94,15 @@ async def _copy_pipe(fd: int, writer: asyncssh.SSHWriter) -> None:
         transport.close()
 
 
-async def serve_connection(sock, host_key_text: str, spawn, wait, remote_forward: bool = True) -> None:
-    """Run one SSH server connection on an accepted socket (``remote_forward`` False refuses -R)."""
+async def serve_connection(sock, host_keys: list, spawn, wait, remote_forward: bool = True) -> None:
+    """Run one SSH server connection on an accepted socket (``remote_forward`` False refuses -R).
+
+    ``host_keys``: the private keys (OpenSSH text) it presents, as sshd's ``HostKey`` lines do.
+    """
     await asyncssh.run_server(
         sock,
         server_factory=lambda: _Server(remote_forward),
-        server_host_keys=[asyncssh.import_private_key(host_key_text)],
+        server_host_keys=[asyncssh.import_private_key(k) for k in host_keys],
         process_factory=session_handler(spawn, wait),
         encoding=None,
         sftp_factory=_SFTPServer,

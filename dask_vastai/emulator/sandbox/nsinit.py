@@ -375,12 +375,40 @@ def write_files(cfg: dict, root: str) -> None:
     if cfg["ssh_environment"] is not None:  # sessions see the container's env (variant ssh_env)
         env_lines = "".join(f"{k}={v}\n" for k, v in cfg["ssh_environment"].items() if "\n" not in v)
         write_file(root + "/root/.ssh/environment", env_lines, 0o600)
-    write_file(run + "/ssh_host_ed25519_key", cfg["host_key"], 0o600)
+    write_host_keys(cfg, root)
     for name, text in cfg["sshd_configs"].items():
         write_file(run + "/" + sshd_config_name(name), text, 0o644)
     write_file(run + "/gpus.json", json.dumps(cfg["fake_gpus"]), 0o644)
     for name, text in cfg["bin_files"].items():
         write_file(run + "/bin/" + name, text, 0o755)
+
+
+def write_host_keys(cfg: dict, root: str) -> None:
+    """The image's /etc/ssh: the host's client files (never its keys), our sshd_config and keys.
+
+    /etc is the host's, read-only; a tmpfs over /etc/ssh holds the rental's own keys, as an
+    image's sshd keeps them there. The impostor's key (a fault) lives outside it. A host
+    without /etc/ssh has no OpenSSH either: asyncssh's server then serves the keys itself.
+    """
+    etc_ssh = root + "/etc/ssh"
+    if os.path.isdir(etc_ssh):
+        host_files = []
+        for name in sorted(os.listdir(etc_ssh)):
+            path = etc_ssh + "/" + name
+            if not name.startswith("ssh_host_") and name != "sshd_config" and os.path.isfile(path):
+                try:
+                    with open(path, "rb") as f:
+                        host_files.append((name, f.read()))
+                except OSError:
+                    pass  # not readable by the sandbox's root: not the image's either
+        mount("vastemu-etc-ssh", etc_ssh, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=0755")
+        for name, data in host_files:
+            write_file(etc_ssh + "/" + name, data, 0o644)
+        write_file(etc_ssh + "/sshd_config", cfg["image_sshd_config"], 0o644)
+        for name, text in cfg["host_keys"].items():
+            write_file(etc_ssh + "/" + name, text, 0o644 if name.endswith(".pub") else 0o600)
+    if cfg.get("impostor_key"):
+        write_file(root + "/run/vast-emu/impostor_host_key", cfg["impostor_key"], 0o600)
 
 
 def sshd_config_name(name: str) -> str:
@@ -585,7 +613,7 @@ class Init:
                     return
                 remote_forward = name != "proxy" or self.cfg["proxy_remote_forward"]
                 asyncio.create_task(self.fallback.serve_connection(
-                    conn, self.cfg["host_key"], self.spawn_session, self.wait_for, remote_forward))
+                    conn, self.cfg["served_host_keys"], self.spawn_session, self.wait_for, remote_forward))
                 return
             conn.setblocking(True)
             try:
