@@ -28,7 +28,7 @@ from .shipping import (
     Shipment,
     build_shipment,
     local_modules,
-    non_default_config,
+    shipped_config,
     unpack_command,
 )
 from .versions import (
@@ -170,8 +170,8 @@ class InstanceEnvironment:
             self._shipment_lock = asyncio.Lock()
         async with self._shipment_lock:  # instances booting together build it once
             mods = await asyncio.to_thread(local_modules, include=include)
-            config = non_default_config() if self.ship_config else {}
+            config, left_out = shipped_config() if self.ship_config else ({}, [])
             key = (*sorted(f"{m.name}:{m.path}" for m in mods), json.dumps(config, sort_keys=True, default=repr))
             if key not in self._shipments:
-                self._shipments[key] = await asyncio.to_thread(build_shipment, mods, config)
+                self._shipments[key] = await asyncio.to_thread(build_shipment, mods, config, left_out)
             return self._shipments[key]

@@ -1,11 +1,18 @@
-"""What must travel: the code no index can install, and the client's dask config.
+"""What must travel: the code no index can install, and the dask config workers obey.
 
 Workers need every module that a task's function comes from. What an index installed the
 image has, or the user's ``packages`` install; what no index can install is shipped: the
 user's local and editable packages and modules (``mylib.py`` next to the script, a
-development checkout of dask-vastai itself) and its non-default dask config, as one archive
-over SFTP, unpacked into a folder that the incarnation puts first on the worker's
-``PYTHONPATH`` (the config: on its ``DASK_CONFIG``). Our own config section never travels.
+development checkout of dask-vastai itself) and the part of its dask config that changes how
+a worker behaves, as one archive over SFTP, unpacked into a folder that the incarnation puts
+first on the worker's ``PYTHONPATH`` (the config: on its ``DASK_CONFIG``).
+
+Every host is a stranger, so only what a task needs goes: a package travels as its Python
+files plus the data files its project declares (``[tool.setuptools.package-data]``,
+``setup.cfg``'s ``package_data``, ``MANIFEST.in``, or the files an installed distribution
+recorded), and a warning names every other file left behind (a ``credentials.json`` beside
+the code stays here). The config travels from an allow-list of sections
+(``vastai.ship-config``), without any key whose name looks like a credential.
 
 In the emulator the sandbox sees the client's own interpreter and site-packages but not the
 development checkout, so the checkout is shipped there, as it would be to a Vast image.
@@ -13,12 +20,14 @@ development checkout, so the checkout is shipped there, as it would be to a Vast
 
 from __future__ import annotations
 
+import configparser
 import copy
 import gzip
 import hashlib
 import io
 import logging
 import os
+import re
 import shlex
 import sys
 import sysconfig
@@ -40,8 +49,17 @@ SHIP_DIR = "/root/.dask-vastai/ship"
 MAX_SHIPPED_FILE_BYTES = 20 * 2**20
 #: A shipment this big is worth a warning: it is uploaded to every instance at every boot.
 LARGE_SHIPMENT_BYTES = 64 * 2**20
-#: Config sections never shipped: ours holds the Vast API key, which never leaves this machine.
+#: Config sections never shipped, whatever the allow-list says: ours holds the Vast API key,
+#: which never leaves this machine.
 PRIVATE_CONFIG_SECTIONS = ("vastai",)
+#: Words that make a config key (any segment of its path, split at ``-``, ``_`` and ``.``)
+#: look like a credential: such a key is never shipped, even inside an allowed section.
+SECRET_WORDS = frozenset({
+    "token", "tokens", "password", "passwd", "passphrase", "secret", "secrets", "credential",
+    "credentials", "key", "apikey", "auth", "authorization", "cookie", "private", "bearer",
+})
+#: A value holding a URL with a password in it (``https://user:pass@host``) is not shipped.
+_URL_CREDENTIALS = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 _SKIPPED_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 
 
@@ -122,12 +140,65 @@ def local_modules(
 
 
 @lru_cache(maxsize=1)
-def _provided_modules() -> frozenset[str]:
-    """Top-level names that installed distributions provide (scanning them takes ~0.3 s: once)."""
+def _distributions() -> Mapping[str, list[str]]:
+    """Top-level name -> the installed distributions providing it (scanning takes ~0.3 s: once)."""
     try:
-        return frozenset(metadata.packages_distributions())
+        return metadata.packages_distributions()
     except Exception:  # noqa: BLE001 - a broken dist-info must not stop the cluster
-        return frozenset()
+        return {}
+
+
+def _provided_modules() -> frozenset[str]:
+    """Top-level names that installed distributions provide."""
+    return frozenset(_distributions())
+
+
+def looks_secret(name: str) -> bool:
+    """Whether a config key or variable name looks like it holds a credential (``HF_TOKEN``)."""
+    return any(word in SECRET_WORDS for word in re.split(r"[-_.\s]+", str(name).lower()))
+
+
+def shipped_config(
+    config: Mapping[str, Any] | None = None, allowed: Iterable[str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """``(what workers get, the dotted keys left out)`` of the client's non-default dask config.
+
+    ``allowed``: dotted prefixes (``distributed.worker``) that change how a worker behaves;
+    default ``vastai.ship-config``. Within them, keys that look like credentials
+    (:func:`looks_secret`) and values holding a URL with a password are left out too.
+    """
+    from ..config import option
+
+    prefixes = [tuple(str(a).split(".")) for a in (option("ship-config") if allowed is None else allowed)]
+    left_out: list[str] = []
+
+    def keep(node: Mapping[str, Any], path: tuple[str, ...], inside: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            here = (*path, str(key))
+            dotted = ".".join(here)
+            allowed_here = inside or any(here[: len(p)] == p for p in prefixes)
+            leads_to_allowed = any(p[: len(here)] == here for p in prefixes)
+            if looks_secret(str(key)) or (allowed_here and _holds_url_credentials(value)):
+                left_out.append(f"{dotted} (looks like a credential)")
+            elif isinstance(value, Mapping) and (allowed_here or leads_to_allowed):
+                sub = keep(value, here, allowed_here)
+                if sub or (allowed_here and not value):
+                    out[key] = sub
+            elif allowed_here:
+                out[key] = value
+            else:
+                left_out.append(dotted)
+        return out
+
+    kept = keep(non_default_config(config), (), False)
+    return kept, left_out
+
+
+def _holds_url_credentials(value: Any) -> bool:
+    if isinstance(value, list | tuple):
+        return any(_holds_url_credentials(v) for v in value)
+    return isinstance(value, str) and bool(_URL_CREDENTIALS.search(value))
 
 
 def non_default_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -164,6 +235,104 @@ def non_default_config(config: Mapping[str, Any] | None = None) -> dict[str, Any
 _MISSING = object()
 
 
+def declared_package_data(package: Path) -> set[Path]:
+    """The files of ``package`` (a folder) that its distribution or project declares as data.
+
+    An installed distribution's record lists exactly what was installed; for a source tree
+    (next to the script, an editable install) the project beside it says, in the places
+    setuptools reads: ``[tool.setuptools.package-data]`` in ``pyproject.toml``,
+    ``[options.package_data]`` in ``setup.cfg``, and ``MANIFEST.in``.
+    """
+    recorded = _recorded_files(package)
+    if recorded:
+        return recorded
+    for root in (package.parent, package.parent.parent):
+        found = [root / n for n in ("pyproject.toml", "setup.cfg", "MANIFEST.in") if (root / n).is_file()]
+        if found:
+            return {f for f in _project_data(root, package) if f.is_file()}
+    return set()
+
+
+def _recorded_files(package: Path) -> set[Path]:
+    """Files an installed (not editable) distribution recorded under ``package``."""
+    out: set[Path] = set()
+    for dist_name in _distributions().get(package.name, []):
+        try:
+            files = metadata.distribution(dist_name).files or []
+        except metadata.PackageNotFoundError:
+            continue
+        for f in files:
+            path = Path(str(f.locate())).resolve()
+            if path.is_relative_to(package):
+                out.add(path)
+    return out
+
+
+def _project_data(root: Path, package: Path) -> list[Path]:
+    """What the project at ``root`` declares as data of ``package`` and its subpackages."""
+    found: list[Path] = []
+    patterns: dict[str, list[str]] = {}
+    try:
+        import tomllib
+
+        with open(root / "pyproject.toml", "rb") as f:
+            table = tomllib.load(f).get("tool", {}).get("setuptools", {}).get("package-data", {})
+        patterns.update({str(k): [str(p) for p in v] for k, v in table.items()})
+    except (OSError, ValueError):
+        pass
+    cfg = configparser.ConfigParser()
+    try:
+        cfg.read(root / "setup.cfg")
+        for k, v in (cfg["options.package_data"].items() if cfg.has_section("options.package_data") else []):
+            patterns.setdefault(k, []).extend(p.strip() for p in re.split(r"[,\n]", v) if p.strip())
+    except configparser.Error:
+        pass
+    for key, globs in patterns.items():
+        if key in ("", "*"):
+            folders = [d for d in [package, *package.rglob("*")] if (d / "__init__.py").is_file()]
+        elif key == package.name or key.startswith(package.name + "."):
+            folders = [package.joinpath(*key.split(".")[1:])]
+        else:
+            continue
+        for folder in folders:
+            for pattern in globs:
+                found.extend(folder.glob(pattern))
+    found.extend(_manifest_files(root, package))
+    return found
+
+
+def _manifest_files(root: Path, package: Path) -> list[Path]:
+    """The files under ``package`` that ``MANIFEST.in`` adds (and does not take away again)."""
+    try:
+        lines = (root / "MANIFEST.in").read_text().splitlines()
+    except OSError:
+        return []
+    files: set[Path] = set()
+    for line in lines:
+        words = line.split("#", 1)[0].split()
+        matched = _manifest_match(root, words[0], words[1:]) if len(words) >= 2 else None
+        if matched is None:
+            continue
+        if words[0] in ("include", "recursive-include", "graft"):
+            files |= matched
+        else:
+            files -= matched
+    return sorted(p for p in files if p.resolve().is_relative_to(package))
+
+
+def _manifest_match(root: Path, command: str, args: list[str]) -> set[Path] | None:
+    """The paths one ``MANIFEST.in`` command names; None for a command we do not read."""
+    if command in ("include", "exclude"):
+        return {p for a in args for p in root.glob(a)}
+    if command in ("recursive-include", "recursive-exclude") and len(args) >= 2:
+        return {p for pattern in args[1:] for p in (root / args[0]).rglob(pattern)}
+    if command in ("graft", "prune"):
+        return {p for a in args for p in (root / a).rglob("*")}
+    if command == "global-exclude":
+        return {p for a in args for p in root.rglob(a)}
+    return None
+
+
 @dataclass(frozen=True)
 class Shipment:
     """One gzip'd tar of the shipped modules (``site/``) and dask config (``dask-config/``)."""
@@ -173,6 +342,10 @@ class Shipment:
     modules: tuple[LocalModule, ...]
     config_keys: tuple[str, ...]
     skipped: tuple[str, ...] = ()
+    #: files of the shipped packages that are neither Python nor declared data (left here)
+    left_behind: tuple[str, ...] = ()
+    #: dask config keys not shipped (outside the allow-list, or looking like credentials)
+    config_left_out: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -195,6 +368,8 @@ class Shipment:
     def describe(self) -> str:
         names = ", ".join(f"{m.name} ({m.why})" for m in self.modules) or "no modules"
         conf = f"dask config {', '.join(self.config_keys)}" if self.config_keys else "no dask config"
+        if self.config_left_out:
+            conf += f" (not shipped: {', '.join(self.config_left_out)})"
         return f"{names}; {conf}; {len(self.archive) / 1024:.0f} KiB"
 
 
@@ -214,10 +389,17 @@ def _config_yaml(config: Mapping[str, Any]) -> tuple[bytes, tuple[str, ...]]:
     return yaml.safe_dump(keep, sort_keys=True).encode(), tuple(sorted(keep))
 
 
-def build_shipment(modules: Sequence[LocalModule], config: Mapping[str, Any]) -> Shipment:
-    """The archive for ``modules`` and ``config``; the same inputs give the same digest."""
+def build_shipment(
+    modules: Sequence[LocalModule], config: Mapping[str, Any], config_left_out: Sequence[str] = ()
+) -> Shipment:
+    """The archive for ``modules`` and ``config``; the same inputs give the same digest.
+
+    A package travels as its ``.py`` files plus its declared data (:func:`declared_package_data`);
+    a warning names what else is in its folder and stays here.
+    """
     buf = io.BytesIO()
     skipped: list[str] = []
+    left_behind: list[str] = []
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz:
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
 
@@ -231,17 +413,21 @@ def build_shipment(modules: Sequence[LocalModule], config: Mapping[str, Any]) ->
                 if source.is_file():
                     add(f"site/{source.name}", source.read_bytes(), source.stat().st_mtime)
                     continue
+                declared = declared_package_data(source.resolve())
                 for dirpath, dirnames, filenames in os.walk(source):
                     dirnames[:] = sorted(
                         d for d in dirnames if d not in _SKIPPED_DIRS and not d.startswith(".") and not d.endswith(".egg-info")
                     )
                     for fname in sorted(filenames):
                         f = Path(dirpath, fname)
-                        # hidden files (.env, credentials) stay here: send nothing a task does not need
+                        # hidden files (.env) and byte code are never code a task needs
                         if fname.endswith((".pyc", ".pyo")) or fname.startswith(".") or not f.is_file():
                             continue
-                        size = f.stat().st_size
                         rel = f.relative_to(source.parent).as_posix()
+                        if not fname.endswith(".py") and f.resolve() not in declared:
+                            left_behind.append(rel)
+                            continue
+                        size = f.stat().st_size
                         if size > MAX_SHIPPED_FILE_BYTES:
                             skipped.append(f"{rel} ({size / 2**20:.0f} MiB)")
                             continue
@@ -252,6 +438,13 @@ def build_shipment(modules: Sequence[LocalModule], config: Mapping[str, Any]) ->
     if skipped:
         logger.warning("not shipped to the instances (over %d MiB each): %s", MAX_SHIPPED_FILE_BYTES >> 20,
                        ", ".join(skipped))
+    if left_behind:
+        shown = ", ".join(left_behind[:20]) + (f" and {len(left_behind) - 20} more" if len(left_behind) > 20 else "")
+        logger.warning(
+            "not shipped to the instances (neither Python files nor declared package data): %s. A file a task "
+            "needs must be declared as package data ([tool.setuptools.package-data] in pyproject.toml, "
+            "package_data in setup.cfg, or MANIFEST.in)", shown,
+        )
     data = buf.getvalue()
     if len(data) > LARGE_SHIPMENT_BYTES:
         logger.warning(
@@ -259,7 +452,8 @@ def build_shipment(modules: Sequence[LocalModule], config: Mapping[str, Any]) ->
             "or install them from an index with packages=[...]",
             len(data) / 2**20, ", ".join(m.name for m in modules),
         )
-    return Shipment(data, hashlib.sha256(data).hexdigest(), tuple(modules), keys, tuple(skipped))
+    return Shipment(data, hashlib.sha256(data).hexdigest(), tuple(modules), keys, tuple(skipped),
+                    tuple(left_behind), tuple(config_left_out))
 
 
 #: Unpacks the archive (argv: archive, folder) once per digest; a second boot finds it there.
