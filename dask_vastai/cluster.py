@@ -80,6 +80,9 @@ allow_worker_clients:
     as workers. Turning it on lets every host run code on every other host and on this
     machine (the scheduler unpickles the task graphs a client sends), so turn it on only for
     hosts you trust as much as this machine.
+dashboard_address:
+    where the scheduler's dashboard listens; default ``127.0.0.1:0``, this machine only
+    (it is unauthenticated and shows logs, call stacks and tracebacks).
 quiet:
     print nothing (no log lines, no boot progress); ``get_logs()`` still has the log.
 silence_logs:
@@ -130,7 +133,7 @@ class VastAICluster(SpecCluster):
         name: str | None = None,
         allow_worker_clients: bool | None = None,
         pools: Sequence[Mapping[str, Any]] | None = None,
-        dashboard_address: str = ":0",
+        dashboard_address: str | None = None,
         scheduler_options: Mapping[str, Any] | None = None,
         asynchronous: bool = False,
         loop: Any = None,
@@ -187,7 +190,8 @@ class VastAICluster(SpecCluster):
         self.certificates = ClusterCA(cluster_name, lifetime_days=float(option("certificate-lifetime-days")))
         self.security = self.certificates.security()
         scheduler_opts: dict[str, Any] = {
-            "protocol": "tls", "host": "127.0.0.1", "port": 0, "dashboard_address": dashboard_address,
+            "protocol": "tls", "host": "127.0.0.1", "port": 0,
+            "dashboard_address": option("dashboard-address", dashboard_address),
             "security": self.security,
             "gate": scheduler_gate(worker_clients=self.allow_worker_clients, is_current=self.certificates.is_current),
             **dict(scheduler_options or {}),

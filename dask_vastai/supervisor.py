@@ -67,7 +67,7 @@ def private(path, text):
 
 
 def command(inc, d):
-    """``dask worker`` for one incarnation, listening and advertising tls://127.0.0.1:P."""
+    """``dask worker`` for one incarnation: it, its nanny and its HTTP server on 127.0.0.1 only."""
     for k in ("ca", "cert", "key"):
         private(f"{d}/{k}.pem", inc["tls_" + k])
     a = f"tls://127.0.0.1:{inc['worker_port']}"
@@ -77,7 +77,9 @@ def command(inc, d):
          "--listen-address", a, "--contact-address", a, "--nanny-port", str(inc["nanny_port"]),
          "--nthreads", str(inc["nthreads"]), "--memory-limit", str(inc["memory_limit"]),
          "--tls-ca-file", d + "/ca.pem", "--tls-cert", d + "/cert.pem", "--tls-key", d + "/key.pem",
-         "--no-dashboard", "--death-timeout", str(inc["death_timeout_s"]), "--local-directory", d]
+         "--no-dashboard", "--death-timeout", str(inc["death_timeout_s"]), "--local-directory", d,
+         # the worker's HTTP server (health, metrics) still runs: the instance's loopback only
+         "--dashboard-address", "127.0.0.1:0"]
     return c + (["--resources", res] if res else []) + list(inc.get("extra_args", ()))
 
 
