@@ -40,6 +40,34 @@ def job_packages() -> list[str]:
     return sorted(set(pins))
 
 
+#: schemes whose connections are authenticated and encrypted (Dask's tls, and websockets over TLS)
+SECURE_SCHEMES = ("tls", "wss")
+
+
+def refuse_credentials_in_clear(address: str, *, storage_mode: bool, env_names: list[str]) -> None:
+    """Raise ValueError when credentials would travel unencrypted to an attached scheduler.
+
+    Every job carries its environment (snakemake's ``envvars``, storage plugins' secrets)
+    to the scheduler and a worker; over ``tcp://`` anyone on the path reads it. A plain
+    workflow without either may still use ``tcp://``.
+    """
+    scheme = address.split("://", 1)[0].lower() if "://" in address else "tcp"
+    if scheme in SECURE_SCHEMES:
+        return
+    what = []
+    if storage_mode:
+        what.append("the storage provider's settings and credentials (--default-storage-provider)")
+    if env_names:
+        what.append(f"the jobs' environment ({', '.join(env_names)})")
+    if what:
+        raise ValueError(
+            f"--vastaidask-scheduler-address={address} is {scheme}://, which is neither authenticated nor "
+            f"encrypted, and every job would send {' and '.join(what)} over it. Give the scheduler's "
+            "tls:// address (with the dask config distributed.comm.tls.* naming the CA and this client's "
+            "certificate), or leave out --vastaidask-scheduler-address to rent instances"
+        )
+
+
 def pool_shape(settings: ExecutorSettings, **overrides: Any) -> dict[str, Any]:
     """The instance-shape options of ``dask_vastai.PoolShape`` the settings ask for.
 

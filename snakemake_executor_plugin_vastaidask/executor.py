@@ -98,7 +98,7 @@ class Executor(RemoteExecutor):
     """``--executor vastaidask``: Snakemake jobs as Dask tasks on a warm pool of workers."""
 
     def __post_init__(self) -> None:
-        from .backend import DaskBackend
+        from .backend import DaskBackend, refuse_credentials_in_clear
 
         self.settings: ExecutorSettings = self.workflow.executor_settings or ExecutorSettings()
         self.run_id = uuid.uuid4().hex[:10]
@@ -114,6 +114,9 @@ class Executor(RemoteExecutor):
         self._closed = False
         self.backend = DaskBackend(self.settings, run_name=f"smk-{self.run_id}")
         try:
+            if not self.backend.renting:
+                refuse_credentials_in_clear(str(self.settings.scheduler_address), storage_mode=self.storage_mode,
+                                            env_names=sorted(self.envvars()))
             self.stager = Stager(self.backend.client, self.workdir)
             self._remote = remote_function()
             if self.storage_mode:

@@ -26,9 +26,11 @@ class ExecutorSettings(ExecutorSettingsBase):
     scheduler_address: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Use this existing Dask scheduler (tcp://host:port, tls://..., Vast or not) "
-            "instead of renting instances. Its workers should advertise resources GPU, CPU and "
-            "MEMORY (bytes), e.g. `dask worker --resources 'GPU=1 CPU=8 MEMORY=32e9'`.",
+            "help": "Use this existing Dask scheduler (tls://host:port, Vast or not; its certificates "
+            "from the dask config distributed.comm.tls.*) instead of renting instances. Jobs that carry "
+            "credentials (bucket storage, envvars) are refused over an unencrypted address. Its workers "
+            "should advertise resources GPU, CPU and MEMORY (bytes), e.g. `dask worker --resources "
+            "'GPU=1 CPU=8 MEMORY=32e9'`.",
             "env_var": True,
         },
     )

@@ -67,18 +67,31 @@ def s3(tmp_path: Path):
 
 
 @pytest.fixture
-def dask_pool():
+def dask_pool(tmp_path: Path):
+    """A TLS scheduler (the plugin refuses to send storage credentials over tcp://), and the
+    dask config (as environment) that lets snakemake's client in."""
     from distributed import LocalCluster
+    from distributed.security import Security
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
-                      resources={"GPU": 1, "CPU": 2, "MEMORY": 8e9}) as cluster:
-        yield cluster.scheduler_address
+    security = Security.temporary()
+    files = {}
+    for name, pem in (("CA_FILE", security.tls_ca_file), ("CLIENT__CERT", security.tls_client_cert),
+                      ("CLIENT__KEY", security.tls_client_key)):
+        path = tmp_path / f"{name.lower()}.pem"
+        path.write_text(pem)
+        path.chmod(0o600)
+        files[f"DASK_DISTRIBUTED__COMM__TLS__{name}"] = str(path)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0",
+                      resources={"GPU": 1, "CPU": 2, "MEMORY": 8e9}, security=security) as cluster:
+        assert cluster.scheduler_address.startswith("tls://")
+        yield cluster.scheduler_address, files
 
 
-def test_bucket_mode_reads_and_writes_the_bucket(s3, dask_pool: str, tmp_path: Path) -> None:
+def test_bucket_mode_reads_and_writes_the_bucket(s3, dask_pool: tuple[str, dict[str, str]], tmp_path: Path) -> None:
     url, client = s3
+    dask_pool, tls_env = dask_pool
     (tmp_path / "Snakefile").write_text(SNAKEFILE)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), **tls_env)
     run = subprocess.run(
         [sys.executable, "-m", "snakemake", "--executor", "vastaidask", "--jobs", "2",
          "--vastaidask-scheduler-address", dask_pool, "--vastaidask-worker-cache-dir", str(tmp_path / "cache"),
