@@ -15,7 +15,7 @@ import re
 import shlex
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,11 @@ class BootstrapConfig:
 
 @dataclass(frozen=True)
 class Incarnation:
-    """One dask worker's life between two link losses: written by the client over SFTP."""
+    """One dask worker's life between two link losses: written by the client over SFTP.
+
+    Fields that hold secrets (the worker's env, which carries the user's secret env, and
+    private key material) are ``field(repr=False)``: no repr, log line or traceback shows them.
+    """
 
     worker_name: str
     scheduler_address: str
@@ -70,10 +74,10 @@ class Incarnation:
     nthreads: int
     memory_limit: int
     resources: dict[str, float]
-    env: dict[str, str]
+    env: dict[str, str] = field(repr=False)
     tls_ca: str
     tls_cert: str
-    tls_key: str
+    tls_key: str = field(repr=False)
     death_timeout_s: int
     extra_args: tuple[str, ...] = ()
     #: interpreter for this worker; None: the supervisor's own

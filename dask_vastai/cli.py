@@ -21,7 +21,8 @@ def _add_api_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key",
         default=None,
-        help="Vast API key (default: VAST_API_KEY, then the vastai CLI's key file)",
+        help="Vast API key; prefer VAST_API_KEY: a command line is visible to every user of the "
+        "machine (ps) and stays in shell history (default: VAST_API_KEY, then the vastai CLI's key file)",
     )
 
 
@@ -67,6 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return emulator_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if getattr(args, "api_key", None):
+        print(
+            "dask-vastai: warning: --api-key puts your Vast API key where every user of this machine can "
+            "read it (ps, /proc/<pid>/cmdline) and in your shell history; export VAST_API_KEY instead "
+            "(or run `vastai set api-key` once)",
+            file=sys.stderr,
+        )
     if args.command == "demo":
         from .demo import run_demo
 

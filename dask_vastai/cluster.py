@@ -262,7 +262,7 @@ class VastAICluster(SpecCluster):
             registered=self._registered,
             log=self.log,
             on_boot_outcome=self._on_boot_outcome,
-            env=dict(self._secret_env),
+            env=self._secret_env,
             environment=self.environment,
             max_boot_attempts=int(option("max-boot-attempts")),
             on_phase=self._phases.note,

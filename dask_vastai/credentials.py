@@ -51,6 +51,26 @@ def find_api_key(explicit: str | None = None) -> tuple[str, str]:
     )
 
 
+class APIKey:
+    """The Vast API key as this process holds it: no repr, str or log line shows more than ``***abcd``.
+
+    ``reveal()`` gives it to the one place that sends it (the ``Authorization`` header).
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = str(value)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return mask_key(self._value)
+
+    __str__ = __repr__
+
+
 def mask_key(key: str | None) -> str:
     """``***abcd`` (the last four characters, only when the key is long enough to spare them)."""
     if not key:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,7 @@ from .bootstrap import (
     probe_command,
 )
 from .config import option
-from .environment import InstanceEnvironment
+from .environment import InstanceEnvironment, SecretEnv
 from .exceptions import BootFailed, EnvironmentMismatch
 from .pools import POOL_RESOURCE_CAPACITY, Pool
 from .rentals import RentalBroker, RentalRecord
@@ -58,7 +58,8 @@ class ClusterContext:
     heartbeat_interval_s: float
     registered: Callable[[Sequence[str]], bool]
     log: Callable[[str], None]
-    env: dict[str, str] = field(default_factory=dict)
+    #: the cluster's secret env, for every worker's incarnation (values shown by no repr)
+    env: Mapping[str, str] = field(default_factory=SecretEnv, repr=False)
     #: rentals tried per instance before it gives up (each on another machine)
     max_boot_attempts: int = 3
     #: told (instance, pool, error) when an instance gave up booting, or (.., None) when it

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from .instance_env import InstanceEnvironment
 from .late_imports import LateImportWarning
-from .secrets import Secret, split_env
+from .secrets import Secret, SecretEnv, redact_urls, split_env
 from .shipping import SHIP_DIR, LocalModule, Shipment
 from .versions import SYNCED_PACKAGES, ClientEnvironment, VersionGate, python_option
 
@@ -39,8 +39,10 @@ __all__ = [
     "LateImportWarning",
     "LocalModule",
     "Secret",
+    "SecretEnv",
     "Shipment",
     "VersionGate",
     "python_option",
+    "redact_urls",
     "split_env",
 ]

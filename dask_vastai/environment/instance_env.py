@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from .. import _testing
 from ..exceptions import EnvironmentMismatch
 from .late_imports import LateImportWarning
+from .secrets import redact_urls
 from .shipping import (
     SHIP_DIR,
     Shipment,
@@ -32,6 +34,7 @@ from .shipping import (
     unpack_command,
 )
 from .versions import (
+    INSTALL_SCRIPT_DIR,
     SYNCED_PACKAGES,
     ClientEnvironment,
     VersionGate,
@@ -111,35 +114,46 @@ class InstanceEnvironment:
         specs = packages_to_install(self.client, versions)
         if not specs:
             return versions
-        log(f"installing {' '.join(specs)} into {python_exe}")
+        shown = redact_urls(" ".join(specs))  # a URL specifier may carry a token
+        log(f"installing {shown} into {python_exe}")
         t0 = time.monotonic()
-        names = self.client.probe_names()
-        status, out, err = await link.run(
-            install_command(python_exe, specs, self.client.pip_args, names), timeout_s=timeout_s, check=False
-        )
+        status, out, err = await self._run_install(link, install_command(
+            python_exe, specs, self.client.pip_arguments(), self.client.probe_names()), timeout_s=timeout_s)
         before = version_mismatches(self.client, {**versions, "python": probe.get("python")}, who="instance")
         if status != 0:
             raise EnvironmentMismatch(
-                f"the instance differs from the client ({'; '.join(before) or 'packages ' + ' '.join(specs)}) "
-                f"and installing {' '.join(specs)} failed (exit status {status}): {err.strip()[-1500:]}\n"
+                f"the instance differs from the client ({'; '.join(before) or 'packages ' + shown}) "
+                f"and installing {shown} failed (exit status {status}): {redact_urls(err.strip()[-1500:])}\n"
                 "Use an image with these versions, or fix pip_args (an index the instance can reach)"
             )
         try:
             after = json.loads(out.strip().splitlines()[-1])
         except (IndexError, ValueError) as e:
             raise EnvironmentMismatch(
-                f"installing {' '.join(specs)} printed no version report ({e}); its output was: "
-                f"{(out + err).strip()[-1500:]!r}"
+                f"installing {shown} printed no version report ({e}); its output was: "
+                f"{redact_urls((out + err).strip()[-1500:])!r}"
             ) from e
         versions = _testing.after_install(after["versions"])
         still = version_mismatches(self.client, {**versions, "python": after["python"]}, who="instance")
         if still:
             raise EnvironmentMismatch(
-                f"after installing {' '.join(specs)} the instance still differs from the client: "
+                f"after installing {shown} the instance still differs from the client: "
                 f"{'; '.join(still)}; pin these versions in the image or check pip_args"
             )
         log(f"installed {len(specs)} package(s) in {time.monotonic() - t0:.1f}s")
         return versions
+
+    @staticmethod
+    async def _run_install(link: InstanceLink, script: str, *, timeout_s: float) -> tuple[int, str, str]:
+        """Run the install script from a file written over SFTP, then delete it.
+
+        It holds the pip arguments (a private index URL and its token): on a command line
+        they would be in asyncssh's log of every command; in a file they reach only the
+        instance, which needs them, and are gone after the install.
+        """
+        path = f"{INSTALL_SCRIPT_DIR}/pip-install-{uuid.uuid4().hex[:8]}.sh"
+        await link.put(path, script.encode(), mode=0o700)
+        return await link.run(f"sh {path}; s=$?; rm -f {path}; exit $s", timeout_s=timeout_s, check=False)
 
     async def _ship(
         self, link: InstanceLink, python_exe: str, probe: Mapping[str, Any], versions: Mapping[str, str | None],

@@ -19,13 +19,14 @@ import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from ..exceptions import EnvironmentMismatch
+from .secrets import Secret, redact_urls
 
 if TYPE_CHECKING:
     from distributed.scheduler import Scheduler
@@ -53,19 +54,28 @@ def installed_version(distribution: str) -> str | None:
 
 @dataclass(frozen=True)
 class ClientEnvironment:
-    """What the client runs: the versions every worker must share, and what the user adds."""
+    """What the client runs: the versions every worker must share, and what the user adds.
+
+    ``pip_args`` may hold a private index URL with its token: they are kept as
+    :class:`Secret` values, shown by no repr, and reach the instance in a file, never on a
+    command line (asyncssh logs commands).
+    """
 
     python: str
     versions: Mapping[str, str | None]
     packages: tuple[str, ...] = ()
-    pip_args: tuple[str, ...] = ()
+    pip_args: tuple[Secret, ...] = field(default=(), repr=False)
+
+    def pip_arguments(self) -> list[str]:
+        """``pip_args`` as the install needs them (revealed)."""
+        return [a.reveal() if isinstance(a, Secret) else str(a) for a in self.pip_args]
 
     @classmethod
     def current(cls, packages: Sequence[str] = (), pip_args: Sequence[str] = ()) -> ClientEnvironment:
         """This process's environment, plus the user's extra ``packages`` and ``pip_args``."""
         if isinstance(packages, str) or isinstance(pip_args, str):
             raise TypeError(
-                f"packages={packages!r} and pip_args={pip_args!r} must be lists of strings, "
+                f"packages={packages!r} and pip_args={redact_urls(repr(pip_args))} must be lists of strings, "
                 "e.g. packages=['xgboost==2.1.0'], pip_args=['--index-url', 'https://...']"
             )
         for spec in packages:
@@ -74,7 +84,7 @@ class ClientEnvironment:
             python="%d.%d.%d" % sys.version_info[:3],  # noqa: UP031 - the form platform uses
             versions={name: installed_version(name) for name in SYNCED_PACKAGES},
             packages=tuple(str(p) for p in packages),
-            pip_args=tuple(str(a) for a in pip_args),
+            pip_args=tuple(Secret(a) for a in pip_args),
         )
 
     @property
@@ -201,11 +211,17 @@ _VERSIONS_PY = (
 )
 
 
+#: Where the install's shell script is written over SFTP (a suffix makes it unique): the pip
+#: arguments may hold an index token, and a command line is logged (asyncssh, at INFO).
+INSTALL_SCRIPT_DIR = "/root/.dask-vastai"
+
+
 def install_command(python: str, specs: Sequence[str], pip_args: Sequence[str], names: Sequence[str]) -> str:
     """Shell that installs ``specs`` into ``python`` (uv when present, else pip), then prints versions.
 
     uv is looked for on PATH and where its installer puts it (``~/.local/bin``), which is
-    where the onstart leaves it when ``python="3.x"`` made it install an interpreter.
+    where the onstart leaves it when ``python="3.x"`` made it install an interpreter. It may
+    hold secrets (``pip_args``, URL specifiers): it travels as a file (:data:`INSTALL_SCRIPT_DIR`).
     """
     py = shlex.quote(python)
     args = " ".join(shlex.quote(a) for a in [*pip_args, *specs])

@@ -45,7 +45,7 @@ import aiohttp
 import yarl
 
 from ..config import option
-from ..credentials import KEY_HELP_URL, find_api_key, mask_key
+from ..credentials import KEY_HELP_URL, APIKey, find_api_key
 from ..exceptions import (
     InstanceNotFound,
     InvalidAPIKey,
@@ -77,6 +77,18 @@ class AmbiguousCreate(Exception):
         super().__init__(why)
         self.why = why
         self.settled = settled
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine (a loopback address or ``localhost``)."""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class _Pacer:
@@ -150,11 +162,17 @@ class VastTransport:
         parsed = yarl.URL(url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ValueError(f"api_url={url!r} is not an http(s) URL; the default is https://console.vast.ai")
+        if parsed.scheme == "http" and not _is_loopback(parsed.host):
+            raise ValueError(
+                f"api_url={url!r} would send the API key in clear text over the network: use https:// "
+                "(the default is https://console.vast.ai); http:// is only for this machine "
+                "(127.0.0.1, ::1, localhost), where the emulator runs"
+            )
         if parsed.query_string:
             raise ValueError(f"api_url={parsed.with_query(None)!s}... must not carry a query; the key goes in api_key")
         if max_attempts < 1:
             raise ValueError(f"max_attempts={max_attempts} must be at least 1")
-        self._api_key = key
+        self._api_key = APIKey(key)
         self._key_source = source
         self.api_url: str = url
         self.request_timeout_s = float(option("api.request-timeout", request_timeout_s))
@@ -166,19 +184,19 @@ class VastTransport:
         self._session: aiohttp.ClientSession | None = None
         from .. import __version__
 
+        # without the key: it is added to each request, so no long-lived object holds it in clear
         self._headers = {
-            "Authorization": f"Bearer {key}",
             "Accept": "application/json",
             "User-Agent": f"dask-vastai/{__version__}",
         }
 
     # ------------------------------------------------------------------ lifecycle
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(api_url={self.api_url!r}, api_key={mask_key(self._api_key)})"
+        return f"{type(self).__name__}(api_url={self.api_url!r}, api_key={self._api_key!r})"
 
     def credentials(self) -> tuple[str, str]:
         """``(api_url, api_key)``: what a fresh client needs to act for this account (exit handlers)."""
-        return self.api_url, self._api_key
+        return self.api_url, self._api_key.reveal()
 
     async def __aenter__(self) -> Self:
         return self
@@ -250,7 +268,8 @@ class VastTransport:
                 async with self._pacer.turn(endpoint):
                     started = time.monotonic()
                     async with self._get_session().request(
-                        method, url, json=body, headers=self._headers, allow_redirects=False
+                        method, url, json=body, allow_redirects=False,
+                        headers={**self._headers, "Authorization": f"Bearer {self._api_key.reveal()}"},
                     ) as resp:
                         status = resp.status
                         location = resp.headers.get("Location", "?")
@@ -323,7 +342,7 @@ class VastTransport:
             if status == 401 or (isinstance(parsed, Mapping) and parsed.get("error") == "auth_error"):
                 error, msg = body_fields(parsed)
                 raise InvalidAPIKey(
-                    f"Vast rejected the API key {mask_key(self._api_key)} (from {self._key_source}) at "
+                    f"Vast rejected the API key {self._api_key!r} (from {self._key_source}) at "
                     f"{self.api_url}: {msg or 'unauthorized'}. Check the key at {KEY_HELP_URL} (a key made "
                     "for the emulator only works there, and the reverse), then set VAST_API_KEY.",
                     status=status, error=error, msg=msg,

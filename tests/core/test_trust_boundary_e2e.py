@@ -1,0 +1,195 @@
+"""One cluster on the emulator, looked at as a hostile host would and as the user's machine is.
+
+The client holds secrets of every kind (the API key, a ``Secret`` env entry, ``secret_env``,
+a private index token in ``pip_args``, a coiled token and a gateway password in its dask
+config, a ``credentials.json`` in and beside a local package). The instance is a real sandbox
+with OpenSSH and a real ``dask worker``. The tests check what listens where, what reached
+the instance, and that no object of the cluster shows a secret in its repr.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dask
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
+
+SECRETS = {
+    "secret env": "HF-SECRET-VALUE-0417",
+    "Secret env entry": "WANDB-SECRET-VALUE-0417",
+    "pip index token": "PIP-INDEX-TOKEN-0417",
+    "coiled token": "COILED-TOKEN-0417",
+    "gateway password": "GATEWAY-PASSWORD-0417",
+    "credentials file": "CREDENTIALS-FILE-0417",
+}
+
+
+@pytest.fixture(scope="module")
+def trust(tmp_path_factory) -> Iterator[dict[str, Any]]:
+    from dask_vastai.emulator import Emulator
+    from dask_vastai.emulator.sandbox import SandboxRuntime
+
+    ok, why = SandboxRuntime.available()
+    if not ok:
+        pytest.skip(f"sandbox runtime unavailable here: {why}")
+    from distributed import Client
+
+    from dask_vastai import VastAICluster
+    from dask_vastai.environment import Secret
+
+    root = tmp_path_factory.mktemp("project")
+    pkg = root / "trustpkg"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("def double(x):\n    return 2 * x\n")
+    (pkg / "data" / "table.json").write_text('{"declared": true}')
+    (pkg / "credentials.json").write_text(f'{{"token": "{SECRETS["credentials file"]}"}}')
+    (root / "credentials.json").write_text(f'{{"token": "{SECRETS["credentials file"]}"}}')
+    (root / "pyproject.toml").write_text('[tool.setuptools.package-data]\ntrustpkg = ["data/*.json"]\n')
+    sys.path.insert(0, str(root))
+    importlib.import_module("trustpkg")
+    config = {
+        "coiled.token": SECRETS["coiled token"],
+        "gateway.auth.kwargs.password": SECRETS["gateway password"],
+        "distributed.worker.memory.spill": 0.61,
+    }
+    try:
+        with Emulator(runtime="sandbox", boot_delay_s=1.0, rate_limits=True,
+                      state_dir=tmp_path_factory.mktemp("emu")) as emu, dask.config.set(config):
+            with VastAICluster(
+                gpu="RTX_3090", n=1, api_url=emu.url, api_key=emu.api_key, name="trust", boot_timeout=180,
+                quiet=True, env={"WANDB_API_KEY": Secret(SECRETS["Secret env entry"])},
+                secret_env={"HF_TOKEN": SECRETS["secret env"]},
+                pip_args=["--index-url", f"https://user:{SECRETS['pip index token']}@127.0.0.1:9/simple"],
+            ) as cluster, Client(cluster) as client:
+                yield {"emu": emu, "cluster": cluster, "client": client, "api key": emu.api_key}
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop("trustpkg", None)
+
+
+def _run(trust: dict[str, Any], command: str) -> str:
+    cluster = trust["cluster"]
+    (instance,) = cluster.workers.values()
+    return cluster.sync(instance.link.run, command, timeout_s=30)[1]
+
+
+def test_the_workers_have_the_secrets_they_were_given(trust) -> None:
+    def env() -> tuple[str | None, str | None]:
+        import os
+
+        return os.environ.get("HF_TOKEN"), os.environ.get("WANDB_API_KEY")
+
+    assert trust["client"].submit(env, pure=False).result() == (SECRETS["secret env"], SECRETS["Secret env entry"])
+
+
+# ----------------------------------------------------------------------------- listeners
+def test_nothing_of_ours_listens_beyond_loopback_on_the_client(trust) -> None:
+    listening = [c.laddr for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    dashboard = trust["cluster"].scheduler.http_server.port
+    assert any(a.port == dashboard for a in listening), "the dashboard is one of the sockets looked at"
+    assert [a for a in listening if a.ip not in ("127.0.0.1", "::1")] == []
+
+
+def _listeners(proc_net_tcp: str) -> list[tuple[str, int]]:
+    """(address, port) of the LISTEN sockets in /proc/net/tcp and tcp6 text."""
+    out = []
+    for line in proc_net_tcp.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "0A" and ":" in fields[1]:
+            address, port = fields[1].rsplit(":", 1)
+            out.append((address, int(port, 16)))
+    return out
+
+
+def test_nothing_in_the_instance_listens_beyond_loopback(trust) -> None:
+    listening = _listeners(_run(trust, "cat /proc/net/tcp /proc/net/tcp6"))
+    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+    ((address, worker),) = trust["client"].scheduler_info()["workers"].items()
+    ours = {int(address.rsplit(":", 1)[1]), int(worker["nanny"].rsplit(":", 1)[1]),
+            worker["services"]["dashboard"]}  # the worker, its nanny and its HTTP server
+    assert ours <= {port for _, port in listening}, (ours, listening)
+    assert [(a, p) for a, p in listening if a not in loopback] == []
+
+
+# ----------------------------------------------------------------------------- what travels
+def test_only_allow_listed_config_and_declared_files_reach_the_instance(trust) -> None:
+    client = trust["client"]
+
+    def worker_view() -> dict[str, Any]:
+        import importlib.resources
+
+        import dask
+        import trustpkg
+
+        return {
+            "spill": dask.config.get("distributed.worker.memory.spill"),
+            "coiled": dask.config.get("coiled", None),
+            "gateway": dask.config.get("gateway", None),
+            "data": (importlib.resources.files("trustpkg") / "data" / "table.json").read_text(),
+            "credentials": (importlib.resources.files("trustpkg") / "credentials.json").is_file(),
+            "double": trustpkg.double(21),
+        }
+
+    assert client.submit(worker_view, pure=False).result() == {
+        "spill": 0.61, "coiled": None, "gateway": None, "data": '{"declared": true}', "credentials": False,
+        "double": 42,
+    }
+    found = _run(trust, "find / -xdev -name credentials.json 2>/dev/null; "
+                        "grep -rlsF -e COILED-TOKEN -e GATEWAY-PASSWORD -e CREDENTIALS-FILE -e PIP-INDEX-TOKEN "
+                        "/root /tmp /workspace /var/log; true")
+    assert found.strip() == ""
+    shipment = next(iter(trust["cluster"].environment._shipments.values()))
+    for name in ("coiled token", "gateway password", "credentials file"):
+        assert SECRETS[name].encode() not in __import__("gzip").decompress(shipment.archive)
+    assert "trustpkg/credentials.json" in shipment.left_behind
+
+
+# ----------------------------------------------------------------------------- reprs
+def _reachable(root: object, max_depth: int = 12) -> Iterator[object]:
+    """Objects reachable from ``root`` through gc referents (modules, types and code not entered)."""
+    import types
+
+    seen = {id(root)}
+    frontier = [root]
+    for _ in range(max_depth):
+        nxt = []
+        for obj in frontier:
+            yield obj
+            if isinstance(obj, types.ModuleType | type | types.CodeType | types.FunctionType):
+                continue
+            for ref in gc.get_referents(obj):
+                if id(ref) not in seen:
+                    seen.add(id(ref))
+                    nxt.append(ref)
+        frontier = nxt
+
+
+def test_no_object_of_the_cluster_shows_a_secret_or_a_private_key_in_its_repr(trust) -> None:
+    cluster = trust["cluster"]
+    secrets = {**SECRETS, "API key": trust["api key"]}
+    key_material = ("PRIVATE KEY-----", "PRIVATE KEY")
+    leaks: list[str] = []
+    count = 0
+    for obj in _reachable(cluster):
+        if isinstance(obj, str | bytes | bytearray | memoryview):
+            continue  # the values themselves: what matters is whether anything shows them
+        count += 1
+        try:
+            texts = (repr(obj), str(obj))
+        except Exception:  # noqa: BLE001 - an object whose repr fails shows nothing
+            continue
+        for text in texts:
+            found = [n for n, v in secrets.items() if v in text] + [m for m in key_material[:1] if m in text]
+            if found:
+                leaks.append(f"{type(obj).__module__}.{type(obj).__qualname__}: {found}: {text[:200]}")
+                break
+    assert count > 1000, f"the walk reached only {count} objects"
+    assert leaks == [], "\n".join(leaks[:20])
