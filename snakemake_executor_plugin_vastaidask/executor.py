@@ -116,7 +116,7 @@ class Executor(RemoteExecutor):
         try:
             if not self.backend.renting:
                 refuse_credentials_in_clear(str(self.settings.scheduler_address), storage_mode=self.storage_mode,
-                                            env_names=sorted(self.envvars()))
+                                            env_names=self._secret_env_names())
             self.stager = Stager(self.backend.client, self.workdir)
             self._remote = remote_function()
             if self.storage_mode:
@@ -133,6 +133,15 @@ class Executor(RemoteExecutor):
             self.backend.close()
             raise
         self._ready = True
+
+    def _secret_env_names(self) -> list[str]:
+        """The variables each job carries that may be credentials: the ones the workflow declares
+        (``envvars:``, ``--envvars``: they exist to carry tokens) and storage plugins' settings
+        whose names say so (``..._SECRET_KEY``), when set."""
+        from dask_vastai.environment import looks_secret
+
+        declared = {*self.workflow.envvars, *self.workflow.remote_execution_settings.envvars}
+        return sorted(n for n, v in self.envvars().items() if v and (n in declared or looks_secret(n)))
 
     # ------------------------------------------------------------ the command
     @property

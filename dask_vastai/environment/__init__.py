@@ -28,7 +28,7 @@ from __future__ import annotations
 from .instance_env import InstanceEnvironment
 from .late_imports import LateImportWarning
 from .secrets import Secret, SecretEnv, redact_urls, split_env
-from .shipping import SHIP_DIR, LocalModule, Shipment
+from .shipping import SHIP_DIR, LocalModule, Shipment, looks_secret
 from .versions import SYNCED_PACKAGES, ClientEnvironment, VersionGate, python_option
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "SecretEnv",
     "Shipment",
     "VersionGate",
+    "looks_secret",
     "python_option",
     "redact_urls",
     "split_env",
