@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from dask_vastai.bootstrap import Incarnation
-from dask_vastai.environment import ClientEnvironment, InstanceEnvironment, Secret, SecretEnv, redact_urls
+from dask_vastai.environment import (
+    ClientEnvironment,
+    InstanceEnvironment,
+    Secret,
+    SecretEnv,
+    redact_urls,
+)
 from dask_vastai.instance import ClusterContext
 from dask_vastai.vast import VastAPI
 

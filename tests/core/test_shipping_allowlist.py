@@ -16,7 +16,12 @@ from pathlib import Path
 import dask
 import pytest
 
-from dask_vastai.environment.shipping import build_shipment, local_modules, looks_secret, shipped_config
+from dask_vastai.environment.shipping import (
+    build_shipment,
+    local_modules,
+    looks_secret,
+    shipped_config,
+)
 
 
 def test_the_config_allow_list_ships_worker_settings_and_never_credentials() -> None:

@@ -4,13 +4,21 @@
 Each rental becomes a process tree started by ``nsinit.py`` (read its docstring for the
 namespaces and the root it builds). The host side, here, only makes the listening sockets
 on the host's loopback (the "public IP"), the relay sockets (``apirelay``: the API at its
-own URL from inside; ``publicnet``: other instances' mapped ports), the logs and the host
-key, hands them to the launcher, and waits for it to report ready.
+own URL from inside; ``publicnet``: other instances' mapped ports), the log pipes and the
+host keys, hands them to the launcher, and waits for it to report ready.
+
+What runs inside is treated as hostile. The host trusts one line from it: pid 1's host pid,
+which only the launcher (host code, before the sandbox exists) writes, on a pipe the sandbox
+never holds; pid 1's own "ready" comes on another pipe and names nothing the host acts on.
+The logs are pipes that a thread here copies into capped files (``logpump``), and each
+sandbox runs in a cgroup of its own with memory and process limits (``cgroups``: v2 where
+delegated, else v1; where neither is writable, a warning says so and none apply).
 
 Modules: ``nsinit`` (the launcher and pid 1, run as a script), ``sshd`` (OpenSSH's
-configuration and host key), ``fallback_ssh`` (asyncssh's server where OpenSSH cannot run),
+configuration and host keys), ``fallback_ssh`` (asyncssh's server where OpenSSH cannot run),
 ``gpus`` and ``fake_nvidia_smi`` (what ``nvidia-smi`` shows), ``fake_nproc`` (``nproc`` under a
-faked CPU view), ``blackhole`` (ports that hang or refuse), ``support`` (``available()``).
+faked CPU view), ``blackhole`` (ports that hang or refuse), ``support`` (``available()``),
+``logpump`` (capped logs), ``cgroups`` (memory and process limits).
 
 The host of a rental may differ from a plain one as the control plane's variants say
 (:class:`~dask_vastai.emulator.runtime.SandboxQuirks`): direct ports that hang (SYNs
@@ -44,6 +52,8 @@ from ..runtime import SandboxEndpoints, SandboxSpec
 from . import gpus as gpu_mod
 from .apirelay import ApiRelay
 from .blackhole import hold_syns
+from .cgroups import CgroupLimits, SandboxCgroup
+from .logpump import LogPump
 from .publicnet import PublicNet
 from .sshd import (
     DEFAULT_SESSION_PATH,
@@ -72,6 +82,13 @@ UID_RANGE = 65536
 UID_BASE = 0x60000000
 UID_SLOTS = (0xFFFF0000 - UID_BASE) // UID_RANGE
 LOG_TAIL_BYTES = 1 << 20
+#: a log file past this size keeps only its last LOG_TAIL_BYTES (a sandbox cannot fill the disk)
+LOG_MAX_BYTES = 4 << 20
+#: per-sandbox limits (where cgroups allow, see ``cgroups.py``): memory (at most the offer's RAM)
+#: and processes/threads; a hostile or runaway instance cannot take the host down
+MEMORY_MAX_MB = 4096
+MEMORY_MIN_MB = 1024
+PIDS_MAX = 4096
 #: variables of the container's env kept off the launcher (pid 1's environment is the
 #: launcher's): they would steer the host's dynamic loader or libc before the sandbox exists
 HOST_UNSAFE_ENV_PREFIXES = ("LD_", "GCONV_", "GLIBC_", "MALLOC_")
@@ -85,6 +102,9 @@ class _Sandbox:
     process: asyncio.subprocess.Process
     sockets: list[socket.socket]
     slot: int
+    #: the container log and the sshd log, in this order
+    logs: tuple[LogPump, LogPump]
+    cgroup: SandboxCgroup | None = None
     #: our own connections that keep the accept queues of hanging ports full
     fillers: list[socket.socket] = field(default_factory=list)
     gpus: list[gpu_mod.HostGPU] = field(default_factory=list)
@@ -113,6 +133,9 @@ class SandboxRuntime:
         gpu_passthrough: bool | None = None,
         boot_timeout_s: float = 30.0,
         single_uid: bool | None = None,
+        memory_max_mb: int = MEMORY_MAX_MB,
+        pids_max: int = PIDS_MAX,
+        log_max_bytes: int = LOG_MAX_BYTES,
     ) -> None:
         ok, reason = available()
         if not ok:
@@ -142,6 +165,12 @@ class SandboxRuntime:
         self._fallback_source = FALLBACK_SSH.read_text()
         self._fake_nvidia_smi = FAKE_NVIDIA_SMI.read_text()
         self._fake_nproc = FAKE_NPROC.read_text()
+        self.memory_max_mb = memory_max_mb
+        self.pids_max = pids_max
+        self.log_max_bytes = log_max_bytes
+        self._limits = CgroupLimits.detect()
+        if self._limits.kind == "none":
+            log.warning("sandboxes run without memory and process limits here: %s", self._limits.why)
 
     # ------------------------------------------------------------------ InstanceRuntime
 
@@ -204,14 +233,17 @@ class SandboxRuntime:
         impostor = (await asyncio.to_thread(new_host_key))[0] if quirks.ssh_impostor else None
         # what sshd presents: the image's keys, or the man in the middle's
         presented = (IMPOSTOR_KEY,) if impostor else tuple(f"{HOST_KEY_DIR}/{n}" for n in HOST_KEY_NAMES)
+        # Two channels: the launcher's (pid 1's host pid: what stop() signals) never enters the
+        # sandbox; pid 1's (ready, or why not) is closed once it is ready.
         status_r, status_w = os.pipe()
-        log_fd = os.open(directory / "container.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        report_r, report_w = os.pipe()
+        logs = (LogPump(directory / "container.log", max_bytes=self.log_max_bytes, keep_bytes=LOG_TAIL_BYTES),
+                LogPump(directory / "sshd.log", max_bytes=self.log_max_bytes, keep_bytes=LOG_TAIL_BYTES))
+        log_fd, sshd_log_fd = logs[0].writer, logs[1].writer
         if proxy is not None and quirks.proxy == "dead":  # what the container's tunnel to the proxy says
-            os.write(log_fd, f"Error: remote port forwarding failed for listen port "
-                             f"{proxy.getsockname()[1]}\n".encode())
-        sshd_log_fd = os.open(directory / "sshd.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            logs[0].write(f"Error: remote port forwarding failed for listen port {proxy.getsockname()[1]}\n".encode())
         cfg = {
-            "status_fd": status_w, "log_fd": log_fd, "sshd_log_fd": sshd_log_fd,
+            "status_fd": status_w, "report_fd": report_w, "log_fd": log_fd, "sshd_log_fd": sshd_log_fd,
             "hostname": f"C.{spec.instance_id}",
             "uid_base": UID_BASE + (self._slot_offset + slot) * UID_RANGE if self._root else None,
             "uid_count": UID_RANGE if self._root else 1,
@@ -257,34 +289,39 @@ class SandboxRuntime:
             "gpu_devices": gpu_mod.device_nodes(host_gpus) if host_gpus else [],
             "bin_files": self._bin_files(host_gpus, quirks.cpu_view is not None),
         }
-        try:  # status_r is ours until the end of start(), whatever happens
+        try:  # status_r and report_r are ours until the end of start(), whatever happens
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-S", str(NSINIT),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=sshd_log_fd,
                 # never the emulator's environment: pid 1's is readable from inside (API keys)
                 env=_launcher_env(env),
-                pass_fds=[status_w, log_fd, sshd_log_fd, *(s.fileno() for _, s in served),
+                pass_fds=[status_w, report_w, log_fd, sshd_log_fd, *(s.fileno() for _, s in served),
                           *([proxy.fileno()] if proxy is not None and proxy_served else [])],
             )
         except BaseException:
             os.close(status_r)
+            os.close(report_r)
             raise
         finally:
-            for fd in (status_w, log_fd, sshd_log_fd):
+            for fd in (status_w, report_w):
                 os.close(fd)
-        box = _Sandbox(spec, directory, process, all_sockets, slot, fillers, host_gpus)
+            for pump in logs:
+                pump.close_writer()
+        box = _Sandbox(spec, directory, process, all_sockets, slot, logs, None, fillers, host_gpus)
         self._sandboxes[spec.instance_id] = box
         box.waiter = asyncio.create_task(self._wait(box))
         try:
+            # The launcher waits for its configuration: in its cgroup before it forks anything.
+            box.cgroup = await asyncio.to_thread(self._limit, spec, process.pid)
             assert process.stdin is not None
             process.stdin.write(json.dumps(cfg).encode())
             await process.stdin.drain()
             process.stdin.close()
-            await asyncio.wait_for(self._until_ready(box, status_r), self.boot_timeout_s)
+            await asyncio.wait_for(self._until_ready(box, status_r, report_r), self.boot_timeout_s)
         except BaseException as exc:
             reason = (f"did not report ready within {self.boot_timeout_s:.0f} s"
                       if isinstance(exc, TimeoutError) else str(exc))
-            sshd_log = await asyncio.to_thread(_tail, directory / "sshd.log", 2000)
+            sshd_log = await asyncio.to_thread(logs[1].tail, 2000)
             await self.stop(spec.instance_id)
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -294,6 +331,7 @@ class SandboxRuntime:
             ) from exc
         finally:
             os.close(status_r)
+            os.close(report_r)
         self._public.publish(s.getsockname()[1] for p, s in served)
         if proxy_served:
             self._public.publish([proxy.getsockname()[1]])
@@ -332,8 +370,11 @@ class SandboxRuntime:
         if box.pidfd is not None:
             os.close(box.pidfd)
             box.pidfd = None
-        self._logs_after_stop[instance_id] = await asyncio.to_thread(
-            _tail, box.directory / "container.log", LOG_TAIL_BYTES)
+        for pump in box.logs:  # the sandbox is gone: its pipes end once the kernel reaped it
+            await asyncio.to_thread(pump.join, 5)
+        if box.cgroup is not None:
+            await asyncio.to_thread(box.cgroup.remove)
+        self._logs_after_stop[instance_id] = await asyncio.to_thread(box.logs[0].tail, LOG_TAIL_BYTES)
         await asyncio.to_thread(shutil.rmtree, box.directory, True)
         self._sandboxes.pop(instance_id, None)
         self._slots.discard(box.slot)
@@ -349,7 +390,7 @@ class SandboxRuntime:
         box = self._sandboxes.get(instance_id)
         if box is None:
             return self._logs_after_stop.get(instance_id, "")
-        return _tail(box.directory / "container.log", LOG_TAIL_BYTES)
+        return box.logs[0].tail(LOG_TAIL_BYTES)
 
     async def close(self) -> None:
         """Stop every sandbox, then the API relay."""
@@ -377,29 +418,45 @@ class SandboxRuntime:
             return str(directory)
         return tempfile.mkdtemp(prefix="vastemu-")
 
-    async def _until_ready(self, box: _Sandbox, status_r: int) -> None:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(status_r), "rb", 0))
-        ready = False
+    def _limit(self, spec: SandboxSpec, pid: int) -> SandboxCgroup | None:
+        """Put the launcher ``pid`` (not started yet) into a cgroup of its own, with the sandbox's limits."""
+        # the offer's RAM (but never below what sshd and a worker need), at most memory_max_mb
+        memory_mb = min(max(int(spec.cpu_ram_mb), MEMORY_MIN_MB), self.memory_max_mb)
+        cgroup = self._limits.create(f"vastemu-{os.getpid()}-{spec.instance_id}-{secrets.token_hex(3)}",
+                                     memory_mb * 2**20, self.pids_max)
+        if cgroup is not None:
+            cgroup.add(pid)
+        return cgroup
+
+    async def _until_ready(self, box: _Sandbox, status_r: int, report_r: int) -> None:
+        """Pid 1's host pid from the launcher, then "ready" from pid 1; raise with pid 1's error."""
+        launcher = asyncio.ensure_future(self._pid1_from_launcher(box, status_r))
         try:
-            while not (ready and box.pid1_host):  # the launcher's and pid 1's lines race
-                line = await reader.readline()
-                if not line:
-                    code = await box.process.wait()
-                    raise RuntimeError(f"its launcher exited with code {code} before reporting ready")
-                message = json.loads(line)
-                if "pid" in message:
-                    box.pid1_host = message["pid"]
-                    with contextlib.suppress(OSError):
-                        box.pidfd = os.pidfd_open(message["pid"])
-                elif "error" in message:
-                    raise RuntimeError(message["error"] + ("\n" + message["trace"] if "trace" in message else ""))
-                elif message.get("ready"):
-                    ready = True
+            async for message in _messages(report_r):
+                if "error" in message:
+                    trace = message.get("trace")
+                    raise RuntimeError(f"{message['error']}" + (f"\n{trace}" if trace else ""))
+                if message.get("ready") is True:
+                    await launcher  # it reported before pid 1 could start
+                    return
+            await launcher
+            code = await box.process.wait()
+            raise RuntimeError(f"its launcher exited with code {code} before pid 1 reported ready")
         finally:
-            transport.close()
+            launcher.cancel()
+
+    async def _pid1_from_launcher(self, box: _Sandbox, status_r: int) -> None:
+        """The one line trusted to name a host pid: the launcher's, on a pipe the sandbox never holds."""
+        async for message in _messages(status_r):
+            if "error" in message:
+                raise RuntimeError(str(message["error"]))
+            if isinstance(message.get("pid"), int) and message["pid"] > 1:
+                box.pid1_host = message["pid"]
+                with contextlib.suppress(OSError):
+                    box.pidfd = os.pidfd_open(message["pid"])
+                return
+        code = await box.process.wait()
+        raise RuntimeError(f"its launcher exited with code {code} before reporting pid 1")
 
     async def _wait(self, box: _Sandbox) -> None:
         box.exit_code = await box.process.wait()
@@ -492,12 +549,19 @@ def _fresh_directory(directory: Path) -> None:
     directory.mkdir(parents=True)
 
 
-def _tail(path: Path, limit: int) -> str:
+async def _messages(fd: int):
+    """The JSON objects, one per line, on pipe ``fd`` (a duplicate is read); other lines are skipped."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 16)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(fd), "rb", 0))
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            return f.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
+        while line := await reader.readline():
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(message, dict):
+                yield message
+    finally:
+        transport.close()

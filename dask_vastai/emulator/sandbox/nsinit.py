@@ -21,10 +21,16 @@ When run by root the outer namespace maps 65536 uids onto an unprivileged host r
 the sandbox's root owns nothing of the host's and OpenSSH can switch users. Unprivileged,
 only uid 0 is mapped (onto the caller) and OpenSSH cannot run (setgroups is denied).
 
-Inputs: the configuration as JSON on stdin, naming the inherited fds: a status channel
-(JSON lines: ``pid``, ``ready`` or ``error``), the container log (onstart/args output),
-the sshd log, and the listening sockets made on the host's loopback. The
+Inputs: the configuration as JSON on stdin, naming the inherited fds: the launcher's status
+channel (JSON lines: ``pid``, or ``error`` before the sandbox exists), pid 1's report channel
+(``ready`` or ``error``), the container log (onstart/args output), the sshd log (pipes the
+host reads, capping what it keeps), and the listening sockets made on the host's loopback. The
 launcher exits with the workload's exit code (args runtype) or when the sandbox is killed.
+
+What runs inside is hostile: the status channel never enters the sandbox (pid 1 closes it
+first thing, so whatever runs there cannot name a pid for the host to kill), pid 1 closes
+its report channel once ready, and every fd pid 1 holds is close-on-exec, so the workload
+and sshd start with their stdio and nothing of the host's.
 """
 
 import asyncio
@@ -142,6 +148,7 @@ def write_id_maps(pid: int | str, uid_line: str, gid_line: str, deny_setgroups: 
 
 def launcher(cfg: dict) -> int:
     """Runs on the host: fork the sandbox, map its ids, wait for it, return its exit code."""
+    global STATUS_FD
     # die with the emulator, even SIGKILLed: then pid 1 reads EOF on its lifeline and ends
     parent = os.getppid()
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -172,6 +179,9 @@ def launcher(cfg: dict) -> int:
                 os.close(lifeline_w)
                 os.close(to_parent_w)  # else the launcher never sees EOF after our pid
                 os.close(to_child_r)
+                # the launcher's channel (the pid the host signals) never enters the sandbox
+                os.close(STATUS_FD)
+                STATUS_FD = cfg["report_fd"]
                 os._exit(sandbox_init(cfg))
             os.write(to_parent_w, str(pid1).encode())
             os._exit(0)
@@ -193,6 +203,7 @@ def launcher(cfg: dict) -> int:
         write_id_maps(child, f"0 {base} {count}", f"0 {base} {count}", deny_setgroups=False)
     os.write(to_child_w, b"m")
     pid1_text = b""
+    os.close(cfg["report_fd"])  # pid 1's alone from here
     while chunk := os.read(to_parent_r, 32):
         pid1_text += chunk
     os.waitpid(child, 0)
@@ -465,9 +476,8 @@ def nest_user_namespace(count: int) -> None:
 def sandbox_init(cfg: dict) -> int:
     """P1: build the sandbox, then serve it until the workload (args) or a kill ends it."""
     try:
+        close_on_exec_all()
         socket.sethostname(cfg["hostname"])
-        for spec in cfg["listen"]:
-            os.set_inheritable(spec["fd"], False)
         network_up()
         root = build_root(cfg)
         enter_root(root)
@@ -500,6 +510,22 @@ def check_sshd(cfg: dict) -> None:
 
 _DEFAULT_SIGNALS = {signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP,
                     signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGXFSZ}
+
+
+def close_on_exec_all() -> None:
+    """Mark every fd of ours above stdio close-on-exec: what we spawn gets its stdio only.
+
+    Pid 1 holds the host's pipes and sockets (the report channel, the logs, the lifeline,
+    the listening sockets); the workload and each ``sshd -i`` get exactly the fds that
+    ``spawn`` puts on their 0, 1 and 2.
+    """
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # the listing's own fd, gone already
 
 
 def spawn(argv: list[str], env: dict[str, str], stdin: int, stdout: int, stderr: int) -> int:
@@ -535,7 +561,6 @@ class Init:
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: self.finish(143))
-        os.set_inheritable(self.cfg["lifeline_fd"], False)
         loop.add_reader(self.cfg["lifeline_fd"], lambda: self.finish(137))
         self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         for spec in self.cfg["listen"]:
@@ -552,6 +577,7 @@ class Init:
             await asyncio.wait_for(synced.wait(), 10)
         self.start_workload()
         status({"ready": True})
+        os.close(STATUS_FD)  # nothing more to report: nothing started later may write there
         return await self.done
 
     def finish(self, code: int) -> None:
