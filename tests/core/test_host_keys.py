@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import asyncssh
@@ -23,6 +22,7 @@ import pytest
 from dask_vastai.bootstrap import HOST_KEYS_MARK, BootstrapConfig, onstart_script, parse_host_keys
 from dask_vastai.exceptions import HostKeyMismatch
 from dask_vastai.tunnel import ClusterKey, HostKeyPin, SSHEndpoint, TunnelHub
+from tests.helpers.sandbox import make_spec, wait_for_log
 
 ED = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFRKQlxoKDaLWOc84xnDwNoOzv9DqfFg51OLFda1rDye"
 
@@ -113,25 +113,13 @@ class Impostor:
             self.server.close()
 
 
-def _spec(instance_id: int, onstart: str):
-    from dask_vastai.emulator.runtime import SandboxSpec
-
-    return SandboxSpec(
-        instance_id=instance_id, image="vastai/pytorch", runtype="ssh_direc ssh_proxy", onstart=onstart, args=None,
-        env={"CONTAINER_ID": str(instance_id)}, container_ports=(), authorized_keys=(), num_gpus=1,
-        gpu_name="RTX_3090", gpu_ram_mb=24576, cpu_cores=2, cpu_ram_mb=8192, disk_gb=1, api_url="",
-    )
-
-
 async def _boot(runtime, key: ClusterKey, instance_id: int) -> tuple[SSHEndpoint, tuple[str, ...]]:
     """One rental running our onstart: its direct SSH endpoint and the keys its log shows."""
     config = BootstrapConfig("hk", key.public_openssh, "http://127.0.0.1:9", orphan_timeout_s=600,
                              python=sys.executable)
-    ends = await runtime.start(_spec(instance_id, onstart_script(config)))
-    deadline = time.monotonic() + 30
-    while (keys := parse_host_keys(runtime.logs(instance_id))) is None:
-        assert time.monotonic() < deadline, f"no host-key line in the log: {runtime.logs(instance_id)}"
-        await asyncio.sleep(0.1)
+    ends = await runtime.start(make_spec(instance_id, onstart=onstart_script(config)))
+    keys = parse_host_keys(await wait_for_log(runtime, instance_id, HOST_KEYS_MARK, timeout_s=30))
+    assert keys is not None
     return SSHEndpoint(ends.public_ipaddr, ends.ports[22]), keys
 
 

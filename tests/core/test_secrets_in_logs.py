@@ -26,6 +26,7 @@ from dask_vastai.environment import (
 )
 from dask_vastai.instance import ClusterContext
 from dask_vastai.vast import VastAPI
+from tests.helpers.sandbox import make_spec
 
 TOKEN = "idx-token-never-logged-0417"
 PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIIEvQ...\n-----END PRIVATE KEY-----\n"
@@ -83,7 +84,6 @@ def test_api_key_on_the_command_line_warns_and_points_at_the_variable(emulator) 
 def test_pip_args_reach_the_instance_in_a_file_never_in_a_logged_command(sandbox, tmp_path: Path, caplog) -> None:
     """An install that must use a private index: pip gets the token, no log line or error has it."""
     from dask_vastai.bootstrap import BootstrapConfig, onstart_script, parse_probe, probe_command
-    from dask_vastai.emulator.runtime import SandboxSpec
     from dask_vastai.emulator.sandbox import SandboxRuntime
     from dask_vastai.exceptions import EnvironmentMismatch
     from dask_vastai.tunnel import ClusterKey, SSHEndpoint, TunnelHub
@@ -101,10 +101,7 @@ def test_pip_args_reach_the_instance_in_a_file_never_in_a_logged_command(sandbox
         config = BootstrapConfig("pip", key.public_openssh, "http://127.0.0.1:9", orphan_timeout_s=600,
                                  python=sys.executable)
         try:
-            ends = await runtime.start(SandboxSpec(
-                instance_id=5, image="img", runtype="ssh_direc ssh_proxy", onstart=onstart_script(config), args=None,
-                env={"CONTAINER_ID": "5"}, container_ports=(), authorized_keys=(), num_gpus=1, gpu_name="RTX_3090",
-                gpu_ram_mb=24576, cpu_cores=2, cpu_ram_mb=8192, disk_gb=1, api_url=""))
+            ends = await runtime.start(make_spec(5, onstart=onstart_script(config)))
             link = await hub.connect("i5", SSHEndpoint(ends.public_ipaddr, ends.ports[22]), timeout_s=30)
             probe = parse_probe((await link.run(probe_command(packages=client.probe_names()), timeout_s=60))[1])
             with pytest.raises(EnvironmentMismatch) as failed:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import secrets
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -21,13 +22,13 @@ import pytest
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
 
+# Made at run time: this file travels to the instance too (the tests package is a local
+# package of the test process), and its text must not contain them.
+_RUN = secrets.token_hex(4)
 SECRETS = {
-    "secret env": "HF-SECRET-VALUE-0417",
-    "Secret env entry": "WANDB-SECRET-VALUE-0417",
-    "pip index token": "PIP-INDEX-TOKEN-0417",
-    "coiled token": "COILED-TOKEN-0417",
-    "gateway password": "GATEWAY-PASSWORD-0417",
-    "credentials file": "CREDENTIALS-FILE-0417",
+    name: f"{name.upper().replace(' ', '-')}-{_RUN}"
+    for name in ("secret env", "Secret env entry", "pip index token", "coiled token", "gateway password",
+                 "credentials file")
 }
 
 
@@ -141,9 +142,10 @@ def test_only_allow_listed_config_and_declared_files_reach_the_instance(trust) -
         "spill": 0.61, "coiled": None, "gateway": None, "data": '{"declared": true}', "credentials": False,
         "double": 42,
     }
+    patterns = " ".join(f"-e {SECRETS[n]}" for n in ("coiled token", "gateway password", "credentials file",
+                                                        "pip index token"))
     found = _run(trust, "find / -xdev -name credentials.json 2>/dev/null; "
-                        "grep -rlsF -e COILED-TOKEN -e GATEWAY-PASSWORD -e CREDENTIALS-FILE -e PIP-INDEX-TOKEN "
-                        "/root /tmp /workspace /var/log; true")
+                        f"grep -rlsF {patterns} /root /tmp /workspace /var/log; true")
     assert found.strip() == ""
     shipment = next(iter(trust["cluster"].environment._shipments.values()))
     for name in ("coiled token", "gateway password", "credentials file"):

@@ -11,30 +11,13 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from dask_vastai.emulator.runtime import SandboxSpec
+from tests.helpers.sandbox import make_spec, wait_for_log
 
 pytestmark = pytest.mark.sandbox
-
-
-def _spec(instance_id: int, onstart: str, cpu_ram_mb: int = 8192) -> SandboxSpec:
-    return SandboxSpec(
-        instance_id=instance_id, image="img", runtype="ssh", onstart=onstart, args=None, env={"CONTAINER_ID": "1"},
-        container_ports=(), authorized_keys=(), num_gpus=0, gpu_name="RTX_3090", gpu_ram_mb=24576, cpu_cores=1,
-        cpu_ram_mb=cpu_ram_mb, disk_gb=1, api_url="",
-    )
-
-
-async def _until_logged(runtime, instance_id: int, marker: str, timeout_s: float = 60) -> str:
-    deadline = time.monotonic() + timeout_s
-    while marker not in (text := runtime.logs(instance_id)):
-        assert time.monotonic() < deadline, f"{marker!r} never logged; the log: {text[-3000:]}"
-        await asyncio.sleep(0.1)
-    return text
 
 
 @pytest.mark.timeout(120)
@@ -55,8 +38,8 @@ def test_the_workload_holds_no_fd_of_the_host_and_cannot_name_a_pid(sandbox, tmp
     async def main() -> str:
         runtime = SandboxRuntime(tmp_path / "state")
         try:
-            await runtime.start(_spec(1, onstart))
-            text = await _until_logged(runtime, 1, "END-OF-ONSTART")
+            await runtime.start(make_spec(1, onstart=onstart))
+            text = await wait_for_log(runtime, 1, "END-OF-ONSTART")
             assert runtime.pid1(1) != victim.pid
             await runtime.stop(1)
             return text
@@ -85,8 +68,8 @@ def test_a_flood_of_output_keeps_the_log_file_capped_and_its_tail(sandbox, tmp_p
     async def main() -> tuple[int, str]:
         runtime = SandboxRuntime(tmp_path / "state", log_max_bytes=cap)
         try:
-            await runtime.start(_spec(2, onstart))
-            text = await _until_logged(runtime, 2, "LAST-LINE", timeout_s=90)
+            await runtime.start(make_spec(2, onstart=onstart))
+            text = await wait_for_log(runtime, 2, "LAST-LINE", timeout_s=90)
             size = (tmp_path / "state" / "2" / "container.log").stat().st_size
             return size, text
         finally:
@@ -126,10 +109,10 @@ def test_memory_and_processes_are_limited_per_sandbox(sandbox, tmp_path: Path) -
     async def main() -> tuple[str, list[Path]]:
         runtime = SandboxRuntime(tmp_path / "state", memory_max_mb=200, pids_max=64)
         try:
-            await runtime.start(_spec(3, onstart))
+            await runtime.start(make_spec(3, onstart=onstart))
             folders = list(runtime._sandboxes[3].cgroup.folders)
             assert all(f.is_dir() for f in folders)
-            text = await _until_logged(runtime, 3, "END-OF-LIMITS", timeout_s=90)
+            text = await wait_for_log(runtime, 3, "END-OF-LIMITS", timeout_s=90)
             await runtime.stop(3)
             return text, folders
         finally:
