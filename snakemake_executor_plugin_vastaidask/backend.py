@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 from typing import Any
 
@@ -104,6 +105,11 @@ class DaskBackend:
             return
         from dask_vastai import VastAICluster
 
+        if settings.api_key and os.environ.get("SNAKEMAKE_VASTAIDASK_API_KEY") != settings.api_key:
+            logger.warning(
+                "--vastaidask-api-key puts your Vast API key where every user of this machine can read it "
+                "(ps) and in your shell history; export VAST_API_KEY (or SNAKEMAKE_VASTAIDASK_API_KEY) instead"
+            )
         minimum = max(0, int(settings.min_instances))
         maximum = max(minimum, int(settings.max_instances))
         if maximum < 1:

@@ -88,8 +88,9 @@ class ExecutorSettings(ExecutorSettingsBase):
     )
     api_key: Optional[str] = field(
         default=None,
-        metadata={"help": "Vast API key (default: VAST_API_KEY, then the vastai CLI's key file).",
-                  "env_var": True},
+        metadata={"help": "Vast API key; prefer the environment (SNAKEMAKE_VASTAIDASK_API_KEY or "
+                  "VAST_API_KEY): a command line is visible to every user of the machine (default: "
+                  "VAST_API_KEY, then the vastai CLI's key file).", "env_var": True},
     )
     keep_instances: bool = field(
         default=False,

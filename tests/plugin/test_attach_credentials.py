@@ -57,3 +57,20 @@ def test_a_workflow_with_envvars_is_refused_over_tcp_before_any_job(tmp_path: Pa
         assert "token-value-never-sent-0417" not in run.stderr + run.stdout
         assert not cluster.scheduler.tasks, "no job reached the scheduler"
     assert not (tmp_path / "a.txt").exists()
+
+
+def test_an_api_key_given_as_a_flag_warns_and_one_from_the_environment_does_not(emulator, caplog,
+                                                                                monkeypatch) -> None:
+    from snakemake_executor_plugin_vastaidask.backend import DaskBackend
+    from snakemake_executor_plugin_vastaidask.settings import ExecutorSettings
+
+    settings = ExecutorSettings(api_url=emulator.url, api_key=emulator.api_key, max_instances=1)
+    for from_env in (False, True):
+        if from_env:  # snakemake fills the setting from the variable
+            monkeypatch.setenv("SNAKEMAKE_VASTAIDASK_API_KEY", emulator.api_key)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="snakemake_executor_plugin_vastaidask"):
+            DaskBackend(settings, run_name=f"smk-key-{from_env}").close()
+        warned = [r.getMessage() for r in caplog.records if "--vastaidask-api-key" in r.getMessage()]
+        assert bool(warned) is not from_env, warned
+        assert not any(emulator.api_key in r.getMessage() for r in caplog.records)
