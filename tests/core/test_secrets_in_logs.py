@@ -25,29 +25,33 @@ from dask_vastai.environment import (
     redact_urls,
 )
 from dask_vastai.instance import ClusterContext
+from dask_vastai.security import ClusterCA
 from dask_vastai.vast import VastAPI
 from tests.helpers.sandbox import make_spec
 
 TOKEN = "idx-token-never-logged-0417"
-PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIIEvQ...\n-----END PRIVATE KEY-----\n"
 
 
 def test_what_holds_secrets_shows_none_in_its_repr() -> None:
     env = SecretEnv({"HF_TOKEN": "hf-value", "WANDB_API_KEY": Secret("wandb-value")})
     assert env == {"HF_TOKEN": "hf-value", "WANDB_API_KEY": "wandb-value"}  # readable where it is used
+    ca = ClusterCA("reprs", lifetime_days=1)
+    worker = ca.issue_worker("w", address="tls://127.0.0.1:1", nanny="tls://127.0.0.1:2")
     context = ClusterContext(
-        broker=None, hub=None, scheduler_address="tls://127.0.0.1:1", tls_ca="CA", tls_cert="CERT",  # type: ignore[arg-type]
-        tls_key=PEM_KEY, boot_timeout_s=1, heartbeat_interval_s=1, registered=lambda names: True,
-        log=print, env=env, host_key_timeout_s=1,
+        broker=None, hub=None, scheduler_address="tls://127.0.0.1:1", certificates=ca,  # type: ignore[arg-type]
+        boot_timeout_s=1, heartbeat_interval_s=1, registered=lambda names: True, log=print, env=env,
+        host_key_timeout_s=1,
     )
     incarnation = Incarnation(
         worker_name="w", scheduler_address="tls://127.0.0.1:1", worker_port=1, nanny_port=2, nthreads=1,
-        memory_limit=1, resources={}, env=dict(env), tls_ca="CA", tls_cert="CERT", tls_key=PEM_KEY,
-        death_timeout_s=1,
+        memory_limit=1, resources={}, env=dict(env), tls_ca=worker.ca_pem, tls_cert=worker.cert_pem,
+        tls_key=worker.key_pem, death_timeout_s=1,
     )
+    assert "PRIVATE KEY" in worker.key_pem
     client = ClientEnvironment.current(pip_args=["--index-url", f"https://me:{TOKEN}@pypi.example/simple"])
     api = VastAPI(api_key="vast-key-never-shown-0417", api_url="http://127.0.0.1:9")
-    for obj in (env, context, incarnation, client, InstanceEnvironment(client), api, api.__dict__):
+    for obj in (env, context, incarnation, worker, ca, ca.security(), client, InstanceEnvironment(client), api,
+                api.__dict__):
         for text in (repr(obj), str(obj)):
             for secret in ("hf-value", "wandb-value", "PRIVATE KEY", TOKEN, "vast-key-never-shown"):
                 assert secret not in text, (type(obj).__name__, text)
