@@ -6,6 +6,10 @@ put into a fresh cgroup before it forks anything, so everything the sandbox ever
 counted there: ``memory.max`` and ``pids.max`` (cgroup v2) or ``memory.limit_in_bytes`` and
 ``pids.max`` (v1's memory and pids hierarchies).
 
+The sandbox does not see these limits (its ``/sys/fs/cgroup`` is empty and ``/proc/meminfo``
+is the machine's unless the ``cpu_view`` variant says otherwise): they protect the host, they
+do not describe the offer, so a worker sizes itself as before and a runaway one is killed.
+
 Where: cgroup v2 when our own cgroup offers the memory and pids controllers to children (a
 delegated subtree, or a cgroup we may enable them in); else v1 when its memory and pids
 hierarchies are mounted and our cgroups in them are writable (root in most containers on a
