@@ -67,6 +67,11 @@ class Call:
         return int(self.groups[n])
 
 
+#: endpoints whose JSON body ``emu.requests`` keeps (what was searched for and what was rented:
+#: tests check that options reach the query); no secret travels in either
+_BODY_LOGGED = frozenset({"search", "create"})
+
+
 def json_response(obj: Any, status: int = 200) -> web.Response:
     """A JSON answer with the exact Content-Type Vast sends."""
     return web.Response(body=json.dumps(obj).encode(), status=status,
@@ -150,7 +155,7 @@ class ApiServer:
         async def trap(request: web.Request) -> web.Response:
             started = time.time()
             response = web.Response(text=NOT_FOUND_HTML, status=404, content_type="text/html")
-            self._record(request, "off_origin", response.status, self._identity(request), started)
+            self._record(request, {"endpoint": "off_origin"}, response.status, self._identity(request), started)
             return response
 
         app = web.Application()
@@ -169,30 +174,34 @@ class ApiServer:
         instance_id = self.market.instance_keys.get(key)
         return None if instance_id is None else f"instance:{instance_id}"
 
-    def _record(self, request: web.Request, endpoint: str | None, status: int, identity: str | None,
+    def _record(self, request: web.Request, seen: dict[str, Any], status: int, identity: str | None,
                 started: float) -> None:
+        endpoint = seen.get("endpoint")
         if endpoint and endpoint.startswith("_"):
             return
-        self.records.append({
+        record = {
             "time": started, "method": request.method, "path": request.path, "endpoint": endpoint,
             "status": status, "key": identity, "duration_s": time.time() - started,
-        })
+        }
+        if "body" in seen:
+            record["body"] = seen["body"]
+        self.records.append(record)
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.time()
         identity = self._identity(request)
-        route: list[str] = []  # _handle names the endpoint here once the path matched
+        seen: dict[str, Any] = {}  # _handle names the endpoint (and keeps a logged body) here
         try:
-            response = await self._handle(request, identity, route)
+            response = await self._handle(request, identity, seen)
         except ApiError as e:
             response = json_response(e.body, e.status)
-        self._record(request, route[0] if route else None, response.status, identity, started)
+        self._record(request, seen, response.status, identity, started)
         return response
 
-    async def _handle(self, request: web.Request, identity: str | None, route: list[str]) -> web.Response:
+    async def _handle(self, request: web.Request, identity: str | None, seen: dict[str, Any]) -> web.Response:
         found = self._route(request)
         if found is not None:
-            route.append(found[0])
+            seen["endpoint"] = found[0]
         moved = self._redirect(request, found)
         if moved is not None:
             return moved
@@ -203,6 +212,8 @@ class ApiServer:
             return self._missing(request)
         endpoint, handler, instance_ok, groups = found
         body = await self._body(request)
+        if endpoint in _BODY_LOGGED:
+            seen["body"] = body
         call = Call(request, groups, body, identity)
         if identity != "account":
             denied = self._scope(call, endpoint, instance_ok)
@@ -439,7 +450,7 @@ class ApiServer:
             response = web.Response(text="Not Found (not uploaded yet)", status=404, content_type="text/plain")
         else:
             response = web.Response(text=text, content_type="text/plain")
-        self._record(request, "logfile", response.status, None, started)
+        self._record(request, {"endpoint": "logfile"}, response.status, None, started)
         return response
 
     # ------------------------------------------------------------------ keys and user
