@@ -16,6 +16,9 @@ from .exceptions import MissingAPIKey
 
 #: where a user creates a key
 KEY_HELP_URL = "https://cloud.vast.ai/manage-keys/"
+#: how the keys ``dask-vastai emulator`` makes up begin (Vast's own are 64 hex digits), so that
+#: one sent to Vast is recognised at once instead of being refused after a round trip
+EMULATOR_KEY_PREFIX = "emu-"
 
 
 def key_file_paths() -> list[Path]:
@@ -76,3 +79,23 @@ def mask_key(key: str | None) -> str:
     if not key:
         return "<none>"
     return "***" + key[-4:] if len(key) >= 12 else "***"
+
+
+def is_emulator_key(key: str) -> bool:
+    return key.startswith(EMULATOR_KEY_PREFIX)
+
+
+def is_vast_origin(host: str | None) -> bool:
+    """``console.vast.ai`` and the other hosts of Vast itself."""
+    host = (host or "").lower().rstrip(".")
+    return host == "vast.ai" or host.endswith(".vast.ai")
+
+
+def emulator_key_message(api_url: str) -> str:
+    """What to do when an emulator's key is about to go to Vast itself."""
+    return (
+        f"The API key ({EMULATOR_KEY_PREFIX}...) is one `dask-vastai emulator` made, but the API URL is "
+        f"{api_url}: point at the emulator with the two lines it printed, `export VAST_API_KEY={EMULATOR_KEY_PREFIX}...` "
+        "and `export DASK_VASTAI__API_URL=http://127.0.0.1:<port>` (or pass api_url=, --api-url, "
+        f"--vastaidask-api-url), or use your Vast key from {KEY_HELP_URL}."
+    )

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from ..credentials import EMULATOR_KEY_PREFIX
 from .api_market import ManualClock, Market
 from .api_ratelimit import DEFAULT_INTERVALS_S, RateLimiter
 from .api_server import ApiServer
@@ -111,7 +112,7 @@ class Emulator:
         if boot_delay_s < 0:
             raise ValueError(f"boot_delay_s must be >= 0 seconds, not {boot_delay_s}")
         self.port = int(port)
-        self.api_key = api_key or f"emu-{secrets.token_hex(16)}"
+        self.api_key = api_key or f"{EMULATOR_KEY_PREFIX}{secrets.token_hex(16)}"
         self.boot_delay_s = float(boot_delay_s)
         self.offers = load_catalog(catalog)  # fail here, with the file's name, not in the thread
         if rate_limits is True:
@@ -270,7 +271,8 @@ class Emulator:
 
     @property
     def requests(self) -> list[dict[str, Any]]:
-        """Every API request so far: time, method, path, endpoint, status, key ("account"/"instance:N").
+        """Every API request so far: time, method, path, endpoint, status, key ("account"/"instance:N"),
+        and for searches and creates the JSON ``body`` sent (the query; the rental's disk, image, label).
 
         Requests that followed an off_origin redirect are there too, with endpoint "off_origin"
         and the key they carried: a client that leaks the key shows as key "account".

@@ -1,8 +1,8 @@
 """``dask-vastai emulator``: serve a local Vast marketplace until Ctrl-C or SIGTERM.
 
 Also runs as ``python -m dask_vastai.emulator.main``. It prints the URL and the key it
-accepts, with a line to paste for the official CLI, and on Ctrl-C/SIGTERM stops every
-sandbox it started and exits 0.
+accepts, with the two ``export`` lines that point dask-vastai at it, and on Ctrl-C/SIGTERM
+stops every sandbox it started and exits 0.
 
 Where Vast's behaviour is unknown it plays the variants asked for: ``--profile strict``
 (the defensible ones at once) and ``--variant NAME[=VALUE]`` (repeatable, over the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -60,14 +61,21 @@ async def _serve(args: argparse.Namespace) -> None:
                         variants=dict(args.variant), profile=args.profile) as emu:
         print(f"Vast emulator serving {emu.url} (runtime: {emu.runtime_name}, {len(emu.offers)} offers)")
         print(f"API key: {emu.api_key}")
-        print(f"try: export VAST_API_KEY={emu.api_key}; vastai --url {emu.url} search offers")
         changed = emu.variants.changed()
         if changed:
             print(f"variants ({emu.variants.profile} profile): "
                   + ", ".join(f"{k}={v}" for k, v in changed.items()))
+        print("Point dask-vastai at it (VastAICluster, dask-vastai offers/ls, snakemake --executor "
+              "vastaidask) with, in your shell:")
+        print(export_lines(emu.url, emu.api_key))
         print("Ctrl-C stops it and every instance it started.", flush=True)
         await stop.wait()
         print("stopping: destroying sandboxes...", flush=True)
+
+
+def export_lines(url: str, api_key: str) -> str:
+    """The two lines that point dask-vastai (the library, the CLI, the Snakemake plugin) here."""
+    return f"export VAST_API_KEY={shlex.quote(api_key)}\nexport DASK_VASTAI__API_URL={shlex.quote(url)}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,14 @@ import aiohttp
 import yarl
 
 from ..config import option
-from ..credentials import KEY_HELP_URL, APIKey, find_api_key
+from ..credentials import (
+    KEY_HELP_URL,
+    APIKey,
+    emulator_key_message,
+    find_api_key,
+    is_emulator_key,
+    is_vast_origin,
+)
 from ..exceptions import (
     InstanceNotFound,
     InvalidAPIKey,
@@ -172,6 +179,9 @@ class VastTransport:
             raise ValueError(f"api_url={parsed.with_query(None)!s}... must not carry a query; the key goes in api_key")
         if max_attempts < 1:
             raise ValueError(f"max_attempts={max_attempts} must be at least 1")
+        if is_emulator_key(key) and is_vast_origin(parsed.host):
+            # Vast would only answer 401, after a round trip (minutes when it is unreachable).
+            raise InvalidAPIKey(emulator_key_message(url))
         self._api_key = APIKey(key)
         self._key_source = source
         self.api_url: str = url

@@ -356,7 +356,10 @@ def test_command_line_prints_url_and_stops_on_sigterm() -> None:
         assert first.startswith("Vast emulator serving http://127.0.0.1:"), first + proc.stderr.read()
         url = first.split()[3]
         assert proc.stdout.readline().strip() == "API key: k-123"
-        assert "vastai --url" in proc.stdout.readline()
+        assert "Point dask-vastai at it" in proc.stdout.readline()
+        # the exact lines to paste: the library, the CLI and the Snakemake plugin all read them
+        assert proc.stdout.readline().strip() == "export VAST_API_KEY=k-123"
+        assert proc.stdout.readline().strip() == f"export DASK_VASTAI__API_URL={url}"
         req = urllib.request.Request(url + "/api/v0/users/current", headers={"Authorization": "Bearer k-123"})
         assert json.load(urllib.request.urlopen(req, timeout=5))["balance"] == 100.0
         proc.send_signal(signal.SIGTERM)
