@@ -1,4 +1,4 @@
-"""``dask-vastai``: offers | ls | cleanup | emulator | demo.
+"""``dask-vastai``: offers | gpus | ls | cleanup | emulator | demo.
 
 Each subcommand imports what it needs when it runs, so ``dask-vastai --help`` stays fast
 and the emulator's dependencies never load for ``ls``.
@@ -27,20 +27,35 @@ def _add_api_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="dask-vastai",
         description="Dask clusters on rented Vast.ai GPUs, and a local Vast marketplace to try them on.",
     )
+    parser.add_argument("--version", action="version", version=f"dask-vastai {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    offers = sub.add_parser("offers", help="show what would be rented, and at what price")
+    offers = sub.add_parser(
+        "offers", help="show what would be rented, and at what price",
+        description="The offers a cluster with these options would rent now. Unset options come from "
+        "the dask config (vastai: in ~/.config/dask/*.yaml, DASK_VASTAI__* variables), as for the cluster.",
+    )
     _add_api_options(offers)
     offers.add_argument("--gpu", action="append", default=None, help="GPU model, e.g. RTX_4090 (repeatable)")
-    offers.add_argument("--num-gpus", type=int, default=None)
+    offers.add_argument("--num-gpus", type=int, default=None, help="GPUs per instance")
     offers.add_argument("--max-price", type=float, default=None, help="$/h per instance, at most")
     offers.add_argument("--region", default=None, help="EU, NA, AS, ... or country codes DE,PL")
+    offers.add_argument("--disk", type=float, default=None, help="GB of disk per instance")
+    offers.add_argument("--reliability", type=float, default=None, help="host reliability, at least (0 to 1)")
+    offers.add_argument("--order", default=None, help="the order offers are taken in (default dph_total)")
+    offers.add_argument("--no-datacenter", action="store_true", help="also hobbyist (non-datacenter) hosts")
+    offers.add_argument("--interruptible", action="store_true", help="interruptible (bid) offers")
     offers.add_argument("--query", default=None, help="extra `vastai search offers` filters")
     offers.add_argument("--limit", type=int, default=10)
+    offers.add_argument("--json", action="store_true", help="the query and the offers as JSON")
+
+    sub.add_parser("gpus", help="list the GPU model names Vast uses (what --gpu and gpu= accept)")
 
     ls = sub.add_parser("ls", help="list the rentals dask-vastai made (labels dask-vastai:...)")
     _add_api_options(ls)
@@ -75,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(or run `vastai set api-key` once)",
             file=sys.stderr,
         )
+    if args.command == "gpus":
+        from .offers import KNOWN_GPU_NAMES
+
+        print("\n".join(name.replace(" ", "_") for name in KNOWN_GPU_NAMES))
+        return 0
     if args.command == "demo":
         from .demo import run_demo
 

@@ -33,7 +33,7 @@ from .config import option
 from .environment import ClientEnvironment, InstanceEnvironment, python_option, split_env
 from .exceptions import BootFailed, ClusterNotAttachable, NoOfferAvailable
 from .instance import ClusterContext, VastInstance
-from .offers import OfferPreview, no_match_message
+from .offers import OfferPreview, no_match_message, preview_offers
 from .pools import (
     DEFAULT_POOL,
     Pool,
@@ -477,12 +477,7 @@ class VastAICluster(SpecCluster):
 
     # -------------------------------------------------------------- previews
     async def _offers(self) -> OfferPreview:
-        req = self.pools.default.requirements
-        offers = await self.api.search_offers(
-            req.filters(), order=req.order, limit=10,
-            type="bid" if req.interruptible else "on-demand", storage_gb=req.disk_gb,
-        )
-        return OfferPreview(query_text=req.query_text(), query=req.filters(), offers=offers)
+        return await preview_offers(self.api, self.pools.default.requirements)
 
     def offers(self) -> OfferPreview:
         """The query this cluster sends and the offers it matches now; rents nothing."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import sys
 import time
 
@@ -16,12 +18,18 @@ from rich.table import Table
 
 from .exceptions import VastError
 from .labels import LABEL_PREFIX, cluster_label_prefix, parse_label
-from .offers import OfferRequirements
+from .offers import OfferPreview, OfferRequirements, preview_offers
+from .units import duration, rate, usd
 from .vast import Instance, VastAPI
+
+#: the width tables are laid out in when the output is not a terminal (a pipe has none)
+PIPE_WIDTH = 100_000
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    # rich lays tables out in 80 columns when stdout is not a terminal, cutting cells in a
+    # pipe or a file; there, as wide as the rows are.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else PIPE_WIDTH)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -41,27 +49,42 @@ async def run(args: argparse.Namespace) -> int:
     raise AssertionError(f"unknown command {args.command!r}")
 
 
-async def _offers(api: VastAPI, args: argparse.Namespace, console: Console) -> int:
-    kwargs = {"num_gpus": args.num_gpus} if args.num_gpus else {}
-    req = OfferRequirements(
-        gpu=args.gpu if args.gpu is None or len(args.gpu) > 1 else args.gpu[0],
-        max_price=args.max_price,
-        region=args.region,
-        query=args.query or "",
-        **kwargs,
+def offer_requirements(args: argparse.Namespace) -> OfferRequirements:
+    """The requirements a cluster with these options would rent with: its shape options over
+    the ``vastai:`` config and ``DASK_VASTAI__*`` (``PoolShape`` -> ``Pool``, as the cluster does)."""
+    from .pools import Pool, PoolShape
+
+    gpu = args.gpu if args.gpu is None or len(args.gpu) > 1 else args.gpu[0]
+    shape = PoolShape(
+        gpu=gpu, num_gpus=args.num_gpus, max_price=args.max_price, region=args.region, query=args.query,
+        disk=args.disk, reliability=args.reliability, order=args.order,
+        datacenter=False if args.no_datacenter else None, interruptible=True if args.interruptible else None,
     )
-    req.validate()
-    offers = await api.search_offers(req.filters(), order=req.order, limit=args.limit, storage_gb=req.disk_gb)
-    console.print(f"query: {req.query_text()}")
-    table = Table("offer", "GPU", "#", "GPU RAM", "CPUs", "RAM", "$/h", "reliability", "where")
-    for o in offers:
+    return Pool.from_shape("offers", shape, onstart="").requirements
+
+
+def _offer_json(preview: OfferPreview) -> str:
+    offers = [
+        {f.name: getattr(o, f.name) for f in dataclasses.fields(o) if f.name != "raw"} for o in preview.offers
+    ]
+    return json.dumps({"query": preview.query_text, "sent": preview.query, "offers": offers}, indent=2)
+
+
+async def _offers(api: VastAPI, args: argparse.Namespace, console: Console) -> int:
+    preview = await preview_offers(api, offer_requirements(args), limit=args.limit)
+    if args.json:
+        print(_offer_json(preview))
+        return 0 if preview.offers else 1
+    console.print(f"query: {preview.query_text}")
+    table = Table("offer", "GPU", "#", "GPU RAM", "CPUs", "RAM", "disk", "$/h", "reliability", "where")
+    for o in preview.offers:
         table.add_row(
             str(o.id), o.gpu_name, str(o.num_gpus), f"{o.gpu_ram_mb / 1024:.0f} GB",
-            f"{o.cpu_cores_effective:g}", f"{o.cpu_ram_mb / 1024:.0f} GB", f"{o.dph_total:.3f}",
-            f"{o.reliability:.3f}", o.geolocation or "",
+            f"{o.cpu_cores_effective:g}", f"{o.cpu_ram_mb / 1024:.0f} GB", f"{o.disk_space_gb:.0f} GB",
+            f"{o.dph_total:.3f}", f"{o.reliability:.3f}", o.geolocation or "",
         )
     console.print(table)
-    if not offers:
+    if not preview.offers:
         console.print("no offer matches; relax the price, region or GPU")
         return 1
     return 0
@@ -72,15 +95,27 @@ async def _ours(api: VastAPI, cluster: str | None) -> list[Instance]:
     return [i for i in await api.list_instances(label_prefix=prefix) if i.label and i.label.startswith(prefix)]
 
 
+def _uptime_s(instance: Instance, now: float) -> float:
+    """Seconds billed so far (Vast bills from the rental's start)."""
+    return max(0.0, now - instance.start_date) if instance.start_date else 0.0
+
+
 def _table(instances: list[Instance]) -> Table:
-    table = Table("instance", "cluster", "worker", "GPU", "status", "$/h", "up")
+    """One row per rental (id, cluster, worker, GPU, state, $/h, uptime, $ so far) and the totals."""
+    table = Table("instance", "cluster", "worker", "GPU", "status", "$/h", "up", "cost so far")
     now = time.time()
     for i in instances:
         cluster, worker = parse_label(i.label or "")
-        up_min = (now - i.start_date) / 60 if i.start_date else 0.0
+        up_s = _uptime_s(i, now)
         table.add_row(
             str(i.id), cluster, worker, f"{i.num_gpus}x {i.gpu_name}", str(i.actual_status),
-            f"{i.dph_total:.3f}", f"{up_min:.0f} min",
+            rate(i.dph_total), duration(up_s), usd(i.dph_total * up_s / 3600),
+        )
+    if len(instances) > 1:
+        table.add_section()
+        table.add_row(
+            "total", "", "", "", "", rate(sum(i.dph_total for i in instances)), "",
+            usd(sum(i.dph_total * _uptime_s(i, now) / 3600 for i in instances)),
         )
     return table
 
@@ -91,8 +126,10 @@ async def _ls(api: VastAPI, args: argparse.Namespace, console: Console) -> int:
         console.print("no dask-vastai rentals")
         return 0
     console.print(_table(instances))
-    rate = sum(i.dph_total for i in instances)
-    console.print(f"{len(instances)} rentals, ${rate:.3f}/h together")
+    now = time.time()
+    total = sum(i.dph_total for i in instances)
+    spent = sum(i.dph_total * _uptime_s(i, now) / 3600 for i in instances)
+    console.print(f"{len(instances)} rentals, {rate(total)} together, {usd(spent)} so far")
     return 0
 
 

@@ -15,11 +15,14 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .display import TextTable, usd_per_hour
 from .vast import Offer
 from .vast.query import STRING_QUERY_DEFAULTS, parse_order, parse_query
+
+if TYPE_CHECKING:
+    from .vast import VastAPI
 
 # ----------------------------------------------------------------------------- GPU names and regions
 
@@ -61,6 +64,18 @@ def close_gpu_names(name: str, n: int = 4) -> list[str]:
     containing = [v for k, v in _GPU_BY_KEY.items() if key and key in k]
     close = [_GPU_BY_KEY[k] for k in difflib.get_close_matches(key, list(_GPU_BY_KEY), n=n, cutoff=0.6)]
     return list(dict.fromkeys(containing + close))[:n]
+
+
+def unknown_gpu_message(name: str) -> str:
+    """The answer to a GPU name Vast does not list: the close names, and where to look."""
+    close = [c.replace(" ", "_") for c in close_gpu_names(name)]
+    near = f"close names: {', '.join(close)}" if close else "no known name is close"
+    example = close[0] if close else "RTX_4090"
+    return (
+        f"gpu={name!r} is not a GPU model Vast lists ({near}); `dask-vastai offers --gpu {example}` shows "
+        "what is offered and `dask-vastai gpus` every known name. For a model not listed there, give "
+        "no gpu and query='gpu_name=<name>'."
+    )
 
 
 def _codes(text: str) -> tuple[str, ...]:
@@ -161,13 +176,7 @@ class OfferRequirements:
         raw_gpus = [] if self.gpu is None else ([self.gpu] if isinstance(self.gpu, str) else list(self.gpu))
         for name in raw_gpus:
             if canonical_gpu_name(str(name)) is None:
-                close = close_gpu_names(str(name))
-                hint = f"did you mean {', '.join(repr(c.replace(' ', '_')) for c in close)}? " if close else ""
-                raise ValueError(
-                    f"gpu={name!r} is not a GPU model Vast lists. {hint}(All known names: "
-                    "dask_vastai.offers.KNOWN_GPU_NAMES; `dask-vastai offers` shows what is offered.) "
-                    "For a model not listed there, leave gpu=None and pass query='gpu_name=<name>'."
-                )
+                raise ValueError(unknown_gpu_message(str(name)))
         if not isinstance(self.num_gpus, int) or isinstance(self.num_gpus, bool) or self.num_gpus < 1:
             raise ValueError(f"num_gpus={self.num_gpus!r}: an instance needs at least 1 GPU (an integer)")
         for label, value in (
@@ -270,6 +279,19 @@ class OfferPreview:
 
     def __rich__(self) -> Any:
         return self.text_table().rich()
+
+
+async def preview_offers(api: VastAPI, req: OfferRequirements, *, limit: int = 10) -> OfferPreview:
+    """What ``req`` matches now, searched exactly as a rental searches (order, bid or on-demand, disk).
+
+    The one search behind ``cluster.offers()`` and ``dask-vastai offers``, so that "what would be
+    rented" is what is rented.
+    """
+    offers = await api.search_offers(
+        req.filters(), order=req.order, limit=limit,
+        type="bid" if req.interruptible else "on-demand", storage_gb=req.disk_gb,
+    )
+    return OfferPreview(query_text=req.query_text(), query=req.filters(), offers=offers)
 
 
 # ----------------------------------------------------------------------------- no match
