@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
+import re
 import threading
 from typing import Any
 
@@ -67,43 +69,162 @@ def refuse_credentials_in_clear(address: str, *, storage_mode: bool, env_names: 
             "tls:// address (with the dask config distributed.comm.tls.* naming the CA and this client's "
             "certificate), or leave out --vastaidask-scheduler-address to rent instances"
         )
+#: ``dask_vastai.PoolShape`` option -> the setting (``--vastaidask-<setting>``) that gives it
+SHAPE_SETTINGS = {
+    "gpu": "gpu",
+    "num_gpus": "num_gpus",
+    "max_price": "max_price",
+    "region": "region",
+    "image": "image",
+    "disk": "disk",
+    "reliability": "reliability",
+    "order": "order",
+    "query": "vastai_query",
+    "datacenter": "no_datacenter",
+}
+#: VastAICluster option -> setting, for the options that are not shape options
+CLUSTER_SETTINGS = {
+    "n": "min_instances", "boot_timeout": "boot_timeout", "orphan_timeout": "orphan_timeout",
+    "api_url": "api_url", "api_key": "api_key",
+}
+#: shape option -> the per-rule resource that overrides it
+RULE_RESOURCES = {"gpu": "gpu_model", "query": "vastai_query", "disk": "disk_mb"}
 
 
 def pool_shape(settings: ExecutorSettings, **overrides: Any) -> dict[str, Any]:
     """The instance-shape options of ``dask_vastai.PoolShape`` the settings ask for.
 
     The one mapping of ``--vastaidask-*`` flags onto shapes, for the cluster's default pool
-    and for every per-rule pool (``overrides``: a rule's ``gpu_model``, query, GPU count).
+    and for every per-rule pool (``overrides``: a rule's ``gpu_model``, query, GPU count, disk).
     Unset settings stay out, so dask-vastai's defaults apply.
     """
-    shape: dict[str, Any] = {
-        "gpu": settings.gpu,
-        "num_gpus": settings.num_gpus,
-        "max_price": settings.max_price,
-        "region": settings.region,
-        "image": settings.image,
-        "disk": settings.disk,
-        "query": settings.vastai_query,
-        "datacenter": False if settings.no_datacenter else None,
-    }
+    shape: dict[str, Any] = {option: getattr(settings, name) for option, name in SHAPE_SETTINGS.items()}
+    shape["datacenter"] = False if settings.no_datacenter else None
     shape.update({k: v for k, v in overrides.items() if v is not None})
     return {k: v for k, v in shape.items() if v is not None}
+
+
+def flag(setting: str) -> str:
+    """``--vastaidask-api-key`` for ``api_key``."""
+    return "--vastaidask-" + setting.replace("_", "-")
+
+
+def flag_and_env(setting: str) -> str:
+    """The flag, and the environment variable where the setting has one."""
+    from dataclasses import fields
+
+    env = {f.name for f in fields(ExecutorSettings) if f.metadata.get("env_var")}
+    return flag(setting) + (f" or SNAKEMAKE_VASTAIDASK_{setting.upper()}" if setting in env else "")
+
+
+def given_flags(settings: ExecutorSettings) -> str:
+    """The shape flags this run was given, as a user would type them."""
+    out = []
+    for name in SHAPE_SETTINGS.values():
+        value = getattr(settings, name)
+        if value is True:
+            out.append(flag(name))
+        elif value is not None and value is not False:
+            out.append(f"{flag(name)}={value}")
+    return " ".join(out)
+
+
+#: quoted offer queries (``query: gpu_name=... num_gpus=1``): their ``name=`` are Vast's, kept
+_QUERY_SEGMENT = re.compile(r"((?:query|sent): [^\n)]*)")
+
+
+def with_flag_names(text: str, *, rule: bool = False) -> str:
+    """``text`` with dask-vastai's option names (``max_price=``) written as the flags that set them.
+
+    With ``rule=True`` the options a rule's resources override name those resources instead.
+    Offer queries quoted in ``text`` keep Vast's field names.
+    """
+    names = {k: v for k, v in {**CLUSTER_SETTINGS, **SHAPE_SETTINGS}.items() if k != "datacenter"}
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(sorted(names, key=len, reverse=True)) + r")=")
+
+    def replace(match: re.Match[str]) -> str:
+        option = match.group(1)
+        if rule and option in RULE_RESOURCES:
+            return f"resources {RULE_RESOURCES[option]}="
+        return flag(names[option]) + "="
+
+    def translate(segment: str) -> str:
+        segment = segment.replace("datacenter=True", f"datacenter hosts only (the default; {flag('no_datacenter')} widens it)")
+        return pattern.sub(replace, segment)
+
+    parts = _QUERY_SEGMENT.split(text)
+    return "".join(part if k % 2 else translate(part) for k, part in enumerate(parts))
+
+
+def configuration_error(error: BaseException, settings: ExecutorSettings) -> Exception:
+    """A ``WorkflowError`` that says in a sentence which flag (and variable) to fix, or ``error``.
+
+    Snakemake prints a ``WorkflowError``'s message without the ~40-line traceback, and users
+    set ``--vastaidask-*`` flags, not Python arguments.
+    """
+    from snakemake_interface_common.exceptions import WorkflowError
+
+    from dask_vastai import (
+        DaskVastAIError,
+        InvalidAPIKey,
+        MissingAPIKey,
+        NoOfferAvailable,
+        VastUnreachable,
+    )
+
+    if isinstance(error, MissingAPIKey):
+        return WorkflowError(
+            f"No Vast API key: give {flag_and_env('api_key')} (or VAST_API_KEY, or the vastai CLI's "
+            f"key file), made at https://cloud.vast.ai/manage-keys/, or try everything for free "
+            f"against `dask-vastai emulator`."
+        )
+    if isinstance(error, InvalidAPIKey):
+        where = settings.api_url or "the Vast API"
+        why = error.msg or str(error)
+        return WorkflowError(
+            f"{where} rejected the API key of {flag_and_env('api_key')} (else VAST_API_KEY): {why}"
+            + ("" if error.msg is None else
+               f"; check the key at https://cloud.vast.ai/manage-keys/, and {flag_and_env('api_url')} "
+               "when the key is an emulator's.")
+        )
+    if isinstance(error, VastUnreachable):
+        return WorkflowError(f"{with_flag_names(str(error))} (the API origin is {flag_and_env('api_url')})")
+    if isinstance(error, NoOfferAvailable | DaskVastAIError | ValueError):
+        return WorkflowError(with_flag_names(str(error)))
+    if settings.scheduler_address is not None and isinstance(error, OSError | TimeoutError):
+        return WorkflowError(
+            f"Could not reach the Dask scheduler at {flag('scheduler_address')}={settings.scheduler_address}: "
+            f"{error}"
+        )
+    return error
+
+
+def quiet_dask_logs(quiet: bool) -> None:
+    """distributed's INFO lines at WARNING (``quiet``), or as configured.
+
+    Called after ``import distributed``, which sets its loggers' levels from the dask config.
+    """
+    import distributed  # noqa: F401  (configures its logging at import)
+
+    if quiet:
+        logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 class DaskBackend:
     """Where the jobs run: a Dask client plus, in renting mode, the ``VastAICluster`` it talks to."""
 
-    def __init__(self, settings: ExecutorSettings, run_name: str) -> None:
+    def __init__(self, settings: ExecutorSettings, run_name: str, *, quiet: bool = True) -> None:
         from distributed import Client
 
         self.settings = settings
         self.cluster: Any = None
         self.renting = settings.scheduler_address is None
         self._pools_lock = threading.Lock()
+        self._closed = False
         if not self.renting:
             self.client = Client(settings.scheduler_address, timeout="30s", set_as_default=False)
             return
-        from dask_vastai import VastAICluster
+        from dask_vastai import NoOfferAvailable, VastAICluster
 
         if settings.api_key and os.environ.get("SNAKEMAKE_VASTAIDASK_API_KEY") != settings.api_key:
             logger.warning(
@@ -125,10 +246,21 @@ class DaskBackend:
             api_url=settings.api_url,
             api_key=settings.api_key,
             name=run_name,
-            quiet=True,
+            quiet=quiet,
             **pool_shape(settings),
         )
         try:
+            # Validated now, before any job is staged: a query nothing matches fails the run
+            # with the flags to relax, not each job after its instance never came.
+            preview = self.cluster.offers()
+            if not preview.offers:
+                raise NoOfferAvailable(
+                    f"No Vast offer matches {given_flags(settings) or 'the defaults'} "
+                    f"(query: {preview.query_text}); relax "
+                    "them (--vastaidask-max-price, --vastaidask-region, --vastaidask-reliability, "
+                    "--vastaidask-gpu, --vastaidask-vastai-query), and see what is offered with "
+                    "`dask-vastai offers`, which takes the same options."
+                )
             self.cluster.adapt(
                 minimum=maximum if settings.keep_instances else minimum,
                 maximum=maximum,
@@ -141,12 +273,15 @@ class DaskBackend:
             raise
 
     # ----------------------------------------------------------------- pools
-    def pool_resource(self, gpu_model: str | None, query: str | None, gpus: float = 1) -> dict[str, float]:
+    def pool_resource(
+        self, gpu_model: str | None, query: str | None, gpus: float = 1, disk_gb: float | None = None,
+    ) -> dict[str, float]:
         """The resource that sends a job to the pool of its instance shape (renting mode).
 
-        A rule's ``gpu_model`` / ``vastai_query`` differing from the executor's defaults gets
-        its own pool (created on first use, adapting between 0 and max-instances); the
-        default shape needs no resource: its jobs go to the cluster's default pool.
+        A rule's ``gpu_model`` / ``vastai_query`` differing from the executor's defaults, or a
+        ``disk_mb`` beyond the default pool's disk, gets its own pool (created on first use,
+        adapting between 0 and max-instances); the default shape needs no resource: its jobs
+        go to the cluster's default pool.
         """
         if self.cluster is None:
             if gpu_model or query:
@@ -159,17 +294,23 @@ class DaskBackend:
         extra = query if query is not None else self.settings.vastai_query
         # A job needing several GPUs gets instances with that many, held by one worker.
         multi = int(gpus) if gpus > 1 else None
-        if model == self.settings.gpu and extra == self.settings.vastai_query and multi is None:
+        # Whole GB, and only beyond the default pool's disk: every rule gets Snakemake's small
+        # default disk_mb, which the default pool already covers.
+        disk = math.ceil(disk_gb) if disk_gb and disk_gb > self.cluster.pools.default.requirements.disk_gb else None
+        if model == self.settings.gpu and extra == self.settings.vastai_query and multi is None and disk is None:
             return {}
-        digest = hashlib.sha1(f"{model}|{extra}|{multi}".encode()).hexdigest()[:6]
-        label = f"{model or 'any'}" + (f"-x{multi}" if multi else "")
+        digest = hashlib.sha1(f"{model}|{extra}|{multi}|{disk}".encode()).hexdigest()[:6]
+        label = f"{model or 'any'}" + (f"-x{multi}" if multi else "") + (f"-{disk}gb" if disk else "")
         name = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)[:40] + f"-{digest}"
         with self._pools_lock:
             if name not in self.cluster.pools:
-                self.cluster.add_pool(name, **pool_shape(
-                    self.settings, gpu=model, query=extra,
-                    num_gpus=multi, worker_per_gpu=False if multi else None,
-                ))
+                try:
+                    self.cluster.add_pool(name, **pool_shape(
+                        self.settings, gpu=model, query=extra, disk=disk,
+                        num_gpus=multi, worker_per_gpu=False if multi else None,
+                    ))
+                except ValueError as e:
+                    raise ValueError(with_flag_names(str(e), rule=True)) from None
                 self.cluster.adapt(
                     minimum=0, maximum=max(1, int(self.settings.max_instances)), pool=name,
                     interval=f"{ADAPT_INTERVAL_S}s",
@@ -178,6 +319,24 @@ class DaskBackend:
         return {self.cluster.pools[name].resource_name: 1.0}
 
     # ---------------------------------------------------------------- facts
+    def instances(self) -> list[dict[str, Any]]:
+        """The cluster's rentals (``VastAICluster.instances``), read on its event loop; [] when attached."""
+        if self.cluster is None:
+            return []
+        cluster = self.cluster
+        if self._closed:
+            return list(cluster.instances)  # its loop has stopped: nothing changes them any more
+
+        async def rows() -> list[dict[str, Any]]:
+            return list(cluster.instances)
+
+        return cluster.sync(rows)
+
+    @property
+    def cost_usd(self) -> float:
+        """Dollars the rentals cost (all of them, once closed); 0 when attached."""
+        return float(self.cluster.cost) if self.cluster is not None else 0.0
+
     def workers(self) -> dict[str, dict[str, Any]]:
         return dict(self.client.scheduler_info(n_workers=-1).get("workers", {}))
 
@@ -225,3 +384,4 @@ class DaskBackend:
             self.client.close(timeout=10)
         if self.cluster is not None:
             self.cluster.close()
+        self._closed = True

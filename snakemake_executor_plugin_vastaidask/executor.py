@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import json
 import re
+import tarfile
 import threading
 import time
 import uuid
@@ -36,6 +38,15 @@ from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
 from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 
+from .joblog import (
+    PREFIX,
+    describe_job,
+    git_add_hint,
+    job_log_path,
+    job_output,
+    tail,
+    unshipped_files,
+)
 from .settings import ExecutorSettings
 from .staging import Stager, remote_function, restamp, sha256_bytes, unpack_results
 
@@ -56,6 +67,7 @@ class _Job:
     payload: dict[str, Any]
     resources: dict[str, float]
     results: list[str]
+    log_path: Path
     shas: list[str] = field(default_factory=list)  # blob references held for this attempt
     submitted_at: float = field(default_factory=time.monotonic)
     future: Any = None
@@ -80,6 +92,14 @@ def job_resources(job: JobExecutorInterface) -> dict[str, float]:
     return out
 
 
+def job_disk_gb(job: JobExecutorInterface) -> float | None:
+    """GB of disk a job asks for (``disk_mb``; Snakemake turns ``disk="50GB"`` into it), or None."""
+    disk_mb = job.resources.get("disk_mb", None)
+    if isinstance(disk_mb, int | float) and not isinstance(disk_mb, bool) and disk_mb > 0:
+        return float(disk_mb) / 1000.0
+    return None
+
+
 def job_result_paths(job: JobExecutorInterface) -> tuple[list[str], list[str]]:
     """(outputs+benchmarks, logs) of every member of a group, in topological order."""
     members = [j for level in job.toposorted for j in level] if job.is_group() else [job]
@@ -98,21 +118,40 @@ class Executor(RemoteExecutor):
     """``--executor vastaidask``: Snakemake jobs as Dask tasks on a warm pool of workers."""
 
     def __post_init__(self) -> None:
-        from .backend import DaskBackend, refuse_credentials_in_clear
+        from .backend import (
+            DaskBackend,
+            configuration_error,
+            quiet_dask_logs,
+            refuse_credentials_in_clear,
+        )
+        from .progress import RentalProgress
 
         self.settings: ExecutorSettings = self.workflow.executor_settings or ExecutorSettings()
         self.run_id = uuid.uuid4().hex[:10]
         self.next_seconds_between_status_checks = STATUS_INTERVAL_S
         self.workdir = Path.cwd()
         self.state_dir = self.workdir / ".snakemake" / "vastaidask"
-        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.logs_dir = self.state_dir / "logs"
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.transfer_log = self.state_dir / "transfers.jsonl"
+        output_settings = getattr(self.workflow, "output_settings", None)
+        self.verbose = bool(getattr(output_settings, "verbose", False))
+        # distributed's INFO lines (scheduler start, every connection: ~30 a run) are noise to a
+        # Snakemake user; --verbose brings them back, with the cluster's own log lines.
+        quiet_dask_logs(not self.verbose)
+        self.progress = RentalProgress()
         self._dispatch_lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._backlog: deque[str] = deque()
         self._refused: dict[str, str] = {}
         self._closed = False
-        self.backend = DaskBackend(self.settings, run_name=f"smk-{self.run_id}")
+        try:
+            self.backend = DaskBackend(self.settings, run_name=f"smk-{self.run_id}", quiet=not self.verbose)
+        except Exception as e:
+            mapped = configuration_error(e, self.settings)
+            if mapped is e:
+                raise
+            raise mapped from None
         try:
             if not self.backend.renting:
                 refuse_credentials_in_clear(str(self.settings.scheduler_address), storage_mode=self.storage_mode,
@@ -174,12 +213,15 @@ class Executor(RemoteExecutor):
         key = f"smk-{self.run_id}-{job.jobid}-{job.attempt}"
         info = SubmittedJobInfo(job, external_jobid=key, aux={})
         staged: list[str] = []
+        log_path = job_log_path(self.logs_dir, job)
+        if self.verbose:
+            self.logger.info(f"{PREFIX}{describe_job(job)}: log {log_path.relative_to(self.workdir)}")
         try:
             resources = job_resources(job)
             resources.update(
                 self.backend.pool_resource(
                     job.resources.get("gpu_model", None), job.resources.get("vastai_query", None),
-                    resources.get("GPU", 0),
+                    resources.get("GPU", 0), job_disk_gb(job),
                 )
             )
             outputs, logs = job_result_paths(job)
@@ -207,7 +249,7 @@ class Executor(RemoteExecutor):
             self.report_job_submission(info)
             self.report_job_error(info, msg=f"vastaidask could not prepare {job}: {e}")
             return
-        self._jobs[key] = _Job(info, payload, resources, outputs, shas=staged)
+        self._jobs[key] = _Job(info, payload, resources, outputs, log_path, shas=staged)
         self.report_job_submission(info)
         with self._dispatch_lock:
             self._backlog.append(key)
@@ -273,6 +315,7 @@ class Executor(RemoteExecutor):
                 yield info
             return
         await asyncio.to_thread(self._dispatch)
+        await asyncio.to_thread(self._report_rentals)
         for info in active_jobs:
             key = info.external_jobid
             job = self._jobs.get(key)
@@ -291,6 +334,15 @@ class Executor(RemoteExecutor):
             except Exception as e:  # one job's trouble must not stop the status loop
                 self._forget(key)
                 self.report_job_error(info, msg=f"vastaidask lost {info.job} ({key}): {e!r}")
+
+    def _report_rentals(self) -> None:
+        """A line per rental and per change of its state (never one per poll)."""
+        try:
+            rows = self.backend.instances()
+        except Exception:  # noqa: BLE001 - a report must not fail the status loop
+            return
+        for line in self.progress.update(rows):
+            self.logger.info(line)
 
     def _forget(self, key: str) -> None:
         job = self._jobs.pop(key, None)
@@ -311,7 +363,8 @@ class Executor(RemoteExecutor):
             return
         result = await asyncio.to_thread(future.result)
         self._forget(key)
-        log_path = self.state_dir / "logs" / f"{key}.log"
+        log_path = job.log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text(result.get("output", ""))
         await asyncio.to_thread(unpack_results, result.get("tar", b""), self.workdir)
         if result.get("rc") == 0 and not result.get("cancelled"):
@@ -320,15 +373,32 @@ class Executor(RemoteExecutor):
             self.report_job_success(info)
             return
         self._record_transfers(key, result, time.monotonic() - job.submitted_at)
+        self.report_job_error(info, msg=self._failure_message(job, result), aux_logs=[str(log_path)])
+
+    def _failure_message(self, job: _Job, result: dict[str, Any]) -> str:
+        """What failed where, the log's path, the job's own last lines, and a missing file's fix."""
         why = "was cancelled" if result.get("cancelled") else f"exited with code {result.get('rc')}"
-        self.report_job_error(
-            info,
-            msg=(
-                f"{info.job} {why} on worker {result.get('worker_name')}; full output in {log_path}; "
-                f"its last lines:\n{result.get('log_tail', '')}"
-            ),
-            aux_logs=[str(log_path)],
-        )
+        own = job_output(result.get("output", ""), job.payload["key"])
+        lines = [
+            f"{PREFIX}{describe_job(job.info.job)} {why} on worker {result.get('worker_name')}; "
+            f"full output in {job.log_path.relative_to(self.workdir)}"
+        ]
+        if not result.get("cancelled"):
+            staged = [i[0] for i in job.payload["inputs"]] + job.payload["outputs"] + job.payload["logs"]
+            missing = unshipped_files(own, self.workdir, self._shipped_sources(), staged)
+            if missing:
+                lines.append(f"{PREFIX}{git_add_hint(missing, self.workdir)}")
+            lines.append("its own output, last lines:" if own else "it printed nothing of its own")
+            lines.extend("    " + line for line in tail(own).splitlines())
+        # Under Snakemake's "message:" (indented by 4), and ending the line it appends to.
+        return "\n    ".join(lines) + "\n"
+
+    def _shipped_sources(self) -> list[str]:
+        """The workdir-relative files of the source archive the instances got."""
+        if self.sources:
+            with tarfile.open(fileobj=io.BytesIO(self.sources), mode="r:xz") as tf:
+                return [m.name for m in tf.getmembers() if m.isfile()]
+        return sorted(self.workflow.dag.get_sources())
 
     def _record_transfers(self, key: str, result: dict[str, Any], latency_s: float) -> None:
         """One JSON line per job: what crossed to which worker, and hand-off -> outputs on disk."""
@@ -365,6 +435,9 @@ class Executor(RemoteExecutor):
             self._closed = True
         self.stager.release_all()
         self.backend.close()
+        if self.backend.renting:
+            # After close: every rental destroyed, so this is the final bill.
+            self.logger.info(self.progress.summary(self.backend.instances(), self.backend.cost_usd))
         if self.storage_mode:
             # Core removes the archive only when it uploaded it itself.
             with contextlib.suppress(Exception):

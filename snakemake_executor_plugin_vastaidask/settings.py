@@ -58,7 +58,19 @@ class ExecutorSettings(ExecutorSettingsBase):
         default=None, metadata={"help": "Docker image of the instances (default: dask-vastai's)."}
     )
     disk: Optional[float] = field(
-        default=None, metadata={"help": "GB of disk per instance (default: dask-vastai's)."}
+        default=None,
+        metadata={"help": "GB of disk per instance (default: dask-vastai's). A rule whose disk_mb "
+                  "resource asks for more gets instances with that much."},
+    )
+    reliability: Optional[float] = field(
+        default=None,
+        metadata={"help": "Host reliability, at least, 0 to 1 (default: dask-vastai's, 0.98; "
+                  "0 turns the filter off)."},
+    )
+    order: Optional[str] = field(
+        default=None,
+        metadata={"help": "The order offers are taken in, `vastai search offers` syntax (default "
+                  "dph_total: cheapest first; e.g. 'dlperf_usd-' for deep-learning performance per dollar)."},
     )
     vastai_query: Optional[str] = field(
         default=None,
