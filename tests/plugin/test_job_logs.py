@@ -7,7 +7,6 @@ the worker, sources from the shipped archive), without renting.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -18,18 +17,9 @@ from pathlib import Path
 import pytest
 
 from snakemake_executor_plugin_vastaidask.joblog import MAX_NAME_CHARS, job_output
-
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "examples" / "gpu_pipeline"
+from tests.helpers.checkout import EXAMPLE, checkout_env
 
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict[str, str]:
-    # snakemake finds executor plugins by scanning sys.path; the checkout goes on it.
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +38,7 @@ def snakemake(workdir: Path, address: str, *args: str) -> subprocess.CompletedPr
         [sys.executable, "-m", "snakemake", "--executor", "vastaidask", "--jobs", "2",
          "--vastaidask-scheduler-address", address,
          "--vastaidask-worker-cache-dir", str(workdir.parent / "cache"), *args],
-        cwd=workdir, env=_env(), capture_output=True, text=True, timeout=180,
+        cwd=workdir, env=checkout_env(), capture_output=True, text=True, timeout=180,
     )
 
 

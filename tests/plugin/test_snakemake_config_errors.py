@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from dask_vastai.emulator import Emulator
+from tests.helpers.checkout import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 _SNAKEFILE = 'rule a:\n    output: "a.txt"\n    resources: gpu=1\n    shell: "echo hi > {output}"\n'
 
 

@@ -6,7 +6,6 @@ emulator's own meter, and the run must not drown Snakemake's output in ours.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -14,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.checkout import checkout_env
+
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 #: Python's logging format, as distributed's handler writes it
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ - ")
 
@@ -39,14 +39,12 @@ REMOTE_JOBS = 3
 
 def test_rentals_boot_progress_and_a_final_cost_equal_to_the_meter(market, tmp_path: Path) -> None:
     (tmp_path / "Snakefile").write_text(_WORKFLOW)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
     run = subprocess.run(
         [sys.executable, "-m", "snakemake", "--executor", "vastaidask", "--jobs", "4",
          "--vastaidask-api-url", market.url, "--vastaidask-api-key", market.api_key,
          "--vastaidask-gpu", "RTX_3090", "--vastaidask-max-instances", "1", "--vastaidask-boot-timeout", "240",
          "--vastaidask-reliability", "0.95", "--vastaidask-order", "dlperf_usd-"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420,
+        cwd=tmp_path, env=checkout_env(), capture_output=True, text=True, timeout=420,
     )
     assert run.returncode == 0, run.stderr[-5000:]
     assert market.instances() == [], "0 rentals remain"
