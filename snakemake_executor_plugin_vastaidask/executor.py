@@ -42,6 +42,7 @@ from .joblog import (
     PREFIX,
     describe_job,
     git_add_hint,
+    job_commands,
     job_log_path,
     job_output,
     tail,
@@ -385,7 +386,9 @@ class Executor(RemoteExecutor):
         ]
         if not result.get("cancelled"):
             staged = [i[0] for i in job.payload["inputs"]] + job.payload["outputs"] + job.payload["logs"]
-            missing = unshipped_files(own, self.workdir, self._shipped_sources(), staged)
+            missing = unshipped_files(
+                own, self.workdir, self._shipped_sources(), staged, commands=job_commands(job.info.job)
+            )
             if missing:
                 lines.append(f"{PREFIX}{git_add_hint(missing, self.workdir)}")
             lines.append("its own output, last lines:" if own else "it printed nothing of its own")

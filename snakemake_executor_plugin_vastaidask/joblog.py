@@ -9,6 +9,11 @@
 - Only the workflow's git-tracked files (plus the Snakefile, its includes, config files and
   ``script:``/``notebook:``/conda files) reach the instances. A job that fails on a file
   that exists here but was not shipped is told to ``git add`` it.
+
+What a job printed comes from a host, and hosts are strangers: the text shown is stripped of
+terminal control characters (no escape sequence reaches the user's terminal), and ``git add``
+is suggested only for a file the job's own command (known here) names and git does not
+ignore, so a host cannot talk the user into shipping ``.env`` to every instance.
 """
 
 from __future__ import annotations
@@ -97,12 +102,17 @@ _CHATTER = re.compile(
 _REMOVING = re.compile(r"^Removing output files of failed job .*:$")
 
 
+#: what a terminal would act on: C0 controls but tab and newline, DEL, C1 controls (CSI, ...)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def job_output(text: str, key: str) -> str:
     """The job's own lines of a remote Snakemake run's output (banner, blocks, epilogue removed).
 
     Paths inside the job's scratch directory on the worker (``.../jobs/<key>/x``) are written
-    workdir-relative (``x``), as the user knows them.
+    workdir-relative (``x``), as the user knows them; control characters become ``?``.
     """
+    text = _CONTROL.sub("?", text.replace("\r\n", "\n"))
     text = re.sub(rf"[^\s'\"]*/jobs/{re.escape(key)}/", "", text)
     kept: list[str] = []
     lines = text.splitlines()
@@ -150,28 +160,37 @@ _MISSING = re.compile(
     re.IGNORECASE,
 )
 _PATH_TOKEN = re.compile(r"[\w.+@%-]+(?:/[\w.+@%-]+)*")
-_MODULE = re.compile(r"No module named '([\w.]+)'")
 
 
 def _candidates(line: str) -> Iterable[str]:
     """Workdir-relative paths a missing-file line may be talking about."""
-    module = _MODULE.search(line)
-    if module:
-        base = module.group(1).replace(".", "/")
-        yield f"{base}.py"
-        yield f"{base}/__init__.py"
     for token in _PATH_TOKEN.findall(line):
         token = token.removeprefix("./")
         if token and not token.startswith("..") and ("/" in token or "." in token.strip(".")):
             yield token
 
 
-def unshipped_files(output: str, workdir: Path, shipped: Iterable[str], staged: Iterable[str] = ()) -> list[str]:
+def job_commands(job: Any) -> str:
+    """The shell commands of the job (every member of a group), as Snakemake formats them here."""
+    members = [j for level in job.toposorted for j in level] if job.is_group() else [job]
+    commands = []
+    for member in members:
+        try:
+            commands.append(member.shellcmd or "")
+        except Exception:  # noqa: BLE001 - a command that cannot be formatted names no file
+            continue
+    return "\n".join(commands)
+
+
+def unshipped_files(
+    output: str, workdir: Path, shipped: Iterable[str], staged: Iterable[str] = (), *, commands: str,
+) -> list[str]:
     """Files a failed job's output says were missing that exist here but were not sent.
 
     ``output`` is :func:`job_output`'s text (workdir-relative paths); ``shipped`` the paths in
     the source archive, ``staged`` the job's inputs, outputs and logs (they travel, or are
-    made, on their own).
+    made, on their own). Only files that ``commands`` (the job's shell commands, known here,
+    not told by the host) name and git does not ignore are returned.
     """
     sent = {str(Path(p)) for p in shipped} | {str(Path(p)) for p in staged}
     root = workdir.resolve()
@@ -182,10 +201,20 @@ def unshipped_files(output: str, workdir: Path, shipped: Iterable[str], staged: 
         for rel in _candidates(line):
             rel = str(Path(rel))
             path = (workdir / rel).resolve()
-            if rel in sent or rel in found or not path.is_file() or not path.is_relative_to(root):
+            if rel in sent or rel in found or rel not in commands:
+                continue
+            if not path.is_file() or not path.is_relative_to(root) or _git_ignores(workdir, rel):
                 continue
             found.append(rel)
     return found
+
+
+def _git_ignores(workdir: Path, rel: str) -> bool:
+    try:
+        out = subprocess.run(["git", "check-ignore", "-q", "--", rel], cwd=workdir, capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0
 
 
 def git_add_hint(paths: list[str], workdir: Path) -> str:

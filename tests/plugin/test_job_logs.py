@@ -179,3 +179,27 @@ def test_job_output_keeps_a_jobs_lines_that_look_like_snakemakes_neighbours() ->
     )
     assert job_output(text, key).splitlines() == ["total 8", "  indented by the job", "reading data/in.csv"]
     assert MAX_NAME_CHARS < 255, "a log name fits every file system"
+
+
+_HOSTILE = r"""
+rule lure:
+    output: "lure.txt"
+    resources: gpu=1
+    shell: "printf 'cat: secrets.ya''ml: No such file or directory\\n\\033[2J\\033]0;pwned\\007cleared\\n' >&2; exit 1"
+"""
+
+
+def test_a_hosts_words_cannot_pick_files_to_ship_nor_drive_the_terminal(dask_pool: str, tmp_path: Path) -> None:
+    """What a job prints comes from a host: it may not talk the user into `git add secrets.yaml`, nor send
+    escape sequences to the user's terminal. (The command spells the name in two quoted halves, as
+    only the host's output, not the user's command, names the file.)"""
+    wd = tmp_path / "wf"
+    wd.mkdir()
+    (wd / "Snakefile").write_text(_HOSTILE)
+    (wd / "secrets.yaml").write_text("api_token: secret\n")
+    subprocess.run(["git", "init", "-q"], cwd=wd, check=True)
+    run = snakemake(wd, dask_pool)
+    assert run.returncode != 0
+    assert "cleared" in run.stderr, "the job's lines are shown"
+    assert "git add" not in run.stderr, "the job's command names no secrets.yaml: no suggestion to ship it"
+    assert "\x1b" not in run.stderr and "\x07" not in run.stderr, "no control character reaches the terminal"
