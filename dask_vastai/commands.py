@@ -16,10 +16,10 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from .display import duration, usd, usd_per_hour
 from .exceptions import VastError
 from .labels import LABEL_PREFIX, cluster_label_prefix, parse_label
 from .offers import OfferPreview, OfferRequirements, preview_offers
-from .units import duration, rate, usd
 from .vast import Instance, VastAPI
 
 #: the width tables are laid out in when the output is not a terminal (a pipe has none)
@@ -75,17 +75,9 @@ async def _offers(api: VastAPI, args: argparse.Namespace, console: Console) -> i
     if args.json:
         print(_offer_json(preview))
         return 0 if preview.offers else 1
-    console.print(f"query: {preview.query_text}")
-    table = Table("offer", "GPU", "#", "GPU RAM", "CPUs", "RAM", "disk", "$/h", "reliability", "where")
-    for o in preview.offers:
-        table.add_row(
-            str(o.id), o.gpu_name, str(o.num_gpus), f"{o.gpu_ram_mb / 1024:.0f} GB",
-            f"{o.cpu_cores_effective:g}", f"{o.cpu_ram_mb / 1024:.0f} GB", f"{o.disk_space_gb:.0f} GB",
-            f"{o.dph_total:.3f}", f"{o.reliability:.3f}", o.geolocation or "",
-        )
-    console.print(table)
+    console.print(preview)
     if not preview.offers:
-        console.print("no offer matches; relax the price, region or GPU")
+        console.print("relax the price, region, reliability or GPU (`dask-vastai gpus` lists the names)")
         return 1
     return 0
 
@@ -109,12 +101,12 @@ def _table(instances: list[Instance]) -> Table:
         up_s = _uptime_s(i, now)
         table.add_row(
             str(i.id), cluster, worker, f"{i.num_gpus}x {i.gpu_name}", str(i.actual_status),
-            rate(i.dph_total), duration(up_s), usd(i.dph_total * up_s / 3600),
+            usd_per_hour(i.dph_total), duration(up_s), usd(i.dph_total * up_s / 3600),
         )
     if len(instances) > 1:
         table.add_section()
         table.add_row(
-            "total", "", "", "", "", rate(sum(i.dph_total for i in instances)), "",
+            "total", "", "", "", "", usd_per_hour(sum(i.dph_total for i in instances)), "",
             usd(sum(i.dph_total * _uptime_s(i, now) / 3600 for i in instances)),
         )
     return table
@@ -129,7 +121,7 @@ async def _ls(api: VastAPI, args: argparse.Namespace, console: Console) -> int:
     now = time.time()
     total = sum(i.dph_total for i in instances)
     spent = sum(i.dph_total * _uptime_s(i, now) / 3600 for i in instances)
-    console.print(f"{len(instances)} rentals, {rate(total)} together, {usd(spent)} so far")
+    console.print(f"{len(instances)} rentals, {usd_per_hour(total)} together, {usd(spent)} so far")
     return 0
 
 

@@ -10,16 +10,25 @@ here, so that every view spells ``$0.167/h`` and ``2m05s`` alike.
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 
 def usd(value: float | None) -> str:
-    """Dollars: cents for large sums, fractions of a cent for the small sums of a short run."""
+    """Dollars: cents for large sums, fractions of a cent for the small sums of a short run.
+
+    Below a cent, four significant digits (``$0.0004457``, not ``$0.0004``): a short run's
+    bill is read against the meter, and a fixed four decimals would be 10% off there.
+    """
     if value is None:
         return "-"
-    return f"${value:.2f}" if abs(value) >= 1 else f"${value:.4f}"
+    if abs(value) >= 1:
+        return f"${value:.2f}"
+    if 0 < abs(value) < 0.01:
+        return f"${value:.{3 - math.floor(math.log10(abs(value)))}f}"
+    return f"${value:.4f}"
 
 
 def usd_per_hour(value: float | None) -> str:

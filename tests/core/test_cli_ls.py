@@ -48,7 +48,7 @@ def test_ls_shows_rate_uptime_and_cost_per_rental_and_in_total() -> None:
         [row] = [line for line in lines if str(rid) in line]
         dph = meter[rid]["dph"]
         assert f"${dph:.3f}/h" in row, row
-        assert "2h 00m" in row or "2h 01m" in row, row
+        assert "2h00m" in row or "2h01m" in row, row
         [cost] = _dollars(row)
         assert abs(cost - dph * 2) / (dph * 2) < 0.005, (row, dph * 2)
     [total_row] = [line for line in lines if "total" in line]
