@@ -213,7 +213,7 @@ def quiet_dask_logs(quiet: bool) -> None:
 class DaskBackend:
     """Where the jobs run: a Dask client plus, in renting mode, the ``VastAICluster`` it talks to."""
 
-    def __init__(self, settings: ExecutorSettings, run_name: str, *, quiet: bool = True) -> None:
+    def __init__(self, settings: ExecutorSettings, run_name: str, *, verbose: bool = False) -> None:
         from distributed import Client
 
         self.settings = settings
@@ -246,7 +246,10 @@ class DaskBackend:
             api_url=settings.api_url,
             api_key=settings.api_key,
             name=run_name,
-            quiet=quiet,
+            # The executor reports rentals and boot phases through Snakemake's logger; the
+            # cluster's own display would write around it. --verbose: distributed's INFO too.
+            quiet=True,
+            silence_logs=False if verbose else None,
             **pool_shape(settings),
         )
         try:

@@ -138,7 +138,7 @@ class Executor(RemoteExecutor):
         output_settings = getattr(self.workflow, "output_settings", None)
         self.verbose = bool(getattr(output_settings, "verbose", False))
         # distributed's INFO lines (scheduler start, every connection: ~30 a run) are noise to a
-        # Snakemake user; --verbose brings them back, with the cluster's own log lines.
+        # Snakemake user, also outside the cluster's life and when attached; --verbose brings them back.
         quiet_dask_logs(not self.verbose)
         self.progress = RentalProgress()
         self._dispatch_lock = threading.Lock()
@@ -147,7 +147,7 @@ class Executor(RemoteExecutor):
         self._refused: dict[str, str] = {}
         self._closed = False
         try:
-            self.backend = DaskBackend(self.settings, run_name=f"smk-{self.run_id}", quiet=not self.verbose)
+            self.backend = DaskBackend(self.settings, run_name=f"smk-{self.run_id}", verbose=self.verbose)
         except Exception as e:
             mapped = configuration_error(e, self.settings)
             if mapped is e:
@@ -307,6 +307,13 @@ class Executor(RemoteExecutor):
                 )
 
     # ---------------------------------------------------------------- status
+    async def sleep(self) -> None:
+        """Between status checks, always ``STATUS_INTERVAL_S``: the status thread starts before
+        ``__post_init__`` and would otherwise wait Snakemake's 10 s default after its first
+        check, while the cluster starts, so that boot phases and the first finished jobs went
+        unseen for that long."""
+        await asyncio.sleep(STATUS_INTERVAL_S)
+
     async def check_active_jobs(
         self, active_jobs: list[SubmittedJobInfo]
     ) -> AsyncGenerator[SubmittedJobInfo, None]:

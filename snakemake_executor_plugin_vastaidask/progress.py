@@ -1,10 +1,12 @@
 """What the run rented, how its instances boot, and what it all cost, as Snakemake log lines.
 
-The executor reads ``VastAICluster.instances`` on each status check and this class turns
-what changed into lines: one when an instance is rented (id, GPU, $/h), one per change
-of its state (loading, running, registered, ... whatever states the cluster reports),
-never one per poll. At the end, one line with the dollars spent: the cluster's own
-meter (each rental's ``dph_total`` times its uptime, read after every rental is destroyed).
+The cluster runs quiet (its own progress display would write around Snakemake's log); the
+executor reads ``VastAICluster.instances`` on each status check instead and this class turns
+what changed into lines: one when an instance is rented (id, GPU, $/h), one per change of
+its phase (loading image, connecting, installing, starting workers, registered, failed with
+its reason, destroyed), never one per poll. At the end, one line with the dollars spent:
+the cluster's own meter (each rental's ``dph_total`` times its uptime), read after every
+rental is destroyed.
 """
 
 from __future__ import annotations
@@ -12,58 +14,61 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dask_vastai.units import duration, rate, usd
+from dask_vastai.display import duration, shorten, usd, usd_per_hour
 
 from .joblog import PREFIX
+
+#: phases a row may be in before its rental exists (no id to name yet: nothing to say)
+_UNRENTED = ("renting",)
 
 
 class RentalProgress:
     """Turns successive snapshots of ``cluster.instances`` into the lines worth printing."""
 
     def __init__(self) -> None:
-        self._states: dict[Any, str] = {}
+        self._phases: dict[Any, str] = {}
 
     def update(self, rows: Iterable[Mapping[str, Any]]) -> list[str]:
-        """The lines for what changed since the last snapshot (rentals, state changes)."""
+        """The lines for what changed since the last snapshot (rentals, phase changes)."""
         lines = []
         for row in rows:
             rid = row.get("id")
-            state = str(row.get("state") or "created")
-            before = self._states.get(rid)
-            if before == state:
+            phase = str(row.get("state") or "")
+            if rid is None or phase in _UNRENTED:
                 continue
-            self._states[rid] = state
+            before = self._phases.get(rid)
+            if before == phase:
+                continue
+            self._phases[rid] = phase
             if before is None:
                 lines.append(
-                    f"{PREFIX}rented instance {rid}: {row.get('gpu')}, {rate(float(row.get('dph') or 0))}"
-                    + ("" if state in ("created", "renting") else f", {state}")
-                )
-            elif state == "destroyed":
-                lines.append(
-                    f"{PREFIX}instance {rid} destroyed after {duration(float(row.get('uptime_s') or 0))}, "
-                    f"{usd(float(row.get('cost_usd') or 0))}"
+                    f"{PREFIX}rented instance {rid}: {row.get('gpu')}, {usd_per_hour(float(row.get('dph') or 0))}"
+                    + (f", {phase}" if phase else "")
                 )
             else:
-                lines.append(self._state_line(rid, state, row))
+                lines.append(self._phase_line(rid, phase, row))
         return lines
 
     @staticmethod
-    def _state_line(rid: Any, state: str, row: Mapping[str, Any]) -> str:
+    def _phase_line(rid: Any, phase: str, row: Mapping[str, Any]) -> str:
         up = duration(float(row.get("uptime_s") or 0))
-        if state == "registered":
+        if phase == "registered":
             workers = ", ".join(map(str, row.get("workers") or ()))
             return f"{PREFIX}instance {rid} registered (workers {workers}) {up} after renting"
-        why = row.get("reason") or row.get("status_msg")
-        return f"{PREFIX}instance {rid} {state} ({up})" + (f": {why}" if why else "")
+        if phase == "destroyed":
+            return f"{PREFIX}instance {rid} destroyed after {up}, {usd(float(row.get('cost_usd') or 0))}"
+        why = row.get("reason") if phase == "failed" else row.get("status_msg") if phase == "loading image" else None
+        return f"{PREFIX}instance {rid} {phase} ({up})" + (f": {shorten(str(why), 200)}" if why else "")
 
     @staticmethod
     def summary(rows: list[Mapping[str, Any]], cost_usd: float) -> str:
         """The closing line: how many rentals, for how long, and the dollars they cost."""
-        if not rows:
+        rented = [r for r in rows if r.get("id") is not None]
+        if not rented:
             return f"{PREFIX}nothing was rented; cost $0.00"
-        uptime = sum(float(r.get("uptime_s") or 0) for r in rows)
-        n = len(rows)
-        alive = [str(r.get("id")) for r in rows if r.get("state") != "destroyed"]
+        uptime = sum(float(r.get("uptime_s") or 0) for r in rented)
+        n = len(rented)
+        alive = [str(r.get("id")) for r in rented if r.get("state") not in ("destroyed", "failed")]
         left = (
             f"{len(alive)} NOT destroyed ({', '.join(alive)}): run `dask-vastai cleanup`" if alive
             else "all destroyed"
