@@ -174,9 +174,9 @@ def configuration_error(error: BaseException, settings: ExecutorSettings) -> Exc
 
     if isinstance(error, MissingAPIKey):
         return WorkflowError(
-            f"No Vast API key: give {flag_and_env('api_key')} (or VAST_API_KEY, or the vastai CLI's "
-            f"key file), made at https://cloud.vast.ai/manage-keys/, or try everything for free "
-            f"against `dask-vastai emulator`."
+            "No Vast API key: export SNAKEMAKE_VASTAIDASK_API_KEY or VAST_API_KEY (or give "
+            f"{flag('api_key')}, which other users of this machine can see in ps), made at "
+            "https://cloud.vast.ai/manage-keys/, or try everything for free against `dask-vastai emulator`."
         )
     if isinstance(error, InvalidAPIKey):
         where = settings.api_url or "the Vast API"
