@@ -7,16 +7,20 @@ exact versions of cryptography, pillow and pycares, and returns loosely typed di
 - :mod:`.records`: the typed records of the wire (what a create sends and answers, the
   rows of search and of ``show instances``);
 - :mod:`.query`: the ``vastai search offers`` query syntax, parsed as the SDK parses it;
-- :mod:`.transport`: the paced HTTP transport, its retries and its typed errors;
+- :mod:`.transport`: the HTTP transport, its retries and its typed errors;
+- :mod:`.pacing`: the per-endpoint schedule, shared by this user's processes on one account;
+- :mod:`.bulk`: reading the bulk endpoints' undocumented answers;
 - :mod:`.client`: :class:`VastAPI`, the endpoints.
 
 The rest of the product imports from here (``from .vast import VastAPI``).
 """
 
+from .bulk import DestroyReport, looks_torn_down
 from .client import BULK_CHUNK, VastAPI
 from .records import CreatedInstance, CreateRequest, Instance, Offer
 from .transport import DEFAULT_MIN_INTERVALS_S
 
 __all__ = [
-    "BULK_CHUNK", "DEFAULT_MIN_INTERVALS_S", "CreateRequest", "CreatedInstance", "Instance", "Offer", "VastAPI",
+    "BULK_CHUNK", "DEFAULT_MIN_INTERVALS_S", "CreateRequest", "CreatedInstance", "DestroyReport", "Instance",
+    "Offer", "VastAPI", "looks_torn_down",
 ]

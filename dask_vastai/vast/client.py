@@ -9,9 +9,17 @@ lost its connection after sending, or got a 500/504 may have rented. Instead of 
 double rental bills twice), the client lists rentals under the request's label (for up to
 ``ambiguous_create_grace_s`` after a timeout or 5xx, when Vast may still be working on it):
 a single create that shows up is returned as if it had answered; when the connection merely
-dropped and nothing shows up, the create is sent once more. Rentals of an ambiguous *bulk*
-create cannot be matched to offers, so they are destroyed before the error is raised.
-Without a label the error says to check the account.
+dropped and nothing shows up, the create is sent once more. Without a label the error says
+to check the account.
+
+**Bulk answers are read for what they say** (:mod:`.bulk`). When a bulk create's answer does
+not say which offer became which rental (no answer, a bare success, a list of ids, a shape
+never seen), its rentals are found under the request's label and *adopted*: placed on their
+offers by machine where that is unambiguous, else on the call's offers still without one (all
+offers of one call share one request, so any of its rentals fits any of them; only the
+machine differs, and the rental's own row tells it). None is ever rented twice. A bulk route
+that is missing or refused as such makes this client rent one offer per call from then on.
+A bulk destroy is checked by listing the rentals afterwards (:meth:`VastAPI.destroy_instances`).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from ..exceptions import (
     VastRequestError,
     VastUnreachable,
 )
+from .bulk import BulkAnswer, DestroyReport, looks_torn_down, place_rows, read_bulk_create
 from .query import search_body
 from .records import CreatedInstance, CreateRequest, Instance, Offer
 from .transport import AmbiguousCreate, VastTransport, body_fields
@@ -42,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 #: Vast's bulk endpoints take at most this many ids per call (as the CLI splits them).
 BULK_CHUNK = 64
+#: offers of recent searches kept to place a bulk create's rentals on (by machine)
+_OFFERS_REMEMBERED = 2000
 
 
 class VastAPI(VastTransport):
@@ -69,6 +80,7 @@ class VastAPI(VastTransport):
         backoff_max_s: float | None = None,
         logs_timeout_s: float | None = None,
         ambiguous_create_grace_s: float | None = None,
+        destroy_linger_grace_s: float | None = None,
     ) -> None:
         super().__init__(
             api_key, api_url, pace=pace, request_timeout_s=request_timeout_s, max_attempts=max_attempts,
@@ -76,12 +88,17 @@ class VastAPI(VastTransport):
         )
         self.logs_timeout_s = float(option("api.logs-timeout", logs_timeout_s))
         self.ambiguous_create_grace_s = float(option("api.ambiguous-create-grace", ambiguous_create_grace_s))
+        self.destroy_linger_grace_s = float(option("api.destroy-linger-grace", destroy_linger_grace_s))
         self._known_ids: set[int] = set()
+        self._offers_seen: dict[int, dict[str, Any]] = {}
+        #: False once a bulk route proved missing or refused here: one call per offer/rental then
+        self.bulk_create_usable = True
+        self.bulk_destroy_usable = True
 
     # ------------------------------------------------------------------ account
     async def current_user(self) -> dict[str, Any]:
         """The account (``id``, ``email``, ``balance``, ...); InvalidAPIKey when the key is refused."""
-        parsed = await self._ok("GET", "/users/current", "user", "show the current user")
+        parsed = await self._ok("GET", "/users/current/", "user", "show the current user")
         return dict(parsed) if isinstance(parsed, Mapping) else {}
 
     # ------------------------------------------------------------------ offers
@@ -98,7 +115,13 @@ class VastAPI(VastTransport):
         body = search_body(query, order=order, type=type, limit=limit, storage_gb=storage_gb)
         parsed = await self._ok("POST", "/bundles/", "search", "search offers", body=body)
         rows = parsed.get("offers") if isinstance(parsed, Mapping) else None
-        return [Offer.from_json(r) for r in rows or [] if isinstance(r, Mapping) and "id" in r]
+        offers = [Offer.from_json(r) for r in rows or [] if isinstance(r, Mapping) and "id" in r]
+        for offer in offers:  # what a bulk create's rentals are placed by (their machine)
+            self._offers_seen.pop(offer.id, None)
+            self._offers_seen[offer.id] = offer.raw
+        while len(self._offers_seen) > _OFFERS_REMEMBERED:
+            del self._offers_seen[next(iter(self._offers_seen))]
+        return offers
 
     # ------------------------------------------------------------------ renting
     async def create_instance(self, offer_id: int, request: CreateRequest) -> CreatedInstance:
@@ -136,57 +159,110 @@ class VastAPI(VastTransport):
     async def create_instances(self, offer_ids: Sequence[int], request: CreateRequest) -> list[CreatedInstance | VastError]:
         """Rent several offers with the bulk endpoint: one result per offer, in order.
 
-        A result is an :class:`OfferUnavailable` (or another :class:`VastError`) for an offer
-        that could not be rented; errors of the whole call (bad key, bad image) raise.
+        A result is a :class:`CreatedInstance`, or an :class:`OfferUnavailable` (or another
+        :class:`VastError`) for an offer that was not rented. A rental found under the
+        request's label after an answer that did not place it comes back as a
+        ``CreatedInstance`` with ``placed=False``: it stands on one of the call's offers
+        (possibly another machine than that offer's). Where the bulk route is not usable, the
+        offers are rented one per call (same label). Errors of the whole call (bad key) raise.
         """
         ids = [int(i) for i in offer_ids]
         results: list[CreatedInstance | VastError] = []
         for start in range(0, len(ids), BULK_CHUNK):
             chunk = ids[start : start + BULK_CHUNK]
-            try:
-                status, parsed = await self._call("POST", "/asks/bulk/", "create", body=request.body(chunk), create=True)
-            except AmbiguousCreate as e:  # never resent: its rentals cannot be matched to offers
-                await self._undo_ambiguous_bulk(request, e.why, rented=results)
-                raise AssertionError("unreachable") from None  # pragma: no cover - the undo raises
-            if status >= 400 or not isinstance(parsed, Mapping) or parsed.get("success") is False:
-                raise self._fail(status, parsed, f"rent offers {chunk}")
-            results.extend(self._bulk_results(chunk, parsed))
+            if not self.bulk_create_usable:
+                results.extend(await self._create_singly(chunk, request))
+                continue
+            results.extend(await self._create_chunk(chunk, request))
         for r in results:
             if isinstance(r, CreatedInstance):
                 self._known_ids.add(r.instance_id)
         return results
 
-    @staticmethod
-    def _bulk_results(chunk: list[int], parsed: Mapping[str, Any]) -> list[CreatedInstance | VastError]:
-        """Per-offer results of a bulk create, matched by ``ask_id`` where given, else by position."""
-        items = parsed.get("results")
-        if not isinstance(items, list):
-            contracts = parsed.get("new_contracts") or ([parsed["new_contract"]] if parsed.get("new_contract") else [])
-            items = [{"ask_id": a, "success": True, "new_contract": c} for a, c in zip(chunk, contracts, strict=False)]
-        by_ask = {int(i["ask_id"]): i for i in items if isinstance(i, Mapping) and i.get("ask_id") is not None}
+    async def _create_chunk(self, chunk: list[int], request: CreateRequest) -> list[CreatedInstance | VastError]:
+        grace = self.ambiguous_create_grace_s
+        try:
+            status, parsed = await self._call("POST", "/asks/bulk/", "create", body=request.body(chunk), create=True)
+        except AmbiguousCreate as e:  # never resent: look for what it made instead
+            answer = BulkAnswer(note=e.why)
+        else:
+            answer = read_bulk_create(chunk, status, parsed)
+            if answer.unusable:
+                self.bulk_create_usable = False
+                logger.warning("bulk create refused (%s): renting one offer per call from now on", answer.unusable)
+                grace = 0.0  # a refusal made nothing: one look at the label to be sure
+            elif answer.refused and not answer.created:
+                grace = 0.0
+        if answer.complete:
+            return [answer.created.get(o) or answer.refused[o] for o in chunk]
+        placed = await self._adopt(chunk, request, answer, grace)
+        if answer.unusable:
+            rest = [o for o in chunk if o not in placed]
+            singles = dict(zip(rest, await self._create_singly(rest, request), strict=True))
+            return [placed.get(o) or singles[o] for o in chunk]
+        return [placed.get(o) or answer.refused.get(o) or OfferUnavailable(
+            f"Offer {o} was not rented: the bulk answer ({answer.note}) did not say, and no rental of it "
+            f"appeared under {request.label!r} within {grace:.0f} s; search again.", offer_id=o,
+        ) for o in chunk]
+
+    async def _adopt(self, chunk: list[int], request: CreateRequest, answer: BulkAnswer,
+                     grace_s: float) -> dict[int, CreatedInstance]:
+        """The rentals of a bulk call whose answer did not place them, found by label, per offer."""
+        placed: dict[int, CreatedInstance] = dict(answer.created)
+        open_offers = answer.open_offers(chunk)
+        if not open_offers:
+            return placed
+        if not request.label:
+            raise VastUnreachable(
+                f"Bulk create of offers {chunk}: {answer.note}; it may have rented instances that, without "
+                "a label, cannot be found automatically: check `vastai show instances` and destroy strays."
+            )
+        want = len(answer.unplaced_ids) if answer.unplaced_ids else len(open_offers)
+        logger.info("bulk create answered %s; looking for its rentals under %r", answer.note, request.label)
+        rows = await self._label_rows(request.label, grace_s, want=want)
+        rows = [r for r in rows if r.id not in {c.instance_id for c in placed.values()}]
+        offers = {o: (self._offers_seen.get(o) or {}) for o in open_offers}
+        on_offer, elsewhere = place_rows(rows, offers)
+        for offer_id, row in on_offer.items():
+            placed[offer_id] = CreatedInstance(row.id, offer_id, None)
+        free = [o for o in open_offers if o not in placed]
+        for offer_id, row in zip(free, elsewhere, strict=False):
+            placed[offer_id] = CreatedInstance(row.id, offer_id, None, placed=False)
+        extra = [row.id for row in elsewhere[len(free):]]
+        if extra:  # more rentals than offers asked for: never kept
+            logger.warning("bulk create made %d rental(s) beyond its %d offers: destroying %s",
+                           len(extra), len(chunk), extra)
+            await self.destroy_instances(extra)
+        for created in placed.values():
+            self._known_ids.add(created.instance_id)
+        if rows:
+            logger.warning("bulk create (%s): adopted %d rental(s) found under %r", answer.note,
+                           len(rows) - len(extra), request.label)
+        return placed
+
+    async def _create_singly(self, chunk: list[int], request: CreateRequest) -> list[CreatedInstance | VastError]:
+        """One create call per offer; after a refusal that is not a taken offer, the rest share it."""
         out: list[CreatedInstance | VastError] = []
-        for pos, offer_id in enumerate(chunk):
-            item = by_ask.get(offer_id) or (items[pos] if pos < len(items) and not by_ask else None)
-            if isinstance(item, Mapping) and item.get("success") is not False and item.get("new_contract"):
-                out.append(CreatedInstance(int(item["new_contract"]), offer_id, item.get("instance_api_key")))
-                continue
-            error, msg = body_fields(item) if item is not None else (None, "no result for this offer")
-            out.append(OfferUnavailable(
-                f"Offer {offer_id} could not be rented ({msg or error}); search again.",
-                offer_id=offer_id, status=None, error=error, msg=msg,
-            ))
+        for offer_id in chunk:
+            try:
+                out.append(await self.create_instance(offer_id, request))
+            except OfferUnavailable as e:
+                out.append(e)
+            except VastError as e:
+                out.extend([e] * (len(chunk) - len(out)))
+                break
         return out
 
-    async def _label_rows(self, label: str, grace_s: float = 0.0) -> list[Instance]:
+    async def _label_rows(self, label: str, grace_s: float = 0.0, *, want: int = 1) -> list[Instance]:
         """Rentals labelled exactly ``label`` that no answer of this client has reported.
 
-        With ``grace_s``, keeps looking (every 2 s) that long for a create still in progress.
+        With ``grace_s``, keeps looking (every 2 s) that long until ``want`` of them show up.
         """
         deadline = time.monotonic() + grace_s
         while True:
             rows = await self.list_instances(label_prefix=label)
             found = [r for r in rows if r.label == label and r.id not in self._known_ids]
-            if found or time.monotonic() >= deadline:
+            if len(found) >= want or time.monotonic() >= deadline:
                 return found
             await asyncio.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
@@ -211,22 +287,6 @@ class VastAPI(VastTransport):
         self._known_ids.add(row.id)
         logger.warning("renting offer %s: found instance %s under label %r", offer_id, row.id, request.label)
         return CreatedInstance(row.id, int(offer_id), None)
-
-    async def _undo_ambiguous_bulk(self, request: CreateRequest, why: str, rented: list[CreatedInstance | VastError]) -> None:
-        """Destroy what an unanswered bulk create may have rented, then raise."""
-        done = [r.instance_id for r in rented if isinstance(r, CreatedInstance)]
-        if not request.label:
-            raise VastUnreachable(
-                f"Bulk create: {why}; it may have rented instances ({len(done)} earlier ones: {done}). "
-                "Without a label they cannot be found automatically: check `vastai show instances`."
-            )
-        strays = [r.id for r in await self._label_rows(request.label, self.ambiguous_create_grace_s) if r.id not in done]
-        if strays:
-            await self.destroy_instances(strays)
-        raise VastUnreachable(
-            f"Bulk create: {why}. Destroyed {len(strays)} rental(s) it had made ({strays}) because they "
-            f"cannot be matched to offers; {len(done)} earlier rental(s) of this call stand: {done}. Retry."
-        )
 
     # ------------------------------------------------------------------ watching
     async def show_instance(self, instance_id: int) -> Instance | None:
@@ -274,28 +334,87 @@ class VastAPI(VastTransport):
         self._known_ids.discard(int(instance_id))
         return True
 
-    async def destroy_instances(self, instance_ids: Sequence[int]) -> None:
-        """Destroy several rentals with the bulk endpoint (ids already gone are fine)."""
+    async def destroy_instances(self, instance_ids: Sequence[int]) -> DestroyReport:
+        """Destroy several rentals (ids already gone are fine), and check that they went.
+
+        One bulk call per 64 ids where the bulk route is usable (else one call each). A bulk
+        answer, whatever its shape, is not taken at its word: the rentals are listed again;
+        one still running is destroyed again at once, one listed as torn down (``exited``,
+        ``destroying``: its meter has stopped while the row lingers) is waited for up to
+        ``destroy_linger_grace_s`` and destroyed again if it is still there (a destroy is
+        idempotent). The report says when each one's meter stopped. Raises when a rental could
+        not be destroyed.
+        """
         ids = sorted({int(i) for i in instance_ids})
+        stopped: dict[int, float] = {}
+        if not ids:
+            return DestroyReport(())
+        if len(ids) == 1 or not self.bulk_destroy_usable:
+            await self._destroy_singly(ids, stopped)
+            return DestroyReport(tuple(ids), singly=True, stopped_at=stopped)
+        refused: list[int] = []
         for start in range(0, len(ids), BULK_CHUNK):
             chunk = ids[start : start + BULK_CHUNK]
+            if not self.bulk_destroy_usable:
+                refused.extend(chunk)
+                continue
             status, parsed = await self._call("DELETE", "/instances/", "destroy", body={"instance_ids": chunk})
             if status >= 400 or (isinstance(parsed, Mapping) and parsed.get("success") is False):
-                raise self._fail(status, parsed, f"destroy instances {chunk}")
+                self.bulk_destroy_usable = False
+                logger.warning("bulk destroy refused (HTTP %s: %s): destroying one rental per call from now on",
+                               status, str(parsed)[:120])
+                refused.extend(chunk)
+                continue
+            answered = time.time()
             items = parsed.get("results") if isinstance(parsed, Mapping) else None
-            refused = [
-                i for i in items or []
-                if isinstance(i, Mapping) and i.get("success") is False
+            refused.extend(
+                int(i["id"]) for i in items or []
+                if isinstance(i, Mapping) and i.get("success") is False and _int_or_none(i.get("id")) is not None
                 and i.get("error") not in ("not_found", "no_such_instance", "invalid_id")  # already gone
-            ]
-            if refused:
-                error, msg = body_fields(refused[0])
-                raise VastRequestError(
-                    f"Vast refused to destroy {len(refused)} of instances {chunk}: {msg or error} "
-                    f"(ids {[i.get('id') for i in refused]}); they may still bill: retry `dask-vastai cleanup`",
-                    status=status, error=error, msg=msg,
-                )
-            self._known_ids.difference_update(chunk)
+            )
+            stopped.update((i, answered) for i in chunk if i not in refused)
+        if refused:
+            await self._destroy_singly(refused, stopped)
+        survivors, lingering = await self._verify_destroyed([i for i in ids if i not in refused], stopped)
+        self._known_ids.difference_update(ids)
+        return DestroyReport(tuple(ids), survivors=tuple(survivors), lingering=tuple(lingering),
+                             singly=not self.bulk_destroy_usable, stopped_at=stopped)
+
+    async def _destroy_singly(self, ids: Sequence[int], stopped: dict[int, float]) -> None:
+        """One destroy call each; ``stopped`` gets when each answered."""
+
+        async def one(i: int) -> None:
+            await self.destroy_instance(i)
+            stopped[i] = time.time()
+
+        await asyncio.gather(*(one(i) for i in ids))
+
+    async def _verify_destroyed(self, ids: Sequence[int], stopped: dict[int, float]) -> tuple[list[int], list[int]]:
+        """``(survivors, lingering)``: what a bulk destroy left listed, each destroyed again."""
+        wanted = set(ids)
+        if not wanted:
+            return [], []
+        deadline = time.monotonic() + self.destroy_linger_grace_s
+        rows = [r for r in await self.list_instances() if r.id in wanted]
+        survivors = [r.id for r in rows if not looks_torn_down(r)]
+        if survivors:
+            logger.warning("after a bulk destroy, rentals %s were still running: destroying them again", survivors)
+            await self._destroy_singly(survivors, stopped)
+        pending = {r.id for r in rows if looks_torn_down(r)}
+        while pending and time.monotonic() < deadline:
+            await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            listed = {r.id: r for r in await self.list_instances() if r.id in pending}
+            back = [i for i, r in listed.items() if not looks_torn_down(r)]
+            if back:
+                await self._destroy_singly(back, stopped)
+                survivors.extend(back)
+            pending = {i for i in listed if i not in back}
+        lingering = sorted(pending)
+        if lingering:  # their meter stopped with the bulk call (the row said so): the time stands
+            logger.info("rentals %s were still listed %.0f s after their destroy: destroying them again",
+                        lingering, self.destroy_linger_grace_s)
+            await self._destroy_singly(lingering, {})
+        return survivors, lingering
 
     # ------------------------------------------------------------------ changing
     async def label_instance(self, instance_id: int, label: str) -> None:
@@ -370,3 +489,10 @@ class VastAPI(VastTransport):
     async def delete_ssh_key(self, key_id: int) -> None:
         """Remove an account-level key."""
         await self._ok("DELETE", f"/ssh/{int(key_id)}/", "ssh", f"delete SSH key {key_id}")
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

@@ -90,6 +90,10 @@ class CreatedInstance:
     instance_id: int
     offer_id: int
     instance_api_key: str | None = field(default=None, repr=False)
+    #: False for a rental a bulk create made without saying for which offer: it was found under
+    #: the call's label and stands on ``offer_id`` only as one of the call's offers (its machine
+    #: may be another offer's; its instance row says which)
+    placed: bool = True
 
 
 # ----------------------------------------------------------------------------- lenient fields

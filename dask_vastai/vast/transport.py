@@ -8,16 +8,20 @@ release the connection.
 What a caller can rely on:
 
 * **Pacing, not retrying.** Vast refuses (429) a call that comes sooner than an endpoint's
-  threshold after the previous call of that endpoint (create 4.5 s, destroy 3 s, ...). All
-  calls of one client queue per endpoint and go out no sooner than the interval after the
+  threshold after the previous call of that endpoint (create 4.5 s, destroy 3 s, ...), per
+  account. All calls queue per endpoint and go out no sooner than the interval after the
   previous call's *answer* (the server stamps a call somewhere between our send and its
-  answer, so counting from the answer can never be too early). N concurrent callers thus
-  never trip a 429; they wait their turn. ``pace=False`` turns the queue off. The queue is
-  per client: two clients of one account (two clusters, or the CLI beside a cluster) can
-  still meet a 429, which the retries absorb.
-* **Retries** with exponential backoff and jitter, up to ``max_attempts`` in all: a 429 (no
-  Retry-After exists: wait at least the endpoint's threshold, which the plain-text body
-  names), 502/503/504 and 500, timeouts and connection errors. Other 4xx are never retried.
+  answer, so counting from the answer can never be too early), and the schedule is shared
+  by every process of this user on the same account (:mod:`.pacing`): two clusters and a
+  ``dask-vastai ls`` loop wait their turns instead of tripping 429s. ``pace=False`` turns
+  the queue off.
+* **Retries** with exponential backoff and jitter, up to ``max_attempts`` in all: a 429
+  (after its ``Retry-After`` when it sends one, which also holds back this user's other
+  processes; else at least the endpoint's threshold, which the plain-text body names),
+  502/503/504 and 500, timeouts and connection errors. Other 4xx are never retried.
+* **Redirects** to the same origin (scheme, host and port of ``api_url``) are followed with
+  the key, as the SDK does (Vast's route table has trailing slashes: ``/users/current/``); a
+  redirect to any other origin is refused *before* the key could go there.
 * **A create is never retried blindly.** A create that timed out, lost its connection after
   sending, or got a 500/504 may have rented, and a double rental bills twice. The transport
   raises :class:`AmbiguousCreate` for it instead of retrying; the client then looks for the
@@ -35,8 +39,8 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote_plus
@@ -62,6 +66,7 @@ from ..exceptions import (
     VastServerError,
     VastUnreachable,
 )
+from .pacing import Pacer, SharedSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,25 @@ logger = logging.getLogger(__name__)
 DEFAULT_MIN_INTERVALS_S: Mapping[str, float] = dict(option("api.min-intervals"))
 _RETRY_STATUS = frozenset({500, 502, 503, 504})
 _AMBIGUOUS_CREATE_STATUS = frozenset({500, 504})
+#: same-origin redirects followed for one call, at most
+MAX_REDIRECTS = 5
+#: a 429 asking to wait longer than this fails at once instead of stalling the caller
+MAX_RETRY_AFTER_S = 300.0
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date); None without one."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
 
 
 class AmbiguousCreate(Exception):
@@ -96,41 +120,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-class _Pacer:
-    """One queue per endpoint: a call goes out no sooner than the interval after the last answer."""
-
-    def __init__(self, intervals_s: Mapping[str, float], enabled: bool) -> None:
-        self.intervals_s = dict(intervals_s)
-        self.enabled = enabled
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._next_at: dict[str, float] = {}
-
-    def interval(self, endpoint: str) -> float:
-        return self.intervals_s.get(endpoint, 0.0)
-
-    @asynccontextmanager
-    async def turn(self, endpoint: str) -> AsyncIterator[None]:
-        if not self.enabled:
-            delay = self._next_at.get(endpoint, 0.0) - time.monotonic()
-            if delay > 0:  # a 429 seen by another caller holds everyone back
-                await asyncio.sleep(delay)
-            yield
-            return
-        lock = self._locks.setdefault(endpoint, asyncio.Lock())
-        async with lock:
-            delay = self._next_at.get(endpoint, 0.0) - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            try:
-                yield
-            finally:
-                self.hold(endpoint, self.interval(endpoint))
-
-    def hold(self, endpoint: str, seconds: float) -> None:
-        """No call of ``endpoint`` before ``seconds`` from now."""
-        self._next_at[endpoint] = max(self._next_at.get(endpoint, 0.0), time.monotonic() + seconds)
 
 
 def body_fields(body: Any) -> tuple[str | None, str | None]:
@@ -190,7 +179,8 @@ class VastTransport:
         self.backoff_s = float(option("api.backoff", backoff_s))
         self.backoff_max_s = float(option("api.backoff-max", backoff_max_s))
         intervals = {**dict(option("api.min-intervals")), **dict(min_intervals_s or {})}
-        self._pacer = _Pacer(intervals, enabled=pace)
+        shared = SharedSchedule.for_account(url, key) if pace and option("api.shared-pacing") else None
+        self._pacer = Pacer(intervals, enabled=pace, shared=shared, busy_s=self.request_timeout_s)
         self._session: aiohttp.ClientSession | None = None
         from .. import __version__
 
@@ -277,13 +267,7 @@ class VastTransport:
             try:
                 async with self._pacer.turn(endpoint):
                     started = time.monotonic()
-                    async with self._get_session().request(
-                        method, url, json=body, allow_redirects=False,
-                        headers={**self._headers, "Authorization": f"Bearer {self._api_key.reveal()}"},
-                    ) as resp:
-                        status = resp.status
-                        location = resp.headers.get("Location", "?")
-                        text = await resp.text()
+                    status, text, retry_after = await self._send(method, url, body, where)
             except (TimeoutError, aiohttp.ClientError) as e:
                 sent = not isinstance(e, aiohttp.ClientConnectorError)
                 problem = "timed out" if isinstance(e, TimeoutError) else f"failed: {type(e).__name__}"
@@ -307,22 +291,28 @@ class VastTransport:
                 parsed: Any = json.loads(text) if text else None
             except ValueError:
                 parsed = text
+            self._observe(method, path, status, parsed)
             if status == 429:
                 error, msg = body_fields(parsed)
-                threshold = self._pacer.interval(endpoint)
-                m = re.search(r"threshold=([\d.]+)", msg or "")
-                if m:
-                    threshold = max(threshold, float(m.group(1)))
-                if error == "search_quota_exceeded" or attempt >= self.max_attempts:
+                if error == "search_quota_exceeded" or attempt >= self.max_attempts or (
+                        retry_after is not None and retry_after > MAX_RETRY_AFTER_S):
                     raise RateLimited(
-                        f"Vast refused {where} as too frequent ({msg or error}) after {attempt} attempts. "
+                        f"Vast refused {where} as too frequent ({msg or error}) after {attempt} attempts"
+                        + (f", asking to wait {retry_after:.0f} s" if retry_after is not None else "") + ". "
                         + ("The daily search quota resets at midnight UTC." if error == "search_quota_exceeded"
                            else "Another client on this account may be calling too; wait a minute and retry."),
                         status=429, error=error, msg=msg,
                     )
-                wait = max(threshold, 0.5) * (1 + 0.25 * (attempt - 1)) * random.uniform(1.0, 1.25)
+                if retry_after is not None:
+                    wait = retry_after * random.uniform(1.0, 1.1)  # the server said when: not sooner
+                else:
+                    threshold = self._pacer.interval(endpoint)
+                    m = re.search(r"threshold=([\d.]+)", msg or "")
+                    if m:
+                        threshold = max(threshold, float(m.group(1)))
+                    wait = max(threshold, 0.5) * (1 + 0.25 * (attempt - 1)) * random.uniform(1.0, 1.25)
                 logger.debug("%s rate limited; retrying in %.1f s", where, wait)
-                self._pacer.hold(endpoint, wait)
+                await self._pacer.hold(endpoint, wait)
                 continue
             if status in _RETRY_STATUS:
                 error, msg = body_fields(parsed)
@@ -335,13 +325,6 @@ class VastTransport:
                     f"Vast answered {status} to {where} {attempt} times ({msg or error or 'no message'}). "
                     "Vast may be having trouble (https://status.vast.ai); retry later.",
                     status=status, error=error, msg=msg,
-                )
-            if 300 <= status < 400:
-                # Not followed: the Bearer key must only ever go to the configured origin.
-                raise VastRequestError(
-                    f"{self.api_url} redirected {where} to {location}; set api_url "
-                    "to the server's real address (the default is https://console.vast.ai)",
-                    status=status,
                 )
             if status < 300 and isinstance(parsed, str):
                 raise VastRequestError(
@@ -359,6 +342,47 @@ class VastTransport:
                 )
             return status, parsed
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    async def _send(self, method: str, url: yarl.URL, body: Any, where: str) -> tuple[int, str, float | None]:
+        """One request, following same-origin redirects: ``(status, text, Retry-After seconds)``.
+
+        The key goes with a redirect only to the origin of ``api_url``: the SDK follows
+        redirects (Vast's routes end in a slash), but a Bearer key sent to another origin is
+        a leaked key. A 303 becomes a GET, as HTTP says; other redirects keep the method and
+        body (a server redirects before it acts, so nothing was done twice).
+        """
+        origin = yarl.URL(self.api_url).origin()
+        for _hop in range(MAX_REDIRECTS + 1):
+            async with self._get_session().request(
+                method, url, json=body, allow_redirects=False,
+                headers={**self._headers, "Authorization": f"Bearer {self._api_key.reveal()}"},
+            ) as resp:
+                status = resp.status
+                location = resp.headers.get("Location")
+                retry_after = _retry_after_s(resp.headers.get("Retry-After"))
+                text = await resp.text()
+            if not (300 <= status < 400 and status != 304):
+                return status, text, retry_after
+            if not location:
+                raise VastRequestError(f"{self.api_url} answered {where} with a {status} redirect without "
+                                       "a Location", status=status)
+            target = url.join(yarl.URL(location))
+            if target.origin() != origin:
+                raise VastRequestError(
+                    f"{self.api_url} redirected {where} to {target.origin()}, another origin: the API key "
+                    "was not sent there. Set api_url to the server's real address (the default is "
+                    "https://console.vast.ai)",
+                    status=status,
+                )
+            logger.debug("%s redirected (%d) to %s", where, status, target.path)
+            if status == 303:
+                method, body = "GET", None
+            url = target
+        raise VastRequestError(f"{self.api_url} redirected {where} more than {MAX_REDIRECTS} times; "
+                               "check api_url", status=status)
+
+    def _observe(self, method: str, path: str, status: int, parsed: Any) -> None:
+        """Every answer, as it came (a hook for recorders; nothing by default)."""
 
     def _fail(self, status: int, parsed: Any, what: str, *, instance_id: int | None = None) -> VastError:
         """The error for an answer that is not a success (non-2xx, or ``success: false``)."""
