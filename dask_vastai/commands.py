@@ -20,7 +20,7 @@ from .display import duration, usd, usd_per_hour
 from .exceptions import VastError
 from .labels import LABEL_PREFIX, cluster_label_prefix, parse_label
 from .offers import OfferPreview, OfferRequirements, preview_offers
-from .vast import Instance, VastAPI
+from .vast import Instance, VastAPI, looks_torn_down
 
 #: the width tables are laid out in when the output is not a terminal (a pipe has none)
 PIPE_WIDTH = 100_000
@@ -82,9 +82,11 @@ async def _offers(api: VastAPI, args: argparse.Namespace, console: Console) -> i
     return 0
 
 
-async def _ours(api: VastAPI, cluster: str | None) -> list[Instance]:
+async def _ours(api: VastAPI, cluster: str | None, *, torn_down: bool = True) -> list[Instance]:
+    """dask-vastai's rentals (of one cluster); ``torn_down=False`` leaves out rows of destroys under way."""
     prefix = cluster_label_prefix(cluster) if cluster else LABEL_PREFIX
-    return [i for i in await api.list_instances(label_prefix=prefix) if i.label and i.label.startswith(prefix)]
+    return [i for i in await api.list_instances(label_prefix=prefix)
+            if i.label and i.label.startswith(prefix) and (torn_down or not looks_torn_down(i))]
 
 
 def _uptime_s(instance: Instance, now: float) -> float:
@@ -140,10 +142,17 @@ async def _cleanup(api: VastAPI, args: argparse.Namespace, console: Console) -> 
         if answer.strip().lower() not in {"y", "yes"}:
             console.print("nothing destroyed")
             return 1
-    await api.destroy_instances([i.id for i in instances])
-    left = await _ours(api, args.cluster)
+    report = await api.destroy_instances([i.id for i in instances])
+    if report.survivors:
+        console.print(f"{len(report.survivors)} rentals were still running after the bulk destroy and were "
+                      f"destroyed again: {list(report.survivors)}")
+    left = await _ours(api, args.cluster, torn_down=False)
     if left:
-        console.print(f"[red]{len(left)} rentals still listed:[/red] {[i.id for i in left]}")
+        console.print(f"[red]{len(left)} rentals still listed as running:[/red] {[i.id for i in left]}")
         return 1
+    lingering = await _ours(api, args.cluster)
+    if lingering:
+        console.print(f"{len(lingering)} rows are still listed while Vast tears them down "
+                      f"({', '.join(sorted({str(i.actual_status) for i in lingering}))}); they no longer bill")
     console.print(f"destroyed {len(instances)} rentals")
     return 0

@@ -7,19 +7,28 @@ become one bulk destroy, and one poller lists all the cluster's rentals per inte
 instead of one GET per instance. Every rental is registered in a process-wide ledger the
 moment Vast accepts it, so the exit and signal handlers (``safety.py``) can destroy it even
 if the cluster object is gone.
+
+A bulk create carries one label for the whole batch (``dask-vastai:<cluster>:batch-<token>``,
+a token no other call shares) so that its rentals can be found whatever its answer says
+(:mod:`dask_vastai.vast.bulk`); each rental is then relabelled with its worker's name. A
+rental that shows up under a batch label after the batch was settled (a late row of an
+answer that said nothing) is destroyed by the poller: it is billed and nobody waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .bootstrap import HOST_KEYS_MARK, parse_host_keys
+from .config import option
 from .exceptions import BootFailed, NoOfferAvailable, OfferUnavailable, VastError
 from .labels import cluster_label_prefix, rental_label
 from .offers import OfferRequirements, no_match_message
@@ -48,6 +57,10 @@ class RentalRecord:
     destroyed_at: float | None = None
     instance: Instance | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    #: when (monotonic) the row's ``actual_status`` became what it is now
+    status_since: float = field(default_factory=time.monotonic)
+    #: rows of lists sent before this (monotonic) are stale: they predate a reboot
+    fresh_after: float = 0.0
 
     @property
     def uptime_s(self) -> float:
@@ -128,6 +141,15 @@ class RentalBroker:
         self._destroy_flush: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
         self._tried_offers: set[int] = set()
+        #: seconds a boot may sit in a state before it counts as failed (vastai.boot-state-grace)
+        self.state_graces: dict[str, float] = {
+            str(k): float(v) for k, v in dict(option("boot-state-grace") or {}).items()
+        }
+        #: labels of the bulk creates this broker sent: open while their answer is read
+        self._batch_labels: set[str] = set()
+        self._open_batches: set[str] = set()
+        #: strays of those batches already destroyed (their rows may linger a while)
+        self._swept: set[int] = set()
 
     # ------------------------------------------------------------------ renting
     async def rent(
@@ -246,26 +268,33 @@ class RentalBroker:
             return []
         if len(pairs) == 1:
             name, offer = pairs[0]
-            request = self._request_for(offer, rental_label(self.cluster_name, name), requirements, create_request)
+            request = self._request_for([offer], rental_label(self.cluster_name, name), requirements, create_request)
             try:
                 rental = await self.api.create_instance(offer.id, request)
             except VastError as e:
                 return [e]
             LEDGER.add(self.api, rental.instance_id)
             return [rental.instance_id]
-        # One bulk call for the batch. It carries one label, so each rental is relabelled
-        # with its worker name next; until then the cluster prefix already finds it.
-        request = self._request_for(
-            pairs[0][1], rental_label(self.cluster_name, "booting"), requirements, create_request
-        )
-        results = await self.api.create_instances([o.id for _, o in pairs], request)
+        # One bulk call for the batch, under a label no other call shares: whatever the answer
+        # says, its rentals can be found by it. Each is relabelled with its worker's name next.
+        batch = rental_label(self.cluster_name, f"batch-{secrets.token_hex(4)}")
+        request = self._request_for([o for _, o in pairs], batch, requirements, create_request)
+        self._batch_labels.add(batch)
+        self._open_batches.add(batch)
+        try:
+            results = await self.api.create_instances([o.id for _, o in pairs], request)
+        finally:
+            self._open_batches.discard(batch)
         out: list[int | BaseException] = []
-        for result in results:
+        for (name, _offer), result in zip(pairs, results, strict=True):
             if isinstance(result, BaseException):
                 out.append(result)
                 continue
             LEDGER.add(self.api, result.instance_id)
             out.append(result.instance_id)
+            if not result.placed:
+                self._log(f"instance {result.instance_id} (found under {batch}: the bulk answer did not say "
+                          f"for which offer) is adopted for {name}")
         await asyncio.gather(
             *(
                 self.api.label_instance(r, rental_label(self.cluster_name, name))
@@ -278,9 +307,18 @@ class RentalBroker:
 
     @staticmethod
     def _request_for(
-        offer: Offer, label: str, requirements: OfferRequirements, create_request: CreateRequest
+        offers: list[Offer], label: str, requirements: OfferRequirements, create_request: CreateRequest
     ) -> CreateRequest:
-        price = offer.min_bid if requirements.interruptible else None
+        """The request for one create call; interruptible: one bid for all its offers.
+
+        A bulk call carries one ``price`` for all its ids, so it bids the highest ``min_bid``
+        of its offers: each offer accepts it, the overpay is bounded by the spread of the
+        cheapest offers (which the query ranks together), the higher bid is less likely to be
+        outbid, and one call stays one call (grouping by bid would send one create, paced
+        4.5 s apart, per distinct ``min_bid``: nearly one per offer). The rate each rental is
+        billed is then read from its row (``dph_total``).
+        """
+        price = max(o.min_bid for o in offers) if requirements.interruptible else None
         return replace(create_request, label=label, price=price)
 
     # --------------------------------------------------------------- watching
@@ -292,6 +330,7 @@ class RentalBroker:
         """One list call per interval for all of this cluster's rentals."""
         prefix = cluster_label_prefix(self.cluster_name)
         while any(r.destroyed_at is None for r in self.records.values()):
+            sent = time.monotonic()
             try:
                 rows = {i.id: i for i in await self.api.list_instances(label_prefix=prefix)}
             except VastError as e:
@@ -299,23 +338,55 @@ class RentalBroker:
                 rows = None
             if rows is not None:
                 for record in list(self.records.values()):
-                    if record.destroyed_at is not None:
+                    if record.destroyed_at is not None or record.fresh_after > sent:
                         continue
                     row = rows.get(record.instance_id)
                     if row is not None and row != record.instance:
+                        if record.instance is None or row.actual_status != record.instance.actual_status:
+                            record.status_since = time.monotonic()
                         record.instance = row
                         if row.dph_total:
                             record.dph_total = row.dph_total
                         record.changed.set()
+                await self._destroy_strays(rows.values())
             await asyncio.sleep(self.poll_interval_s)
 
+    async def _destroy_strays(self, rows: Any) -> None:
+        """Destroy rentals under this broker's settled batch labels that it does not know.
+
+        A bulk answer that said nothing is settled after a grace; a rental of it that is
+        listed only later is billed for nobody.
+        """
+        strays = [r for r in rows if self._is_stray(r)]
+        for row in strays:
+            self._log(f"instance {row.id} appeared under {row.label} after its bulk create was settled; "
+                      "destroying it (nobody waits for it)")
+        if strays:
+            try:
+                await self.api.destroy_instances([r.id for r in strays])
+            except VastError as e:
+                logger.warning("destroying stray rentals %s failed (will retry): %s", [r.id for r in strays], e)
+            else:
+                self._swept.update(r.id for r in strays)
+
+    def _is_stray(self, row: Instance) -> bool:
+        """A rental under one of this broker's settled batch labels that it neither holds nor destroyed."""
+        return (row.label in self._batch_labels and row.label not in self._open_batches
+                and row.id not in self.records and row.id not in self._swept)
+
     async def wait_until_ready(self, instance_id: int, timeout_s: float) -> Instance:
-        """The instance row once it runs with an SSH endpoint; BootFailed on a fatal state or timeout."""
+        """The instance row once it runs with an SSH endpoint; BootFailed on a fatal state or timeout.
+
+        A boot that sits in ``created``, ``scheduling`` or ``frozen`` longer than its grace
+        (``vastai.boot-state-grace``) fails too: such a machine rarely recovers, and waiting
+        the whole ``boot_timeout`` on it bills for nothing.
+        """
         record = self.records[instance_id]
         self._ensure_poller()
         deadline = time.monotonic() + timeout_s
         while True:
             row = record.instance
+            wake_in = deadline - time.monotonic()
             if record.destroyed_at is not None:
                 raise BootFailed(f"instance {instance_id} was destroyed while booting")
             if row is not None:
@@ -324,8 +395,17 @@ class RentalBroker:
                 failure = boot_failure(row)
                 if failure:
                     raise BootFailed(failure)
-            left = deadline - time.monotonic()
-            if left <= 0:
+                grace = self.state_graces.get(str(row.actual_status))
+                if grace is not None:
+                    stalled_s = time.monotonic() - record.status_since
+                    if stalled_s >= grace:
+                        raise BootFailed(
+                            f"instance {instance_id} stayed {row.actual_status} for {stalled_s:.0f}s "
+                            f"(vastai.boot-state-grace.{row.actual_status}={grace:g}): treated as a failed "
+                            f"boot ({row.status_msg or 'no message'})"
+                        )
+                    wake_in = min(wake_in, grace - stalled_s + 0.05)
+            if time.monotonic() >= deadline:
                 status = row.actual_status if row else "not listed yet"
                 raise BootFailed(
                     f"instance {instance_id} did not start within boot_timeout={timeout_s:.0f}s "
@@ -334,7 +414,7 @@ class RentalBroker:
                 )
             record.changed.clear()
             try:
-                await asyncio.wait_for(record.changed.wait(), timeout=left)
+                await asyncio.wait_for(record.changed.wait(), timeout=max(0.0, wake_in))
             except TimeoutError:
                 pass
 
@@ -361,6 +441,14 @@ class RentalBroker:
                 logger.info("instance %s: no sshd host keys in its log after %.0fs (%s)", instance_id, wait_s, last)
                 return None
             await asyncio.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+    async def reboot(self, instance_id: int) -> None:
+        """Restart a rental's container (same machine, same disk); its next boot is watched afresh."""
+        record = self.records[instance_id]
+        await self.api.reboot_instance(instance_id)
+        record.instance = None  # the row before the reboot says nothing of the boot to come
+        record.status_since = record.fresh_after = time.monotonic()
+        record.changed.set()
 
     # -------------------------------------------------------------- destroying
     async def destroy(self, instance_id: int) -> None:
@@ -394,27 +482,41 @@ class RentalBroker:
     async def _destroy_now(self, ids: list[int]) -> None:
         if not ids:
             return
-        if len(ids) == 1:
-            await self.api.destroy_instance(ids[0])
-        else:
-            await self.api.destroy_instances(ids)
+        report = await self.api.destroy_instances(ids)
         now = time.time()
         for i in ids:
             LEDGER.discard(self.api, i)
             record = self.records.get(i)
             if record is not None and record.destroyed_at is None:
-                record.destroyed_at = now
+                record.destroyed_at = report.stopped_at.get(i, now)
                 record.changed.set()
-        self._log(f"destroyed instance{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}")
+        again = ""
+        if report.survivors:
+            again += f"; {list(report.survivors)} were still running after the bulk call and were destroyed again"
+        if report.lingering:
+            again += f"; {list(report.lingering)} were still listed after the grace and were destroyed again"
+        self._log(f"destroyed instance{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}{again}")
 
     async def destroy_all(self) -> None:
-        """Destroy every rental of this cluster still alive (close path)."""
+        """Destroy every rental of this cluster still alive (close path), strays of its bulk creates too."""
         alive = [i for i, r in self.records.items() if r.destroyed_at is None]
+        if self._batch_labels:
+            try:
+                prefix = cluster_label_prefix(self.cluster_name)
+                alive += [r.id for r in await self.api.list_instances(label_prefix=prefix) if self._is_stray(r)]
+            except VastError as e:
+                logger.warning("could not list this cluster's rentals for strays: %s", e)
         await self._destroy_now(alive)
 
     async def close(self) -> None:
+        """Stop renting, then destroy everything (strays of a bulk create cut short included)."""
+        flush = self._rent_flush
+        if flush is not None and not flush.done():
+            flush.cancel()
+            with contextlib.suppress(BaseException):
+                await flush
         await self.destroy_all()
-        for task in (self._poller, self._rent_flush, self._destroy_flush):
+        for task in (self._poller, self._destroy_flush):
             if task is not None and not task.done():
                 task.cancel()
 

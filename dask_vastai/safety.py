@@ -4,8 +4,10 @@ SpecCluster's own exit hook closes clusters with a 10 s timeout and swallows the
 which would leak a larger cluster (and the loop it needs may already be gone). So every
 rental is written into :data:`LEDGER` the moment Vast accepts it and struck out when it is
 destroyed, and at interpreter exit or on SIGTERM/SIGHUP we bulk-destroy what is left,
-from a fresh thread with its own event loop, before anything else shuts down. SIGKILL
-cannot be caught: the on-instance watchdog (``bootstrap.py``) covers it.
+from a fresh thread with its own event loop, before anything else shuts down. The bulk
+destroy is checked as every bulk destroy is (:meth:`VastAPI.destroy_instances`): what is still
+listed afterwards is destroyed again, one by one. SIGKILL cannot be caught: the on-instance
+watchdog (``supervisor.py``) covers it, where the instance has its ``CONTAINER_API_KEY``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: seconds the exit handler may spend destroying (a bulk destroy is one call)
+#: seconds the exit handler may spend destroying (a bulk destroy is one call, its check a few
+#: list calls and the linger grace, survivors one call each)
 EMERGENCY_TIMEOUT_S = 60.0
 
 
@@ -78,10 +81,11 @@ class RentalLedger:
         count = sum(len(v) for v in live.values())
         print(f"dask-vastai: {reason}: destroying {count} rental(s) still billing", file=sys.stderr, flush=True)
         errors: list[BaseException] = []
+        again: list[int] = []
 
         def work() -> None:
             try:
-                asyncio.run(_destroy(live))
+                again.extend(asyncio.run(_destroy(live)))
             except BaseException as e:  # noqa: BLE001 - reported below, never raised from a hook
                 errors.append(e)
 
@@ -96,17 +100,24 @@ class RentalLedger:
                 file=sys.stderr, flush=True,
             )
             return
+        if again:
+            print(f"dask-vastai: rentals {sorted(again)} were still listed after the bulk destroy; "
+                  "destroyed them again one by one", file=sys.stderr, flush=True)
         with self._lock:
             for key, ids in live.items():
                 self._live.get(key, set()).difference_update(ids)
 
 
-async def _destroy(live: dict[tuple[str, str], set[int]]) -> None:
+async def _destroy(live: dict[tuple[str, str], set[int]]) -> list[int]:
+    """Destroy every live rental; the ids that had to be destroyed again after the bulk call."""
     from .vast import VastAPI
 
+    again: list[int] = []
     for (url, key), ids in live.items():
         async with VastAPI(api_key=key, api_url=url) as api:
-            await api.destroy_instances(sorted(ids))
+            report = await api.destroy_instances(sorted(ids))
+            again += [*report.survivors, *report.lingering]
+    return again
 
 
 def _chain_signal(sig: signal.Signals, handler: Callable[[int, FrameType | None], None]) -> None:
