@@ -294,6 +294,7 @@ def incarnation_payload(inc: Incarnation) -> bytes:
 
 _PROBE_PY = r'''
 import json, os, platform, subprocess, sys
+supervisor_path = path  # where _INSTALL_PY put it (``path`` is reused below)
 gpus = []
 try:
     out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total,uuid",
@@ -329,6 +330,22 @@ for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in
     q = read(path)
     if q and q[0].isdigit() and int(q[0]) < (mem or 1 << 62):
         mem = int(q[0])
+smi = ""
+try:  # the header says which CUDA the driver supports ("CUDA Version: 12.4")
+    out = subprocess.run(["nvidia-smi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=60)
+    smi = "\n".join(out.stdout.splitlines()[:4])
+except (OSError, subprocess.SubprocessError):
+    pass
+key_source = None
+try:  # where the watchdog finds CONTAINER_API_KEY (never the key itself)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dask_vastai_supervisor", supervisor_path)
+    sup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sup)
+    key_source = sup.container_api_key()[0]
+except Exception:
+    pass
 versions = {}
 try:
     from importlib.metadata import version
@@ -349,7 +366,8 @@ if FAKE:  # test hook: an instance that reports other versions
     python = FAKE.pop("python", python)
     versions.update(FAKE)
 print(json.dumps({"gpus": gpus, "cpus": cpus, "memory_bytes": mem, "python": python,
-                  "executable": sys.executable, "versions": versions, "dask_vastai_importable": importable}))
+                  "executable": sys.executable, "versions": versions, "dask_vastai_importable": importable,
+                  "nvidia_smi": smi, "api_key_source": key_source}))
 '''
 
 
@@ -399,7 +417,8 @@ def probe_command(
 
 #: Shell command (run over SSH right after connecting) that installs the supervisor (the onstart's
 #: loader then becomes it) and prints one JSON line: gpus, effective cpus, memory_bytes,
-#: python version, interpreter path and the versions of dask and friends.
+#: python version, interpreter path, the versions of dask and friends, the head of
+#: ``nvidia-smi`` (the driver's CUDA) and where the watchdog finds ``CONTAINER_API_KEY``.
 PROBE_COMMAND: str = probe_command()
 
 

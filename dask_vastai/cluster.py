@@ -176,7 +176,9 @@ class VastAICluster(SpecCluster):
             python_version=python_version,
         )
         # Validated here, as jobqueue renders job_script(): a bad option fails now.
-        self.pools = PoolSet(cluster_name, onstart=onstart_script(self._bootstrap))
+        cuda = client_env.cuda  # a CUDA build of torch: offers whose driver supports its CUDA
+        self.pools = PoolSet(cluster_name, onstart=onstart_script(self._bootstrap),
+                             min_cuda=str(cuda[0]) if cuda else None)
         self.pools.add(DEFAULT_POOL, PoolShape(**{**shape.options(), "env": public_env}))
         for extra in pools or ():
             extra = dict(extra)
@@ -266,6 +268,7 @@ class VastAICluster(SpecCluster):
             environment=self.environment,
             max_boot_attempts=int(option("max-boot-attempts")),
             on_phase=self._phases.note,
+            ssh_direct_timeout_s=float(option("ssh-direct-timeout")),
         )
         progress = PeriodicCallback(
             self._progress.refresh, 1000 * parse_timedelta(option("progress.refresh"), default="s")

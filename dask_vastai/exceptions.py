@@ -28,6 +28,7 @@ __all__ = [
     "OfferUnavailable",
     "PortBusy",
     "RateLimited",
+    "SSHUnreachable",
     "TunnelError",
     "VastError",
     "VastRequestError",
@@ -124,6 +125,10 @@ class ImpossibleResources(DaskVastAIError):
 # ------------------------------------------------------------------ the SSH link
 class TunnelError(DaskVastAIError, ConnectionError):
     """The SSH link to an instance could not be made, or a forward could not be set up."""
+
+
+class SSHUnreachable(TunnelError):
+    """No SSH server answered at an endpoint at all (connections refused or timing out)."""
 
 
 class PortBusy(TunnelError):

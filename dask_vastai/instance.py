@@ -6,6 +6,13 @@ worker incarnation(s) over SFTP -> the on-instance supervisor starts ``dask work
 registered. ``start()`` returns once Vast accepted the rental, like dask-jobqueue's
 ``sbatch``; the boot continues in a task so that ``scale()``/``close()`` never wait minutes
 behind a booting machine. ``close()`` always destroys, whatever state the boot was in.
+
+SSH goes to the direct endpoint (the public IP and the host port mapped to 22) when the row
+has one, for at most ``ssh_direct_timeout`` while no SSH server answers there (some hosts'
+direct ports are firewalled: the connection hangs), then to Vast's proxy (``ssh_host:
+ssh_port``). A proxy that refuses remote forwards (every tunnel needs one), or a host where
+neither endpoint answers, gets one reboot (the Snakemake plugin's remedy for "remote port
+forwarding failed"); a second failure is a failed boot, and another machine is tried.
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ from .bootstrap import (
     probe_command,
 )
 from .config import option
-from .environment import InstanceEnvironment, SecretEnv
-from .exceptions import BootFailed, EnvironmentMismatch
+from .environment import CudaVersion, InstanceEnvironment, SecretEnv, driver_cuda
+from .exceptions import BootFailed, EnvironmentMismatch, PortBusy, SSHUnreachable, VastError
 from .pools import POOL_RESOURCE_CAPACITY, Pool
 from .rentals import RentalBroker, RentalRecord
 from .roles import WORKER_ARGS, WORKER_CLIENTS_ENV
@@ -73,6 +80,8 @@ class ClusterContext:
     on_phase: Callable[[VastInstance], None] | None = None
     #: seconds to wait for a rental's sshd host keys in its log before its first connection
     host_key_timeout_s: float = field(default_factory=lambda: float(option("host-key-timeout")))
+    #: seconds the direct SSH endpoint may stay silent before Vast's proxy is tried
+    ssh_direct_timeout_s: float = 45.0
 
 
 class VastInstance(ProcessInterface):
@@ -144,9 +153,7 @@ class VastInstance(ProcessInterface):
         started = time.monotonic()
         if self.host_keys is None or self.host_keys[0] != record.instance_id:
             self.host_keys = (record.instance_id, await self._host_keys_from_log(record))
-        self.link = await ctx.hub.connect(
-            self.name, _ssh_endpoint(row), timeout_s=ctx.boot_timeout_s, host_keys=self.host_keys[1]
-        )
+        self.link = await self._connect(record, row, deadline=started + ctx.boot_timeout_s)
         self.link.on_lost(self._on_link_lost)
         self._enter(Phase.INSTALLING)
         # Heartbeats start at once: the watchdog's orphan clock runs from boot.
@@ -158,6 +165,7 @@ class VastInstance(ProcessInterface):
         command = env.probe_command(probe_command) if env is not None else PROBE_COMMAND
         _, out, _ = await self.link.run(command, timeout_s=probe_timeout_s)
         probe = parse_probe(out)
+        self._check_probe(probe, record)
         extra_env: dict[str, str] = {}
         if env is not None:
             # Versions in step with the client, the user's packages, shipped code: before any worker.
@@ -198,6 +206,91 @@ class VastInstance(ProcessInterface):
             )
         return pin
 
+    async def _connect(self, record: RentalRecord, row: Instance, *, deadline: float) -> InstanceLink:
+        """An SSH link: direct, else Vast's proxy; one reboot where neither gives a usable link."""
+        ctx = self.context
+        try:
+            return await self._connect_once(record, row, deadline)
+        except (SSHUnreachable, PortBusy) as e:
+            why = e
+        ctx.log(f"{self.name}: instance {record.instance_id}: {why}; rebooting it once")
+        logger.warning("%s: instance %s: %s; rebooting it once", self.name, record.instance_id, why)
+        try:
+            await ctx.broker.reboot(record.instance_id)
+        except VastError as e:
+            raise BootFailed(f"instance {record.instance_id}: {why}; rebooting it failed: {e}") from e
+        self._enter(Phase.LOADING)
+        row = await ctx.broker.wait_until_ready(record.instance_id, max(1.0, deadline - time.monotonic()))
+        self._enter(Phase.CONNECTING)
+        try:
+            return await self._connect_once(record, row, deadline)
+        except (SSHUnreachable, PortBusy) as e:
+            raise BootFailed(f"instance {record.instance_id}, rebooted once, still gives no usable SSH: {e}") from e
+
+    async def _connect_once(self, record: RentalRecord, row: Instance, deadline: float) -> InstanceLink:
+        """Direct for at most ``ssh_direct_timeout_s`` of silence, then the proxy; the path is logged.
+
+        Raises :class:`SSHUnreachable` when no endpoint answered, :class:`PortBusy` when the
+        proxy refused the scheduler's remote forward.
+        """
+        ctx = self.context
+        pin = self.host_keys[1] if self.host_keys is not None else None  # the same sshd behind both
+        direct, proxy = row.direct_ssh(), row.proxy_ssh()
+        tried = ""
+        if direct is not None:
+            endpoint = SSHEndpoint(*direct)
+            try:
+                link = await ctx.hub.connect(
+                    self.name, endpoint, timeout_s=max(1.0, deadline - time.monotonic()), host_keys=pin,
+                    silent_timeout_s=ctx.ssh_direct_timeout_s if proxy is not None else None,
+                )
+            except SSHUnreachable as e:
+                if proxy is None:
+                    raise
+                tried = f" (direct {endpoint} did not answer within {ctx.ssh_direct_timeout_s:.0f}s: {e})"
+            else:
+                ctx.log(f"{self.name}: SSH to instance {record.instance_id} direct, {endpoint}")
+                return link
+        if proxy is None:
+            raise SSHUnreachable(f"instance {record.instance_id} lists no SSH endpoint (no port 22, no proxy)")
+        endpoint = SSHEndpoint(*proxy)
+        ctx.log(f"{self.name}: SSH to instance {record.instance_id} through Vast's proxy {endpoint}{tried}")
+        try:
+            return await ctx.hub.connect(
+                self.name, endpoint, timeout_s=max(1.0, deadline - time.monotonic()), host_keys=pin,
+                silent_timeout_s=ctx.ssh_direct_timeout_s,
+            )
+        except PortBusy as e:
+            raise PortBusy(f"Vast's SSH proxy {endpoint} refused a remote forward ({e})", e.port) from e
+
+    def _check_probe(self, probe: dict[str, Any], record: RentalRecord) -> None:
+        """Say when the watchdog has no key; fail a box whose driver is older than the packages need."""
+        ctx = self.context
+        if not probe.get("api_key_source"):
+            message = (
+                f"WARNING {self.name}: instance {record.instance_id} has no CONTAINER_API_KEY (not in its "
+                "environment, /proc/1/environ nor /etc/environment: its template does not inject it), so "
+                "its watchdog cannot destroy it if this client dies: the orphan backstop is OFF for it. "
+                "If this process is killed, run `dask-vastai cleanup` to stop its billing."
+            )
+            ctx.log(message)
+            logger.warning(message)
+        env = ctx.environment
+        needed = env.client.cuda if env is not None else None
+        if needed is None:
+            return
+        driver = driver_cuda(str(probe.get("nvidia_smi") or ""))
+        if driver is None:
+            logger.warning("%s: instance %s: nvidia-smi shows no CUDA version; cannot check %s's CUDA %s",
+                           self.name, record.instance_id, needed[1], needed[0])
+        elif driver < needed[0]:
+            offer = record.offer.cuda_max_good
+            raise BootFailed(
+                f"instance {record.instance_id}: {needed[1]} needs CUDA {needed[0]}, but its driver supports "
+                f"CUDA {driver} (nvidia-smi; the offer said cuda_max_good={CudaVersion.parse(str(offer))}). "
+                "Trying another machine; pin an older CUDA build or add a higher cuda_max_good to query."
+            )
+
     def _incarnations(
         self, probe: dict[str, Any], record: RentalRecord, extra_env: dict[str, str] | None = None
     ) -> list[Incarnation]:
@@ -214,8 +307,7 @@ class VastInstance(ProcessInterface):
             )
         per_gpu = self.pool.worker_per_gpu and len(self.worker_names) > 1
         count = len(self.worker_names)
-        cpus = float(probe.get("cpus") or record.offer.cpu_cores_effective or 1)
-        memory = int(probe.get("memory_bytes") or record.offer.cpu_ram_mb * 2**20)
+        cpus, memory = instance_size(probe, record)
         opts = self.pool.worker_options
         out = []
         for k, worker_name in enumerate(self.worker_names):
@@ -341,11 +433,22 @@ class VastInstance(ProcessInterface):
         return f"<VastInstance {self.name}: instance={rid} status={self.status.name}>"
 
 
-def _ssh_endpoint(row: Instance) -> SSHEndpoint:
-    """The direct endpoint when the offer has one (faster), else Vast's SSH proxy."""
-    direct = row.direct_ssh()
-    host, port = direct if direct is not None else row.proxy_ssh()  # type: ignore[misc]
-    return SSHEndpoint(host=host, port=port)
+def instance_size(probe: dict[str, Any], record: RentalRecord) -> tuple[float, int]:
+    """``(CPUs, memory bytes)`` a rental's workers share: the smaller of what the box shows
+    and what was rented.
+
+    Vast's CPU and memory are soft shares: a container may see all of a big host (384
+    cores, a terabyte) while its offer says 16 cores and 64 GB. Sized by what it sees, a
+    worker runs hundreds of threads and never spills before the OOM killer; sized by the
+    offer alone, a box that shows less than it promised would be overcommitted. The rental's
+    own row (``cpu_cores_effective``, ``cpu_ram`` in MB) is the offer's word, else the offer.
+    """
+    said = record.instance if record.instance is not None and record.instance.cpu_cores_effective else record.offer
+    offer_cpus, offer_mem = float(said.cpu_cores_effective or 0), int(said.cpu_ram_mb * 2**20)
+    seen_cpus, seen_mem = float(probe.get("cpus") or 0), int(probe.get("memory_bytes") or 0)
+    cpus = min((c for c in (seen_cpus, offer_cpus) if c > 0), default=1.0)
+    memory = min((m for m in (seen_mem, offer_mem) if m > 0), default=0)
+    return cpus, memory
 
 
 async def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

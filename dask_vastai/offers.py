@@ -163,6 +163,8 @@ class OfferRequirements:
     query: str = ""
     order: str = "dph_total"
     interruptible: bool = False
+    #: the CUDA the driver must support (``cuda_max_good>=``), e.g. "12.1" for torch+cu121
+    min_cuda: str | None = None
 
     def gpu_names(self) -> list[str]:
         """The GPU models asked for, in Vast's spelling (unknown names kept as written)."""
@@ -226,6 +228,11 @@ class OfferRequirements:
             terms.append(f"geolocation in [{','.join(region_codes(self.region))}]")
         if self.query.strip():
             terms.append(self.query.strip())
+        if self.min_cuda is not None:
+            # after the user's query, unless it already asks for as much or more
+            asked = parse_query(self.query).get("cuda_max_good", {}).get("gte") if self.query.strip() else None
+            if asked is None or float(asked) < float(self.min_cuda):
+                terms.append(f"cuda_max_good>={self.min_cuda}")
         return " ".join(terms)
 
     def filters(self) -> dict[str, Any]:

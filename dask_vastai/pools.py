@@ -147,8 +147,11 @@ class Pool:
     worker_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_shape(cls, name: str, shape: PoolShape, *, onstart: str) -> Pool:
-        """Every option resolved against ``vastai.yaml`` and validated (``ValueError`` naming it)."""
+    def from_shape(cls, name: str, shape: PoolShape, *, onstart: str, min_cuda: str | None = None) -> Pool:
+        """Every option resolved against ``vastai.yaml`` and validated (``ValueError`` naming it).
+
+        ``min_cuda``: the CUDA the cluster's packages need of the driver (``cuda_max_good>=``).
+        """
         if not name or not all(c.isalnum() or c in "-_" for c in name):
             raise ValueError(f"pool name {name!r}: use letters, digits, '-' and '_'")
         get = shape.get
@@ -166,6 +169,7 @@ class Pool:
             query=get("query") or "",
             order=get("order"),
             interruptible=bool(get("interruptible")),
+            min_cuda=min_cuda,
         )
         requirements.validate()
         env, secret = split_env(get("env"))
@@ -260,9 +264,10 @@ class PoolSet:
     whose last instances all failed (each failure costs money).
     """
 
-    def __init__(self, cluster_name: str, *, onstart: str) -> None:
+    def __init__(self, cluster_name: str, *, onstart: str, min_cuda: str | None = None) -> None:
         self.cluster_name = cluster_name
         self.onstart = onstart
+        self.min_cuda = min_cuda
         self._pools: dict[str, Pool] = {}
         self._counters: dict[str, int] = {}
         #: boot failures in a row, per pool (reset when one of its instances registers)
@@ -274,7 +279,7 @@ class PoolSet:
     def add(self, name: str, shape: PoolShape) -> Pool:
         if name in self._pools:
             raise ValueError(f"pool {name!r} exists already; pools: {sorted(self._pools)}")
-        pool = Pool.from_shape(name, shape, onstart=self.onstart)
+        pool = Pool.from_shape(name, shape, onstart=self.onstart, min_cuda=self.min_cuda)
         self._pools[name] = pool
         return pool
 

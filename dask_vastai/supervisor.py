@@ -15,7 +15,12 @@ jobs, both driven by files the client writes over SFTP:
 * **Watchdog.** The client refreshes ``heartbeat``; when its mtime is older than
   ``--orphan-timeout`` (counted from our start before the first beat) the client is gone,
   so we stop the workers and destroy our own rental with the instance-scoped
-  ``CONTAINER_API_KEY`` that Vast injects: only ``destroy`` stops Vast's meter.
+  ``CONTAINER_API_KEY`` that Vast injects: only ``destroy`` stops Vast's meter. The key is
+  looked for where a container keeps it (:func:`container_api_key`): our environment (the
+  onstart's), the container's init (``/proc/1/environ``), and the files Vast's images write
+  the launch environment into (``/etc/environment``; ``~/.ssh/environment`` for sshd). SSH
+  sessions do not see the container's environment on Vast, so the client's probe asks this
+  function too, and warns the user when no source has the key.
 """
 
 import fcntl
@@ -31,6 +36,53 @@ import urllib.error
 import urllib.request
 
 GRACE_S = 10
+
+
+#: files that may hold the container's launch environment, as NAME=value lines
+ENV_FILES = ("/etc/environment", "/root/.ssh/environment")
+
+
+def _env_file(path):
+    """NAME=value lines (values maybe quoted, maybe after ``export``) of an environment file."""
+    out = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                line = line.strip()
+                if line.startswith("export "):
+                    line = line[7:].lstrip()
+                name, sep, value = line.partition("=")
+                if sep and name and not name.startswith("#"):
+                    value = value.strip()
+                    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                        value = value[1:-1]
+                    out[name.strip()] = value
+    except OSError:
+        pass
+    return out
+
+
+def _proc1_environ():
+    try:
+        with open("/proc/1/environ", "rb") as f:
+            items = f.read().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return {}
+    return dict(item.partition("=")[::2] for item in items if "=" in item)
+
+
+def container_api_key():
+    """``(source, CONTAINER_ID, CONTAINER_API_KEY)`` from the first place that has the key, or
+    ``(None, CONTAINER_ID or None, None)``."""
+    cid = None
+    sources = [("environment", lambda: os.environ), ("/proc/1/environ", _proc1_environ)]
+    sources += [(path, lambda path=path: _env_file(path)) for path in ENV_FILES]
+    for source, read in sources:
+        env = read()
+        cid = cid or env.get("CONTAINER_ID") or None
+        if env.get("CONTAINER_API_KEY"):
+            return source, env.get("CONTAINER_ID") or cid, env["CONTAINER_API_KEY"]
+    return None, cid, None
 
 
 class Log:
@@ -179,18 +231,12 @@ class Supervisor:
 
     def destroy(self):
         """DELETE our own rental; True once Vast says it is gone (or it already was)."""
-        env = dict(os.environ)
-        try:  # onstart normally inherits them; else the container's init has them
-            with open("/proc/1/environ", "rb") as f:
-                for item in f.read().decode("utf-8", "replace").split("\0"):
-                    env.setdefault(*item.partition("=")[::2])
-        except OSError:
-            pass
-        cid, key = env.get("CONTAINER_ID"), env.get("CONTAINER_API_KEY")
+        source, cid, key = container_api_key()
         if not (cid and key):
-            self.log("cannot destroy this instance: no CONTAINER_ID/CONTAINER_API_KEY in the environment; "
-                     "it bills until `dask-vastai cleanup` destroys it")
+            self.log("cannot destroy this instance: no CONTAINER_ID/CONTAINER_API_KEY in the environment, "
+                     f"/proc/1/environ or {', '.join(ENV_FILES)}; it bills until `dask-vastai cleanup` destroys it")
             return False
+        self.log(f"destroying instance {cid} with the CONTAINER_API_KEY from {source}")
         url = f"{self.api_url.rstrip('/')}/api/v0/instances/{cid}/"
         for attempt in range(6):
             req = urllib.request.Request(url, b"{}", method="DELETE", headers={

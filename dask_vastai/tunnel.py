@@ -36,7 +36,7 @@ import asyncssh
 from asyncssh.listener import create_tcp_forward_listener
 
 from .bootstrap import STOP_WORKERS_COMMAND
-from .exceptions import HostKeyMismatch, PortBusy, TunnelError
+from .exceptions import HostKeyMismatch, PortBusy, SSHUnreachable, TunnelError
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +323,8 @@ class TunnelHub:
         )
 
     async def connect(
-        self, name: str, endpoint: SSHEndpoint, *, timeout_s: float, host_keys: HostKeyPin | None = None
+        self, name: str, endpoint: SSHEndpoint, *, timeout_s: float, host_keys: HostKeyPin | None = None,
+        silent_timeout_s: float | None = None,
     ) -> InstanceLink:
         """An SSH link to ``endpoint`` with the scheduler and all existing workers forwarded.
 
@@ -332,18 +333,37 @@ class TunnelHub:
         presenting another key is refused during the key exchange, before anything is sent:
         :class:`HostKeyMismatch`, never retried. Otherwise retries until the instance's sshd
         accepts our key (it boots, then the onstart script authorizes the key) or ``timeout_s``
-        passes: then TimeoutError naming the endpoint and the last error.
+        passes: then TimeoutError naming the endpoint and the last error. With
+        ``silent_timeout_s``, gives up sooner, with :class:`SSHUnreachable`, when the endpoint
+        has not accepted a TCP connection by then (SYNs dropped or refused: a blocked port), so
+        that another endpoint can be tried; once it accepted one, the whole ``timeout_s`` is
+        waited (sshd may still be starting, or the onstart may not have authorized our key yet).
         """
         pin = host_keys if host_keys is not None else HostKeyPin(source=f"{name} at {endpoint}")
-        deadline = time.monotonic() + timeout_s
-        delay, last_error = 0.5, "no attempt made"
+        started = time.monotonic()
+        deadline = started + timeout_s
+        delay, last_error, answered = 0.5, "no attempt made", silent_timeout_s is None
         while True:
             left = deadline - time.monotonic()
+            if not answered:
+                silent_left = started + float(silent_timeout_s or 0) - time.monotonic()
+                if silent_left <= 0:
+                    raise SSHUnreachable(
+                        f"{endpoint} ({name}) accepted no connection within {silent_timeout_s:.0f}s; "
+                        f"last error: {last_error}"
+                    )
+                left = min(left, silent_left)
             if left <= 0:
                 raise TimeoutError(
                     f"could not open SSH to {name} at {endpoint} within {timeout_s:.0f}s; last error: {last_error}"
                 )
             try:
+                if not answered:
+                    # One plain TCP connect first, given the whole silent window: the kernel
+                    # retransmits a lost SYN after 1, 2, 4, 8 s... so a lossy path still answers.
+                    await _tcp_answers(endpoint, max(left, 0.1))
+                    answered = True
+                    continue
                 conn = await self._open(endpoint, min(self.connect_timeout_s, max(left, 1.0)), pin)
                 pin.pin(conn)
                 break
@@ -354,7 +374,7 @@ class TunnelHub:
                     "answers at that address (a man in the middle, or another machine); nothing was sent to it"
                 ) from e
             except (TimeoutError, OSError, asyncssh.Error) as e:
-                last_error = f"{type(e).__name__}: {e}"
+                last_error = f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__} (no answer)"
                 logger.debug("SSH to %s (%s) not ready: %s", name, endpoint, last_error)
                 await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 1.5, 5.0)
@@ -529,6 +549,14 @@ async def _close_listeners(exposed: _Exposed) -> None:
     for listener in listeners:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(listener.wait_closed(), 5)
+
+
+async def _tcp_answers(endpoint: SSHEndpoint, timeout_s: float) -> None:
+    """Return once ``endpoint`` accepts a TCP connection (closed at once); raise otherwise."""
+    _, writer = await asyncio.wait_for(asyncio.open_connection(endpoint.host, endpoint.port), timeout_s)
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 def _free_on_client(port: int) -> bool:

@@ -15,6 +15,8 @@ installs what differs and ships what no index can install
   ``PYTHONPATH``.
 * ``late_imports``: a module imported after the boot did not travel; a scheduler plugin
   (:class:`LateImportWarning`) says so before a worker dies unpickling its function.
+* ``cuda``: what the packages need of the host: a CUDA build of PyTorch asks offers for
+  ``cuda_max_good>=`` its CUDA, and a box whose driver is older fails its boot.
 * ``secrets``: what must not be stored. ``Secret`` values in ``env`` and ``secret_env``
   stay out of what Vast stores: they travel inside the incarnation file, over SSH.
 
@@ -25,6 +27,7 @@ path taken there, while the development checkout is hidden and so is shipped.
 
 from __future__ import annotations
 
+from .cuda import CudaVersion, driver_cuda, required_cuda
 from .instance_env import InstanceEnvironment
 from .late_imports import LateImportWarning
 from .secrets import Secret, SecretEnv, redact_urls, split_env
@@ -35,6 +38,7 @@ __all__ = [
     "SHIP_DIR",
     "SYNCED_PACKAGES",
     "ClientEnvironment",
+    "CudaVersion",
     "InstanceEnvironment",
     "LateImportWarning",
     "LocalModule",
@@ -42,8 +46,10 @@ __all__ = [
     "SecretEnv",
     "Shipment",
     "VersionGate",
+    "driver_cuda",
     "looks_secret",
     "python_option",
     "redact_urls",
+    "required_cuda",
     "split_env",
 ]

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from ..exceptions import EnvironmentMismatch
+from .cuda import CudaVersion, required_cuda
 from .secrets import Secret, redact_urls
 
 if TYPE_CHECKING:
@@ -90,6 +91,11 @@ class ClientEnvironment:
     @property
     def python_minor(self) -> str:
         return python_minor(self.python)
+
+    @property
+    def cuda(self) -> tuple[CudaVersion, str] | None:
+        """The CUDA the user's packages need of the driver, and which package or index says so."""
+        return required_cuda(self.packages, self.pip_arguments())
 
     def probe_names(self) -> list[str]:
         """Distributions whose installed versions the probe must report."""
