@@ -6,22 +6,34 @@
 - ``oracle``: ``oracle.cli(*args, emu=emu)`` runs ``vastai --url emu.url --api-key
   emu.api_key ARGS`` from the oracle virtualenv (built once, see ``tests/helpers/oracle.py``).
 - ``fake_vast``: a :class:`~tests.helpers.fake_vast.FakeVast` on 127.0.0.1, shut down after.
-- ``sandbox``: skips, loudly, where real sandboxes cannot run; ``market``: an emulator with them.
+- ``sandbox``: skips, loudly, where real sandboxes cannot run; ``market``: an emulator with them,
+  rate limits on and the **strict** profile (every defensible variant of Vast's undocumented
+  behaviour, ``docs/emulator-variants.md``): the tests' default marketplace. A test that
+  contradicts a strict variant by design pins it off (``market.variants.set(...)``), saying why.
 
 The doubles and helpers themselves live in ``tests/helpers/``; this file only makes fixtures.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import dask.config
 import pytest
 
 from dask_vastai.emulator import Emulator
 from tests.helpers.fake_vast import FakeVast
 from tests.helpers.oracle import Oracle
 from tests.helpers.sandbox import SANDBOX_OK, SANDBOX_WHY
+
+#: Under the strict profile a quarter of the hosts drop SYNs on their direct SSH port. A healthy
+#: emulated port accepts at once, so the suite gives a silent one 5 s (the default, 45 s, covers
+#: SYN retransmissions on real networks) before the proxy is tried; subprocesses read the env.
+TEST_SSH_DIRECT_TIMEOUT_S = 5
+os.environ.setdefault("DASK_VASTAI__SSH_DIRECT_TIMEOUT", str(TEST_SSH_DIRECT_TIMEOUT_S))
+dask.config.set({"vastai.ssh-direct-timeout": float(os.environ["DASK_VASTAI__SSH_DIRECT_TIMEOUT"])})
 
 
 @pytest.fixture
@@ -57,7 +69,8 @@ def sandbox() -> None:
 
 @pytest.fixture
 def market(sandbox: None, tmp_path: Path) -> Iterator[Emulator]:
-    """An emulator with real sandboxes and Vast's rate limits on: the user's marketplace."""
-    with Emulator(runtime="sandbox", boot_delay_s=1.0, rate_limits=True, state_dir=tmp_path / "emu") as emu:
+    """An emulator with real sandboxes, Vast's rate limits and the strict profile: the user's marketplace."""
+    with Emulator(runtime="sandbox", boot_delay_s=1.0, rate_limits=True, state_dir=tmp_path / "emu",
+                  profile="strict") as emu:
         yield emu
 

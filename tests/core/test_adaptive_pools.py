@@ -18,13 +18,18 @@ def _creates(emu) -> int:
     return len(emu.meter()["instances"])
 
 
+#: Strict, but destroyed rows do not linger: these tests count rows and assert them gone at close.
+NO_LINGER = {"destroy_linger_s": 0}
+
+
 def test_adapt_rents_for_gpu_demand_and_releases_after_idle_wait(tmp_path: Path) -> None:
     from distributed import Client
 
     from dask_vastai import VastAICluster
 
     idle_wait_s = 8 * 1.0
-    with Emulator(runtime="sandbox", boot_delay_s=20.0, rate_limits=True, state_dir=tmp_path / "e") as emu:
+    with Emulator(runtime="sandbox", boot_delay_s=20.0, rate_limits=True, state_dir=tmp_path / "e",
+                  profile="strict", variants=NO_LINGER) as emu:
         with VastAICluster(
             gpu="RTX_3090", api_url=emu.url, api_key=emu.api_key, name="adapt", quiet=True, boot_timeout=240
         ) as cluster, Client(cluster) as client:
@@ -67,7 +72,8 @@ def test_two_pools_rent_for_their_own_demand_and_impossible_fails_at_once(tmp_pa
     from dask_vastai import VastAICluster
     from dask_vastai.exceptions import ImpossibleResources
 
-    with Emulator(runtime="sandbox", boot_delay_s=1.0, rate_limits=True, state_dir=tmp_path / "e") as emu:
+    with Emulator(runtime="sandbox", boot_delay_s=1.0, rate_limits=True, state_dir=tmp_path / "e",
+                  profile="strict", variants=NO_LINGER) as emu:
         with VastAICluster(
             gpu="RTX_3090", api_url=emu.url, api_key=emu.api_key, name="pools", quiet=True, boot_timeout=240,
             pools=[{"name": "a100", "gpu": "A100_SXM4"}],
@@ -109,7 +115,8 @@ def test_two_gpu_instances_run_one_worker_per_gpu(tmp_path: Path) -> None:
 
     from dask_vastai import VastAICluster
 
-    with Emulator(runtime="sandbox", boot_delay_s=1.0, rate_limits=True, state_dir=tmp_path / "e") as emu:
+    with Emulator(runtime="sandbox", boot_delay_s=1.0, rate_limits=True, state_dir=tmp_path / "e",
+                  profile="strict", variants=NO_LINGER) as emu:
         with VastAICluster(
             gpu="RTX_3090", num_gpus=2, n=1, api_url=emu.url, api_key=emu.api_key, name="multi",
             quiet=True, boot_timeout=240,

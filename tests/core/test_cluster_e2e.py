@@ -18,6 +18,8 @@ import pytest
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
 
 def test_user_story_four_instances(market) -> None:
+    # Asserts the destroyed rows are gone once close returns: no lingering rows (strict: 5 s, unbilled).
+    market.variants.set(destroy_linger_s=0)
     from distributed import Client, get_worker
 
     from dask_vastai import VastAICluster
@@ -88,6 +90,8 @@ def test_dependencies_across_instances_and_large_gather(market) -> None:
 
 
 def test_async_with_cluster(market) -> None:
+    # Asserts the destroyed rows are gone once close returns: no lingering rows (strict: 5 s, unbilled).
+    market.variants.set(destroy_linger_s=0)
     import asyncio
 
     from distributed import Client
@@ -128,6 +132,8 @@ def test_forwarded_ports_refuse_clients_without_the_cluster_certificate(market) 
 
 
 def test_exception_inside_with_destroys_everything(market) -> None:
+    # Asserts the destroyed rows are gone once close returns: no lingering rows (strict: 5 s, unbilled).
+    market.variants.set(destroy_linger_s=0)
     from dask_vastai import VastAICluster
 
     with pytest.raises(ZeroDivisionError):

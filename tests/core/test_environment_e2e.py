@@ -28,8 +28,12 @@ SECRET = "s3cr3t-token-value-9f2c"
 
 @pytest.fixture
 def market(tmp_path: Path):
-    """Rate limits off: these tests are about what reaches the instances, not pacing."""
-    with Emulator(runtime="sandbox", boot_delay_s=0.5, rate_limits=False, state_dir=tmp_path / "emu") as emu:
+    """Rate limits off: these tests are about what reaches the instances, not pacing.
+
+    Strict, but destroyed rows do not linger: the tests assert they are gone once close returns.
+    """
+    with Emulator(runtime="sandbox", boot_delay_s=0.5, rate_limits=False, state_dir=tmp_path / "emu",
+                  profile="strict", variants={"destroy_linger_s": 0}) as emu:
         yield emu
 
 

@@ -25,6 +25,12 @@ from tests.helpers.waiting import eventually
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
 
 
+@pytest.fixture(autouse=True)
+def no_lingering_rows(market) -> None:
+    """Strict, but destroyed rows do not linger: these tests assert they are gone once snakemake exits."""
+    market.variants.set(destroy_linger_s=0)
+
+
 def _args(emu, *extra: str, max_instances: int = 2) -> list[str]:
     return [
         sys.executable, "-m", "snakemake", "--executor", "vastaidask", "--jobs", "4",
