@@ -247,7 +247,7 @@ class VastInstance(ProcessInterface):
             except SSHUnreachable as e:
                 if proxy is None:
                     raise
-                tried = f" (direct {endpoint} did not answer within {ctx.ssh_direct_timeout_s:.0f}s: {e})"
+                tried = f" (direct: {e})"
             else:
                 ctx.log(f"{self.name}: SSH to instance {record.instance_id} direct, {endpoint}")
                 return link

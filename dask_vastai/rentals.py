@@ -90,7 +90,7 @@ def boot_failure(instance: Instance) -> str | None:
     if status == "stopped" and instance.intended_status != "stopped":
         return f"instance {instance.id} stopped (outbid or host problem): {instance.status_msg or ''}"
     if status != "running" and instance.status_msg and _FATAL_STATUS_MSG.search(instance.status_msg):
-        return f"instance {instance.id} failed to boot: {instance.status_msg}"
+        return f"instance {instance.id} failed to boot ({status or 'no status yet'}): {instance.status_msg}"
     return None
 
 

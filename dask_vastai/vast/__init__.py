@@ -10,6 +10,7 @@ exact versions of cryptography, pillow and pycares, and returns loosely typed di
 - :mod:`.transport`: the HTTP transport, its retries and its typed errors;
 - :mod:`.pacing`: the per-endpoint schedule, shared by this user's processes on one account;
 - :mod:`.bulk`: reading the bulk endpoints' undocumented answers;
+- :mod:`.recording`: every distinct answer shape, redacted, into a file for a bug report;
 - :mod:`.client`: :class:`VastAPI`, the endpoints.
 
 The rest of the product imports from here (``from .vast import VastAPI``).

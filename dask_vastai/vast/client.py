@@ -150,9 +150,18 @@ class VastAPI(VastTransport):
                 f"Offer {offer_id} is no longer available ({msg or error}); offers are single-use, search again.",
                 offer_id=int(offer_id), status=status, error=error, msg=msg,
             )
-        if status >= 400 or not isinstance(parsed, Mapping) or not parsed.get("success") or not parsed.get("new_contract"):
+        refused = status >= 400 or (isinstance(parsed, Mapping) and parsed.get("success") is False)
+        contract = _int_or_none(parsed.get("new_contract")) if isinstance(parsed, Mapping) else None
+        if not refused and contract is None:
+            # A 2xx that does not name the rental may still have made one: look under the label.
+            e = AmbiguousCreate(f"PUT /asks/{offer_id}/ answered {status} without new_contract "
+                                f"({str(parsed)[:80]!r})", settled=False)
+            found = await self._recover_single_create(offer_id, request, e)
+            if found is not None:
+                return found
+        if refused or contract is None:
             raise self._fail(status, parsed, f"rent offer {offer_id}")
-        created = CreatedInstance(int(parsed["new_contract"]), int(offer_id), parsed.get("instance_api_key"))
+        created = CreatedInstance(contract, int(offer_id), parsed.get("instance_api_key"))
         self._known_ids.add(created.instance_id)
         return created
 

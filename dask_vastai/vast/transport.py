@@ -67,6 +67,7 @@ from ..exceptions import (
     VastUnreachable,
 )
 from .pacing import Pacer, SharedSchedule
+from .recording import ResponseRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,8 @@ class VastTransport:
         self.backoff_s = float(option("api.backoff", backoff_s))
         self.backoff_max_s = float(option("api.backoff-max", backoff_max_s))
         intervals = {**dict(option("api.min-intervals")), **dict(min_intervals_s or {})}
+        record_to = option("api.record-responses")
+        self._recorder = ResponseRecorder(record_to) if record_to else None
         shared = SharedSchedule.for_account(url, key) if pace and option("api.shared-pacing") else None
         self._pacer = Pacer(intervals, enabled=pace, shared=shared, busy_s=self.request_timeout_s)
         self._session: aiohttp.ClientSession | None = None
@@ -326,7 +329,7 @@ class VastTransport:
                     "Vast may be having trouble (https://status.vast.ai); retry later.",
                     status=status, error=error, msg=msg,
                 )
-            if status < 300 and isinstance(parsed, str):
+            if status < 300 and isinstance(parsed, str) and not create:  # a create's caller reads it
                 raise VastRequestError(
                     f"{self.api_url} answered {where} with something that is not JSON "
                     f"({parsed[:80]!r}); is api_url the address of the Vast API?",
@@ -382,7 +385,9 @@ class VastTransport:
                                "check api_url", status=status)
 
     def _observe(self, method: str, path: str, status: int, parsed: Any) -> None:
-        """Every answer, as it came (a hook for recorders; nothing by default)."""
+        """Every answer, as it came: recorded (redacted) where ``vastai.api.record-responses`` says."""
+        if self._recorder is not None:
+            self._recorder.record(method, path, status, parsed)
 
     def _fail(self, status: int, parsed: Any, what: str, *, instance_id: int | None = None) -> VastError:
         """The error for an answer that is not a success (non-2xx, or ``success: false``)."""
