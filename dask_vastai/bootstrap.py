@@ -90,7 +90,9 @@ class Incarnation:
 #: log, where the client reads them through Vast's authenticated API before it connects
 #: (:func:`parse_host_keys`). Then it waits for the client to install the supervisor
 #: (``PROBE_COMMAND`` does) and becomes it. Until then it is the watchdog: a rental that no
-#: client ever reached destroys itself after the orphan timeout. Plain text, so that a user
+#: client reached (no supervisor, no heartbeat) within the orphan timeout destroys itself;
+#: without a ``CONTAINER_API_KEY`` it cannot, says so, and keeps waiting, so that a client
+#: that comes late can still start its workers. Plain text, so that a user
 #: reading ``vastai show instance`` sees what runs.
 #: argv: API URL, orphan timeout (s), heartbeat file, state folder, log file.
 LOADER = """\
@@ -128,12 +130,16 @@ for i in range(30):
 say("sshd host keys: " + (", ".join(keys) or "none found"))
 say("waiting up to %ss for the client to install %s" % (orphan_s, sup))
 while not os.path.exists(sup):
-    if time.time() - t0 > float(orphan_s):
+    try: last = max(t0, os.stat(heartbeat).st_mtime)
+    except OSError: last = t0
+    if time.time() - last > float(orphan_s):
+        key = os.environ.get("CONTAINER_API_KEY")
+        if not key:
+            say("orphaned, and no CONTAINER_API_KEY to destroy this instance: waiting on"); t0 = 1e18; continue
         say("no client within the orphan timeout: destroying this instance")
         for i in range(20):
             try:
                 url = "%s/api/v0/instances/%s/" % (api.rstrip("/"), os.environ["CONTAINER_ID"])
-                key = os.environ["CONTAINER_API_KEY"]
                 r.urlopen(r.Request(url, b"{}", {"Authorization": "Bearer " + key}, method="DELETE"), timeout=30)
                 say("destroyed"); sys.exit()
             except Exception as e:
@@ -206,14 +212,16 @@ def _python_install(version: str) -> str:
     interpreter is used and the client's version check says what went wrong.
     """
     v = shlex.quote(version)
+    # $D is STATE_DIR and $L is LOG_PATH (set by the onstart): the text counts against Vast's limit
+    pending, venv = PYTHON_PENDING.replace(STATE_DIR, "$D"), PYTHON_VENV.replace(STATE_DIR, "$D")
     return (
-        f"touch {PYTHON_PENDING}\n"
+        f"touch {pending}\n"
         "U=$(command -v uv 2>/dev/null || echo /root/.local/bin/uv)\n"
         'if [ ! -x "$U" ]; then { curl -LsSf https://astral.sh/uv/install.sh 2>/dev/null || '
         "wget -qO- https://astral.sh/uv/install.sh; } | UV_INSTALL_DIR=/root/.local/bin "
-        f"UV_NO_MODIFY_PATH=1 sh >>{LOG_PATH} 2>&1; fi\n"
-        f'"$U" python install {v} >>{LOG_PATH} 2>&1 && "$U" venv --allow-existing --python {v} {PYTHON_VENV} '
-        f">>{LOG_PATH} 2>&1 || echo \"dask-vastai: uv could not install Python {version}\" >&2\n"
+        "UV_NO_MODIFY_PATH=1 sh >>$L 2>&1; fi\n"
+        f'"$U" python install {v} >>$L 2>&1 && "$U" venv --allow-existing --python {v} {venv} '
+        f">>$L 2>&1 || echo \"dask-vastai: uv could not install Python {version}\" >&2\n"
     )
 
 
@@ -237,10 +245,8 @@ def onstart_script(config: BootstrapConfig) -> str:
         raise ValueError(f"api_url={config.api_url!r} must start with http:// or https://")
     if config.orphan_timeout_s <= 0:
         raise ValueError(f"orphan_timeout_s={config.orphan_timeout_s} must be a positive number of seconds")
-    args = " ".join(
-        shlex.quote(a)
-        for a in (config.api_url, str(int(config.orphan_timeout_s)), config.heartbeat_path, STATE_DIR, LOG_PATH)
-    )
+    heartbeat = "$D/heartbeat" if config.heartbeat_path == f"{STATE_DIR}/heartbeat" else shlex.quote(config.heartbeat_path)
+    args = f"{shlex.quote(config.api_url)} {int(config.orphan_timeout_s)} {heartbeat} $D $L"
     authorize = (
         f"K={shlex.quote(key)}\n"
         + 'grep -qxF "$K" /root/.ssh/authorized_keys 2>/dev/null || echo "$K" >> /root/.ssh/authorized_keys\n'
@@ -257,7 +263,7 @@ def onstart_script(config: BootstrapConfig) -> str:
         "#!/bin/sh\n"
         f"# dask-vastai cluster {config.cluster_name}: authorize its SSH key, start the loader that\n"
         "# waits for the client (and destroys this rental if none comes within the orphan timeout).\n"
-        f"D={STATE_DIR}; mkdir -p $D /root/.ssh; chmod 700 $D /root/.ssh\n"
+        f"D={STATE_DIR}; L={LOG_PATH}; mkdir -p $D /root/.ssh; chmod 700 $D /root/.ssh\n"
         "rm -rf $D/incarnations $D/heartbeat\n"
         + install
         + _python_discovery(python)
@@ -268,7 +274,7 @@ def onstart_script(config: BootstrapConfig) -> str:
         + LOADER
         + "DASK_VASTAI_LOADER\n"
         + "fi\n"
-        + (f"rm -f {PYTHON_PENDING}\n" if install else authorize)
+        + ("rm -f $D/python-pending\n" if install else authorize)
     )
     if len(script) >= ONSTART_MAX_CHARS:
         raise ValueError(

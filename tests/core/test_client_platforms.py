@@ -22,20 +22,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 MAC = textwrap.dedent(
     r"""
-    import builtins, os, select, signal, socket, sys
+    import builtins, os, select, signal, sys
 
-    # What Linux has and macOS does not.
-    for module, names in [
-        (os, ["sched_getaffinity", "sched_setaffinity", "pidfd_open", "memfd_create", "eventfd", "splice",
-              "unshare", "setns", "getxattr", "setxattr", "listxattr", "removexattr", "copy_file_range",
-              "posix_fadvise", "sched_getscheduler", "sched_param", "O_PATH", "O_DIRECT", "O_TMPFILE"]),
-        (select, ["epoll", "EPOLLIN", "EPOLLOUT"]),
-        (socket, ["SO_BINDTODEVICE", "SOCK_NONBLOCK", "SOCK_CLOEXEC", "TCP_USER_TIMEOUT", "AF_NETLINK"]),
-        (signal, ["SIGRTMIN", "SIGRTMAX", "pidfd_send_signal", "SIGPWR", "SIGSTKFLT"]),
-    ]:
+    # What Linux has and macOS does not (select first: selectors, which socket imports, picks from it).
+    def remove(module, names):
         for name in names:
             if hasattr(module, name):
                 delattr(module, name)
+
+    assert "selectors" not in sys.modules and "socket" not in sys.modules
+    remove(select, ["epoll", "EPOLLIN", "EPOLLOUT", "EPOLLERR", "EPOLLHUP", "EPOLLET"])
+    remove(os, ["sched_getaffinity", "sched_setaffinity", "pidfd_open", "memfd_create", "eventfd", "splice",
+                "unshare", "setns", "getxattr", "setxattr", "listxattr", "removexattr", "copy_file_range",
+                "posix_fadvise", "sched_getscheduler", "sched_param", "O_PATH", "O_DIRECT", "O_TMPFILE"])
+    remove(signal, ["SIGRTMIN", "SIGRTMAX", "pidfd_send_signal", "SIGPWR", "SIGSTKFLT"])
+    import socket
+    remove(socket, ["SO_BINDTODEVICE", "SOCK_NONBLOCK", "SOCK_CLOEXEC", "TCP_USER_TIMEOUT", "AF_NETLINK"])
     for name in ("prctl", "pyroute2"):
         sys.modules[name] = None  # import fails, as there
 
