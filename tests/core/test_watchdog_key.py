@@ -17,7 +17,9 @@ from types import ModuleType
 import pytest
 
 from dask_vastai.bootstrap import LOADER, supervisor_program
-from tests.test_bootstrap import FakeVast, _start, _wait
+from tests.core.test_bootstrap import _start
+from tests.helpers.fake_vast import FakeVast
+from tests.helpers.waiting import wait_until
 
 
 def supervisor_module(tmp_path: Path) -> ModuleType:
@@ -50,26 +52,28 @@ def test_the_key_is_found_in_the_environment_files_vasts_images_write(tmp_path: 
     assert sup.container_api_key() == ("environment", "4242", "k-env")
 
 
-def test_a_loader_without_a_key_says_so_and_still_hands_over_to_a_late_client(tmp_path: Path) -> None:
-    vast = FakeVast()
+def test_a_loader_without_a_key_says_so_and_still_hands_over_to_a_late_client(tmp_path: Path,
+                                                                             fake_vast: FakeVast) -> None:
+    vast = fake_vast
     proc = _start(["-"], tmp_path, vast.url, orphan_s=1, env={"CONTAINER_API_KEY": ""})
     proc.stdin.write(LOADER.encode())
     proc.stdin.close()
     log = tmp_path / "dask-vastai.log"
     try:
-        _wait(lambda: log.exists() and "no CONTAINER_API_KEY" in log.read_text(), 15, "the loader to give up")
+        wait_until(lambda: log.exists() and "no CONTAINER_API_KEY" in log.read_text(), 15, "the loader to give up")
         time.sleep(1.5)
         assert proc.poll() is None and vast.deletes == [], "nothing to destroy with: it waits on"
         (tmp_path / "state" / "supervisor.py").write_bytes(supervisor_program())  # the client, late
-        _wait(lambda: "supervisor: watching" in log.read_text(), 10, "the supervisor to take over")
+        wait_until(lambda: "supervisor: watching" in log.read_text(), 10, "the supervisor to take over")
         assert "dask-vastai cleanup" in log.read_text()
     finally:
         proc.kill()
-        vast.shutdown()
 
 
-def test_heartbeats_keep_the_loader_from_destroying_a_rental_whose_client_is_still_probing(tmp_path: Path) -> None:
-    vast = FakeVast()
+def test_heartbeats_keep_the_loader_from_destroying_a_rental_whose_client_is_still_probing(
+    tmp_path: Path, fake_vast: FakeVast
+) -> None:
+    vast = fake_vast
     proc = _start(["-"], tmp_path, vast.url, orphan_s=1.5)
     proc.stdin.write(LOADER.encode())
     proc.stdin.close()
@@ -79,8 +83,7 @@ def test_heartbeats_keep_the_loader_from_destroying_a_rental_whose_client_is_sti
             heartbeat.write_text(str(time.time()))
             time.sleep(0.5)
         assert proc.poll() is None and vast.deletes == []
-        _wait(lambda: proc.poll() is not None, 20, "the loader to destroy once the beats stop")
+        wait_until(lambda: proc.poll() is not None, 20, "the loader to destroy once the beats stop")
         assert vast.deletes == [("/api/v0/instances/4242/", "Bearer k-4242")]
     finally:
         proc.kill()
-        vast.shutdown()
