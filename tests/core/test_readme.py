@@ -94,7 +94,9 @@ def readme_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
     assert not _listening(port), f"port {port} is taken (an emulator from the README left running?)"
     tmp = tmp_path_factory.mktemp("readme")
     env_file = tmp / "env"
-    base = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    base = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            # `dask-vastai` and `python3` are this interpreter's, as for a reader whose virtualenv is active
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     # The block as written, then the environment it leaves, NUL-separated.
     shell = subprocess.Popen(["bash", "-euo", "pipefail", "-c", f"{block.text}\nenv -0 > {env_file}"],
                              env=base, cwd=tmp, start_new_session=True,

@@ -123,7 +123,11 @@ def test_the_user_story_and_a_snakemake_job_leave_nothing_billing(
             assert client.submit(gpu_name, resources={"GPU": 1}, pure=False).result(), "a GPU in nvidia-smi"
             squares = client.gather(client.map(lambda x: x * x, range(16), resources={"GPU": 1}))
             assert squares == [x * x for x in range(16)]
+            log = cluster.get_logs(scheduler=False, workers=False)["Cluster"]
         story_cost = cluster.cost
+        # what only the real service can tell: the SSH path taken and the boot time
+        boot = [line for line in str(log).splitlines() if "SSH to instance" in line or "registered" in line]
+        assert any("SSH to instance" in line for line in boot), log
 
         wf = tmp_path / "wf"
         wf.mkdir()
@@ -146,8 +150,9 @@ def test_the_user_story_and_a_snakemake_job_leave_nothing_billing(
         assert left == [], f"still billing: {left}; run `dask-vastai cleanup`"
     after = asyncio.run(_balance(endpoint.url, endpoint.key))
     spent = before - after  # Vast's balance may trail the meter by a while: cluster.cost is exact
-    print(f"\n[{endpoint.name}] rented {rented}; the user story cost ${story_cost:.4f} (cluster.cost), both "
-          f"rentals ${spent:.4f} by the account's balance; every answer's shape is in {report}")
+    print(f"\n[{endpoint.name}] rented {rented}; " + "; ".join(boot))
+    print(f"[{endpoint.name}] the user story cost ${story_cost:.4f} (cluster.cost), both rentals ${spent:.4f} "
+          f"by the account's balance; every answer's shape is in {report}")
     assert story_cost < 0.10 and spent < 0.10
 
     # The report a user attaches: every shape, nothing personal.

@@ -153,13 +153,15 @@ async def main():
 
 asyncio.run(main())
 """)
-    # nobody cannot traverse /root (the interpreter) nor the checkout: show them at /mnt
+    # nobody cannot traverse /root (the interpreter) nor the checkout: show them at /mnt. The
+    # site-packages are bound where the base interpreter keeps its own (in a virtualenv they are
+    # elsewhere), so that they sit under the prefix the emulator shows its sandboxes.
     repo = Path(__file__).resolve().parents[2]
     prefix = Path(sys.base_prefix)
     site = next(p for p in sys.path if p.endswith("site-packages"))
-    inner_site = "/mnt/py/" + str(Path(site).relative_to(prefix))
-    command = (f"mkdir -p /mnt/py /mnt/src && mount --bind {prefix} /mnt/py && mount --bind {repo} /mnt/src && "
-               f"cd {tmp_path} && HOME={tmp_path} PYTHONPATH=/mnt/src:{inner_site} "
+    inner_site = f"/mnt/py/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+    command = (f"mkdir -p /mnt/py /mnt/src && mount --bind {prefix} /mnt/py && mount --bind {site} {inner_site} && "
+               f"mount --bind {repo} /mnt/src && cd {tmp_path} && HOME={tmp_path} PYTHONPATH=/mnt/src:{inner_site} "
                f"setpriv --reuid=65534 --regid=65534 --clear-groups /mnt/py/bin/python {script}")
     out = subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True, timeout=120)
     assert "emulator uid 65534" in out.stdout, out.stdout + out.stderr

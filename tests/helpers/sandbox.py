@@ -106,7 +106,21 @@ def run_scenario(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coro, 120))
 
 
-PYENV = Path(sys.prefix).parents[1]  # /root/.pyenv: bound back into the sandbox's /root
+def _interpreter_folders() -> list[str]:
+    """The folders of this interpreter and its site-packages, outermost first.
+
+    Bound back, read-only, into the sandbox after its tmpfs mounts (``/root``, ``/tmp``, ...)
+    would hide them: a pyenv interpreter under ``/root``, a virtualenv under ``/tmp`` (whose
+    ``bin/python`` links to its base interpreter, elsewhere), or both.
+    """
+    folders = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+    outer = [f for f in folders if not any(f != o and f.startswith(o + os.sep) for o in folders)]
+    if any(" " in f for f in outer):
+        raise RuntimeError(f"the sandbox helper cannot bind folders with spaces: {outer}")
+    return sorted(outer)
+
+
+INTERPRETER_FOLDERS = _interpreter_folders()
 
 SSHD_CONFIG = """\
 Port 22
@@ -131,15 +145,18 @@ Subsystem sftp /usr/lib/openssh/sftp-server
 SETUP = r"""
 set -e
 mount --make-rprivate /
-mount --rbind "$PYENV" "$T/keep"
+i=0; for p in $KEEP; do mkdir -p "$T/keep$i"; mount --rbind "$p" "$T/keep$i"; i=$((i+1)); done
 mount -t tmpfs -o mode=700 tmpfs /root
-mkdir -p "$PYENV" && mount --rbind "$T/keep" "$PYENV" && mount -o remount,bind,ro "$PYENV"
 mount -t tmpfs tmpfs /run && mkdir -p /run/sshd /run/dvt && chmod 755 /run/sshd
+i=0; for p in $KEEP; do mkdir -p "/run/dvt/keep$i"; mount --move "$T/keep$i" "/run/dvt/keep$i"; i=$((i+1)); done
 cp "$T/sshd_config" "$T/host_key" /run/dvt/ && chmod 600 /run/dvt/host_key
 [ -f "$T/onstart.sh" ] && cp "$T/onstart.sh" /run/dvt/
 [ -f "$T/authorized_keys" ] && mkdir -p /root/.ssh && cp "$T/authorized_keys" /root/.ssh/
 mount -t tmpfs tmpfs /var/log
 mount -t tmpfs tmpfs /tmp
+i=0; for p in $KEEP; do
+  mkdir -p "$p" && mount --move "/run/dvt/keep$i" "$p" && mount -o remount,bind,ro "$p"; i=$((i+1))
+done
 cd /root
 if [ -f /run/dvt/onstart.sh ]; then
   env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root CONTAINER_ID="$CID" CONTAINER_API_KEY="$CKEY" \
@@ -167,7 +184,6 @@ class SshdSandbox:
         self.tag = tag
         self.dir = tmp / tag
         self.dir.mkdir(parents=True)
-        (self.dir / "keep").mkdir()
         k = _free_subnet()
         self.host_ip = f"10.231.{k // 64}.{(k % 64) * 4 + 1}"
         self.ip = f"10.231.{k // 64}.{(k % 64) * 4 + 2}"
@@ -194,7 +210,7 @@ class SshdSandbox:
         subprocess.run(inside + ["addr", "add", f"{self.ip}/30", "dev", "dvtin"], check=True)
         subprocess.run(inside + ["link", "set", "dvtin", "up"], check=True)
         subprocess.run(inside + ["link", "set", "lo", "up"], check=True)
-        env = dict(os.environ, T=str(self.dir), PYENV=str(PYENV), CID=self.env.get("CONTAINER_ID", ""),
+        env = dict(os.environ, T=str(self.dir), KEEP=" ".join(INTERPRETER_FOLDERS), CID=self.env.get("CONTAINER_ID", ""),
                    CKEY=self.env.get("CONTAINER_API_KEY", ""))
         self.log = open(self.dir / "sshd.log", "wb")
         self.proc = subprocess.Popen(
