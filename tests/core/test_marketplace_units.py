@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -87,7 +88,7 @@ def test_a_box_is_sized_by_the_smaller_of_what_it_shows_and_what_was_rented() ->
 def test_a_cuda_build_of_torch_says_which_cuda_the_driver_must_support() -> None:
     assert required_cuda(["torch==2.4.0+cu121", "numpy"]) == (CudaVersion(12, 1), "torch==2.4.0+cu121")
     assert required_cuda(["torchvision==0.19.0+cu118"], ["--index-url", "https://download.pytorch.org/whl/cu126"]) \
-        == (CudaVersion(12, 6), "https://download.pytorch.org/whl/cu126")
+        == (CudaVersion(12, 6), "the PyTorch wheel index for cu126")  # named: pip_args may hold a token
     assert required_cuda(["torch==2.4.0", "jax[cuda12]"]) is None
     assert required_cuda(["torch==2.4.0+cpu"]) is None
     assert driver_cuda("| NVIDIA-SMI 550.54.15   Driver Version: 550.54.15   CUDA Version: 12.4   |") == CudaVersion(12, 4)
@@ -164,5 +165,9 @@ def test_an_onstart_over_vasts_limit_fails_at_construction_and_ours_stays_well_u
     from dask_vastai.tunnel import ClusterKey
 
     key = ClusterKey.generate("dask-vastai-c0123abcd")
-    script = onstart_script(BootstrapConfig("c0123abcd", key.public_openssh, "https://console.vast.ai", 600))
-    assert len(script) < 0.75 * ONSTART_MAX_CHARS, f"{len(script)} characters: keep a margin for what may come"
+    config = BootstrapConfig("c0123abcd", key.public_openssh, "https://console.vast.ai", 600)
+    script = onstart_script(config)
+    assert len(script) < 0.85 * ONSTART_MAX_CHARS, f"{len(script)} characters: keep a margin for what may come"
+    # the longest we make (a Python installed with uv) leaves room for a 100-character cluster name
+    longest = onstart_script(replace(config, cluster_name="c" * 100, python_version="3.11"))
+    assert len(longest) < ONSTART_MAX_CHARS, len(longest)
