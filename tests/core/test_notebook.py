@@ -7,8 +7,8 @@ instance's phase and the dashboard link, and a display after ``scale(2)`` shows 
 instance. The HTML view is also drawn by headless Chromium, with the code that made
 ``docs/widget.png`` (``docs/screenshot.py``).
 
-Runs on the emulator's default profile: the strict one still breaks SSH on some hosts
-(direct ports that hang, a proxy that refuses ``-R``) until the direct->proxy fallback lands.
+Runs on the strict profile (the ``market`` fixture); destroyed rows do not linger, since the
+tests assert them gone once the cluster closed.
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ def _screenshot_module() -> Any:
 
 
 shot = _screenshot_module()
+
+
+@pytest.fixture(autouse=True)
+def no_lingering_rows(market) -> None:
+    """Destroyed rows gone at once: these tests assert ``market.instances() == []`` after close."""
+    market.variants.set(destroy_linger_s=0)
 
 WAIT_FOR_TWO = (
     "import time\n"
