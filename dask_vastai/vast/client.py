@@ -234,7 +234,9 @@ class VastAPI(VastTransport):
         on_offer, elsewhere = place_rows(rows, offers)
         for offer_id, row in on_offer.items():
             placed[offer_id] = CreatedInstance(row.id, offer_id, None)
-        free = [o for o in open_offers if o not in placed]
+        # Offers the answer refused come last: their workers still need a rental, and one that
+        # exists beats one rented again.
+        free = [o for o in open_offers if o not in placed] + [o for o in chunk if o in answer.refused]
         for offer_id, row in zip(free, elsewhere, strict=False):
             placed[offer_id] = CreatedInstance(row.id, offer_id, None, placed=False)
         extra = [row.id for row in elsewhere[len(free):]]
