@@ -34,6 +34,7 @@ from .environment import ClientEnvironment, InstanceEnvironment, python_option, 
 from .exceptions import BootFailed, ClusterNotAttachable, NoOfferAvailable
 from .instance import ClusterContext, VastInstance
 from .offers import OfferPreview, no_match_message, preview_offers
+from .placement import GPUPlacement
 from .pools import (
     DEFAULT_POOL,
     Pool,
@@ -253,6 +254,7 @@ class VastAICluster(SpecCluster):
             log=self.log,
         )
         self.scheduler.add_plugin(ResourceGuard(self.scheduler, self.pools.values))
+        self.scheduler.add_plugin(GPUPlacement(self.scheduler))
         self.context = ClusterContext(
             broker=self.broker,
             hub=self.hub,

@@ -1,0 +1,260 @@
+"""GPU-slot placement: no GPU task waits on a busy worker while another has a free GPU.
+
+distributed assigns a task with resource restrictions to a worker at once, whether that
+worker's GPUs are busy or not (``ws.used_resources`` counts what is assigned, never what
+runs; ``valid_workers`` looks only at what each worker declares), and nothing moves it
+afterwards: work stealing takes only from a worker holding more tasks than threads, and a
+rented instance has 8 threads or more for one GPU (dask/distributed#1851). Tasks submitted
+while instances boot therefore all land on the first worker to register and run there one
+after another while the others bill idle.
+
+:class:`GPUPlacement` is a scheduler plugin that moves GPU tasks which have not started from
+workers whose GPU slots are all taken to workers of a pool that can run them with a free
+slot, each time a slot may have opened (a worker arrived, a GPU task finished, failed or was
+released, a move was answered) and on a slow periodic check. It moves with distributed's
+own steal protocol (``WorkStealing.move_task_request``): the worker holding the task is asked
+to give it up and refuses if it already started, so a running task is never moved or run
+twice. A worker's GPU slots are ``resources["GPU"]``; a task occupies
+``resource_restrictions["GPU"]`` of them; ``used_resources`` minus the slots is what waits.
+
+Why moving and not holding. The other design keeps GPU tasks in the scheduler (as
+``no-worker``) until a slot frees and sends one per freed slot. Measured on the same runs
+(``benchmarks/placement.py``, results in ``benchmarks/RESULTS.md``) both reach the ideal
+makespan for GPU tasks of seconds; holding adds one scheduler round trip to every task
+start (the next task is sent only when the previous one is reported done) which shows on
+short tasks through the SSH tunnels, while a moved task is already on its worker, which
+fetches its inputs while it waits; holding also needs ``valid_workers`` replaced on the
+scheduler and keeps tasks ``unrunnable``, which ``no-workers-timeout`` would fail while
+every worker is merely busy. Moving keeps distributed's transitions as they are.
+
+Stock stealing moves a task between workers without moving its resources
+(``move_task_confirm`` leaves ``used_resources`` on the victim), which would make the
+counts above lie after the first move; the plugin wraps the ``steal-response`` handler to
+carry them over, for its own moves and stock stealing's alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import operator
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from dask.utils import parse_timedelta
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.stealing import WorkStealing
+from tornado.ioloop import PeriodicCallback
+
+from .config import option
+
+logger = logging.getLogger(__name__)
+
+GPU = "GPU"
+#: the worker's answers to a steal request that mean "already running or done here"
+_STARTED = frozenset({"memory", "executing", "long-running", "cancelled", "resumed"})
+
+
+def gpus_of(ts: Any) -> float:
+    """GPU slots task ``ts`` occupies (0 for a task without a GPU restriction)."""
+    restrictions = ts.resource_restrictions
+    return float(restrictions.get(GPU, 0)) if restrictions else 0.0
+
+
+def slots_of(ws: Any) -> float:
+    """GPU slots worker ``ws`` declares."""
+    return float(ws.resources.get(GPU, 0))
+
+
+@dataclass(frozen=True)
+class Move:
+    """One planned move of a not-yet-started GPU task to a worker with a free slot."""
+
+    task: Any
+    victim: Any
+    thief: Any
+
+
+def waiting_gpus(scheduler: Any) -> dict[Any, float]:
+    """GPU slots' worth of tasks assigned beyond each worker's slots (those wait there)."""
+    out: dict[Any, float] = {}
+    for ws in scheduler.workers.values():
+        over = ws.used_resources.get(GPU, 0) - slots_of(ws)
+        if over > 0:
+            out[ws] = over
+    return out
+
+
+def plan_moves(scheduler: Any, in_flight: dict[Any, Any], refused: Iterable[Any] = ()) -> list[Move]:
+    """The moves that fill free GPU slots with tasks waiting on workers whose slots are full.
+
+    ``in_flight`` maps tasks being moved to ``{"victim": ws, "thief": ws}`` (the stealing
+    extension's record): a slot a task is on its way to is not free, and a task on its way
+    out no longer waits. ``refused`` are tasks their worker said it already started.
+    Candidates on a worker are taken lowest priority first (a worker runs its constrained
+    tasks highest priority first, so those are the last to start). Pure: reads the
+    scheduler's state, changes nothing.
+    """
+    refused = set(refused)
+    incoming: defaultdict[Any, float] = defaultdict(float)
+    outgoing: defaultdict[Any, float] = defaultdict(float)
+    for ts, info in in_flight.items():
+        incoming[info["thief"]] += gpus_of(ts)
+        outgoing[info["victim"]] += gpus_of(ts)
+    free: dict[Any, float] = {}
+    for ws in scheduler.running:
+        room = slots_of(ws) - ws.used_resources.get(GPU, 0) - incoming[ws]
+        if room > 0:
+            free[ws] = room
+    if not free:
+        return []
+    queues = []
+    for ws, over in waiting_gpus(scheduler).items():
+        over -= outgoing[ws]
+        if over <= 0:
+            continue
+        candidates = sorted(
+            (
+                ts for ts in ws.processing
+                if gpus_of(ts) and ts not in in_flight and ts not in refused
+                and ts not in ws.long_running and not ts.actor
+            ),
+            key=operator.attrgetter("priority"),
+            reverse=True,
+        )
+        if candidates:
+            queues.append([ws, over, candidates])
+    moves: list[Move] = []
+    # The longest queue gives first, one task per round, so that queues shrink evenly.
+    while free and queues:
+        queues.sort(key=lambda q: q[1], reverse=True)
+        victim, over, candidates = queues[0]
+        ts = candidates.pop(0)
+        need = gpus_of(ts)
+        valid = scheduler.valid_workers(ts)
+        thieves = [ws for ws, room in free.items() if room >= need and (valid is None or ws in valid)]
+        if thieves:
+            # The emptiest worker first; among equals, the one holding most of the inputs.
+            thief = min(thieves, key=lambda ws: (-free[ws], len(ws.processing), scheduler.get_comm_cost(ts, ws)))
+            moves.append(Move(ts, victim, thief))
+            free[thief] -= need
+            if free[thief] <= 0:
+                del free[thief]
+            queues[0][1] = over - need
+        if queues[0][1] <= 0 or not candidates:
+            queues.pop(0)
+    return moves
+
+
+class GPUPlacement(SchedulerPlugin):
+    """Keeps every free GPU slot busy while GPU tasks wait elsewhere (see the module doc).
+
+    Installed on the scheduler of a ``VastAICluster`` (not on a scheduler one attaches to:
+    that one belongs to its owner). ``check_interval_s`` is the backstop period for what no
+    event announces (a paused worker resuming); events do the work.
+    """
+
+    name = "dask-vastai-gpu-placement"
+
+    def __init__(self, scheduler: Any, *, check_interval_s: float | None = None) -> None:
+        # Given here: Scheduler.add_plugin does not call start() on an in-process scheduler.
+        self.scheduler = scheduler
+        stealing = scheduler.extensions.get("stealing")
+        if stealing is None:
+            # Work stealing switched off: its protocol is still how a task moves safely. Not
+            # started, so it does not balance by itself.
+            stealing = WorkStealing(scheduler)
+        self.stealing: WorkStealing = stealing
+        self._confirm = scheduler.stream_handlers["steal-response"]
+        scheduler.stream_handlers["steal-response"] = self._steal_response
+        #: tasks their worker said it had started when asked to give them up
+        self.refused: set[Any] = set()
+        #: moves requested, confirmed and refused (for the benchmarks and the curious)
+        self.counts = {"requested": 0, "moved": 0, "refused": 0}
+        self._scheduled = False
+        interval_s = parse_timedelta(option("placement.check-interval", check_interval_s), default="s")
+        self._periodic = PeriodicCallback(self.balance, interval_s * 1000)
+        scheduler.periodic_callbacks[self.name] = self._periodic
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # started by start() once the scheduler runs
+        else:
+            self._periodic.start()
+
+    async def start(self, scheduler: Any = None) -> None:
+        if not self._periodic.is_running():
+            self._periodic.start()
+
+    async def close(self) -> None:
+        self._periodic.stop()
+
+    # ------------------------------------------------------------ the events
+    def add_worker(self, scheduler: Any = None, worker: str | None = None) -> None:
+        self._soon()
+
+    def remove_worker(self, scheduler: Any = None, worker: str | None = None, **kwargs: Any) -> None:
+        self._soon()
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        # A worker registers as "init" and says "running" later: only then can it take tasks.
+        if isinstance(msg, dict) and msg.get("action") == "worker-status-change":
+            self._soon()
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if start != "processing" and finish != "processing":
+            return
+        ts = self.scheduler.tasks.get(key)
+        if ts is None or not gpus_of(ts):
+            return
+        if start == "processing":
+            self.refused.discard(ts)
+        self._soon()
+
+    def _steal_response(self, **msg: Any) -> None:
+        """Stock confirmation, then carry the task's resources to where it went."""
+        scheduler = self.scheduler
+        ts = scheduler.tasks.get(msg.get("key"))
+        before = ts.processing_on if ts is not None else None
+        ours = ts is not None and self.stealing.in_flight.get(ts, {}).get("stimulus_id") == msg.get("stimulus_id")
+        self._confirm(**msg)
+        if ts is None:
+            return
+        after = ts.processing_on
+        if before is not None and after is not None and after is not before:
+            scheduler.release_resources(ts, before)
+            scheduler.acquire_resources(ts, after)
+            self.counts["moved"] += 1
+        elif ours and msg.get("state") in _STARTED and after is before:
+            self.refused.add(ts)
+            self.counts["refused"] += 1
+        self._soon()
+
+    def _soon(self) -> None:
+        """One balance per loop iteration, after the scheduler finished what it was doing."""
+        if self._scheduled:
+            return
+        self._scheduled = True
+        asyncio.get_running_loop().call_soon(self._run)
+
+    def _run(self) -> None:
+        self._scheduled = False
+        self.balance()
+
+    # ------------------------------------------------------------ the moves
+    def balance(self) -> list[Move]:
+        """Request the moves :func:`plan_moves` plans; returns them."""
+        try:
+            moves = plan_moves(self.scheduler, self.stealing.in_flight, self.refused)
+            for move in moves:
+                answer = self.stealing.move_task_request(move.task, move.victim, move.thief)
+                if answer not in ("in-flight", "comm-closed"):
+                    self.counts["requested"] += 1
+                    logger.debug("moving %s from %s (GPUs busy) to %s (GPU free)",
+                                 move.task.key, move.victim.address, move.thief.address)
+            return moves
+        except Exception:  # noqa: BLE001 - placement must never take the scheduler down
+            logger.exception("GPU placement failed; tasks stay where distributed put them")
+            return []
