@@ -4,9 +4,18 @@ Stock ``adapt()`` counts CPU occupancy: 12 queued half-second GPU tasks at a 3-m
 target duration ask for one worker; it cannot choose which kind of machine to rent; and it
 tears down machines that took minutes to boot after seconds of idleness. Here a GPU task
 needs a GPU, however short: each pool rents ``ceil(GPUs wanted / GPUs per instance)``
-instances between ``minimum`` and ``maximum``, counting those still booting, and releases
-an instance only after it has been idle ``wait_count`` intervals in a row (defaults in
-``vastai.yaml``).
+instances between ``minimum`` and ``maximum``, counting those still booting.
+
+Releasing is the ski-rental problem. Vast bills per second with no minimum, so a second
+idle and a second booting cost the same; an instance that stays idle until work comes back
+pays the gap, one released at once pays a boot when work comes back. Keeping an idle
+instance until it has been idle as long as its pool takes to boot (measured from rent to
+registration, :meth:`PoolSet.boot_seconds`) and then releasing it never pays more than
+twice what knowing the future would have paid (a gap shorter than the boot costs the gap,
+exactly the optimum; a longer one costs one boot of idleness plus the re-boot, against one
+boot). An explicit ``wait_count`` (times ``interval``) replaces the boot time as the idle
+wait. An instance is never released while GPU tasks it could run wait elsewhere, nor when
+it holds the only copy of results a client still references.
 
 As distributed's ``AdaptiveCore``, the module has two halves:
 
@@ -23,13 +32,14 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from dask.utils import parse_timedelta
 from tornado.ioloop import PeriodicCallback
 
+from .placement import gpus_of, waiting_gpus
 from .pools import POOL_RESOURCE_PREFIX, Pool, PoolSet
 
 logger = logging.getLogger(__name__)
@@ -75,6 +85,22 @@ def gpu_demand(scheduler: Any, pools: Sequence[Pool]) -> dict[str, float]:
     return demand
 
 
+def waiting_for(scheduler: Any, pool: Pool) -> float:
+    """GPUs' worth of GPU tasks that wait (no worker yet, or behind a worker's busy GPUs)
+    and that a worker of ``pool`` could run: while there are any, none of its instances goes."""
+    waiting = sum(
+        gpus_of(ts) for ts in scheduler.unrunnable
+        if gpus_of(ts) and pool.could_run(ts.resource_restrictions)
+    )
+    for ws, over in waiting_gpus(scheduler).items():
+        could = sum(
+            gpus_of(ts) for ts in ws.processing
+            if gpus_of(ts) and pool.could_run(ts.resource_restrictions)
+        )
+        waiting += min(over, could)
+    return waiting
+
+
 # ------------------------------------------------------------------ the policy
 @dataclass(frozen=True)
 class InstanceView:
@@ -97,6 +123,12 @@ class PoolView:
     failures_in_a_row: int = 0
     #: registered workers outside this pool (where retiring workers' results can go)
     workers_elsewhere: int = 0
+    #: when the view was taken (monotonic seconds)
+    now: float = 0.0
+    #: seconds an instance of this pool takes from rent to registration (unknown: kept)
+    boot_s: float = math.inf
+    #: GPUs' worth of tasks waiting that this pool's workers could run
+    waiting_gpus: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -122,19 +154,23 @@ class Decision:
 
 @dataclass
 class GPUDemandPolicy:
-    """Rents for the GPUs wanted; releases an instance after ``wait_count`` idle rounds.
+    """Rents for the GPUs wanted; releases an idle instance at the ski-rental break-even.
 
-    Keeps idle instances holding results when no other worker would remain to take them:
-    retiring moves data to the workers that stay, and with none left the results a client
-    still holds futures to would be lost and recomputed, renting again (stock adapt does
-    the same). Stops renting after ``max_failures_in_a_row`` boots failed in a row.
+    An instance goes once it has been idle ``idle_timeout_s`` seconds, or, when that is
+    None (the default), as long as its pool takes to boot (``PoolView.boot_s``). It stays
+    while GPU tasks it could run wait (``PoolView.waiting_gpus``), and, idle, while it holds
+    results that futures still reference and no other worker would remain to take them:
+    retiring moves data to the workers that stay, and with none left those results would
+    be lost and recomputed, renting again (stock adapt does the same). Stops renting after
+    ``max_failures_in_a_row`` boots failed in a row.
     """
 
     minimum: int = 0
     maximum: float = math.inf
-    wait_count: int = 24
+    idle_timeout_s: float | None = None
     max_failures_in_a_row: int = 3
-    idle_counts: dict[str, int] = field(default_factory=dict)
+    #: since when (``PoolView.now``) each idle instance has been idle
+    idle_since: dict[str, float] = field(default_factory=dict)
     _last_note: str | None = None
 
     def __post_init__(self) -> None:
@@ -142,13 +178,17 @@ class GPUDemandPolicy:
             raise ValueError(
                 f"adapt(minimum={self.minimum}, maximum={self.maximum}): need 0 <= minimum <= maximum"
             )
-        if self.wait_count < 1:
-            raise ValueError(f"wait_count={self.wait_count}: must be at least 1")
+        if self.idle_timeout_s is not None and self.idle_timeout_s < 0:
+            raise ValueError(f"idle timeout {self.idle_timeout_s}s: must be at least 0")
 
     def target(self, view: PoolView) -> int:
         """Instances wanted: the GPUs wanted in whole instances, within minimum..maximum."""
         wanted = math.ceil(view.demand_gpus / max(1, view.gpus_per_instance))
         return int(min(self.maximum, max(self.minimum, wanted)))
+
+    def idle_wait_s(self, view: PoolView) -> float:
+        """Seconds an instance of this pool may stay idle before it goes."""
+        return view.boot_s if self.idle_timeout_s is None else self.idle_timeout_s
 
     def decide(self, view: PoolView) -> list[Decision]:
         """One round's decisions (often none)."""
@@ -162,7 +202,7 @@ class GPUDemandPolicy:
                     f"{demand} but the last {view.failures_in_a_row} instances of this pool failed to "
                     "boot; see cluster.get_logs(), fix the pool's options, then call adapt() again",
                 ))
-            self.idle_counts.clear()
+            self.idle_since.clear()
             self._last_note = None
             booting = sum(1 for i in view.instances if not i.registered)
             return [Decision(
@@ -172,13 +212,21 @@ class GPUDemandPolicy:
             )]
         idle = [i for i in view.instances if i.registered and not i.busy]
         idle_names = {i.name for i in idle}
-        for name in list(self.idle_counts):
+        for name in list(self.idle_since):
             if name not in idle_names:
-                del self.idle_counts[name]
+                del self.idle_since[name]
         for i in idle:
-            self.idle_counts[i.name] = self.idle_counts.get(i.name, 0) + 1
+            self.idle_since.setdefault(i.name, view.now)
+        wait_s = self.idle_wait_s(view)
         removable = held - max(self.minimum, target)
-        ripe = [i for i in idle if self.idle_counts[i.name] >= self.wait_count][: max(0, removable)]
+        ripe = [i for i in idle if view.now - self.idle_since[i.name] >= wait_s][: max(0, removable)]
+        if ripe and view.waiting_gpus > 0:
+            # Placement is about to give them work (a task it moves is in flight).
+            return self._note(Decision(
+                "keep",
+                f"idle, but {view.waiting_gpus:g} GPU task(s) they could run wait ({demand})",
+                instances=tuple(i.name for i in ripe),
+            ))
         decisions: list[Decision] = []
         ripe, kept = self._keep_data(view, ripe)
         if kept:
@@ -190,11 +238,12 @@ class GPUDemandPolicy:
             ))
         if ripe:
             for i in ripe:
-                self.idle_counts.pop(i.name, None)
+                self.idle_since.pop(i.name, None)
             self._last_note = None
+            why = "the pool's boot time: break-even" if self.idle_timeout_s is None else "the idle timeout"
             decisions.append(Decision(
                 "release",
-                f"idle for {self.wait_count} rounds, {demand}, minimum {self.minimum}",
+                f"idle for {wait_s:.0f}s ({why}), {demand}, minimum {self.minimum}",
                 instances=tuple(i.name for i in ripe),
             ))
         return decisions
@@ -218,6 +267,47 @@ class GPUDemandPolicy:
             return []
         self._last_note = decision.action
         return [decision]
+
+
+# ------------------------------------------------------------------ adapt()'s keywords
+_INSTANCE_SHAPE = "an instance's {what} are known only once it is rented; bound instances with " \
+    "minimum/maximum and choose the shape with {option}="
+#: keywords of stock ``Cluster.adapt``/``Adaptive`` (and the ``Scheduler.workers_to_close``
+#: keywords stock passes on) that this adaptive accepts and does not use, and why
+IGNORED_STOCK_KEYWORDS: dict[str, str] = {
+    "Adaptive": "this cluster adapts with its own GPU-demand policy (GPUAdaptive)",
+    "target_duration": "a GPU task needs a GPU however short: instances follow the GPUs wanted, "
+                       "not a duration to aim at",
+    "minimum_cores": _INSTANCE_SHAPE.format(what="cores", option="cpu_cores"),
+    "maximum_cores": _INSTANCE_SHAPE.format(what="cores", option="cpu_cores"),
+    "minimum_memory": _INSTANCE_SHAPE.format(what="memory", option="cpu_ram"),
+    "maximum_memory": _INSTANCE_SHAPE.format(what="memory", option="cpu_ram"),
+    "worker_key": "instances are released whole (a multi-GPU instance's workers together)",
+    **dict.fromkeys(
+        ("memory_ratio", "n", "key", "target", "attribute"),
+        "the GPU policy chooses which idle instances go (never the last holder of results)",
+    ),
+}
+
+
+def ignored_keywords(kwargs: dict[str, Any]) -> dict[str, str]:
+    """``{keyword: why it is ignored}`` for stock keywords; a ``ValueError`` naming any other."""
+    unknown = sorted(set(kwargs) - set(IGNORED_STOCK_KEYWORDS))
+    if unknown:
+        raise ValueError(
+            f"adapt() got unknown keyword(s) {unknown}; it takes minimum, maximum, pool, interval, "
+            f"wait_count and distributed's Adaptive keywords ({', '.join(IGNORED_STOCK_KEYWORDS)})"
+        )
+    return {name: IGNORED_STOCK_KEYWORDS[name] for name in kwargs}
+
+
+def idle_timeout_s(wait_count: int | None, interval_s: float) -> float | None:
+    """The idle wait ``wait_count`` intervals make; None (no count): the break-even."""
+    if wait_count is None:
+        return None
+    if int(wait_count) < 1:
+        raise ValueError(f"wait_count={wait_count}: must be at least 1 (or None for the boot-time break-even)")
+    return int(wait_count) * interval_s
 
 
 # ------------------------------------------------------------------ the loop
@@ -248,11 +338,12 @@ class GPUAdaptive:
     """
 
     def __init__(self, cluster: AdaptiveCluster, pool: str, policy: GPUDemandPolicy,
-                 *, interval: str | float) -> None:
+                 *, interval: str | float, clock: Callable[[], float] = time.monotonic) -> None:
         self.cluster = cluster
         self.pool = pool
         self.policy = policy
         self.interval_s = parse_timedelta(interval)
+        self._clock = clock
         cluster.pools.forgive(pool)  # a new adapt() call is a new chance
         #: (time, decision, reason) of every change, newest last
         self.log: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=1000)
@@ -310,6 +401,9 @@ class GPUAdaptive:
             instances=instances,
             failures_in_a_row=pools.failures_in_a_row(self.pool),
             workers_elsewhere=sum(1 for name in by_name if name not in ours),
+            now=self._clock(),
+            boot_s=pools.boot_seconds(self.pool),
+            waiting_gpus=waiting_for(scheduler, pools[self.pool]),
         )
 
     async def step(self) -> None:

@@ -17,6 +17,7 @@ import math
 import textwrap
 import time
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from distributed.deploy.spec import SpecCluster
 from distributed.utils import NoOpAwaitable
 from tornado.ioloop import PeriodicCallback
 
-from .adaptive import GPUAdaptive, GPUDemandPolicy
+from .adaptive import GPUAdaptive, GPUDemandPolicy, idle_timeout_s, ignored_keywords
 from .bootstrap import BootstrapConfig, onstart_script
 from .config import option
 from .environment import ClientEnvironment, InstanceEnvironment, python_option, split_env
@@ -188,6 +189,7 @@ class VastAICluster(SpecCluster):
                 raise ValueError(f"pools=[...{extra}...]: every pool needs a 'name'")
             self.add_pool(str(pool_name), **extra)
         self._adaptives: dict[str, GPUAdaptive] = {}
+        self._adapt_warned: set[str] = set()  # adapt() keywords already warned about
         # The CA key stays in this process; Client(cluster) picks up the client-role Security.
         self.allow_worker_clients = bool(option("allow-worker-clients", allow_worker_clients))
         self.certificates = ClusterCA(cluster_name, lifetime_days=float(option("certificate-lifetime-days")))
@@ -327,8 +329,11 @@ class VastAICluster(SpecCluster):
         return instance_worker_names(instance_name, self.worker_spec.get(instance_name))
 
     def _on_boot_outcome(self, instance: str, pool: str, error: BaseException | None) -> None:
-        """An instance registered (``error=None``) or gave up booting: drop its spec."""
-        self.pools.record_boot(instance, pool, error)
+        """An instance registered (``error=None``: how long it took counts) or gave up booting: drop its spec."""
+        worker = self.workers.get(instance)
+        record = worker.record if isinstance(worker, VastInstance) else None
+        boot_s = time.time() - record.rented_at if error is None and record is not None else None
+        self.pools.record_boot(instance, pool, error, boot_s)
         if error is not None:
             self.log(f"{instance} failed for good ({self.pools.failures_in_a_row(pool)} in a row in pool {pool}): {error}")
             self.worker_spec.pop(instance, None)
@@ -397,24 +402,34 @@ class VastAICluster(SpecCluster):
         await self._correct_state()
 
     def adapt(  # type: ignore[override]
-        self, minimum: int = 0, maximum: float = math.inf, *, pool: str | None = None,
-        interval: str | float | None = None, wait_count: int | None = None, **kwargs: Any,
+        self, minimum: int | None = 0, maximum: float | None = math.inf, *, pool: str | None = None,
+        interval: str | float | None = None, wait_count: int | None = None, **stock: Any,
     ) -> GPUAdaptive:
-        """Follow the queued GPU demand with ``minimum``..``maximum`` instances of ``pool``."""
-        if kwargs:
-            raise ValueError(
-                f"adapt() got {sorted(kwargs)}: this cluster adapts instances by GPU demand; "
-                "use minimum, maximum, pool, interval, wait_count"
+        """Follow the queued GPU demand with ``minimum``..``maximum`` instances of ``pool``.
+
+        An idle instance goes once it has been idle as long as its pool takes to boot (the
+        break-even of paying idle seconds against boot seconds), or after ``wait_count``
+        intervals when given. distributed's other ``Adaptive`` keywords (``target_duration``,
+        ``minimum_cores``, ...) are accepted and ignored, with one warning saying why.
+        """
+        ignored = {k: v for k, v in ignored_keywords(stock).items() if k not in self._adapt_warned}
+        if ignored:
+            self._adapt_warned.update(ignored)
+            warnings.warn(
+                "adapt() ignores " + "; ".join(f"{k} ({why})" for k, why in ignored.items()),
+                UserWarning, stacklevel=2,
             )
         pool_name = self.pools.get(pool).name
+        interval_s = parse_timedelta(option("adapt.interval", interval))
         policy = GPUDemandPolicy(
-            minimum=minimum, maximum=maximum, wait_count=int(option("adapt.wait-count", wait_count)),
+            minimum=int(minimum or 0), maximum=math.inf if maximum is None else maximum,
+            idle_timeout_s=idle_timeout_s(option("adapt.wait-count", wait_count), interval_s),
             max_failures_in_a_row=int(option("adapt.max-failures-in-a-row")),
         )
         old = self._adaptives.pop(pool_name, None)
         if old is not None:
             old.stop()
-        adaptive = GPUAdaptive(self, pool_name, policy, interval=option("adapt.interval", interval))
+        adaptive = GPUAdaptive(self, pool_name, policy, interval=interval_s)
         self._adaptives[pool_name] = adaptive
         self.loop.add_callback(adaptive.start)
         return adaptive

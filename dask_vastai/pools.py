@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import statistics
 import textwrap
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -257,11 +258,12 @@ def instance_worker_names(instance: str, spec: Mapping[str, Any] | None) -> list
 
 
 class PoolSet:
-    """The pools of one cluster, the names of their instances and their boot failures.
+    """The pools of one cluster, the names of their instances and their boots.
 
-    The one place a boot failure is recorded: an instance reports each outcome here, the
-    cluster's first wait raises the first error, and adaptive stops renting for a pool
-    whose last instances all failed (each failure costs money).
+    The one place a boot outcome is recorded: an instance reports each here, the cluster's
+    first wait raises the first error, adaptive stops renting for a pool whose last
+    instances all failed (each failure costs money), and the boot times measured here set
+    how long adaptive keeps an idle instance (its ski-rental break-even).
     """
 
     def __init__(self, cluster_name: str, *, onstart: str, min_cuda: str | None = None) -> None:
@@ -274,6 +276,8 @@ class PoolSet:
         self._failures_in_a_row: dict[str, int] = {}
         #: why each instance that gave up booting did, oldest first
         self.boot_errors: dict[str, BaseException] = {}
+        #: seconds from rent to registration of each instance that registered, per pool
+        self.boot_times_s: dict[str, list[float]] = {}
 
     # -------------------------------------------------------------- the pools
     def add(self, name: str, shape: PoolShape) -> Pool:
@@ -335,13 +339,23 @@ class PoolSet:
         return out
 
     # -------------------------------------------------------- boot outcomes
-    def record_boot(self, instance: str, pool: str, error: BaseException | None) -> None:
-        """An instance registered (``error=None``: its pool works) or gave up booting."""
+    def record_boot(self, instance: str, pool: str, error: BaseException | None,
+                    boot_s: float | None = None) -> None:
+        """An instance registered (``error=None``: its pool works, in ``boot_s`` seconds from
+        rent to registration) or gave up booting."""
         if error is None:
             self._failures_in_a_row.pop(pool, None)
+            if boot_s is not None:
+                self.boot_times_s.setdefault(pool, []).append(float(boot_s))
             return
         self._failures_in_a_row[pool] = self._failures_in_a_row.get(pool, 0) + 1
         self.boot_errors[instance] = error
+
+    def boot_seconds(self, pool: str) -> float:
+        """What booting an instance of ``pool`` costs, in seconds: the median of its measured
+        boots (one slow host does not set it), or ``adapt.boot-estimate`` before the first."""
+        times = self.boot_times_s.get(pool)
+        return statistics.median(times) if times else float(option("adapt.boot-estimate"))
 
     def failures_in_a_row(self, pool: str) -> int:
         return self._failures_in_a_row.get(pool, 0)

@@ -91,6 +91,14 @@ CLUSTER_SETTINGS = {
 RULE_RESOURCES = {"gpu": "gpu_model", "query": "vastai_query", "disk": "disk_mb"}
 
 
+def idle_wait_count(settings: ExecutorSettings) -> int | None:
+    """``--vastaidask-idle-timeout`` in adapt intervals; None leaves dask-vastai's break-even
+    (an idle instance goes once idle as long as its pool takes to boot)."""
+    if settings.idle_timeout is None:
+        return None
+    return max(1, round(settings.idle_timeout / ADAPT_INTERVAL_S))
+
+
 def pool_shape(settings: ExecutorSettings, **overrides: Any) -> dict[str, Any]:
     """The instance-shape options of ``dask_vastai.PoolShape`` the settings ask for.
 
@@ -268,7 +276,7 @@ class DaskBackend:
                 minimum=maximum if settings.keep_instances else minimum,
                 maximum=maximum,
                 interval=f"{ADAPT_INTERVAL_S}s",
-                wait_count=max(1, int(settings.idle_timeout / ADAPT_INTERVAL_S)),
+                wait_count=idle_wait_count(settings),
             )
             self.client = Client(self.cluster, set_as_default=False)
         except BaseException:
@@ -317,7 +325,7 @@ class DaskBackend:
                 self.cluster.adapt(
                     minimum=0, maximum=max(1, int(self.settings.max_instances)), pool=name,
                     interval=f"{ADAPT_INTERVAL_S}s",
-                    wait_count=max(1, int(self.settings.idle_timeout / ADAPT_INTERVAL_S)),
+                    wait_count=idle_wait_count(self.settings),
                 )
         return {self.cluster.pools[name].resource_name: 1.0}
 

@@ -82,9 +82,11 @@ class ExecutorSettings(ExecutorSettingsBase):
         metadata={"help": "Also rent from hobbyist (non-datacenter) hosts. Jobs' inputs and "
                   "credentials then reach less vetted machines."},
     )
-    idle_timeout: int = field(
-        default=300,
-        metadata={"help": "Seconds an instance may sit without work before it is destroyed."},
+    idle_timeout: Optional[int] = field(
+        default=None,
+        metadata={"help": "Seconds an instance may sit without work before it is destroyed "
+                  "(default: as long as instances of its pool take to boot, the break-even "
+                  "of paying idle seconds against boot seconds)."},
     )
     boot_timeout: Optional[int] = field(
         default=None, metadata={"help": "Seconds from rent to registered worker (default: dask-vastai's)."}

@@ -5,6 +5,7 @@ decisions out; a fake cluster behind the ``AdaptiveCluster`` protocol for the lo
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 from types import SimpleNamespace
 from typing import Any
@@ -12,12 +13,16 @@ from typing import Any
 import pytest
 
 from dask_vastai.adaptive import (
+    IGNORED_STOCK_KEYWORDS,
     AdaptiveCluster,
     GPUAdaptive,
     GPUDemandPolicy,
     InstanceView,
     PoolView,
     gpu_demand,
+    idle_timeout_s,
+    ignored_keywords,
+    waiting_for,
 )
 from dask_vastai.pools import Pool, PoolSet, PoolShape
 
@@ -52,8 +57,10 @@ def test_bad_bounds_are_refused_with_the_values() -> None:
         GPUDemandPolicy(minimum=3, maximum=2)
     with pytest.raises(ValueError, match="minimum=-1"):
         GPUDemandPolicy(minimum=-1)
+    with pytest.raises(ValueError, match="-1s"):
+        GPUDemandPolicy(idle_timeout_s=-1)
     with pytest.raises(ValueError, match="wait_count=0"):
-        GPUDemandPolicy(wait_count=0)
+        idle_timeout_s(0, 5.0)
 
 
 # ------------------------------------------------------------------ renting
@@ -83,28 +90,33 @@ def test_a_pool_whose_boots_keep_failing_stops_renting_and_says_so_once() -> Non
 
 
 # ------------------------------------------------------------------ releasing
-def test_an_idle_instance_is_released_only_after_wait_count_rounds() -> None:
-    policy = GPUDemandPolicy(wait_count=3)
-    view = PoolView(demand_gpus=0, gpus_per_instance=1, instances=[_idle("a")], workers_elsewhere=1)
-    assert policy.decide(view) == []
-    assert policy.decide(view) == []
-    [decision] = policy.decide(view)
+def _at(now: float, *instances: InstanceView, **kw: Any) -> PoolView:
+    """One pool's view at time ``now``: no demand unless given, a worker elsewhere for data."""
+    return PoolView(**{"demand_gpus": 0, "gpus_per_instance": 1, "instances": instances,
+                       "workers_elsewhere": 1, "now": now, **kw})
+
+
+def test_an_idle_instance_is_released_only_after_its_idle_timeout() -> None:
+    policy = GPUDemandPolicy(idle_timeout_s=3)
+    assert policy.decide(_at(0, _idle("a"))) == []
+    assert policy.decide(_at(1, _idle("a"))) == []
+    assert policy.decide(_at(2.9, _idle("a"))) == []
+    [decision] = policy.decide(_at(3, _idle("a")))
     assert decision.action == "release" and decision.instances == ("a",)
-    assert "GPU" in decision.reason
+    assert "GPU" in decision.reason and "idle timeout" in decision.reason
 
 
-def test_work_resets_the_idle_count() -> None:
-    policy = GPUDemandPolicy(wait_count=2)
-    idle = PoolView(demand_gpus=0, gpus_per_instance=1, instances=[_idle("a")], workers_elsewhere=1)
-    busy = PoolView(demand_gpus=1, gpus_per_instance=1, instances=[_idle("a", busy=True)], workers_elsewhere=1)
-    assert policy.decide(idle) == []
-    assert policy.decide(busy) == []
-    assert policy.decide(idle) == []  # counting from zero again
-    assert [d.action for d in policy.decide(idle)] == ["release"]
+def test_work_resets_the_idle_clock() -> None:
+    policy = GPUDemandPolicy(idle_timeout_s=2)
+    assert policy.decide(_at(0, _idle("a"))) == []
+    assert policy.decide(_at(1, _idle("a", busy=True), demand_gpus=1)) == []
+    assert policy.decide(_at(2, _idle("a"))) == []
+    assert policy.decide(_at(3.9, _idle("a"))) == []  # counting from 2 again
+    assert [d.action for d in policy.decide(_at(4, _idle("a")))] == ["release"]
 
 
 def test_never_releases_below_the_minimum_nor_a_booting_instance() -> None:
-    policy = GPUDemandPolicy(minimum=1, wait_count=1)
+    policy = GPUDemandPolicy(minimum=1, idle_timeout_s=0)
     view = PoolView(demand_gpus=0, gpus_per_instance=1, instances=[_idle("a"), _idle("b"), _booting("c")])
     [decision] = policy.decide(view)
     assert decision.instances == ("a", "b")[: len(decision.instances)]
@@ -112,7 +124,7 @@ def test_never_releases_below_the_minimum_nor_a_booting_instance() -> None:
 
 
 def test_idle_instances_holding_results_stay_when_no_other_worker_would_take_them() -> None:
-    policy = GPUDemandPolicy(wait_count=1)
+    policy = GPUDemandPolicy(idle_timeout_s=0)
     alone = PoolView(demand_gpus=0, gpus_per_instance=1, instances=[_idle("a", holds_data=True)])
     [keep] = policy.decide(alone)
     assert keep.action == "keep" and keep.instances == ("a",) and "futures" in keep.reason
@@ -173,7 +185,8 @@ class FakeCluster:
             name = self.pools.new_instance_name("default")
             self.specs[name] = {}
             self.scheduler.workers[name] = SimpleNamespace(
-                name=name, resources={"GPU": 1, "pool-default": 1e6}, processing=[], has_what=[])
+                name=name, resources={"GPU": 1, "pool-default": 1e6}, used_resources={"GPU": 0},
+                processing=[], has_what=[])
 
     async def release_instances(self, names) -> None:
         for name in names:
@@ -187,7 +200,9 @@ class FakeCluster:
 
 def test_the_loop_observes_decides_and_acts_through_the_protocol() -> None:
     cluster: AdaptiveCluster = FakeCluster()  # the protocol is all the loop needs
-    adaptive = GPUAdaptive(cluster, "default", GPUDemandPolicy(maximum=2, wait_count=2), interval="1s")
+    clock = iter(range(100)).__next__  # one second per round
+    adaptive = GPUAdaptive(cluster, "default", GPUDemandPolicy(maximum=2, idle_timeout_s=1), interval="1s",
+                           clock=clock)
     fake = cluster
     assert isinstance(fake, FakeCluster)
     fake.scheduler.unrunnable = [_task(GPU=1), _task(GPU=1), _task(GPU=1)]
@@ -210,3 +225,104 @@ def test_a_new_adapt_forgives_the_pools_failures() -> None:
     GPUAdaptive(cluster, "default", GPUDemandPolicy(), interval="1s")
     assert cluster.pools.failures_in_a_row("default") == 0
     assert list(cluster.pools.boot_errors) == ["c-0", "c-1", "c-2"]  # the record stays
+
+
+# ------------------------------------------------------------------ ski rental
+def test_by_default_an_idle_instance_goes_once_idle_as_long_as_its_pool_boots() -> None:
+    policy = GPUDemandPolicy()
+    assert policy.decide(_at(0, _idle("a"), boot_s=60)) == []
+    assert policy.decide(_at(59.9, _idle("a"), boot_s=60)) == []
+    [decision] = policy.decide(_at(60, _idle("a"), boot_s=60))
+    assert decision.action == "release" and "break-even" in decision.reason and "60s" in decision.reason
+
+
+def test_an_explicit_idle_timeout_replaces_the_boot_time() -> None:
+    policy = GPUDemandPolicy(idle_timeout_s=10)
+    assert policy.decide(_at(0, _idle("a"), boot_s=600)) == []
+    assert [d.action for d in policy.decide(_at(10, _idle("a"), boot_s=600))] == ["release"]
+    assert idle_timeout_s(24, 5.0) == 120 and idle_timeout_s(None, 5.0) is None
+
+
+@pytest.mark.parametrize("gap_s", [1, 20, 59, 60, 61, 90, 180, 600, 3600])
+def test_idle_and_reboot_cost_at_most_twice_what_knowing_the_gap_would(gap_s: float) -> None:
+    """The ski-rental bound, driving the policy through one gap between two bursts.
+
+    The instance is idle from 0; work comes back at ``gap_s``. Kept until then it bills the
+    gap; released at ``t`` it bills ``t`` idle plus a boot when work comes back. Knowing the
+    gap one pays ``min(gap, boot)``; the policy (one look per ``interval``) at most twice
+    that, plus one interval.
+    """
+    boot_s, interval_s = 60.0, 1.0
+    policy = GPUDemandPolicy()
+    released_at = None
+    now = 0.0
+    while now < gap_s and released_at is None:
+        if policy.decide(_at(now, _idle("a"), boot_s=boot_s)):
+            released_at = now
+        now += interval_s
+    billed = gap_s if released_at is None else released_at + boot_s
+    assert billed <= 2 * min(gap_s, boot_s) + interval_s
+    assert (released_at is None) == (gap_s <= boot_s)  # a gap shorter than a boot costs no re-boot
+
+
+def test_no_instance_goes_while_gpu_tasks_it_could_run_wait() -> None:
+    """The issue's log: "3 GPUs wanted" (1 running, 2 waiting behind it), 4 held, 3 idle."""
+    policy = GPUDemandPolicy(idle_timeout_s=0)
+    held = (_idle("a", busy=True), _idle("b"), _idle("c"), _idle("d"))
+    [keep] = policy.decide(_at(0, *held, demand_gpus=3, waiting_gpus=2))
+    assert keep.action == "keep" and "2 GPU task(s) they could run wait" in keep.reason
+    assert policy.decide(_at(1, *held, demand_gpus=3, waiting_gpus=2)) == []  # said once
+    # Once nothing waits (placement moved them: 3 run), the one instance not needed goes.
+    busy = (_idle("a", busy=True), _idle("b", busy=True), _idle("c", busy=True), _idle("d"))
+    [release] = policy.decide(_at(2, *busy, demand_gpus=3))
+    assert release.action == "release" and release.instances == ("d",)
+
+
+class _Worker(SimpleNamespace):
+    __hash__ = object.__hash__  # a scheduler's WorkerState is hashable
+
+
+def _worker(pool: str, *tasks: SimpleNamespace, gpus: int = 1) -> _Worker:
+    return _Worker(resources={"GPU": gpus, f"pool-{pool}": 1e6}, processing=list(tasks),
+                           used_resources={"GPU": sum(t.resource_restrictions.get("GPU", 0) for t in tasks)})
+
+
+def test_waiting_gpus_count_tasks_behind_busy_gpus_and_unassigned_ones_a_pool_could_run() -> None:
+    default, big = _pool("default"), _pool("big", num_gpus=2, worker_per_gpu=False)
+    scheduler = SimpleNamespace(
+        workers={
+            "busy": _worker("default", _task(GPU=1), _task(GPU=1), _task(GPU=1)),  # 1 runs, 2 wait
+            "fine": _worker("default", _task(GPU=1)),
+        },
+        unrunnable=[_task(GPU=2), _task(GPU=1, **{"pool-big": 1})],
+    )
+    assert waiting_for(scheduler, default) == 2  # the 2-GPU task and the pool-big one are not its own
+    assert waiting_for(scheduler, big) == 2 + 2 + 1  # big could run all of them
+
+
+def test_a_pools_boot_time_is_the_median_of_its_measured_boots_and_the_estimate_before() -> None:
+    pools = PoolSet("c", onstart="true")
+    pools.add("default", PoolShape())
+    assert pools.boot_seconds("default") == 120  # adapt.boot-estimate in vastai.yaml
+    for instance, seconds in [("c-0", 40.0), ("c-1", 300.0), ("c-2", 50.0)]:
+        pools.record_boot(instance, "default", None, seconds)
+    pools.record_boot("c-3", "default", RuntimeError("no GPU"))  # a failure measures nothing
+    assert pools.boot_seconds("default") == 50  # one slow host does not set it
+
+
+# ------------------------------------------------------------------ adapt()'s keywords
+def test_every_keyword_of_distributed_adapt_is_accepted() -> None:
+    from distributed.deploy.adaptive import Adaptive
+    from distributed.deploy.spec import SpecCluster
+    from distributed.scheduler import Scheduler
+
+    stock = set()
+    for func in (Adaptive.__init__, SpecCluster.adapt, Scheduler.workers_to_close):
+        stock |= {name for name, p in inspect.signature(func).parameters.items()
+                  if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name not in ("self", "cluster")}
+    used = {"minimum", "maximum", "interval", "wait_count"}
+    assert stock - used <= set(IGNORED_STOCK_KEYWORDS), stock - used - set(IGNORED_STOCK_KEYWORDS)
+    why = ignored_keywords({"target_duration": "5s", "minimum_cores": 8})
+    assert "however short" in why["target_duration"] and "cpu_cores=" in why["minimum_cores"]
+    with pytest.raises(ValueError, match="'target_duraton'"):
+        ignored_keywords({"target_duraton": "5s"})
