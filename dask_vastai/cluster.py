@@ -256,7 +256,7 @@ class VastAICluster(SpecCluster):
             log=self.log,
         )
         self.scheduler.add_plugin(ResourceGuard(self.scheduler, self.pools.values))
-        self.scheduler.add_plugin(GPUPlacement(self.scheduler))
+        GPUPlacement.install(self.scheduler)
         self.context = ClusterContext(
             broker=self.broker,
             hub=self.hub,

@@ -9,13 +9,16 @@ while instances boot therefore all land on the first worker to register and run 
 after another while the others bill idle.
 
 :class:`GPUPlacement` is a scheduler plugin that moves GPU tasks which have not started from
-workers whose GPU slots are all taken to workers of a pool that can run them with a free
-slot, each time a slot may have opened (a worker arrived, a GPU task finished, failed or was
-released, a move was answered) and on a slow periodic check. It moves with distributed's
-own steal protocol (``WorkStealing.move_task_request``): the worker holding the task is asked
-to give it up and refuses if it already started, so a running task is never moved or run
-twice. A worker's GPU slots are ``resources["GPU"]``; a task occupies
-``resource_restrictions["GPU"]`` of them; ``used_resources`` minus the slots is what waits.
+the workers most loaded (GPUs asked per GPU slot) to the least loaded workers of a pool that
+can run them: a free slot always takes a waiting task, and queues spread over the workers as
+they register, so that each worker runs its next task without asking the scheduler. It
+acts each time the balance may have changed (a worker arrived or started running, a GPU
+task was assigned, finished, failed or was released, a move was answered) and on a slow
+periodic check (``placement.check-interval``). It moves with distributed's own steal
+protocol (``WorkStealing.move_task_request``): the worker holding the task is asked to give
+it up and refuses if it already started, so a running task is never moved or run twice. A
+worker's GPU slots are ``resources["GPU"]``; a task occupies ``resource_restrictions["GPU"]``
+of them; ``used_resources`` beyond the slots is what waits there.
 
 Why moving and not holding. The other design keeps GPU tasks in the scheduler (as
 ``no-worker``) until a slot frees and sends one per freed slot. Measured on the same runs
@@ -88,33 +91,38 @@ def waiting_gpus(scheduler: Any) -> dict[Any, float]:
 
 
 def plan_moves(scheduler: Any, in_flight: dict[Any, Any], refused: Iterable[Any] = ()) -> list[Move]:
-    """The moves that fill free GPU slots with tasks waiting on workers whose slots are full.
+    """The moves that even out the GPU tasks assigned per GPU slot, free slots first.
+
+    A worker's load is the GPUs its tasks ask for per GPU slot it has (2.0: one task runs,
+    one waits behind it). A task that waits moves from the most loaded worker to the least
+    loaded one that can run it while that lowers the larger of the two loads: a free slot
+    (load below 1) always takes a waiting task, and queues are spread over the workers as
+    they register, so that a worker runs its next task without asking the scheduler.
 
     ``in_flight`` maps tasks being moved to ``{"victim": ws, "thief": ws}`` (the stealing
-    extension's record): a slot a task is on its way to is not free, and a task on its way
-    out no longer waits. ``refused`` are tasks their worker said it already started.
-    Candidates on a worker are taken lowest priority first (a worker runs its constrained
-    tasks highest priority first, so those are the last to start). Pure: reads the
-    scheduler's state, changes nothing.
+    extension's record), counted where they are going. ``refused`` are tasks their worker
+    said it had started. A worker's candidates are taken lowest priority first (a worker
+    starts its constrained tasks highest priority first, so those start last), and at most
+    as many GPUs' worth as wait there. Pure: reads the scheduler's state, changes nothing.
     """
     refused = set(refused)
-    incoming: defaultdict[Any, float] = defaultdict(float)
-    outgoing: defaultdict[Any, float] = defaultdict(float)
+    assigned: defaultdict[Any, float] = defaultdict(float)
+    for ws in scheduler.workers.values():
+        assigned[ws] = ws.used_resources.get(GPU, 0)
     for ts, info in in_flight.items():
-        incoming[info["thief"]] += gpus_of(ts)
-        outgoing[info["victim"]] += gpus_of(ts)
-    free: dict[Any, float] = {}
-    for ws in scheduler.running:
-        room = slots_of(ws) - ws.used_resources.get(GPU, 0) - incoming[ws]
-        if room > 0:
-            free[ws] = room
-    if not free:
+        assigned[info["thief"]] += gpus_of(ts)
+        assigned[info["victim"]] -= gpus_of(ts)
+    thieves = [ws for ws in scheduler.running if slots_of(ws) > 0]
+    if not thieves:
         return []
-    queues = []
-    for ws, over in waiting_gpus(scheduler).items():
-        over -= outgoing[ws]
-        if over <= 0:
-            continue
+
+    def load(ws: Any, change: float = 0.0) -> float:
+        return (assigned[ws] + change) / slots_of(ws)
+
+    queues: dict[Any, list[Any]] = {}
+    waiting: dict[Any, float] = {}
+    for ws in scheduler.workers.values():
+        over = assigned[ws] - slots_of(ws)
         candidates = sorted(
             (
                 ts for ts in ws.processing
@@ -123,28 +131,32 @@ def plan_moves(scheduler: Any, in_flight: dict[Any, Any], refused: Iterable[Any]
             ),
             key=operator.attrgetter("priority"),
             reverse=True,
-        )
+        ) if over > 0 else []
         if candidates:
-            queues.append([ws, over, candidates])
+            queues[ws] = candidates
+            waiting[ws] = over
     moves: list[Move] = []
-    # The longest queue gives first, one task per round, so that queues shrink evenly.
-    while free and queues:
-        queues.sort(key=lambda q: q[1], reverse=True)
-        victim, over, candidates = queues[0]
-        ts = candidates.pop(0)
+    while queues:
+        victim = max(queues, key=load)
+        ts = queues[victim].pop(0)
         need = gpus_of(ts)
         valid = scheduler.valid_workers(ts)
-        thieves = [ws for ws, room in free.items() if room >= need and (valid is None or ws in valid)]
-        if thieves:
-            # The emptiest worker first; among equals, the one holding most of the inputs.
-            thief = min(thieves, key=lambda ws: (-free[ws], len(ws.processing), scheduler.get_comm_cost(ts, ws)))
+        fits = [
+            ws for ws in thieves
+            if ws is not victim and (valid is None or ws in valid) and (
+                # a free slot always takes it (it starts there at once); else only if it evens out
+                assigned[ws] + need <= slots_of(ws) or load(ws, need) <= load(victim, -need)
+            )
+        ]
+        if fits:
+            # The least loaded worker first; among equals, the one holding most of the inputs.
+            thief = min(fits, key=lambda ws: (load(ws), scheduler.get_comm_cost(ts, ws)))
             moves.append(Move(ts, victim, thief))
-            free[thief] -= need
-            if free[thief] <= 0:
-                del free[thief]
-            queues[0][1] = over - need
-        if queues[0][1] <= 0 or not candidates:
-            queues.pop(0)
+            assigned[victim] -= need
+            assigned[thief] += need
+            waiting[victim] -= need
+        if waiting[victim] <= 0 or not queues[victim]:
+            del queues[victim]
     return moves
 
 
@@ -183,6 +195,15 @@ class GPUPlacement(SchedulerPlugin):
             pass  # started by start() once the scheduler runs
         else:
             self._periodic.start()
+
+    @classmethod
+    def install(cls, scheduler: Any) -> GPUPlacement | None:
+        """Add placement to ``scheduler`` unless ``placement.enabled`` is false in the config."""
+        if not option("placement.enabled"):
+            return None
+        placement = cls(scheduler)
+        scheduler.add_plugin(placement)
+        return placement
 
     async def start(self, scheduler: Any = None) -> None:
         if not self._periodic.is_running():
