@@ -113,50 +113,63 @@ def plan_moves(scheduler: Any, in_flight: dict[Any, Any], refused: Iterable[Any]
         assigned[info["thief"]] += gpus_of(ts)
         assigned[info["victim"]] -= gpus_of(ts)
     thieves = [ws for ws in scheduler.running if slots_of(ws) > 0]
-    if not thieves:
+    waiting = {ws: assigned[ws] - slots_of(ws) for ws in scheduler.workers.values() if assigned[ws] > slots_of(ws)}
+    if not thieves or not waiting:
         return []
 
     def load(ws: Any, change: float = 0.0) -> float:
         return (assigned[ws] + change) / slots_of(ws)
 
+    def helps(thief: Any, victim: Any, need: float) -> bool:
+        # A free slot always takes it (it starts there at once); else only if it evens out.
+        return thief is not victim and (
+            assigned[thief] + need <= slots_of(thief) or load(thief, need) <= load(victim, -need)
+        )
+
+    def movable(ws: Any) -> list[Any]:
+        return [ts for ts in ws.processing if gpus_of(ts) and ts not in in_flight and ts not in refused
+                and ts not in ws.long_running and not ts.actor]
+
     queues: dict[Any, list[Any]] = {}
-    waiting: dict[Any, float] = {}
-    for ws in scheduler.workers.values():
-        over = assigned[ws] - slots_of(ws)
-        candidates = sorted(
-            (
-                ts for ts in ws.processing
-                if gpus_of(ts) and ts not in in_flight and ts not in refused
-                and ts not in ws.long_running and not ts.actor
-            ),
-            key=operator.attrgetter("priority"),
-            reverse=True,
-        ) if over > 0 else []
-        if candidates:
-            queues[ws] = candidates
-            waiting[ws] = over
+    valid_for: dict[tuple[Any, ...], Any] = {}  # valid_workers depends on the restrictions only
+    failed: set[tuple[Any, tuple[Any, ...]]] = set()  # stays failed: moves only raise thieves' loads
     moves: list[Move] = []
-    while queues:
-        victim = max(queues, key=load)
-        ts = queues[victim].pop(0)
-        need = gpus_of(ts)
-        valid = scheduler.valid_workers(ts)
-        fits = [
-            ws for ws in thieves
-            if ws is not victim and (valid is None or ws in valid) and (
-                # a free slot always takes it (it starts there at once); else only if it evens out
-                assigned[ws] + need <= slots_of(ws) or load(ws, need) <= load(victim, -need)
-            )
-        ]
-        if fits:
+    while waiting:
+        victim = max(waiting, key=load)
+        if victim not in queues:
+            candidates = movable(victim)
+            # Cheap before the sort: can any worker take even the smallest of them?
+            smallest = min(map(gpus_of, candidates), default=0.0)
+            if not candidates or not any(helps(ws, victim, smallest) for ws in thieves):
+                del waiting[victim]
+                continue
+            # Last to start first (a worker starts its tasks highest priority first); popped from the end.
+            queues[victim] = sorted(candidates, key=operator.attrgetter("priority"))
+        queue = queues[victim]
+        moved = False
+        while queue and not moved:
+            ts = queue.pop()
+            need = gpus_of(ts)
+            key = (tuple(sorted(ts.resource_restrictions.items())), frozenset(ts.worker_restrictions or ()),
+                   frozenset(ts.host_restrictions or ()))
+            if (victim, key) in failed:
+                continue
+            if key not in valid_for:
+                valid_for[key] = scheduler.valid_workers(ts)
+            valid = valid_for[key]
+            fits = [ws for ws in thieves if (valid is None or ws in valid) and helps(ws, victim, need)]
+            if not fits:
+                failed.add((victim, key))
+                continue
             # The least loaded worker first; among equals, the one holding most of the inputs.
             thief = min(fits, key=lambda ws: (load(ws), scheduler.get_comm_cost(ts, ws)))
             moves.append(Move(ts, victim, thief))
             assigned[victim] -= need
             assigned[thief] += need
             waiting[victim] -= need
-        if waiting[victim] <= 0 or not queues[victim]:
-            del queues[victim]
+            moved = True
+        if not moved or waiting[victim] <= 0 or not queue:
+            del waiting[victim]
     return moves
 
 
@@ -233,6 +246,9 @@ class GPUPlacement(SchedulerPlugin):
         if start == "processing":
             self.refused.discard(ts)
         self._soon()
+
+    def restart(self, scheduler: Any = None) -> None:
+        self.refused.clear()
 
     def _steal_response(self, **msg: Any) -> None:
         """Stock confirmation, then carry the task's resources to where it went."""
