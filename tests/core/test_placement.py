@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,17 +20,13 @@ import pytest
 from distributed import Client, Event, Scheduler, Worker, get_worker
 
 from dask_vastai.placement import GPU, GPUPlacement, plan_moves, slots_of
+from tests.helpers import waiting
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 
-async def until(predicate: Callable[[], Any], what: str, timeout_s: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (result := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return result
+async def until(predicate: Callable[[], Any], what: str) -> Any:
+    return await waiting.until(predicate, 20.0, what, interval_s=0.02)
 
 
 def gpu_task(i: int) -> str:
