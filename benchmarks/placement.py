@@ -20,7 +20,7 @@ whose worker processes are started after the submission (``--local-only`` for th
 alone). Under adapt it also counts instances released before the last task started, i.e.
 while a GPU task waited.
 
-    python benchmarks/placement.py [--task 10] [--boot 5] [--short 160] [--local-only]
+    python -m benchmarks.placement [--task 10] [--boot 5] [--short 160] [--local-only]
 """
 
 from __future__ import annotations
