@@ -77,7 +77,7 @@ def slots_of(ws: Any) -> float:
 
 @dataclass(frozen=True)
 class Move:
-    """One planned move of a not-yet-started GPU task to a worker with a free slot."""
+    """One planned move of a not-yet-started GPU task to a less loaded worker."""
 
     task: Any
     victim: Any
@@ -200,7 +200,7 @@ class GPUPlacement(SchedulerPlugin):
         scheduler.stream_handlers["steal-response"] = self._steal_response
         #: tasks their worker said it had started when asked to give them up
         self.refused: set[Any] = set()
-        #: moves requested, confirmed and refused (for the benchmarks and the curious)
+        #: moves requested here, moves confirmed (stock stealing's too), requests refused
         self.counts = {"requested": 0, "moved": 0, "refused": 0}
         self._scheduled = False
         interval_s = parse_timedelta(option("placement.check-interval", check_interval_s), default="s")
@@ -259,7 +259,7 @@ class GPUPlacement(SchedulerPlugin):
         scheduler = self.scheduler
         ts = scheduler.tasks.get(msg.get("key"))
         before = ts.processing_on if ts is not None else None
-        ours = ts is not None and self.stealing.in_flight.get(ts, {}).get("stimulus_id") == msg.get("stimulus_id")
+        current = ts is not None and self.stealing.in_flight.get(ts, {}).get("stimulus_id") == msg.get("stimulus_id")
         self._confirm(**msg)
         if ts is None:
             return
@@ -268,7 +268,7 @@ class GPUPlacement(SchedulerPlugin):
             scheduler.release_resources(ts, before)
             scheduler.acquire_resources(ts, after)
             self.counts["moved"] += 1
-        elif ours and msg.get("state") in _STARTED and after is before:
+        elif current and msg.get("state") in _STARTED and after is before:
             self.refused.add(ts)
             self.counts["refused"] += 1
         self._soon()
