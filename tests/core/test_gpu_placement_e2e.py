@@ -19,6 +19,9 @@ def test_gpu_tasks_submitted_while_booting_run_one_per_instance_under_adapt(mark
 
     from dask_vastai import VastAICluster
 
+    # Asserts the destroyed rows are gone once close returns: no lingering rows (strict: 5 s, unbilled).
+    market.variants.set(destroy_linger_s=0)
+
     # Defined here, so that they travel by value (the workers cannot import this module).
     def hold_gpu(i: int) -> str:
         import time
