@@ -26,6 +26,7 @@ from dask_vastai._testing import WORKER_VERSIONS_ENV, worker_env
 from dask_vastai.bootstrap import (
     ONSTART_MAX_CHARS,
     PYTHON_VENV,
+    STATE_DIR,
     BootstrapConfig,
     onstart_script,
     probe_command,
@@ -245,7 +246,9 @@ def _bootstrap(**kw) -> BootstrapConfig:
 def test_python_version_makes_the_onstart_install_it_with_uv():
     script = onstart_script(_bootstrap(python_version=MINOR))
     assert f'"$U" python install {MINOR}' in script
-    assert f'"$U" venv --allow-existing --python {MINOR} {PYTHON_VENV}' in script
+    # The onstart names its state folder once ($D) to stay under Vast's length limit.
+    assert f"D={STATE_DIR};" in script and PYTHON_VENV == f"{STATE_DIR}/venv"
+    assert f'"$U" venv --allow-existing --python {MINOR} $D/venv' in script
     assert "https://astral.sh/uv/install.sh" in script
     assert script.index("authorized_keys") < script.index("python install"), "SSH works while uv runs"
     assert script.index("python install") < script.index(f"for c in {PYTHON_VENV}/bin/python "), (

@@ -39,6 +39,8 @@ REMOTE_JOBS = 3
 
 def test_rentals_boot_progress_and_a_final_cost_equal_to_the_meter(market, tmp_path: Path) -> None:
     (tmp_path / "Snakefile").write_text(_WORKFLOW)
+    # It asserts no row is left right after the run; strict keeps destroyed rows listed a while.
+    market.variants.set(destroy_linger_s=0)
     run = subprocess.run(
         [sys.executable, "-m", "snakemake", "--executor", "vastaidask", "--jobs", "4",
          "--vastaidask-api-url", market.url, "--vastaidask-api-key", market.api_key,
