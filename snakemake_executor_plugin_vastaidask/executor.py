@@ -11,7 +11,12 @@ Snakemake's traps this class answers (each one found in snakemake's executor int
 - A task whose resources no worker has would wait forever: it fails at hand-off with the
   resources asked for and those the workers advertise.
 - ``future.cancel()`` lets a running subprocess finish: the task polls its own key on its
-  worker and kills the job's process group once it is cancelled. No ``Event`` or other
+  worker and kills the job's process group once it is cancelled.
+- The status thread starts before ``__post_init__`` and its first sleep would take
+  Snakemake's default (10 s): ``sleep`` keeps this executor's interval from the start.
+- A job's ``python -m snakemake`` spends 2-3 s importing before it runs anything: the
+  payload carries the arguments apart (``warm_args``) so that each worker forks the job from
+  a process that imported snakemake once (``remote.py``), or says why it cannot. No ``Event`` or other
   client-side object is used inside tasks: the hosts of a dask-vastai cluster act only as
   workers (the cluster's ``allow_worker_clients`` stays off).
 """
@@ -37,6 +42,7 @@ from typing import Any
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
 from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
+from snakemake_interface_executor_plugins.utils import join_cli_args
 
 from .joblog import (
     PREFIX,
@@ -200,6 +206,27 @@ class Executor(RemoteExecutor):
     def format_job_exec(self, job: JobExecutorInterface) -> str:
         return strip_directory(super().format_job_exec(job))
 
+    def warm_start(self, command: str) -> tuple[str | None, str]:
+        """(the arguments after ``python -m snakemake`` in ``command``, "") for a job a worker's
+        warm runner can fork, else (None, why it starts as a fresh process)."""
+        if self.settings.no_warm_start:
+            return None, "--vastaidask-no-warm-start"
+        deployment = getattr(self.workflow.deployment_settings, "deployment_method", None) or ()
+        methods = sorted(m.name.lower() for m in deployment if m.name in ("CONDA", "APPTAINER"))
+        if methods:
+            return None, (f"--software-deployment-method {' '.join(methods)}: the job builds its "
+                          "environment with its own snakemake, which the warm runner leaves to a fresh one")
+        precommand = self.workflow.spawned_job_args_factory.precommand(executor_common_settings=self.common_settings)
+        if precommand:
+            return None, "a command runs before snakemake (--precommand, or sources deployed from the storage)"
+        head = join_cli_args([self.get_envvar_declarations(), self.get_python_executable(), "-m snakemake"])
+        if not command.startswith(head + " "):
+            return None, f"the job command does not start with {head!r}"
+        return command[len(head) + 1:], ""
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(STATUS_INTERVAL_S)
+
     def additional_general_args(self) -> str:
         """Software environments (``--sdm conda/apptainer``) are built once per worker, into a
         persistent prefix in its cache, not once per job in a scratch directory (the shell
@@ -233,9 +260,14 @@ class Executor(RemoteExecutor):
                 inputs.append(self.stager.stage_path(self._relative(str(f), job)))
                 staged.append(inputs[-1].sha)
             shas = staged
+            command = self.format_job_exec(job)
+            warm_args, warm_refused = self.warm_start(command)
             payload = {
                 "key": key,
-                "command": self.format_job_exec(job),
+                "command": command,
+                "warm_args": warm_args,
+                "warm_refused": warm_refused,
+                "warm_python": self.get_python_executable(),
                 "sources": self.sources_sha,
                 "inputs": [[i.path, i.sha, i.kind, i.mtime_ns] for i in inputs],
                 "blob_keys": {sha: self.stager.key(sha) for sha in shas},
@@ -420,6 +452,7 @@ class Executor(RemoteExecutor):
             "fetched": cache.get("fetched", []),
             "cache_hits": cache.get("hits", 0),
             "seconds": round(float(result.get("seconds", 0.0)), 3),
+            "start": result.get("start"),
             "latency_s": round(latency_s, 3),
         }
         with open(self.transfer_log, "a") as f:
