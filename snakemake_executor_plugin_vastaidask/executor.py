@@ -332,10 +332,12 @@ class Executor(RemoteExecutor):
                     self._refused[job.payload["key"]] = why
                     continue
                 busy += gpu
-                # Blobs still waiting in a task travel as dependencies; the others by key.
-                payload = {**job.payload, "blobs": self.stager.waiting(job.shas)}
+                # Blobs travel by key, never as dependencies, even those still in the task that
+                # holds them until a worker registers: a job waiting on a dependency is not
+                # "no-worker", so the GPU demand would not count it and a cold start would rent
+                # one instance for the blob task, the others only once it registered.
                 job.future = self.backend.client.submit(
-                    self._remote, payload, key=job.payload["key"], resources=resources, pure=False,
+                    self._remote, job.payload, key=job.payload["key"], resources=resources, pure=False,
                 )
 
     # ---------------------------------------------------------------- status

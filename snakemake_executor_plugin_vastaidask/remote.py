@@ -11,10 +11,10 @@ One job's life on the worker:
 
 1. Make a scratch directory; copy the sources archive and every input into it from the
    worker's content-addressed cache (``<cache>/blobs/<sha256>``). A blob missing from the
-   cache arrived as a task dependency (blobs still in a task when the job was handed over)
-   or is fetched under the key the client gave it, from the worker holding it: the
+   cache is fetched under the key the client gave it, from the worker holding it: the
    scheduler's ``who_has`` and the holder's ``get_data``, over this worker's own
-   connections. It is written to the cache (evicting least recently used blobs beyond the
+   connections (waiting, outside the worker's thread pool, for a blob still in the task
+   that holds it until a worker computes it). It is written to the cache (evicting least recently used blobs beyond the
    disk quota) and reported back as "fetched": a worker that already has a file never
    receives it again.
 2. Run ``python -m snakemake ... --mode remote`` (the client's command) in its own process
@@ -149,10 +149,16 @@ def _cache_put(blobs: str, sha: str, data: bytes | None, src_path: str | None, q
 
 def _fetch_blob(key: str) -> Any:
     """The value of a staged blob's key, from the worker holding it, asked over this worker's
-    own connections (the scheduler's ``who_has``, the holder's ``get_data``), never a client."""
+    own connections (the scheduler's ``who_has``, the holder's ``get_data``), never a client.
+
+    A blob put before any worker registered sits in a task until a worker computes it, which
+    takes a thread of the pool: this task leaves the pool while it waits (``secede``), so a
+    worker with one thread is not stuck on itself. (The job does not depend on that task:
+    a GPU job waiting on a dependency is invisible to the GPU demand that rents instances.)
+    """
     import asyncio
 
-    from distributed import get_worker
+    from distributed import get_worker, rejoin, secede
     from distributed.utils import sync
     from distributed.worker import get_data_from_worker
 
@@ -175,13 +181,15 @@ def _fetch_blob(key: str) -> Any:
                 )
             await asyncio.sleep(0.5)
 
-    return sync(worker.loop, fetch)
+    secede()
+    try:
+        return sync(worker.loop, fetch)
+    finally:
+        rejoin()
 
 
-def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats: dict[str, Any],
-             delivered: dict[str, Any]) -> None:
-    """Put blob ``sha`` at ``dest``: from the cache when present, else from the cluster once
-    (``delivered``: blobs that came as task dependencies)."""
+def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats: dict[str, Any]) -> None:
+    """Put blob ``sha`` at ``dest``: from the cache when present, else from the cluster once."""
     cached = os.path.join(blobs, sha)
     lock_path = os.path.join(blobs, f"{sha}.lock")
     # One fetch per blob per worker even when several of its jobs start together.
@@ -195,7 +203,7 @@ def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats:
                 return
             except FileNotFoundError:
                 pass
-            data = delivered[sha] if sha in delivered else _fetch_blob(key)
+            data = _fetch_blob(key)
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise TypeError(f"staged blob {key} arrived as {type(data).__name__}, expected bytes")
             data = bytes(data)
@@ -578,7 +586,6 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     os.makedirs(blobs, exist_ok=True)
     quota = int(payload["cache_quota_bytes"])
     stats: dict[str, Any] = {"hits": 0, "fetched": [], "uncached": 0}
-    delivered = payload.get("blobs") or {}
     scratch = os.path.join(base, "jobs", payload["key"])
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch)
@@ -586,7 +593,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     try:
         if payload["sources"] is not None:  # None in bucket mode: the job deploys them itself
             src = os.path.join(scratch, ".vastaidask-sources.tar.xz")
-            _blob_to(blobs, payload["sources"], payload["blob_keys"][payload["sources"]], src, quota, stats, delivered)
+            _blob_to(blobs, payload["sources"], payload["blob_keys"][payload["sources"]], src, quota, stats)
             _extract(src, scratch)
             os.unlink(src)
         for rel, sha, kind, mtime_ns in payload["inputs"]:
@@ -594,12 +601,12 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             if kind == "dir":  # a tar whose member names are workdir-relative
                 tmp = os.path.join(scratch, f".vastaidask-{sha}.tar")
-                _blob_to(blobs, sha, payload["blob_keys"][sha], tmp, quota, stats, delivered)
+                _blob_to(blobs, sha, payload["blob_keys"][sha], tmp, quota, stats)
                 os.makedirs(dest, exist_ok=True)
                 _extract(tmp, scratch)
                 os.unlink(tmp)
             else:
-                _blob_to(blobs, sha, payload["blob_keys"][sha], dest, quota, stats, delivered)
+                _blob_to(blobs, sha, payload["blob_keys"][sha], dest, quota, stats)
             os.utime(dest, ns=(mtime_ns, mtime_ns))
         env = dict(os.environ)
         env.update(payload.get("env") or {})
