@@ -104,6 +104,7 @@ def ours(root: Path, jobs: int, seconds: float, boot_s: float) -> dict:
     return {"t0": t0, "t1": t1, "last": last, "first_reg": regs[0] if regs else None, "registered": len(regs),
             "regs_s": [round(t - t0, 1) for t in regs],
             "latency_s": sorted(t["latency_s"] for t in lines), "worker_s": sorted(t["seconds"] for t in lines),
+            "timeline": sorted((t["start"]["at"] - t0, t["done_at"] - t0, t["worker_name"][-1]) for t in lines),
             "rentals": len(rentals), "left": len(left),
             "per_worker": dict(Counter(t["worker_name"] for t in lines)),
             "starts": dict(Counter((t.get("start") or {}).get("mode", "?") for t in lines))}
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=24)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--boot", type=float, default=60.0)
+    parser.add_argument("--timeline", action="store_true", help="print when each job started and ended")
     parser.add_argument("--vastai-plugin", action="store_true",
                         help="also run snakemake-executor-plugin-vastai on a fresh emulator")
     a = parser.parse_args()
@@ -153,6 +155,9 @@ def main() -> None:
         print(f"  registrations at {r['regs_s']}s; job hand-off -> outputs here, median "
               f"{statistics.median(r['latency_s']):.2f}s (max {r['latency_s'][-1]:.1f}s), "
               f"of which on the worker {statistics.median(r['worker_s']):.2f}s")
+        if a.timeline:
+            for started, done, worker in r["timeline"]:
+                print(f"    worker {worker}: started {started:6.1f}s, outputs here {done:6.1f}s")
         if a.vastai_plugin:
             kinder = ""
             try:

@@ -467,6 +467,7 @@ class Executor(RemoteExecutor):
             "seconds": round(float(result.get("seconds", 0.0)), 3),
             "start": result.get("start"),
             "latency_s": round(latency_s, 3),
+            "done_at": round(time.time(), 3),
         }
         with open(self.transfer_log, "a") as f:
             f.write(json.dumps(line) + "\n")

@@ -542,7 +542,7 @@ def _start_job(payload: dict[str, Any], cwd: str, env: dict[str, str], log: Any,
             except BaseException:
                 job.close()
                 raise
-            return job, {"mode": "warm", "start_s": round(time.monotonic() - t0, 3)}
+            return job, {"mode": "warm", "start_s": round(time.monotonic() - t0, 3), "at": time.time()}
         except _WarmUnavailable as e:
             why = str(e)
     log.write(f"vastaidask: started plain (a fresh python -m snakemake): {why}\n".encode())
@@ -552,7 +552,8 @@ def _start_job(payload: dict[str, Any], cwd: str, env: dict[str, str], log: Any,
         cwd=cwd, env=env, stdout=log,
         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
     )
-    return _PlainJob(proc), {"mode": "plain", "why": why, "start_s": round(time.monotonic() - t0, 3)}
+    return _PlainJob(proc), {"mode": "plain", "why": why, "start_s": round(time.monotonic() - t0, 3),
+                             "at": time.time()}
 
 
 def _stop(job: _PlainJob | _WarmJob) -> int | None:
