@@ -314,13 +314,23 @@ class Executor(RemoteExecutor):
         """Hand queued jobs to Dask, GPU jobs only while GPUs (registered or booting) plus a
         margin are free: the first instance to boot must not take every queued job.
 
+        From a cold start (renting, no GPU registered or booting) the GPUs the default pool
+        may rent count as free: adapt rents from the jobs it sees, and seeing them all in its
+        first round it rents every instance in one batch, which boots together, instead of
+        "margin" more per round, each batch paced by Vast's create interval (P1: the last
+        two registered 3-4 s after the first two). No instance can take a job before it
+        registers; spreading them then is placement's.
+
         Jobs that cannot run anywhere land in ``self._refused`` (key -> why), for the status
         loop to report.
         """
         with self._dispatch_lock:
             if self._closed or not self._backlog:
                 return
-            slots = self.backend.gpu_slots() + max(0, self.settings.submit_margin)
+            slots = self.backend.gpu_slots()
+            if slots == 0 and self.backend.renting:
+                slots = float(max(1, self.settings.max_instances) * (self.settings.num_gpus or 1))
+            slots += max(0, self.settings.submit_margin)
             busy = sum(
                 j.resources.get("GPU", 0) for j in self._jobs.values() if j.future is not None
             )
