@@ -466,9 +466,15 @@ class _WarmRunner:
         self.proc = None
 
     def close(self) -> None:
-        """Called by the worker as it closes (``Worker.close`` closes its extensions)."""
-        with self.lock:
+        """Called by the worker as it closes (``Worker.close`` closes its extensions), on its
+        event loop: a job thread holding the lock (the runner still importing) is not waited for."""
+        locked = self.lock.acquire(timeout=1.0)
+        try:
+            self.broken = "this worker is closing"
             self._stop()
+        finally:
+            if locked:
+                self.lock.release()
 
 
 def _worker_runner(base: str) -> _WarmRunner:
