@@ -11,15 +11,12 @@ Snakemake's traps this class answers (each one found in snakemake's executor int
 - A task whose resources no worker has would wait forever: it fails at hand-off with the
   resources asked for and those the workers advertise.
 - ``future.cancel()`` lets a running subprocess finish: the task polls its own key on its
-  worker and kills the job's process group once it is cancelled.
-- The status thread starts before ``__post_init__`` and its first sleep would take
-  Snakemake's default (10 s): ``sleep`` keeps this executor's interval from the start, and
-  ends early when a job's task ends.
-- A job's ``python -m snakemake`` spends 2-3 s importing before it runs anything: the
-  payload carries the arguments apart (``warm_args``) so that each worker forks the job from
-  a process that imported snakemake once (``remote.py``), or says why it cannot. No ``Event`` or other
+  worker and kills the job's process group once it is cancelled. No ``Event`` or other
   client-side object is used inside tasks: the hosts of a dask-vastai cluster act only as
   workers (the cluster's ``allow_worker_clients`` stays off).
+- A job's ``python -m snakemake`` spends 2-3 s importing before it runs anything: the
+  payload carries the arguments apart (``warm_args``) so that each worker forks the job from
+  a process that imported snakemake once (``remote.py``), or says why it cannot.
 """
 
 from __future__ import annotations
@@ -226,17 +223,6 @@ class Executor(RemoteExecutor):
             return None, f"the job command does not start with {head!r}"
         return command[len(head) + 1:], ""
 
-    async def sleep(self) -> None:
-        """Until a job's task ends, at most the status interval: a finished job is reported (and
-        the next one handed over) at once, not at the next poll (0.25 s later on average,
-        per job of a chain)."""
-        ended = getattr(self, "_job_ended", None)
-        if ended is None:  # still in __post_init__
-            await asyncio.sleep(STATUS_INTERVAL_S)
-            return
-        await asyncio.to_thread(ended.wait, STATUS_INTERVAL_S)
-        ended.clear()  # before the check that follows, which sees every task ended so far
-
     def additional_general_args(self) -> str:
         """Software environments (``--sdm conda/apptainer``) are built once per worker, into a
         persistent prefix in its cache, not once per job in a scratch directory (the shell
@@ -363,11 +349,18 @@ class Executor(RemoteExecutor):
 
     # ---------------------------------------------------------------- status
     async def sleep(self) -> None:
-        """Between status checks, always ``STATUS_INTERVAL_S``: the status thread starts before
+        """Between status checks, at most ``STATUS_INTERVAL_S``: the status thread starts before
         ``__post_init__`` and would otherwise wait Snakemake's 10 s default after its first
         check, while the cluster starts, so that boot phases and the first finished jobs went
-        unseen for that long."""
-        await asyncio.sleep(STATUS_INTERVAL_S)
+        unseen for that long. It ends early when a job's task ends: a finished job is reported
+        (and the next one handed over) at once, not at the next poll (0.25 s later on average,
+        per job of a chain)."""
+        ended = getattr(self, "_job_ended", None)
+        if ended is None:  # still in __post_init__
+            await asyncio.sleep(STATUS_INTERVAL_S)
+            return
+        await asyncio.to_thread(ended.wait, STATUS_INTERVAL_S)
+        ended.clear()  # before the check that follows, which sees every task ended so far
 
     async def check_active_jobs(
         self, active_jobs: list[SubmittedJobInfo]

@@ -397,7 +397,7 @@ class _WarmRunner:
         )
         if differ:
             raise _WarmUnavailable(
-                f"the job sets {', '.join(differ)} unlike this worker, and an interpreter reads it as it starts"
+                f"the job's {', '.join(differ)} differs from the warm runner's, and an interpreter reads it as it starts"
             )
         ours, theirs = socket.socketpair()
         try:

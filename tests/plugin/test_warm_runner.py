@@ -34,7 +34,7 @@ rule all:
 rule work:
     output: "out/{i}.txt"
     resources: gpu=1
-    shell: "echo ${{WARM_TEST_VALUE:-unset}} {wildcards.i} $(basename $PWD) > {output}"
+    shell: "echo $(basename $VASTAIDASK_WORKER_CACHE) {wildcards.i} $(basename $PWD) > {output}"
 """
 
 
@@ -79,13 +79,12 @@ def worker_pids(address: str) -> list[int]:
 
 def test_jobs_start_warm_by_default_one_runner_per_worker(dask_pool: str, tmp_path: Path) -> None:
     (tmp_path / "Snakefile").write_text(_THREE_JOBS)
-    run = snakemake(tmp_path, dask_pool, "--envvars", "WARM_TEST_VALUE",
-                    env={"WARM_TEST_VALUE": "from-the-client"})
+    run = snakemake(tmp_path, dask_pool)
     assert run.returncode == 0, run.stderr[-4000:]
     for i in range(3):
-        # the job's environment and working directory are its own, as in a fresh start
-        value, index, cwd = (tmp_path / "out" / f"{i}.txt").read_text().split()
-        assert (value, index) == ("from-the-client", str(i))
+        # the job's environment (the worker's cache, set per job) and working directory are its own
+        cache, index, cwd = (tmp_path / "out" / f"{i}.txt").read_text().split()
+        assert cache in ("worker-0", "worker-1") and index == str(i)
         assert cwd.startswith("smk-"), cwd
     logs = job_logs(tmp_path)
     assert len(logs) == 3
@@ -101,35 +100,55 @@ def test_jobs_start_warm_by_default_one_runner_per_worker(dask_pool: str, tmp_pa
     assert sum(len(r) for r in runners.values()) >= 1
     # a second run on the same pool reuses the runners: no new process per job
     before = {r.pid for rs in runners.values() for r in rs}
-    again = snakemake(tmp_path, dask_pool, "--forceall", "--envvars", "WARM_TEST_VALUE",
-                      env={"WARM_TEST_VALUE": "again"})
+    again = snakemake(tmp_path, dask_pool, "--forceall")
     assert again.returncode == 0, again.stderr[-4000:]
     after = {r.pid for pid in pids for r in runners_of(pid)}
     assert before <= after and all(len(runners_of(pid)) <= 1 for pid in pids)
 
 
-@pytest.mark.parametrize(
-    ("args", "env", "why"),
-    [
-        (["--vastaidask-no-warm-start"], {}, "--vastaidask-no-warm-start"),
-        (["--sdm", "apptainer"], {}, "--software-deployment-method apptainer"),
-        # a job whose interpreter would start differently: PYTHONPATH is read at start-up
-        (["--envvars", "PYTHONPATH"], {"PYTHONPATH": f"{checkout_env()['PYTHONPATH']}{os.pathsep}/nonexistent"},
-         "the job sets PYTHONPATH"),
-    ],
-    ids=["no-warm-start", "sdm-apptainer", "other-pythonpath"],
-)
-def test_fresh_start_where_warm_cannot_be_used_says_why(dask_pool: str, tmp_path: Path, args: list[str],
-                                                        env: dict[str, str], why: str) -> None:
-    (tmp_path / "Snakefile").write_text(_THREE_JOBS)
-    run = snakemake(tmp_path, dask_pool, *args, env=env)
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert len(list((tmp_path / "out").glob("*.txt"))) == 3
-    for log in job_logs(tmp_path):
+def assert_started_plain(workdir: Path, why: str) -> None:
+    assert len(list((workdir / "out").glob("*.txt"))) == 3
+    for log in job_logs(workdir):
         first = log.splitlines()[0]
         assert first.startswith(PLAIN) and why in first, first
         assert WARM not in log
-    assert {s["mode"] for s in starts(tmp_path)} == {"plain"}
+    assert {s["mode"] for s in starts(workdir)} == {"plain"}
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--vastaidask-no-warm-start"], "--vastaidask-no-warm-start"),
+        (["--sdm", "apptainer"], "--software-deployment-method apptainer"),
+    ],
+    ids=["no-warm-start", "sdm-apptainer"],
+)
+def test_fresh_start_where_warm_cannot_be_used_says_why(dask_pool: str, tmp_path: Path, args: list[str],
+                                                        why: str) -> None:
+    (tmp_path / "Snakefile").write_text(_THREE_JOBS)
+    run = snakemake(tmp_path, dask_pool, *args)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert_started_plain(tmp_path, why)
+
+
+def test_a_job_whose_interpreter_would_start_differently_starts_fresh(dask_pool: str, tmp_path: Path) -> None:
+    """The runner imported under the worker's environment; a job seeing another PYTHON*
+    variable (read by an interpreter as it starts) gets an interpreter of its own."""
+    from distributed import Client
+
+    warm_up = tmp_path / "warm-up"
+    warm_up.mkdir()
+    (warm_up / "Snakefile").write_text(_THREE_JOBS)
+    assert snakemake(warm_up, dask_pool).returncode == 0  # both workers' runners started
+    with Client(dask_pool, set_as_default=False) as client:
+        client.run(lambda: os.environ.update(PYTHONWARNINGS="ignore::DeprecationWarning"))
+        try:
+            (tmp_path / "Snakefile").write_text(_THREE_JOBS)
+            run = snakemake(tmp_path, dask_pool)
+        finally:
+            client.run(lambda: os.environ.pop("PYTHONWARNINGS", None))
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert_started_plain(tmp_path, "the job's PYTHONWARNINGS differs from the warm runner's")
 
 
 def _started_job(workdir: Path, address: str) -> tuple[subprocess.Popen[str], int, psutil.Process]:
