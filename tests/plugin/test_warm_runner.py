@@ -234,3 +234,12 @@ def test_a_closed_worker_stops_its_runner(tmp_path: Path) -> None:
         (runner,) = runners_of(worker_pid)
     if not eventually(lambda: not alive(runner.pid), 20, interval_s=0.2):
         pytest.fail(f"the warm runner {runner.pid} outlived its closed worker")
+
+
+def test_a_failure_shows_the_jobs_own_lines_not_the_warm_start_note() -> None:
+    from snakemake_executor_plugin_vastaidask.joblog import job_output
+
+    log = "vastaidask: started warm (forked from this worker's warm snakemake runner)\nCUDA out of memory\n"
+    assert job_output(log, "smk-x-1-1") == "CUDA out of memory"
+    plain = "vastaidask: started plain (a fresh python -m snakemake): --vastaidask-no-warm-start\nboom\n"
+    assert "started plain" in job_output(plain, "smk-x-1-1"), "a fresh start's reason stays in view"
