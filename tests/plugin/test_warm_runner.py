@@ -98,6 +98,10 @@ def test_jobs_start_warm_by_default_one_runner_per_worker(dask_pool: str, tmp_pa
     runners = {pid: runners_of(pid) for pid in pids}
     assert all(len(r) <= 1 for r in runners.values()), runners
     assert sum(len(r) for r in runners.values()) >= 1
+    for runner in (r for rs in runners.values() for r in rs):
+        # reachable only through the socketpair its worker passed down: no port, no named socket
+        assert runner.net_connections(kind="inet") == []
+        assert all(not c.laddr and not c.raddr for c in runner.net_connections(kind="unix"))
     # a second run on the same pool reuses the runners: no new process per job
     before = {r.pid for rs in runners.values() for r in rs}
     again = snakemake(tmp_path, dask_pool, "--forceall")
