@@ -14,6 +14,9 @@ Snakemake's traps this class answers (each one found in snakemake's executor int
   worker and kills the job's process group once it is cancelled. No ``Event`` or other
   client-side object is used inside tasks: the hosts of a dask-vastai cluster act only as
   workers (the cluster's ``allow_worker_clients`` stays off).
+- A job's ``python -m snakemake`` spends 2-3 s importing before it runs anything: the
+  payload carries the arguments apart (``warm_args``) so that each worker forks the job from
+  a process that imported snakemake once (``remote.py``), or says why it cannot.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
 from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
+from snakemake_interface_executor_plugins.utils import join_cli_args
 
 from .joblog import (
     PREFIX,
@@ -142,6 +146,7 @@ class Executor(RemoteExecutor):
         quiet_dask_logs(not self.verbose)
         self.progress = RentalProgress()
         self._dispatch_lock = threading.Lock()
+        self._job_ended = threading.Event()
         self._jobs: dict[str, _Job] = {}
         self._backlog: deque[str] = deque()
         self._refused: dict[str, str] = {}
@@ -200,6 +205,24 @@ class Executor(RemoteExecutor):
     def format_job_exec(self, job: JobExecutorInterface) -> str:
         return strip_directory(super().format_job_exec(job))
 
+    def warm_start(self, command: str) -> tuple[str | None, str]:
+        """(the arguments after ``python -m snakemake`` in ``command``, "") for a job a worker's
+        warm runner can fork, else (None, why it starts as a fresh process)."""
+        if self.settings.no_warm_start:
+            return None, "--vastaidask-no-warm-start"
+        deployment = getattr(self.workflow.deployment_settings, "deployment_method", None) or ()
+        methods = sorted(m.name.lower() for m in deployment if m.name in ("CONDA", "APPTAINER"))
+        if methods:
+            return None, (f"--software-deployment-method {' '.join(methods)}: the job builds its "
+                          "environment with its own snakemake, which the warm runner leaves to a fresh one")
+        precommand = self.workflow.spawned_job_args_factory.precommand(executor_common_settings=self.common_settings)
+        if precommand:
+            return None, "a command runs before snakemake (--precommand, or sources deployed from the storage)"
+        head = join_cli_args([self.get_envvar_declarations(), self.get_python_executable(), "-m snakemake"])
+        if not command.startswith(head + " "):
+            return None, f"the job command does not start with {head!r}"
+        return command[len(head) + 1:], ""
+
     def additional_general_args(self) -> str:
         """Software environments (``--sdm conda/apptainer``) are built once per worker, into a
         persistent prefix in its cache, not once per job in a scratch directory (the shell
@@ -233,9 +256,14 @@ class Executor(RemoteExecutor):
                 inputs.append(self.stager.stage_path(self._relative(str(f), job)))
                 staged.append(inputs[-1].sha)
             shas = staged
+            command = self.format_job_exec(job)
+            warm_args, warm_refused = self.warm_start(command)
             payload = {
                 "key": key,
-                "command": self.format_job_exec(job),
+                "command": command,
+                "warm_args": warm_args,
+                "warm_refused": warm_refused,
+                "warm_python": self.get_python_executable(),
                 "sources": self.sources_sha,
                 "inputs": [[i.path, i.sha, i.kind, i.mtime_ns] for i in inputs],
                 "blob_keys": {sha: self.stager.key(sha) for sha in shas},
@@ -272,13 +300,23 @@ class Executor(RemoteExecutor):
         """Hand queued jobs to Dask, GPU jobs only while GPUs (registered or booting) plus a
         margin are free: the first instance to boot must not take every queued job.
 
+        From a cold start (renting, no GPU registered or booting) the GPUs the default pool
+        may rent count as free: adapt rents from the jobs it sees, and seeing them all in its
+        first round it rents every instance in one batch, which boots together, instead of
+        "margin" more per round, each batch paced by Vast's create interval (P1: the last
+        two registered 3-4 s after the first two). No instance can take a job before it
+        registers; spreading them then is placement's.
+
         Jobs that cannot run anywhere land in ``self._refused`` (key -> why), for the status
         loop to report.
         """
         with self._dispatch_lock:
             if self._closed or not self._backlog:
                 return
-            slots = self.backend.gpu_slots() + max(0, self.settings.submit_margin)
+            slots = self.backend.gpu_slots()
+            if slots == 0 and self.backend.renting:
+                slots = float(max(1, self.settings.max_instances) * (self.settings.num_gpus or 1))
+            slots += max(0, self.settings.submit_margin)
             busy = sum(
                 j.resources.get("GPU", 0) for j in self._jobs.values() if j.future is not None
             )
@@ -300,19 +338,29 @@ class Executor(RemoteExecutor):
                     self._refused[job.payload["key"]] = why
                     continue
                 busy += gpu
-                # Blobs still waiting in a task travel as dependencies; the others by key.
-                payload = {**job.payload, "blobs": self.stager.waiting(job.shas)}
+                # Blobs travel by key, never as dependencies, even those still in the task that
+                # holds them until a worker registers: a job waiting on a dependency is not
+                # "no-worker", so the GPU demand would not count it and a cold start would rent
+                # one instance for the blob task, the others only once it registered.
                 job.future = self.backend.client.submit(
-                    self._remote, payload, key=job.payload["key"], resources=resources, pure=False,
+                    self._remote, job.payload, key=job.payload["key"], resources=resources, pure=False,
                 )
+                job.future.add_done_callback(lambda _: self._job_ended.set())
 
     # ---------------------------------------------------------------- status
     async def sleep(self) -> None:
-        """Between status checks, always ``STATUS_INTERVAL_S``: the status thread starts before
+        """Between status checks, at most ``STATUS_INTERVAL_S``: the status thread starts before
         ``__post_init__`` and would otherwise wait Snakemake's 10 s default after its first
         check, while the cluster starts, so that boot phases and the first finished jobs went
-        unseen for that long."""
-        await asyncio.sleep(STATUS_INTERVAL_S)
+        unseen for that long. It ends early when a job's task ends: a finished job is reported
+        (and the next one handed over) at once, not at the next poll (0.25 s later on average,
+        per job of a chain)."""
+        ended = getattr(self, "_job_ended", None)
+        if ended is None:  # still in __post_init__
+            await asyncio.sleep(STATUS_INTERVAL_S)
+            return
+        await asyncio.to_thread(ended.wait, STATUS_INTERVAL_S)
+        ended.clear()  # before the check that follows, which sees every task ended so far
 
     async def check_active_jobs(
         self, active_jobs: list[SubmittedJobInfo]
@@ -420,7 +468,9 @@ class Executor(RemoteExecutor):
             "fetched": cache.get("fetched", []),
             "cache_hits": cache.get("hits", 0),
             "seconds": round(float(result.get("seconds", 0.0)), 3),
+            "start": result.get("start"),
             "latency_s": round(latency_s, 3),
+            "done_at": round(time.time(), 3),
         }
         with open(self.transfer_log, "a") as f:
             f.write(json.dumps(line) + "\n")

@@ -97,7 +97,9 @@ _CHATTER = re.compile(
     r"|Complete log\(s\): .*|Assuming unrestricted shared filesystem usage\."
     r"|Unable to retrieve additional files from git\..*"
     r"|RuleException:|WorkflowError:|At least one job did not complete successfully\."
-    r"|Waiting at most \d+ seconds for missing files\.?)$"
+    r"|Waiting at most \d+ seconds for missing files\.?"
+    # the worker's note on how the job started (remote.py), when it needs no reason
+    r"|vastaidask: started warm \(forked from this worker's warm snakemake runner\))$"
 )
 _REMOVING = re.compile(r"^Removing output files of failed job .*:$")
 

@@ -11,17 +11,21 @@ One job's life on the worker:
 
 1. Make a scratch directory; copy the sources archive and every input into it from the
    worker's content-addressed cache (``<cache>/blobs/<sha256>``). A blob missing from the
-   cache arrived as a task dependency (blobs still in a task when the job was handed over)
-   or is fetched under the key the client gave it, from the worker holding it: the
+   cache is fetched under the key the client gave it, from the worker holding it: the
    scheduler's ``who_has`` and the holder's ``get_data``, over this worker's own
-   connections. It is written to the cache (evicting least recently used blobs beyond the
+   connections (waiting, outside the worker's thread pool, for a blob still in the task
+   that holds it until a worker computes it). It is written to the cache (evicting least recently used blobs beyond the
    disk quota) and reported back as "fetched": a worker that already has a file never
    receives it again.
 2. Run ``python -m snakemake ... --mode remote`` (the client's command) in its own process
-   group, with the client's interpreter first on ``PATH`` and the job's environment. The
-   task polls its own key on its worker: once the client cancels it (or the worker
-   closes), the process group is killed (Dask's cancellation alone lets a running
-   subprocess finish).
+   group, with the client's interpreter first on ``PATH`` and the job's environment. By
+   default it is forked from this worker's warm runner (``warm_runner.py``: a process that
+   has already imported snakemake and its plugins, started on the worker's first job and
+   gone with the worker), which saves the 2-3 s an interpreter takes to import them; where
+   that cannot be used (see ``_warm_refusal``) the command starts as a fresh process, and
+   the job's log says which and why. The task polls its own key on its worker: once the
+   client cancels it (or the worker closes), the process group is killed (Dask's
+   cancellation alone lets a running subprocess finish).
 
 No client is made here (no ``get_client()``, ``Event`` or dataset): a dask-vastai cluster
 lets its hosts act only as workers, and this code must run there without the cluster's
@@ -35,12 +39,15 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from typing import Any
 
@@ -64,6 +71,29 @@ CANCEL_POLL_S = 0.5
 KILL_GRACE_S = 5.0
 #: how long a blob may be held by no worker (moving between workers) before the job fails
 BLOB_WAIT_S = 60.0
+
+
+def _source_of(name: str) -> str:
+    """The text of a file next to this module, read where the module is executed (the client):
+    it travels with the functions that reference it."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)) as f:
+        return f.read()
+
+
+#: the warm runner's program, run as ``python -c`` on the worker
+WARM_RUNNER_SOURCE = _source_of("warm_runner.py")
+#: its worker extension's name: a worker kept across runs starts a new runner for new code
+WARM_RUNNER_NAME = "vastaidask-warm-runner-" + hashlib.sha256(
+    (WARM_RUNNER_SOURCE + _source_of("remote.py")).encode()
+).hexdigest()[:12]
+#: seconds the runner may take to import snakemake and its plugins (a busy instance)
+WARM_READY_TIMEOUT_S = 120.0
+#: seconds from a job's request to the runner's fork
+WARM_FORK_TIMEOUT_S = 30.0
+#: a runner that died is started again this many times per worker, then jobs start plainly
+WARM_MAX_STARTS = 3
+#: environment variables an interpreter reads as it starts (a forked job would not see a change)
+WARM_STARTUP_VARS = ("PYTHON", "LD_")
 
 
 def _sha256_file(path: str) -> str:
@@ -119,10 +149,16 @@ def _cache_put(blobs: str, sha: str, data: bytes | None, src_path: str | None, q
 
 def _fetch_blob(key: str) -> Any:
     """The value of a staged blob's key, from the worker holding it, asked over this worker's
-    own connections (the scheduler's ``who_has``, the holder's ``get_data``), never a client."""
+    own connections (the scheduler's ``who_has``, the holder's ``get_data``), never a client.
+
+    A blob put before any worker registered sits in a task until a worker computes it, which
+    takes a thread of the pool: this task leaves the pool while it waits (``secede``), so a
+    worker with one thread is not stuck on itself. (The job does not depend on that task:
+    a GPU job waiting on a dependency is invisible to the GPU demand that rents instances.)
+    """
     import asyncio
 
-    from distributed import get_worker
+    from distributed import get_worker, rejoin, secede
     from distributed.utils import sync
     from distributed.worker import get_data_from_worker
 
@@ -145,13 +181,15 @@ def _fetch_blob(key: str) -> Any:
                 )
             await asyncio.sleep(0.5)
 
-    return sync(worker.loop, fetch)
+    secede()
+    try:
+        return sync(worker.loop, fetch)
+    finally:
+        rejoin()
 
 
-def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats: dict[str, Any],
-             delivered: dict[str, Any]) -> None:
-    """Put blob ``sha`` at ``dest``: from the cache when present, else from the cluster once
-    (``delivered``: blobs that came as task dependencies)."""
+def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats: dict[str, Any]) -> None:
+    """Put blob ``sha`` at ``dest``: from the cache when present, else from the cluster once."""
     cached = os.path.join(blobs, sha)
     lock_path = os.path.join(blobs, f"{sha}.lock")
     # One fetch per blob per worker even when several of its jobs start together.
@@ -165,7 +203,7 @@ def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats:
                 return
             except FileNotFoundError:
                 pass
-            data = delivered[sha] if sha in delivered else _fetch_blob(key)
+            data = _fetch_blob(key)
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise TypeError(f"staged blob {key} arrived as {type(data).__name__}, expected bytes")
             data = bytes(data)
@@ -237,15 +275,301 @@ def _cancelled() -> bool:
     return ts is None or ts.state in ("cancelled", "released", "forgotten")
 
 
-def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+class _WarmUnavailable(Exception):
+    """The warm runner cannot take this job; the message says why (it goes to the job's log)."""
+
+
+class _RunnerLost(Exception):
+    """The warm runner vanished while a job ran (the job's group kills itself then)."""
+
+
+class _PlainJob:
+    """A job started as a fresh process: the watchdog, in a process group of its own."""
+
+    def __init__(self, proc: "subprocess.Popen[bytes]") -> None:
+        self.proc = proc
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signum)
+
+    def close(self) -> None:
+        self.signal(signal.SIGKILL)  # a job's own children (a script's subprocesses) die with it
+
+
+class _WarmJob:
+    """A job forked by the warm runner, seen through its socket: its pid, then its exit code.
+
+    The runner signals the job's group on request and only while the job is unreaped, so a
+    reused pid is never hit; it also kills the group once the job exits, or once this socket
+    closes before that.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.pid: int | None = None
+
+    def _message(self, timeout: float) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(1 << 16)
+            except TimeoutError:
+                return None
+            except OSError as e:
+                raise _RunnerLost(str(e)) from None
+            if not data:
+                raise _RunnerLost("its socket closed")
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def start(self, argv: list[str], env: dict[str, str], cwd: str) -> None:
+        try:
+            self.sock.sendall(json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode() + b"\n")
+            reply = self._message(WARM_FORK_TIMEOUT_S)
+        except (OSError, _RunnerLost) as e:
+            raise _WarmUnavailable(f"the warm runner did not take the job ({e})") from None
+        if not reply or "pid" not in reply:
+            raise _WarmUnavailable(f"the warm runner did not fork the job within {WARM_FORK_TIMEOUT_S:.0f}s: {reply}")
+        self.pid = int(reply["pid"])
+
+    def wait(self, timeout: float) -> int | None:
+        reply = self._message(timeout)
+        return None if reply is None else int(reply["rc"])
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(json.dumps({"signal": int(signum)}).encode() + b"\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _WarmRunner:
+    """This worker's warm runner (``warm_runner.py``): started on the worker's first job, kept
+    in ``worker.extensions`` so that it closes with the worker; it also exits by itself when
+    the worker process dies (its end of the socketpair closes). One per worker, never shared.
+
+    A worker outlives a snakemake run, and each run's tasks bring their own copy of this
+    module's classes (by value): the object kept on the worker may be another run's copy, so
+    what it hands out is built-in (a socket, a reason), never one of its own exceptions.
+    """
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.control: socket.socket | None = None
+        self.env: dict[str, str] = {}
+        self.starts = 0
+        self.broken: str | None = None
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.base, "warm-runner.log")
+
+    def submit(self, env: dict[str, str], log_fd: int) -> tuple[socket.socket | None, str]:
+        """(a job socket to the running runner, started here if need be, with the log handed
+        over, "") or (None, why the runner cannot take it)."""
+        with self.lock:
+            try:
+                return self._submit(env, log_fd), ""
+            except _WarmUnavailable as e:
+                return None, str(e)
+
+    def _submit(self, env: dict[str, str], log_fd: int) -> socket.socket:
+        self._ensure_running()
+        differ = sorted(
+            k for k in set(env) | set(self.env)
+            if k.startswith(WARM_STARTUP_VARS) and env.get(k) != self.env.get(k)
+        )
+        if differ:
+            raise _WarmUnavailable(
+                f"the job's {', '.join(differ)} differs from the warm runner's, and an interpreter reads it as it starts"
+            )
+        ours, theirs = socket.socketpair()
+        try:
+            socket.send_fds(self.control, [b"J"], [theirs.fileno(), log_fd])
+        except OSError as e:
+            ours.close()
+            self._stop()
+            raise _WarmUnavailable(f"the warm runner stopped taking jobs ({e})") from None
+        finally:
+            theirs.close()
+        return ours
+
+    def _ensure_running(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        if self.proc is not None:
+            note = f"the warm runner exited with code {self.proc.returncode}"
+            self._stop()
+            if self.starts >= WARM_MAX_STARTS:
+                self.broken = f"{note}, {self.starts} times on this worker (its log: {self.log_path})"
+        if self.broken:
+            raise _WarmUnavailable(self.broken)
+        self.starts += 1
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        try:
+            with open(self.log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", WARM_RUNNER_SOURCE, str(theirs.fileno()), str(os.getpid())],
+                    pass_fds=[theirs.fileno()], cwd=self.base, env=env,
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                )
+        except OSError as e:
+            ours.close()
+            raise _WarmUnavailable(f"the warm runner could not start: {e}") from None
+        finally:
+            theirs.close()
+        self.proc, self.control, self.env = proc, ours, env
+        job = _WarmJob(ours)  # the same line framing, for the one startup message
+        try:
+            reply = job._message(WARM_READY_TIMEOUT_S)
+        except (_RunnerLost, ValueError):
+            reply = {}
+        if reply is None or not reply.get("ready"):
+            self._stop()
+            why = (reply or {}).get("error") or (
+                f"not ready within {WARM_READY_TIMEOUT_S:.0f}s" if reply is None else "it exited"
+            )
+            self.broken = f"the warm runner cannot start: {why} (its log: {self.log_path})"
+            raise _WarmUnavailable(self.broken)
+        ours.settimeout(None)
+
+    def _stop(self) -> None:
+        """Kill the runner (it kills its jobs' groups on SIGTERM) and reap it."""
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def close(self) -> None:
+        """Called by the worker as it closes (``Worker.close`` closes its extensions), on its
+        event loop: a job thread holding the lock (the runner still importing) is not waited for."""
+        locked = self.lock.acquire(timeout=1.0)
+        try:
+            self.broken = "this worker is closing"
+            self._stop()
+        finally:
+            if locked:
+                self.lock.release()
+
+
+def _worker_runner(base: str) -> _WarmRunner:
+    """This worker's warm runner, registered on first use; ``_WarmUnavailable`` outside a worker."""
     try:
-        proc.wait(timeout=KILL_GRACE_S)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=KILL_GRACE_S)
+        from distributed import get_worker
+        from distributed.utils import sync
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        raise _WarmUnavailable("not running in a Dask worker") from None
+    runner = worker.extensions.get(WARM_RUNNER_NAME)
+    if runner is None:
+        async def register() -> Any:  # on the worker's loop: it iterates its extensions there
+            return worker.extensions.setdefault(WARM_RUNNER_NAME, _WarmRunner(base))
+
+        try:
+            runner = sync(worker.loop, register)
+        except Exception as e:  # noqa: BLE001 - a closing worker: start plainly
+            raise _WarmUnavailable(f"the worker could not keep a warm runner ({e!r})") from None
+    return runner
+
+
+def _warm_refusal(payload: dict[str, Any], env: dict[str, str]) -> str | None:
+    """Why this job cannot be forked from the warm runner, or None when it can."""
+    if not payload.get("warm_args"):
+        return payload.get("warm_refused") or "the client asked for a plain start"
+    if not hasattr(os, "fork") or not hasattr(socket, "send_fds"):
+        return f"{sys.platform} has no fork or descriptor passing"
+    python = payload.get("warm_python") or "python"
+    found = python if os.sep in python else shutil.which(python, path=env.get("PATH"))
+    here = os.path.abspath(sys.executable)
+    if (
+        not found
+        or os.path.dirname(os.path.abspath(found)) != os.path.dirname(here)
+        or os.path.realpath(found) != os.path.realpath(here)
+    ):
+        return f"the job's {python} ({found}) is not the interpreter of this worker ({here})"
+    return None
+
+
+def _shell_words(args: str, cwd: str, env: dict[str, str]) -> list[str]:
+    """The arguments as ``/bin/sh`` splits and expands them in the plain start (quotes,
+    ``$VASTAIDASK_WORKER_CACHE``), from the shell itself: one ``printf`` per job."""
+    out = subprocess.run(
+        ["/bin/sh", "-c", "printf '%s\\0' " + args], cwd=cwd, env=env,
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+    )
+    if out.returncode != 0:
+        raise _WarmUnavailable(f"/bin/sh could not expand the job's arguments: {out.stderr.decode(errors='replace')}")
+    return [os.fsdecode(word) for word in out.stdout.split(b"\0")[:-1]]
+
+
+def _start_job(payload: dict[str, Any], cwd: str, env: dict[str, str], log: Any,
+               base: str) -> tuple[_PlainJob | _WarmJob, dict[str, Any]]:
+    """Start the job, forked from the warm runner where it can be, else as a fresh process;
+    the first line of its log says which (and why not warm)."""
+    t0 = time.monotonic()
+    why = _warm_refusal(payload, env)
+    if why is None:
+        try:
+            argv = _shell_words(payload["warm_args"], cwd, env)
+            sock, refused = _worker_runner(base).submit(env, log.fileno())
+            if sock is None:
+                raise _WarmUnavailable(refused)
+            job = _WarmJob(sock)
+            try:
+                log.write(b"vastaidask: started warm (forked from this worker's warm snakemake runner)\n")
+                log.flush()
+                job.start(argv, env, cwd)
+            except BaseException:
+                job.close()
+                raise
+            return job, {"mode": "warm", "start_s": round(time.monotonic() - t0, 3), "at": time.time()}
+        except _WarmUnavailable as e:
+            why = str(e)
+    log.write(f"vastaidask: started plain (a fresh python -m snakemake): {why}\n".encode())
+    log.flush()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WATCHDOG, str(os.getpid()), "/bin/sh", "-c", payload["command"]],
+        cwd=cwd, env=env, stdout=log,
+        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    return _PlainJob(proc), {"mode": "plain", "why": why, "start_s": round(time.monotonic() - t0, 3),
+                             "at": time.time()}
+
+
+def _stop(job: _PlainJob | _WarmJob) -> int | None:
+    """SIGTERM to the job's group, SIGKILL after a grace; its exit code once it is gone."""
+    job.signal(signal.SIGTERM)
+    rc = job.wait(KILL_GRACE_S)
+    if rc is None:
+        job.signal(signal.SIGKILL)
+        rc = job.wait(KILL_GRACE_S)
+    return rc
 
 
 def _worker_identity() -> tuple[str, str]:
@@ -269,7 +593,6 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     os.makedirs(blobs, exist_ok=True)
     quota = int(payload["cache_quota_bytes"])
     stats: dict[str, Any] = {"hits": 0, "fetched": [], "uncached": 0}
-    delivered = payload.get("blobs") or {}
     scratch = os.path.join(base, "jobs", payload["key"])
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch)
@@ -277,7 +600,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     try:
         if payload["sources"] is not None:  # None in bucket mode: the job deploys them itself
             src = os.path.join(scratch, ".vastaidask-sources.tar.xz")
-            _blob_to(blobs, payload["sources"], payload["blob_keys"][payload["sources"]], src, quota, stats, delivered)
+            _blob_to(blobs, payload["sources"], payload["blob_keys"][payload["sources"]], src, quota, stats)
             _extract(src, scratch)
             os.unlink(src)
         for rel, sha, kind, mtime_ns in payload["inputs"]:
@@ -285,48 +608,46 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             if kind == "dir":  # a tar whose member names are workdir-relative
                 tmp = os.path.join(scratch, f".vastaidask-{sha}.tar")
-                _blob_to(blobs, sha, payload["blob_keys"][sha], tmp, quota, stats, delivered)
+                _blob_to(blobs, sha, payload["blob_keys"][sha], tmp, quota, stats)
                 os.makedirs(dest, exist_ok=True)
                 _extract(tmp, scratch)
                 os.unlink(tmp)
             else:
-                _blob_to(blobs, sha, payload["blob_keys"][sha], dest, quota, stats, delivered)
+                _blob_to(blobs, sha, payload["blob_keys"][sha], dest, quota, stats)
             os.utime(dest, ns=(mtime_ns, mtime_ns))
         env = dict(os.environ)
         env.update(payload.get("env") or {})
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         env["VASTAIDASK_WORKER_CACHE"] = base  # persistent conda/apptainer prefixes live here
         log_path = os.path.join(base, "jobs", payload["key"] + ".out")
+        rc: int | None = None
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", WATCHDOG, str(os.getpid()), "/bin/sh", "-c", payload["command"]],
-                cwd=scratch, env=env, stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-            # No overall timeout here on purpose: a job runs as long as its rule needs;
-            # the loop ends when the process ends or the client cancels (or vanishes).
-            next_check = time.monotonic() + CANCEL_POLL_S
-            while proc.poll() is None:
-                time.sleep(0.05)
-                if time.monotonic() >= next_check:
-                    next_check = time.monotonic() + CANCEL_POLL_S
-                    if _cancelled():
+            job, result["start"] = _start_job(payload, scratch, env, log, base)
+            try:
+                # No overall timeout here on purpose: a job runs as long as its rule needs;
+                # the loop ends when the process ends or the client cancels (or vanishes).
+                while rc is None:
+                    rc = job.wait(CANCEL_POLL_S)
+                    if rc is None and _cancelled():
                         result["cancelled"] = True
-                        _kill_group(proc)
+                        rc = _stop(job)
                         break
-            # A job's own children (a script's subprocesses) die with it.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        result["rc"] = proc.returncode
+            except _RunnerLost as e:
+                log.write(f"vastaidask: the warm runner vanished while the job ran ({e}); "
+                          "the job's processes were killed with it\n".encode())
+                rc = -signal.SIGKILL
+            finally:
+                job.close()
+        result["rc"] = rc
         with open(log_path, "rb") as f:
             f.seek(max(0, os.path.getsize(log_path) - FULL_LOG_CAP_BYTES))
             text = f.read().decode(errors="replace")
         os.unlink(log_path)
         result["output"] = text
         result["log_tail"] = text[-LOG_TAIL_CHARS:]
-        wanted = payload["outputs"] + payload["logs"] if proc.returncode == 0 else payload["logs"]
+        wanted = payload["outputs"] + payload["logs"] if rc == 0 else payload["logs"]
         result["tar"], result["missing"] = _pack(scratch, wanted)
-        if proc.returncode == 0:
+        if rc == 0:
             _cache_outputs(scratch, payload["outputs"], blobs, quota)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -120,6 +120,12 @@ class ExecutorSettings(ExecutorSettingsBase):
         default=None,
         metadata={"help": "Cache directory on the workers (default ~/.cache/snakemake-vastaidask)."},
     )
+    no_warm_start: bool = field(
+        default=False,
+        metadata={"help": "Start every job as a fresh `python -m snakemake` (2-3 s of imports "
+                  "each) instead of forking it from the worker's warm runner, which imported "
+                  "snakemake once. The job's log says which start it got."},
+    )
     submit_margin: int = field(
         default=2,
         metadata={"help": "GPU jobs handed to Dask beyond the GPUs registered or booting, so "

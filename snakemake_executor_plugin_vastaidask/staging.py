@@ -3,8 +3,9 @@
 Every file a job needs (the workflow's source archive, each input) is named by its
 SHA-256. The bytes enter the cluster once per run under the key ``vastaidask-blob-<sha>``
 (scattered to a worker when one is registered, else as a task holding them, which the
-first worker to arrive computes); a job's payload names only the hashes and keys, plus, as
-task dependencies, the blobs still waiting in such a task. On the worker (``remote.py``)
+first worker to arrive computes); a job's payload names only the hashes and keys, never
+a blob's future (a dependency would keep a GPU job out of the demand that rents
+instances while the blob task waits for a worker). On the worker (``remote.py``)
 a blob already in the worker's disk cache is used as is, so a worker that has a file
 never receives it twice; a missing one is fetched by key from the worker holding it,
 through that worker's own connections (no client runs on a worker). Results come back as a tar that is unpacked here with tarfile's ``data``
@@ -119,13 +120,6 @@ class Stager:
                 if self._refs[sha] <= 0:
                     del self._refs[sha]
                     self._drop(sha)
-
-    def waiting(self, shas: Iterable[str]) -> dict[str, Any]:
-        """The futures of these blobs that no worker holds yet (still a task): a job gets them as
-        dependencies, so that it never starts before them and never waits for them."""
-        with self._lock:
-            futures = {sha: self._futures.get(sha) for sha in shas}
-        return {sha: f for sha, f in futures.items() if f is not None and f.status == "pending"}
 
     def release_all(self) -> None:
         """Forget every blob (the run is over)."""

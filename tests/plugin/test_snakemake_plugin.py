@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.checkout import EXAMPLE, checkout_env
+from tests.helpers.long_job import alive, long_job
 from tests.helpers.waiting import eventually
 
 
@@ -29,17 +30,6 @@ def snakemake(workdir: Path, *args: str, timeout: float = 120,
         [sys.executable, "-m", "snakemake", *args], cwd=workdir, env={**checkout_env(), **(env or {})},
         capture_output=True, text=True, timeout=timeout,
     )
-
-
-@pytest.fixture(scope="module")
-def dask_pool():
-    from distributed import LocalCluster
-
-    with LocalCluster(
-        n_workers=2, threads_per_worker=2, processes=True, dashboard_address=":0",
-        resources={"GPU": 1, "CPU": 2, "MEMORY": 8e9},
-    ) as cluster:
-        yield cluster.scheduler_address
 
 
 def _vastaidask(address: str, cache: Path, jobs: int = 4) -> list[str]:
@@ -139,26 +129,8 @@ def test_job_no_worker_can_run_fails_with_the_resources(dask_pool: str, tmp_path
     assert "no worker" in run.stderr and "'GPU': 8.0" in run.stderr, run.stderr[-3000:]
 
 
-def _long_job(workdir: Path) -> Path:
-    """A Snakefile whose one GPU job starts a child sleeping 300 s; the file the child's pid goes to."""
-    pidfile = workdir / "remote.pid"
-    (workdir / "Snakefile").write_text(
-        f'rule long:\n    output: "x"\n    resources: gpu=1\n'
-        f'    shell: "sleep 300 & echo $! > {pidfile}; wait"\n'
-    )
-    return pidfile
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_sigint_kills_the_remote_process_group(dask_pool: str, tmp_path: Path) -> None:
-    pidfile = _long_job(tmp_path)
+    pidfile = long_job(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "snakemake", *_vastaidask(dask_pool, tmp_path / "cache")],
         cwd=tmp_path, env=checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -170,7 +142,7 @@ def test_sigint_kills_the_remote_process_group(dask_pool: str, tmp_path: Path) -
         os.kill(pid, 0)  # running
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
-        if not eventually(lambda: not _alive(pid), 20, interval_s=0.2):
+        if not eventually(lambda: not alive(pid), 20, interval_s=0.2):
             pytest.fail(f"the job's child {pid} outlived Ctrl-C")
     finally:
         if proc.poll() is None:
@@ -180,7 +152,7 @@ def test_sigint_kills_the_remote_process_group(dask_pool: str, tmp_path: Path) -
 def test_a_killed_worker_takes_its_job_with_it(tmp_path: Path) -> None:
     from distributed import Client, LocalCluster
 
-    pidfile = _long_job(tmp_path)
+    pidfile = long_job(tmp_path)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
                       resources={"GPU": 1, "CPU": 1, "MEMORY": 8e9}) as cluster, Client(cluster) as client:
         proc = subprocess.Popen(
@@ -192,7 +164,7 @@ def test_a_killed_worker_takes_its_job_with_it(tmp_path: Path) -> None:
             pid = int(pidfile.read_text())
             worker_pid = next(iter(client.run(os.getpid).values()))
             os.kill(worker_pid, signal.SIGKILL)
-            if not eventually(lambda: not _alive(pid), 20, interval_s=0.2):
+            if not eventually(lambda: not alive(pid), 20, interval_s=0.2):
                 pytest.fail(f"the job's child {pid} outlived its SIGKILLed worker")
         finally:
             proc.kill()
