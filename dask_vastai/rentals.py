@@ -10,9 +10,12 @@ if the cluster object is gone.
 
 A bulk create carries one label for the whole batch (``dask-vastai:<cluster>:batch-<token>``,
 a token no other call shares) so that its rentals can be found whatever its answer says
-(:mod:`dask_vastai.vast.bulk`); each rental is then relabelled with its worker's name. A
-rental that shows up under a batch label after the batch was settled (a late row of an
-answer that said nothing) is destroyed by the poller: it is billed and nobody waits for it.
+(:mod:`dask_vastai.vast.bulk`); each rental is then relabelled with its worker's name, in the
+background: the label calls are paced (about 1 s apart), and nothing waits for them (the
+poller lists the cluster's prefix, which both labels share), so 16 rentals boot while their
+labels are written instead of 15 s after. A rental that shows up under a batch label after
+the batch was settled (a late row of an answer that said nothing) is destroyed by the poller:
+it is billed and nobody waits for it.
 """
 
 from __future__ import annotations
@@ -150,6 +153,8 @@ class RentalBroker:
         self._open_batches: set[str] = set()
         #: strays of those batches already destroyed (their rows may linger a while)
         self._swept: set[int] = set()
+        #: the per-worker labels being written behind the creates (nothing waits for them)
+        self._labelling: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ renting
     async def rent(
@@ -295,15 +300,33 @@ class RentalBroker:
             if not result.placed:
                 self._log(f"instance {result.instance_id} (found under {batch}: the bulk answer did not say "
                           f"for which offer) is adopted for {name}")
-        await asyncio.gather(
-            *(
-                self.api.label_instance(r, rental_label(self.cluster_name, name))
-                for (name, _), r in zip(pairs, out, strict=True)
-                if isinstance(r, int)
-            ),
-            return_exceptions=True,
-        )
+        labels = [(r, rental_label(self.cluster_name, name)) for (name, _), r in zip(pairs, out, strict=True)
+                  if isinstance(r, int)]
+        task = asyncio.create_task(self._write_labels(labels), name=f"label {batch}")
+        self._labelling.add(task)
+        task.add_done_callback(self._labelling.discard)
         return out
+
+    async def _write_labels(self, labels: list[tuple[int, str]]) -> None:
+        """Give each rental of a bulk create its worker's label, while the rentals boot.
+
+        One paced call each (the update endpoint, about 1 s apart). Until its call, a rental
+        keeps its batch label, under the same cluster prefix: the poller, ``dask-vastai ls``
+        and ``cleanup`` find it either way. A label that cannot be written is only logged.
+        """
+        for instance_id, label in labels:
+            record = self.records.get(instance_id)
+            if record is not None and record.destroyed_at is not None:
+                continue
+            try:
+                await self.api.label_instance(instance_id, label)
+            except VastError as e:
+                logger.info("instance %s keeps its batch label (writing %r failed: %s)", instance_id, label, e)
+
+    async def labels_written(self) -> None:
+        """Wait until the per-worker labels of every bulk create so far are written."""
+        while self._labelling:
+            await asyncio.gather(*list(self._labelling), return_exceptions=True)
 
     @staticmethod
     def _request_for(
@@ -516,7 +539,7 @@ class RentalBroker:
             with contextlib.suppress(BaseException):
                 await flush
         await self.destroy_all()
-        for task in (self._poller, self._destroy_flush):
+        for task in (self._poller, self._destroy_flush, *self._labelling):
             if task is not None and not task.done():
                 task.cancel()
 
