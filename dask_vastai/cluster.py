@@ -489,6 +489,10 @@ class VastAICluster(SpecCluster):
                 raise BootFailed(f"worker {name} could not start: {error}") from error
             instances = list(self.workers.values())
             if instances and all(isinstance(w, VastInstance) and w.registered_at is not None for w in instances):
+                # Each rental carries its worker's name once the cluster is up (`dask-vastai ls`);
+                # the label calls ran while the instances booted, so this rarely waits.
+                if self.broker is not None:
+                    await self.broker.labels_written()
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(
