@@ -12,6 +12,8 @@ from typing import Any
 from . import config  # noqa: F401  (registers the vastai: defaults with dask.config)
 from .exceptions import (  # the public errors
     BootFailed,
+    BudgetExceeded,
+    BudgetExhausted,
     ClusterNotAttachable,
     DaskVastAIError,
     EnvironmentMismatch,
@@ -38,6 +40,8 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "Secret", "VastAICluster", "__version__",
     "BootFailed",
+    "BudgetExceeded",
+    "BudgetExhausted",
     "ClusterNotAttachable",
     "DaskVastAIError",
     "EnvironmentMismatch",

@@ -30,9 +30,16 @@ from tornado.ioloop import PeriodicCallback
 
 from .adaptive import GPUAdaptive, GPUDemandPolicy, idle_timeout_s, ignored_keywords
 from .bootstrap import BootstrapConfig, onstart_script
+from .budget import BudgetGuard, SpendingCaps
 from .config import option
 from .environment import ClientEnvironment, InstanceEnvironment, python_option, split_env
-from .exceptions import BootFailed, ClusterNotAttachable, NoOfferAvailable
+from .exceptions import (
+    BootFailed,
+    BudgetExceeded,
+    BudgetExhausted,
+    ClusterNotAttachable,
+    NoOfferAvailable,
+)
 from .instance import ClusterContext, VastInstance
 from .offers import OfferPreview, no_match_message, preview_offers
 from .placement import GPUPlacement
@@ -82,6 +89,14 @@ allow_worker_clients:
     as workers. Turning it on lets every host run code on every other host and on this
     machine (the scheduler unpickles the task graphs a client sends), so turn it on only for
     hosts you trust as much as this machine.
+max_cost, max_hourly:
+    spending caps, in dollars as Vast's meter counts them (``dph_total`` per second, storage
+    included). ``max_cost``: for the cluster's whole life; closing starts when the spend plus
+    the $/h times the seconds to notice and destroy (``api-poll-interval`` +
+    ``spending.destroy-latency``) reaches it: every rental is destroyed, none is rented again,
+    and waiting tasks fail with ``BudgetExhausted``. ``max_hourly``: the $/h of all rentals
+    together; a rental that would pass it is refused (``BudgetExceeded``, naming the rate now).
+    Both hold for every rental: ``scale``, ``adapt`` and replacements alike.
 dashboard_address:
     where the scheduler's dashboard listens; default ``127.0.0.1:0``, this machine only
     (it is unauthenticated and shows logs, call stacks and tracebacks).
@@ -135,6 +150,8 @@ class VastAICluster(SpecCluster):
         name: str | None = None,
         allow_worker_clients: bool | None = None,
         pools: Sequence[Mapping[str, Any]] | None = None,
+        max_cost: float | None = None,
+        max_hourly: float | None = None,
         dashboard_address: str | None = None,
         scheduler_options: Mapping[str, Any] | None = None,
         asynchronous: bool = False,
@@ -155,6 +172,8 @@ class VastAICluster(SpecCluster):
                 f"boot_timeout={self.boot_timeout_s} and orphan_timeout={self.orphan_timeout_s} must be "
                 "positive numbers of seconds"
             )
+        #: the spending caps (None: none), held by the rental broker
+        self.caps = SpendingCaps.from_options(max_cost, max_hourly, check_interval_s=float(option("api-poll-interval")))
         cluster_name = option("name", name) or f"c{uuid.uuid4().hex[:8]}"
         if ":" in cluster_name or not cluster_name.strip():
             raise ValueError(f"name={cluster_name!r}: a cluster name cannot be empty or contain ':'")
@@ -204,6 +223,7 @@ class VastAICluster(SpecCluster):
         # Refuses a worker whose versions differ from this client's; warns of late imports.
         scheduler_opts["plugins"] = [*scheduler_opts.get("plugins", ()), *self.environment.scheduler_plugins]
         self.broker: RentalBroker | None = None
+        self._budget_guard: BudgetGuard | None = None
         self.hub: TunnelHub | None = None
         self.context: ClusterContext | None = None
         self._quiet = quiet
@@ -214,6 +234,8 @@ class VastAICluster(SpecCluster):
             message_every_s=float(option("progress.message-every")),
         )
         self._cluster_widget: ClusterWidget | None = None
+        #: the last rental a spending cap refused (raised by the first wait)
+        self._refused: BudgetExceeded | None = None
         # Here, on the caller's (normally the main) thread, where signal handlers can be set.
         LEDGER.install_handlers()
         try:
@@ -253,10 +275,12 @@ class VastAICluster(SpecCluster):
         self.broker = RentalBroker(
             self.api, cluster_name=self.name, requirements=default.requirements,
             create_request=default.create_request, poll_interval_s=float(option("api-poll-interval")),
-            log=self.log,
+            log=self.log, caps=self.caps, on_exhausted=self._on_budget_exhausted,
         )
         self.scheduler.add_plugin(ResourceGuard(self.scheduler, self.pools.values))
         GPUPlacement.install(self.scheduler)
+        self._budget_guard = BudgetGuard(self.scheduler)
+        self.scheduler.add_plugin(self._budget_guard)
         self.context = ClusterContext(
             broker=self.broker,
             hub=self.hub,
@@ -284,14 +308,21 @@ class VastAICluster(SpecCluster):
             self._add_instance(DEFAULT_POOL)
 
     async def _check_account_and_offers(self) -> None:
-        """Fail at construction, with a sentence, on a rejected key or a query nothing matches."""
+        """Fail at construction, with a sentence, on a rejected key, a query nothing matches, or
+        spending caps that the first instances (at least one) on the cheapest offers would pass."""
         await self.api.current_user()
-        if self._initial_n:
-            preview = await self._offers()
-            if not preview.offers:
-                requirements = self.pools.default.requirements
-                nearest = await nearest_offers(self.api, requirements)
-                raise NoOfferAvailable(no_match_message(requirements, preview.query, nearest))
+        if not self._initial_n and self.caps is None:
+            return
+        preview = await preview_offers(self.api, self.pools.default.requirements, limit=max(10, self._initial_n))
+        if not preview.offers:
+            if not self._initial_n:
+                return  # nothing is rented now; an offer may match by the time one is wanted
+            requirements = self.pools.default.requirements
+            nearest = await nearest_offers(self.api, requirements)
+            raise NoOfferAvailable(no_match_message(requirements, preview.query, nearest))
+        why = self.caps.start_refusal(self._initial_n, [o.dph_total for o in preview.offers]) if self.caps else None
+        if why is not None:
+            raise BudgetExceeded(why)
 
     def log(self, message: str) -> None:
         """A line in the cluster's log (``get_logs()``), shown unless ``quiet``."""
@@ -330,6 +361,12 @@ class VastAICluster(SpecCluster):
 
     def _on_boot_outcome(self, instance: str, pool: str, error: BaseException | None) -> None:
         """An instance registered (``error=None``: how long it took counts) or gave up booting: drop its spec."""
+        if isinstance(error, BudgetExceeded):
+            # Refused by a spending cap (the broker said why): no machine failed, nothing was rented.
+            self._refused = error
+            self.worker_spec.pop(instance, None)
+            self.loop.add_callback(self._correct_state)
+            return
         worker = self.workers.get(instance)
         record = worker.record if isinstance(worker, VastInstance) else None
         boot_s = time.time() - record.rented_at if error is None and record is not None else None
@@ -363,6 +400,8 @@ class VastAICluster(SpecCluster):
         if memory is not None or cores is not None:
             raise ValueError("scale(memory=/cores=) is not supported: scale counts instances; pick a pool shape")
         n = self._instances_wanted(n, instances=instances, jobs=jobs, workers=workers, pool=pool)
+        if n and self.broker is not None and self.broker.exhausted is not None:
+            raise self.broker.exhausted
         pool_name = self.pools.get(pool).name
         names = self.pool_instances(pool_name)
         if len(names) > n:
@@ -419,6 +458,8 @@ class VastAICluster(SpecCluster):
                 "adapt() ignores " + "; ".join(f"{k} ({why})" for k, why in ignored.items()),
                 UserWarning, stacklevel=2,
             )
+        if self.broker is not None and self.broker.exhausted is not None:
+            raise self.broker.exhausted
         pool_name = self.pools.get(pool).name
         interval_s = parse_timedelta(option("adapt.interval", interval))
         policy = GPUDemandPolicy(
@@ -439,11 +480,19 @@ class VastAICluster(SpecCluster):
         await self._correct_state()
         deadline = time.monotonic() + self.boot_timeout_s * 1.5 + 30
         while True:
+            if self._refused is not None:
+                raise self._refused
+            if self.broker is not None and self.broker.exhausted is not None:
+                raise self.broker.exhausted
             if self.pools.boot_errors:
                 name, error = next(iter(self.pools.boot_errors.items()))
                 raise BootFailed(f"worker {name} could not start: {error}") from error
             instances = list(self.workers.values())
             if instances and all(isinstance(w, VastInstance) and w.registered_at is not None for w in instances):
+                # Each rental carries its worker's name once the cluster is up (`dask-vastai ls`);
+                # the label calls ran while the instances booted, so this rarely waits.
+                if self.broker is not None:
+                    await self.broker.labels_written()
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(
@@ -517,6 +566,28 @@ class VastAICluster(SpecCluster):
     def hourly_rate(self) -> float:
         """Dollars per hour of the rentals alive now."""
         return self.broker.hourly_rate_usd if self.broker else 0.0
+
+    @property
+    def budget_left_usd(self) -> float | None:
+        """Dollars left of ``max_cost`` (None without one): the widget's "budget left"."""
+        if self.caps is None:
+            return None
+        return self.broker.budget_left_usd if self.broker is not None else self.caps.left_usd(0.0)
+
+    @property
+    def max_hourly_usd(self) -> float | None:
+        """The ``max_hourly`` cap ($/h of all rentals together), or None."""
+        return self.caps.max_hourly_usd if self.caps is not None else None
+
+    def _on_budget_exhausted(self, error: BudgetExhausted) -> None:
+        """``max_cost`` is reached (the broker is destroying every rental): stop asking for more,
+        fail the tasks that wait for a worker (and every later one), let the instances go."""
+        for adaptive in self._adaptives.values():
+            adaptive.stop()
+        if self._budget_guard is not None:
+            self._budget_guard.exhaust(error)
+        self.worker_spec.clear()
+        self.loop.add_callback(self._correct_state)
 
     @property
     def instances(self) -> InstanceTable:

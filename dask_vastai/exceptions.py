@@ -15,6 +15,8 @@ from typing import Any
 
 __all__ = [
     "BootFailed",
+    "BudgetExceeded",
+    "BudgetExhausted",
     "ClusterNotAttachable",
     "DaskVastAIError",
     "EnvironmentMismatch",
@@ -120,6 +122,19 @@ class ClusterNotAttachable(DaskVastAIError, NotImplementedError):
 
 class ImpossibleResources(DaskVastAIError):
     """A task asks for resources no pool of the cluster can provide."""
+
+
+# ------------------------------------------------------------------ spending caps
+class BudgetExceeded(DaskVastAIError, RuntimeError):
+    """A rental was refused: it would take the cluster past ``max_hourly`` or ``max_cost``.
+
+    The message names the cap, the cluster's rate or spend now and the offer's rate.
+    """
+
+
+class BudgetExhausted(BudgetExceeded):
+    """The cluster's ``max_cost`` is reached: its rentals were destroyed, and every task that
+    was still queued or running fails with this error (the message names the cap)."""
 
 
 # ------------------------------------------------------------------ the SSH link

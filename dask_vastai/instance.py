@@ -38,7 +38,14 @@ from .bootstrap import (
 )
 from .config import option
 from .environment import CudaVersion, InstanceEnvironment, SecretEnv, driver_cuda
-from .exceptions import BootFailed, EnvironmentMismatch, PortBusy, SSHUnreachable, VastError
+from .exceptions import (
+    BootFailed,
+    BudgetExceeded,
+    EnvironmentMismatch,
+    PortBusy,
+    SSHUnreachable,
+    VastError,
+)
 from .pools import POOL_RESOURCE_CAPACITY, Pool
 from .rentals import RentalBroker, RentalRecord
 from .roles import WORKER_ARGS, WORKER_CLIENTS_ENV
@@ -113,7 +120,13 @@ class VastInstance(ProcessInterface):
 
     # ----------------------------------------------------------------- start
     async def start(self) -> None:
-        self.record = await self._rent()
+        try:
+            self.record = await self._rent()
+        except BudgetExceeded as e:
+            # Raising here would leave SpecCluster holding a worker that never starts.
+            self._refused(e)
+            await super().start()
+            return
         self._enter(Phase.LOADING)
         self._boot = asyncio.create_task(self._bring_up(), name=f"boot {self.name}")
         await super().start()
@@ -143,8 +156,19 @@ class VastInstance(ProcessInterface):
                         self.context.on_boot_outcome(self.name, self.pool.name, e)
                     return
                 self._enter(Phase.RENTING)
-                self.record = await self._rent()
+                try:
+                    self.record = await self._rent()
+                except BudgetExceeded as refused:
+                    self.status = Status.failed
+                    self._refused(refused)
+                    return
                 self._enter(Phase.LOADING)
+
+    def _refused(self, error: BudgetExceeded) -> None:
+        """A spending cap refused this instance's rental: nothing was rented; the cluster drops it."""
+        self._enter(Phase.FAILED, str(error))
+        if self.context.on_boot_outcome is not None:
+            self.context.on_boot_outcome(self.name, self.pool.name, error)
 
     async def _boot_once(self, record: RentalRecord) -> None:
         ctx = self.context

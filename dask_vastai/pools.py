@@ -399,18 +399,25 @@ class ResourceGuard(SchedulerPlugin):
         asyncio.get_running_loop().call_soon(self._fail, key, message)
 
     def _fail(self, key: Any, message: str) -> None:
-        scheduler = self.scheduler
-        ts = scheduler.tasks.get(key)
-        if ts is None or ts.state != "no-worker":
-            return
-        logger.warning("failing task %s: %s", key, message)
-        stimulus_id = f"dask-vastai-impossible-{key}"
-        recommendations = scheduler.transition(
-            key,
-            "erred",
-            stimulus_id=stimulus_id,
-            cause=key,
-            exception=pickle.dumps(ImpossibleResources(message)),
-            exception_text=message,
-        )
-        scheduler.transitions(recommendations, stimulus_id)
+        if fail_task(self.scheduler, key, ImpossibleResources(message), states=("no-worker",),
+                     stimulus=f"dask-vastai-impossible-{key}"):
+            logger.warning("failing task %s: %s", key, message)
+
+
+def fail_task(scheduler: Any, key: Any, error: Exception, *, states: Sequence[str], stimulus: str) -> bool:
+    """Err the task ``key`` with ``error`` (what its future raises) if it is in one of ``states``.
+
+    Waiting tasks (``no-worker``, ``queued``) only: the scheduler's own transition to
+    ``erred`` then also errs every task depending on it. Not to be called from inside a
+    transition (a plugin's ``transition`` hook defers it with ``call_soon``). True when it
+    erred the task.
+    """
+    ts = scheduler.tasks.get(key)
+    if ts is None or ts.state not in states:
+        return False
+    text = str(error)
+    recommendations = scheduler.transition(
+        key, "erred", stimulus_id=stimulus, cause=key, exception=pickle.dumps(error), exception_text=text,
+    )
+    scheduler.transitions(recommendations, stimulus)
+    return True

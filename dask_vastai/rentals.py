@@ -10,15 +10,24 @@ if the cluster object is gone.
 
 A bulk create carries one label for the whole batch (``dask-vastai:<cluster>:batch-<token>``,
 a token no other call shares) so that its rentals can be found whatever its answer says
-(:mod:`dask_vastai.vast.bulk`); each rental is then relabelled with its worker's name. A
-rental that shows up under a batch label after the batch was settled (a late row of an
-answer that said nothing) is destroyed by the poller: it is billed and nobody waits for it.
+(:mod:`dask_vastai.vast.bulk`); each rental is then relabelled with its worker's name, in the
+background: the label calls are paced (about 1 s apart), and nothing waits for them (the
+poller lists the cluster's prefix, which both labels share), so 16 rentals boot while their
+labels are written instead of 15 s after. A rental that shows up under a batch label after
+the batch was settled (a late row of an answer that said nothing) is destroyed by the poller:
+it is billed and nobody waits for it.
+
+Spending caps (:mod:`dask_vastai.budget`) act here, on every rental whoever asks for it: a
+create that would pass ``max_hourly`` or ``max_cost`` is not sent (:class:`BudgetExceeded`),
+and once ``max_cost`` is near every rental is destroyed and no more are made
+(:class:`BudgetExhausted`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import secrets
@@ -28,8 +37,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .bootstrap import HOST_KEYS_MARK, parse_host_keys
+from .budget import SpendingCaps
 from .config import option
-from .exceptions import BootFailed, NoOfferAvailable, OfferUnavailable, VastError
+from .exceptions import (
+    BootFailed,
+    BudgetExceeded,
+    BudgetExhausted,
+    NoOfferAvailable,
+    OfferUnavailable,
+    VastError,
+)
 from .labels import cluster_label_prefix, rental_label
 from .offers import OfferRequirements, no_match_message
 from .safety import LEDGER
@@ -71,7 +88,10 @@ class RentalRecord:
 
     @property
     def cost_usd(self) -> float:
-        return self.dph_total * self.uptime_s / 3600.0
+        """Everything this rental is billed so far: its ``dph_total`` over its uptime (storage
+        included), plus what any other meter of the record reports (bandwidth, as
+        ``bandwidth_cost_usd``). The cluster's cost and its spending caps count this one number."""
+        return self.dph_total * self.uptime_s / 3600.0 + float(getattr(self, "bandwidth_cost_usd", 0.0) or 0.0)
 
     @property
     def state(self) -> str:
@@ -126,6 +146,8 @@ class RentalBroker:
         poll_interval_s: float = 2.0,
         batch_window_s: float = 0.2,
         log: Callable[[str], None] | None = None,
+        caps: SpendingCaps | None = None,
+        on_exhausted: Callable[[BudgetExhausted], None] | None = None,
     ) -> None:
         self.api = api
         self.cluster_name = cluster_name
@@ -150,6 +172,19 @@ class RentalBroker:
         self._open_batches: set[str] = set()
         #: strays of those batches already destroyed (their rows may linger a while)
         self._swept: set[int] = set()
+        #: the per-worker labels being written behind the creates (nothing waits for them)
+        self._labelling: set[asyncio.Task[None]] = set()
+        #: the spending caps (None: none), and what happens once max_cost is reached
+        self.caps = caps
+        self._on_exhausted = on_exhausted
+        #: set once max_cost is reached: every rental destroyed, no new one
+        self.exhausted: BudgetExhausted | None = None
+        self._budget_watch: asyncio.Task[None] | None = None
+        #: creates in flight: (their offers' $/h, when sent); billed before their rentals are known
+        self._in_flight: dict[int, tuple[list[float], float]] = {}
+        self._flights = itertools.count()
+        #: the last refusal logged (the same one is not repeated at every adapt round)
+        self._last_refusal: tuple[str, float] | None = None
 
     # ------------------------------------------------------------------ renting
     async def rent(
@@ -162,6 +197,8 @@ class RentalBroker:
 
         ``requirements``/``create_request`` select a pool's shape (default: the broker's own).
         """
+        if self.exhausted is not None:
+            raise self.exhausted
         fut: asyncio.Future[RentalRecord] = asyncio.get_running_loop().create_future()
         shape = (requirements or self.requirements, create_request or self.create_request)
         self._rent_queue.append((worker_name, shape, fut))
@@ -193,7 +230,10 @@ class RentalBroker:
                 raise
             return
         for (_, _, fut), record in zip(group, records, strict=True):
-            if fut.cancelled():
+            if isinstance(record, BaseException):
+                if not fut.done():
+                    fut.set_exception(record)
+            elif fut.cancelled():
                 # The waiter went away (its start was cancelled): nothing will use this rental.
                 asyncio.create_task(self.destroy(record.instance_id))
             else:
@@ -201,17 +241,31 @@ class RentalBroker:
 
     async def _rent_batch(
         self, names: list[str], requirements: OfferRequirements, create_request: CreateRequest
-    ) -> list[RentalRecord]:
-        """Rent one instance per name, taking the next offers when some are gone (races)."""
+    ) -> list[RentalRecord | BudgetExceeded]:
+        """Rent one instance per name, taking the next offers when some are gone (races).
+
+        A name whose rental would pass a spending cap gets a :class:`BudgetExceeded` instead
+        (the cheapest offers go first, so as many as fit are rented).
+        """
         rented: dict[str, RentalRecord] = {}
+        refused: dict[str, BudgetExceeded] = {}
         for _attempt in range(4):
-            wanted = [n for n in names if n not in rented]
+            wanted = [n for n in names if n not in rented and n not in refused]
             if not wanted:
                 break
             offers = await self._candidate_offers(len(wanted), requirements)
-            pairs = list(zip(wanted, offers, strict=True))
+            pairs = self._within_caps(list(zip(wanted, offers, strict=True)), refused)
+            if not pairs:
+                break
             self._tried_offers.update(offer.id for _, offer in pairs)
-            results = await self._create(pairs, requirements, create_request)
+            # Vast's meter starts while it answers the create: counted from before it is sent.
+            sent = time.time()
+            flight = next(self._flights)
+            self._in_flight[flight] = ([o.dph_total for _, o in pairs], sent)
+            try:
+                results = await self._create(pairs, requirements, create_request)
+            finally:
+                del self._in_flight[flight]
             for (name, offer), result in zip(pairs, results, strict=True):
                 if isinstance(result, OfferUnavailable):
                     logger.info("offer %s was taken before we rented it; trying another", offer.id)
@@ -225,11 +279,15 @@ class RentalBroker:
                     worker_name=name,
                     offer=offer,
                     dph_total=offer.dph_total,
-                    rented_at=time.time(),
+                    rented_at=sent,
                 )
                 self.records[result] = record
                 rented[name] = record
-        missing = [n for n in names if n not in rented]
+            if self.exhausted is not None:
+                # max_cost was reached while this create ran: what it made is destroyed at once.
+                await self._destroy_now([r.instance_id for r in rented.values()])
+                raise self.exhausted
+        missing = [n for n in names if n not in rented and n not in refused]
         if missing:
             await self._destroy_now([r.instance_id for r in rented.values()])
             raise NoOfferAvailable(
@@ -241,8 +299,35 @@ class RentalBroker:
                 f"rented instance {record.instance_id} ({record.offer.num_gpus}x {record.offer.gpu_name}, "
                 f"${record.dph_total:.3f}/h, {record.offer.geolocation}) for {record.worker_name}"
             )
-        self._ensure_poller()
-        return [rented[n] for n in names]
+        if rented:
+            self._ensure_poller()
+            self._ensure_budget_watch()
+        return [rented.get(n) or refused[n] for n in names]
+
+    def _within_caps(
+        self, pairs: list[tuple[str, Offer]], refused: dict[str, BudgetExceeded]
+    ) -> list[tuple[str, Offer]]:
+        """The (worker, offer) pairs the spending caps allow, in order; the others go to ``refused``."""
+        if self.exhausted is not None:
+            raise self.exhausted
+        if self.caps is None:
+            return pairs
+        spent, rates = self.cost_usd, self._rates_dph()
+        allowed = []
+        for name, offer in pairs:
+            refusal = self.caps.refusal(spent, rates, offer.dph_total)
+            if refusal is None:
+                allowed.append((name, offer))
+                rates.append(offer.dph_total)
+                continue
+            cap, why = refusal
+            refused[name] = BudgetExceeded(f"{name} not rented: {why}")
+            # Told once per cap and rate, not at every adapt round that asks again.
+            if (cap, round(sum(rates), 6)) != self._last_refusal:
+                self._last_refusal = (cap, round(sum(rates), 6))
+                logger.warning("not renting %s: %s", name, why)
+                self._log(f"WARNING not renting {name}: {why}")
+        return allowed
 
     async def _candidate_offers(self, count: int, req: OfferRequirements) -> list[Offer]:
         offers = await self.api.search_offers(
@@ -295,15 +380,33 @@ class RentalBroker:
             if not result.placed:
                 self._log(f"instance {result.instance_id} (found under {batch}: the bulk answer did not say "
                           f"for which offer) is adopted for {name}")
-        await asyncio.gather(
-            *(
-                self.api.label_instance(r, rental_label(self.cluster_name, name))
-                for (name, _), r in zip(pairs, out, strict=True)
-                if isinstance(r, int)
-            ),
-            return_exceptions=True,
-        )
+        labels = [(r, rental_label(self.cluster_name, name)) for (name, _), r in zip(pairs, out, strict=True)
+                  if isinstance(r, int)]
+        task = asyncio.create_task(self._write_labels(labels), name=f"label {batch}")
+        self._labelling.add(task)
+        task.add_done_callback(self._labelling.discard)
         return out
+
+    async def _write_labels(self, labels: list[tuple[int, str]]) -> None:
+        """Give each rental of a bulk create its worker's label, while the rentals boot.
+
+        One paced call each (the update endpoint, about 1 s apart). Until its call, a rental
+        keeps its batch label, under the same cluster prefix: the poller, ``dask-vastai ls``
+        and ``cleanup`` find it either way. A label that cannot be written is only logged.
+        """
+        for instance_id, label in labels:
+            record = self.records.get(instance_id)
+            if record is not None and record.destroyed_at is not None:
+                continue
+            try:
+                await self.api.label_instance(instance_id, label)
+            except VastError as e:
+                logger.info("instance %s keeps its batch label (writing %r failed: %s)", instance_id, label, e)
+
+    async def labels_written(self) -> None:
+        """Wait until the per-worker labels of every bulk create so far are written."""
+        while self._labelling:
+            await asyncio.gather(*list(self._labelling), return_exceptions=True)
 
     @staticmethod
     def _request_for(
@@ -516,15 +619,68 @@ class RentalBroker:
             with contextlib.suppress(BaseException):
                 await flush
         await self.destroy_all()
-        for task in (self._poller, self._destroy_flush):
+        for task in (self._poller, self._destroy_flush, self._budget_watch, *self._labelling):
             if task is not None and not task.done():
                 task.cancel()
 
     # ------------------------------------------------------------------ money
     @property
     def cost_usd(self) -> float:
-        return sum(r.cost_usd for r in self.records.values())
+        """Dollars billed so far: every rental's :attr:`RentalRecord.cost_usd`, and creates in flight."""
+        now = time.time()
+        flying = sum(sum(dphs) * max(0.0, now - sent) / 3600.0 for dphs, sent in self._in_flight.values())
+        return sum(r.cost_usd for r in self.records.values()) + flying
 
     @property
     def hourly_rate_usd(self) -> float:
-        return sum(r.dph_total for r in self.records.values() if r.destroyed_at is None)
+        """$/h of the rentals alive now (and of the creates in flight)."""
+        return sum(self._rates_dph())
+
+    def _rates_dph(self) -> list[float]:
+        """The $/h of each rental alive now, and of each one a create in flight may be making."""
+        return ([r.dph_total for r in self.records.values() if r.destroyed_at is None]
+                + [dph for dphs, _ in self._in_flight.values() for dph in dphs])
+
+    @property
+    def budget_left_usd(self) -> float | None:
+        """Dollars left of ``max_cost``; None without one."""
+        return None if self.caps is None else self.caps.left_usd(self.cost_usd)
+
+    def _ensure_budget_watch(self) -> None:
+        if self.caps is not None and self.caps.max_cost_usd is not None and self.exhausted is None and (
+                self._budget_watch is None or self._budget_watch.done()):
+            self._budget_watch = asyncio.create_task(self._watch_budget(), name=f"budget {self.cluster_name}")
+
+    async def _watch_budget(self) -> None:
+        """Every check interval: close before ``max_cost`` can be passed (see :mod:`dask_vastai.budget`)."""
+        assert self.caps is not None
+        while self.exhausted is None:
+            why = self.caps.exhausted(self.cost_usd, self._rates_dph())
+            if why is not None:
+                await self._exhaust(BudgetExhausted(why))
+                return
+            await asyncio.sleep(self.caps.check_interval_s)
+
+    async def _exhaust(self, error: BudgetExhausted) -> None:
+        """Refuse every rental from now on, destroy all there are, and tell the cluster."""
+        self.exhausted = error
+        alive = [i for i, r in self.records.items() if r.destroyed_at is None]
+        # The destroy goes out first: every second it waits is billed.
+        destroying = asyncio.create_task(self._destroy_now(alive))
+        logger.warning("%s", error)
+        self._log(f"WARNING {error}")
+        if self._on_exhausted is not None:
+            try:
+                self._on_exhausted(error)
+            except Exception:  # noqa: BLE001 - the destroys must go on whatever the cluster does
+                logger.exception("reacting to the exhausted budget failed")
+        while True:
+            try:
+                await destroying
+            except VastError as e:
+                logger.warning("destroying the rentals at max_cost failed (trying again): %s", e)
+            left = [i for i, r in self.records.items() if r.destroyed_at is None]
+            if not left:
+                return
+            await asyncio.sleep(1.0)
+            destroying = asyncio.create_task(self._destroy_now(left))

@@ -66,8 +66,12 @@ def _summary(cluster: ClusterView, rows: InstanceTable) -> list[tuple[str, str]]
     workers = f"{n_registered} registered of {n_workers}"
     if n_registered < n_workers:
         workers += " (the others start when their instance has booted)"
-    money = f"{usd_per_hour(cluster.hourly_rate)} now, {usd(cluster.cost)} spent"
-    # Spending caps (when the cluster has one) say how much is left.
+    money = f"{usd_per_hour(cluster.hourly_rate)} now"
+    # Spending caps (when the cluster has them) say how much is left.
+    hourly_cap = getattr(cluster, "max_hourly_usd", None)
+    if hourly_cap is not None:
+        money += f" (at most {usd_per_hour(hourly_cap)})"
+    money += f", {usd(cluster.cost)} spent"
     budget = getattr(cluster, "budget_left_usd", None)
     if budget is not None:
         money += f", {usd(budget)} budget left"

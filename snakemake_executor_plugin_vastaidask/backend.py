@@ -85,7 +85,7 @@ SHAPE_SETTINGS = {
 #: VastAICluster option -> setting, for the options that are not shape options
 CLUSTER_SETTINGS = {
     "n": "min_instances", "boot_timeout": "boot_timeout", "orphan_timeout": "orphan_timeout",
-    "api_url": "api_url", "api_key": "api_key",
+    "api_url": "api_url", "api_key": "api_key", "max_cost": "max_cost", "max_hourly": "max_hourly",
 }
 #: shape option -> the per-rule resource that overrides it
 RULE_RESOURCES = {"gpu": "gpu_model", "query": "vastai_query", "disk": "disk_mb"}
@@ -250,6 +250,8 @@ class DaskBackend:
             n=minimum,
             boot_timeout=settings.boot_timeout,
             orphan_timeout=settings.orphan_timeout,
+            max_cost=settings.max_cost,
+            max_hourly=settings.max_hourly,
             packages=job_packages(),
             api_url=settings.api_url,
             api_key=settings.api_key,

@@ -51,6 +51,17 @@ class ExecutorSettings(ExecutorSettingsBase):
     max_price: Optional[float] = field(
         default=None, metadata={"help": "Dollars per hour per instance, at most (dph_total)."}
     )
+    max_cost: Optional[float] = field(
+        default=None,
+        metadata={"help": "Dollars for the whole run, at most, as Vast's meter counts them: before they "
+                  "are reached every instance is destroyed and the jobs still waiting fail "
+                  "(default: no cap)."},
+    )
+    max_hourly: Optional[float] = field(
+        default=None,
+        metadata={"help": "Dollars per hour of all instances together, at most: an instance that "
+                  "would pass it is not rented (default: no cap)."},
+    )
     region: Optional[str] = field(
         default=None, metadata={"help": "Region or country codes of the hosts, e.g. EU or DE,PL."}
     )

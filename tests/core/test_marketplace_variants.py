@@ -71,6 +71,7 @@ async def rent_with_broker(emu: Emulator, names: list[str], *, api_url: str | No
         broker = RentalBroker(api, cluster_name="c", requirements=requirements, create_request=REQUEST,
                               poll_interval_s=0.2)
         records = await asyncio.gather(*(broker.rent(n) for n in names))
+        await broker.labels_written()  # written behind the rentals, which boot meanwhile
         labels = {r["id"]: r["label"] for r in emu.instances()}
         out = {"records": records, "labels": labels, "bulk_usable": api.bulk_create_usable}
         await broker.close()

@@ -46,6 +46,8 @@ def test_concurrent_rents_become_one_bulk_create_with_worker_labels(emulator_rat
             broker = _broker(api)
             records = await asyncio.gather(*(broker.rent(f"t-{i}") for i in range(5)))
             assert len({r.instance_id for r in records}) == 5
+            # Labels are written behind the rentals (they boot meanwhile): every one, in the end.
+            await broker.labels_written()
             rows = {row["id"]: row for row in emu.instances()}
             for r in records:
                 assert rows[r.instance_id]["label"] == rental_label("t", r.worker_name)
