@@ -122,6 +122,14 @@ def job_result_paths(job: JobExecutorInterface) -> tuple[list[str], list[str]]:
 class Executor(RemoteExecutor):
     """``--executor vastaidask``: Snakemake jobs as Dask tasks on a warm pool of workers."""
 
+    def _stop_status_thread(self) -> None:
+        """Snakemake's status thread started before ``__post_init__``; when we refuse to start, it
+        must end before the interpreter does, or its next check meets the closed thread pool and
+        prints "cannot schedule new futures after shutdown" under the user's error."""
+        with self.lock:
+            self.wait = False
+        self.wait_thread.join(timeout=5)
+
     def __post_init__(self) -> None:
         from .backend import (
             DaskBackend,
@@ -154,6 +162,7 @@ class Executor(RemoteExecutor):
         try:
             self.backend = DaskBackend(self.settings, run_name=f"smk-{self.run_id}", verbose=self.verbose)
         except Exception as e:
+            self._stop_status_thread()
             mapped = configuration_error(e, self.settings)
             if mapped is e:
                 raise
@@ -176,6 +185,7 @@ class Executor(RemoteExecutor):
                 self.sources_sha = sha256_bytes(self.sources)
         except BaseException:
             self.backend.close()
+            self._stop_status_thread()
             raise
         self._ready = True
 

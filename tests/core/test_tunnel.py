@@ -190,8 +190,11 @@ def test_two_instances_run_dask_through_the_tunnels(tmp_path, key, fake_vast):
                 a = client.submit(lambda: b"x" * 1000, workers=["w-x"], pure=False)
                 b = client.submit(len, a, workers=["w-y"], pure=False)
                 assert await b == 1000
-                holders = (await client.who_has([a]))[a.key]
-                assert {scheduler.workers[addr].name for addr in holders} == {"w-x", "w-y"}
+                # y's own record of the transfer (who_has races y dropping its copy once b is done)
+                fetched = await client.run(
+                    lambda dask_worker: [(t["who"], list(t["keys"])) for t in dask_worker.transfer_incoming_log],
+                    workers=[by_name["w-y"].address])
+                assert fetched[by_name["w-y"].address] == [(by_name["w-x"].address, [a.key])]
                 # task round trip through the tunnel
                 samples = []
                 for i in range(30):
