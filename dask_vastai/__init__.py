@@ -10,58 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from . import config  # noqa: F401  (registers the vastai: defaults with dask.config)
-from .exceptions import (  # the public errors
-    BootFailed,
-    BudgetExceeded,
-    BudgetExhausted,
-    ClusterNotAttachable,
-    DaskVastAIError,
-    EnvironmentMismatch,
-    ImpossibleResources,
-    InstanceNotFound,
-    InvalidAPIKey,
-    LogsNotReady,
-    MissingAPIKey,
-    NoOfferAvailable,
-    OfferUnavailable,
-    PortBusy,
-    RateLimited,
-    SSHUnreachable,
-    TunnelError,
-    VastError,
-    VastRequestError,
-    VastServerError,
-    VastUnreachable,
-    WorkerClientsDisabled,
-)
+from . import exceptions as _exceptions
+from .exceptions import *  # noqa: F403  (the public errors; their list is exceptions.__all__)
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [
-    "Secret", "VastAICluster", "__version__",
-    "BootFailed",
-    "BudgetExceeded",
-    "BudgetExhausted",
-    "ClusterNotAttachable",
-    "DaskVastAIError",
-    "EnvironmentMismatch",
-    "ImpossibleResources",
-    "InstanceNotFound",
-    "InvalidAPIKey",
-    "LogsNotReady",
-    "MissingAPIKey",
-    "NoOfferAvailable",
-    "OfferUnavailable",
-    "PortBusy",
-    "RateLimited",
-    "SSHUnreachable",
-    "TunnelError",
-    "VastError",
-    "VastRequestError",
-    "VastServerError",
-    "VastUnreachable",
-    "WorkerClientsDisabled",
-]
+__all__ = ["Secret", "VastAICluster", "__version__", *_exceptions.__all__]  # noqa: F405  (the first two are lazy)
 
 
 def __getattr__(name: str) -> Any:

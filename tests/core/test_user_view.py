@@ -215,6 +215,19 @@ def test_from_name_explains_where_clusters_live() -> None:
     assert isinstance(err.value, DaskVastAIError) and isinstance(err.value, NotImplementedError)
 
 
+def test_every_public_error_is_importable_from_the_package_and_a_dask_vastai_error() -> None:
+    import inspect
+
+    import dask_vastai
+    from dask_vastai import exceptions
+
+    public = {name for name, cls in vars(exceptions).items()
+              if inspect.isclass(cls) and issubclass(cls, DaskVastAIError) and not name.startswith("_")}
+    assert public == set(exceptions.__all__), "exceptions.__all__ lists every public error"
+    assert public <= set(dask_vastai.__all__)
+    assert all(getattr(dask_vastai, name) is getattr(exceptions, name) for name in public)
+
+
 def test_a_failed_boot_shows_failed_with_vasts_reason_after_the_rental_is_gone(emulator) -> None:
     import dask.config
 
