@@ -18,6 +18,7 @@ import pytest
 
 from dask_vastai.emulator import Emulator
 from dask_vastai.tunnel import PORT_RANGE
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.sandbox
 
@@ -127,3 +128,133 @@ def test_auto_goes_direct_where_ports_answer_and_both_kinds_work_together(blocke
     time_usd = sum(r.time_cost_usd for r in cluster.broker.records.values())
     assert time_usd == pytest.approx(meter["time_usd"], rel=0.005)
     assert re.search(r"bandwidth \$\d", repr(cluster)), repr(cluster)
+
+
+PRICED = [{"id": 1_000_101 + k, "machine_id": 30_101 + k, "gpu_name": "RTX 3090", "dph_base": 0.25,
+           "inet_up_cost": 0.05, "inet_down_cost": 0.03, "cpu_cores_effective": 4.0, "cpu_ram": 16384}
+          for k in range(2)]
+
+
+def _ask(security: Any, address: str, key: str) -> str:
+    """How a direct listener answers ``get_data`` of ``key`` from ``security``'s certificate."""
+    import asyncio
+
+    from distributed.core import ConnectionPool
+    from distributed.worker import get_data_from_worker
+
+    async def fetch() -> str:
+        pool = await ConnectionPool(connection_args=security.get_connection_args("client"), timeout=10)
+        try:
+            got = await get_data_from_worker(pool, [key], address, who=None)
+            return f"answered: {got.get('status')} {sorted(got.get('data') or {})}"
+        except Exception as e:  # what the stranger sees: the point of the test
+            return f"refused: {type(e).__name__}: {e}"
+        finally:
+            await pool.close()
+
+    return asyncio.run(asyncio.wait_for(fetch(), 60))
+
+
+def test_direct_pair_moves_data_between_workers_directly_and_refuses_strangers(
+    sandbox: None, tmp_path: Path
+) -> None:
+    """network="direct", 2 instances at an offer priced for bandwidth: a task on B whose inputs
+    come from A and B gets A's bytes straight from A (B's listener counts them, this machine's
+    SSH links carry almost none), a few hundred MB move, and the cluster's bill (bandwidth
+    included) matches the emulator's meter; certificates the live-worker list does not name are
+    refused at the public port; nothing stays rented."""
+    import numpy as np
+    from distributed import Client, wait
+    from distributed.security import Security
+
+    from dask_vastai import VastAICluster
+
+    with Emulator(runtime="sandbox", boot_delay_s=1.0, rate_limits=True, state_dir=tmp_path / "emu",
+                  profile="strict", catalog=PRICED, variants={"destroy_linger_s": "0"}) as emu:
+        with VastAICluster(
+            gpu="RTX_3090", n=2, api_url=emu.url, api_key=emu.api_key, name="dp", quiet=True,
+            boot_timeout=240, network="direct", worker_options={"nthreads": 1},
+        ) as cluster, Client(cluster) as client:
+            assert [w.network for w in cluster.workers.values()] == ["direct", "direct"]
+            addresses = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
+            a, b = addresses["dp-0"], addresses["dp-1"]
+            for name, address in addresses.items():
+                assert address.endswith(f":{cluster.workers[name].record.instance.ports[70000]}"), address
+
+            def ssh_bytes() -> int:
+                return sum(w.record.ssh_traffic.up + w.record.ssh_traffic.down for w in cluster.workers.values())
+
+            x = client.submit(lambda: np.ones(50 * MB // 8), workers=[a], pure=False)
+            y = client.submit(lambda: np.full(50 * MB // 8, 2.0), workers=[b], pure=False)
+            wait([x, y])
+            cluster._count_traffic()
+            b_before = cluster.workers["dp-1"].record.direct_traffic
+            direct_before, up_before, ssh_before = b_before.down, b_before.up, ssh_bytes()
+            z = client.submit(lambda u, v: float((u + v).sum()), x, y, workers=[b], pure=False)
+            assert z.result() == 3.0 * (50 * MB // 8)
+            # a few hundred MB more between the workers, and 50 MB to this machine (from B's public port)
+            for k in range(3):
+                big = client.submit(np.full, 100 * MB // 8, float(k), workers=[a], pure=False)
+                assert client.submit(lambda u: float(u.sum()), big, workers=[b], pure=False).result() == (
+                    k * (100 * MB // 8))
+                del big
+            assert float(client.gather(y).sum()) == 2.0 * (50 * MB // 8)
+            # B's listener reports what it received in its heartbeats, credited each traffic-interval
+            b_direct = cluster.workers["dp-1"].record.direct_traffic
+            wait_until(lambda: b_direct.down - direct_before >= 350 * MB and b_direct.up - up_before >= 50 * MB,
+                       15, f"B's direct listener counted A's arrays in and y out: {b_direct}")
+            moved_direct = b_direct.down - direct_before
+            moved_ssh = ssh_bytes() - ssh_before
+            assert 350 * MB <= moved_direct < 360 * MB, f"A's arrays reached B directly: {moved_direct}"
+            # nothing of the 400 MB crossed the SSH links (only the workers' control messages did)
+            assert moved_ssh < MB, moved_ssh
+
+            # strangers at B's public port: another CA's certificate; this CA's for a name no live worker has
+            # (A's own certificate, as A's host holds it, gets y: the same request can succeed)
+            a_creds = _certificate_of(cluster, "dp-0")
+            a_security = Security(require_encryption=True, tls_ca_file=a_creds["ca.pem"],
+                                  tls_client_cert=a_creds["cert.pem"], tls_client_key=a_creds["key.pem"])
+            assert _ask(a_security, b, y.key) == f"answered: OK {[y.key]}"
+            refused = r"^refused: .*(?i:closed|refused|reset|timed out|eof|certificate|ssl)"
+            stranger = _ask(Security.temporary(), b, y.key)
+            assert re.search(refused, stranger), stranger
+            creds = cluster.certificates.issue_worker("dp-9", address=None, nanny=None)
+            unlisted = _ask(Security(require_encryption=True, tls_ca_file=creds.ca_pem,
+                                     tls_client_cert=creds.cert_pem, tls_client_key=creds.key_pem), b, y.key)
+            assert re.search(refused, unlisted), unlisted
+            assert client.submit(lambda u: u[:2].tolist(), x, workers=[b]).result() == [1.0, 1.0]
+
+        assert emu.instances() == [], "nothing stays rented"
+        meter = emu.meter()
+    assert sum(r["bytes_up"] + r["bytes_down"] for r in meter["instances"]) > 700 * MB
+    assert cluster.bandwidth_cost == pytest.approx(meter["bandwidth_usd"], rel=0.05), (cluster.bandwidth_cost, meter)
+    time_usd = sum(r.time_cost_usd for r in cluster.broker.records.values())
+    assert time_usd == pytest.approx(meter["time_usd"], rel=0.005), (time_usd, meter)
+    assert cluster.cost == pytest.approx(meter["total_usd"], rel=0.05)
+
+
+def test_a_pool_whose_hosts_block_direct_ports_runs_through_the_tunnel(sandbox: None, tmp_path: Path) -> None:
+    """network="direct" where every host's firewall drops the mapped ports: each instance falls
+    back to the tunnel, says so once, and the cluster computes across both workers."""
+    import dask
+    from distributed import Client
+
+    from dask_vastai import VastAICluster
+
+    with dask.config.set({"vastai.ssh-direct-timeout": 5, "vastai.direct-probe-timeout": 3}), Emulator(
+        runtime="sandbox", boot_delay_s=1.0, rate_limits=True, state_dir=tmp_path / "emu", profile="strict",
+        variants={"direct_blocked": "all", "direct_blocked_ports": "all", "destroy_linger_s": "0"},
+    ) as emu:
+        with VastAICluster(
+            gpu="RTX_3090", n=2, api_url=emu.url, api_key=emu.api_key, name="fb", quiet=True,
+            boot_timeout=240, network="direct", worker_options={"nthreads": 1},
+        ) as cluster, Client(cluster) as client:
+            assert [w.network for w in cluster.workers.values()] == ["tunnel", "tunnel"]
+            addresses = sorted(client.scheduler_info()["workers"])
+            assert all(PORT_RANGE[0] <= int(a.rsplit(":", 1)[1]) <= PORT_RANGE[1] for a in addresses), addresses
+            x = client.submit(lambda: list(range(1000)), workers=[addresses[0]], pure=False)
+            assert client.submit(sum, x, workers=[addresses[1]], pure=False).result() == sum(range(1000))
+            said = [line for _, line in cluster._cluster_manager_logs if "use the SSH tunnel" in line]
+            ids = sorted(w.record.instance_id for w in cluster.workers.values())
+            assert sorted(int(re.search(r"instance (\d+):", line).group(1)) for line in said) == ids, said
+        assert emu.instances() == []
