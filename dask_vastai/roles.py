@@ -567,6 +567,8 @@ class GuardedWorker(Worker):
         if public_host:
             self.gate.traffic = ListenerTraffic()
             self.metrics[TRAFFIC_METRIC] = self.gate.traffic.report
+            # the counters now, for the scheduler before it retires this worker (not a worker's request)
+            self.handlers[TRAFFIC_METRIC] = self._traffic_report
         if self.gate.worker_clients:
             # A task's client presents this worker's own certificate (the scheduler then
             # lets it act as a client: the cluster allowed it).
@@ -583,6 +585,10 @@ class GuardedWorker(Worker):
             # stop now, so they go as an event on the stream, which closing flushes
             self.log_event(TRAFFIC_METRIC, self.gate.traffic.report(self))
         return await super().close(*args, **kwargs)
+
+    def _traffic_report(self) -> dict[str, Any]:
+        assert self.gate.traffic is not None
+        return self.gate.traffic.report(self)
 
     def _live_peers(self, peers: Mapping[str, str], **_: Any) -> None:
         """The scheduler's live-worker list (on the scheduler's own stream: trusted)."""
