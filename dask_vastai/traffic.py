@@ -53,7 +53,8 @@ class TrafficBook:
 
     Reports are cumulative per worker process (a token names the process): the book keeps the
     last report of each and credits only what grew, so a restarted worker (new token) counts
-    from zero and a repeated heartbeat counts nothing.
+    from zero and a repeated or older report (one heartbeat kept after a newer answer) counts
+    nothing.
     """
 
     def __init__(self) -> None:
@@ -78,6 +79,10 @@ class TrafficBook:
             last = self._seen.get(name)
             if last is None or last[0] != token:
                 last = (token, 0, 0, {})
+            elif received <= last[1] and sent <= last[2]:
+                # an older report of the same process (a heartbeat kept after a newer answer):
+                # nothing new, and the baseline must not go back, or what follows counts twice
+                continue
             own = rentals.get(name)
             d_received, d_sent = max(0, received - last[1]), max(0, sent - last[2])
             for peer, (p_received, p_sent) in peers.items():

@@ -113,11 +113,16 @@ def test_worker_reports_credit_both_ends_once_and_survive_a_restart() -> None:
     assert (a.up, a.down, b.up, b.down) == (100, 10, 15, 150), "a repeated heartbeat credits nothing"
     book.update([("b", report("t1", 250, 15, a=(200, 10)))], rentals, same)
     assert (a.up, b.down) == (200, 250), "only what grew"
+    # an older report after a newer one (the last heartbeat, after the scheduler asked b): nothing,
+    # and the next report counts from the newer one
+    book.update([("b", report("t1", 150, 15, a=(100, 10)))], rentals, same)
+    book.update([("b", report("t1", 260, 15, a=(210, 10)))], rentals, same)
+    assert (a.up, b.down) == (210, 260), "an older report does not set the baseline back"
     book.update([("b", report("t2", 30, 3, c=(30, 3)))], rentals, same)
-    assert (b.down, c.up, c.down) == (280, 30, 3), "a restarted worker (new token) counts from zero"
+    assert (b.down, c.up, c.down) == (290, 30, 3), "a restarted worker (new token) counts from zero"
     # a's listener: 40 from a2, a worker of the same rental (inside the machine: nobody billed)
     book.update([("a", report("t3", 40, 4, a2=(40, 4)))], rentals, same)
-    assert (a.up, a.down) == (200, 10)
+    assert (a.up, a.down) == (210, 10)
     book.update([("x", {"unexpected": True})], rentals, same)  # not ours: ignored
 
 
