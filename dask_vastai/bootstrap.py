@@ -82,6 +82,9 @@ class Incarnation:
     extra_args: tuple[str, ...] = ()
     #: interpreter for this worker; None: the supervisor's own
     python: str | None = None
+    #: the address the worker advertises when it is not its ``tls://127.0.0.1:<worker_port>``
+    #: (direct mode: ``tls://PUBLIC_IP:PORT``, the port Vast maps to ``worker_port``)
+    contact_address: str | None = None
 
 
 #: The program the onstart starts (Python 3.8+, stdlib). First it prints the public host keys

@@ -18,7 +18,7 @@ import textwrap
 import time
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import dask.config
@@ -41,6 +41,7 @@ from .exceptions import (
     NoOfferAvailable,
 )
 from .instance import ClusterContext, VastInstance
+from .network import PeerRoster
 from .offers import OfferPreview, no_match_message, preview_offers
 from .placement import GPUPlacement
 from .pools import (
@@ -55,10 +56,11 @@ from .pools import (
 )
 from .progress import Progress, choose_mode
 from .rentals import RentalBroker, nearest_offers
-from .roles import GuardedScheduler, scheduler_gate
+from .roles import TRAFFIC_METRIC, GuardedScheduler, scheduler_gate
 from .safety import LEDGER
 from .security import ClusterCA
 from .status import InstanceTable, PhaseBook, instance_table
+from .traffic import TrafficBook
 from .tunnel import ClusterKey, TunnelHub
 from .vast import VastAPI
 from .widget import ClusterWidget, cluster_html
@@ -209,6 +211,10 @@ class VastAICluster(SpecCluster):
             self.add_pool(str(pool_name), **extra)
         self._adaptives: dict[str, GPUAdaptive] = {}
         self._adapt_warned: set[str] = set()  # adapt() keywords already warned about
+        self._traffic = TrafficBook()
+        #: worker name -> its rental (kept after it left: its last reports still count)
+        self._rental_of: dict[str, Any] = {}
+        self._traffic_events_seen = 0.0
         # The CA key stays in this process; Client(cluster) picks up the client-role Security.
         self.allow_worker_clients = bool(option("allow-worker-clients", allow_worker_clients))
         self.certificates = ClusterCA(cluster_name, lifetime_days=float(option("certificate-lifetime-days")))
@@ -281,6 +287,8 @@ class VastAICluster(SpecCluster):
         GPUPlacement.install(self.scheduler)
         self._budget_guard = BudgetGuard(self.scheduler)
         self.scheduler.add_plugin(self._budget_guard)
+        # Workers accept worker peers only from this list (certificates of live incarnations).
+        self.scheduler.add_plugin(PeerRoster(self.scheduler, self.certificates.current_serial))
         self.context = ClusterContext(
             broker=self.broker,
             hub=self.hub,
@@ -297,7 +305,13 @@ class VastAICluster(SpecCluster):
             max_boot_attempts=int(option("max-boot-attempts")),
             on_phase=self._phases.note,
             ssh_direct_timeout_s=float(option("ssh-direct-timeout")),
+            direct_probe_timeout_s=float(option("direct-probe-timeout")),
         )
+        traffic = PeriodicCallback(
+            self._count_traffic, 1000 * parse_timedelta(option("traffic-interval"), default="s")
+        )
+        self.periodic_callbacks["dask-vastai-traffic"] = traffic
+        traffic.start()
         progress = PeriodicCallback(
             self._progress.refresh, 1000 * parse_timedelta(option("progress.refresh"), default="s")
         )
@@ -518,16 +532,86 @@ class VastAICluster(SpecCluster):
 
         return _().__await__()
 
+    # ---------------------------------------------------------------- traffic
+    def _count_traffic(self, asked: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> None:
+        """Credit each rental with the direct traffic its workers reported since the last time.
+
+        Reports come in heartbeats, from :meth:`_ask_traffic` (``asked``) and, from a closing
+        worker, as a last event; a worker that left is still credited to its rental (kept by name).
+        """
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        for instance in list(self.workers.values()):
+            record = getattr(instance, "record", None)
+            if record is not None:
+                for name in instance.worker_names:
+                    self._rental_of[name] = record
+        reports = [(str(ws.name), ws.metrics[TRAFFIC_METRIC]) for ws in list(scheduler.workers.values())
+                   if isinstance(ws.metrics.get(TRAFFIC_METRIC), dict)]
+        reports += list(asked)  # cumulative: the newest of a worker's reports wins, counted once
+        for stamp, report in scheduler.get_events(TRAFFIC_METRIC):
+            if stamp > self._traffic_events_seen and isinstance(report, dict) and report.get("name"):
+                reports.append((str(report["name"]), report))
+                self._traffic_events_seen = stamp
+        self._traffic.update(
+            reports, {n: r.direct_traffic for n, r in self._rental_of.items()},
+            {n: r.instance_id for n, r in self._rental_of.items()},
+        )
+
+    def _direct_addresses(self, names: Collection[str] | None = None) -> list[str]:
+        """Addresses of the registered workers that count direct traffic (of ``names``: all)."""
+        if self.scheduler is None:
+            return []
+        return [a for a, ws in list(self.scheduler.workers.items()) if TRAFFIC_METRIC in ws.metrics
+                and (names is None or str(ws.name) in names)]
+
+    async def _ask_traffic(self, addresses: Collection[str]) -> None:
+        """Credit what these direct workers counted up to now.
+
+        Heartbeats carry the counters up to a second late, and the event a closing worker
+        sends rarely arrives (the scheduler stops reading a worker's stream as it retires
+        it), so before workers go the scheduler asks them: a request only its role may make,
+        which a retired worker still answers until its process is stopped.
+        """
+        if self.scheduler is None or not addresses:
+            return
+        rpc = self.scheduler.rpc
+
+        async def ask(address: str) -> Any:
+            with contextlib.suppress(Exception):  # one that does not answer keeps its last heartbeat's
+                return await asyncio.wait_for(getattr(rpc(address), TRAFFIC_METRIC)(), 10)
+            return None
+
+        answers = await asyncio.gather(*(ask(a) for a in addresses))
+        self._count_traffic([(str(r["name"]), r) for r in answers if isinstance(r, dict) and r.get("name")])
+
+    async def _correct_state_internal(self) -> None:
+        """SpecCluster's, with the leaving direct workers' counters read after their data moved
+        off them (``retire_workers``, which SpecCluster would call next, finds them gone)."""
+        leaving = set(self.workers) - set(self.worker_spec)
+        names = {n for name in leaving for n in getattr(self.workers[name], "worker_names", ())}
+        addresses = self._direct_addresses(names) if names else []
+        if addresses and self.scheduler.status == Status.running:
+            with contextlib.suppress(Exception):  # SpecCluster retires them again below, as it would
+                await self.scheduler_comm.retire_workers(workers=list(leaving))
+            await self._ask_traffic(addresses)
+        await super()._correct_state_internal()
+
     # ---------------------------------------------------------------- close
     async def _close(self) -> None:
         for adaptive in self._adaptives.values():
             adaptive.stop()
+        with contextlib.suppress(Exception):
+            await self._ask_traffic(self._direct_addresses())  # what the workers counted last
         # SpecCluster's close scales only what scale(0) reaches: empty every pool.
         self.worker_spec.clear()
         try:
             if self.status != Status.created:
                 with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
                     await asyncio.wait_for(super()._close(), timeout=max(30.0, self.boot_timeout_s / 4))
+                with contextlib.suppress(Exception):
+                    self._count_traffic()  # the closing workers' last reports
         finally:
             # Whatever happened above, nothing may stay rented.
             if self.broker is not None:
@@ -559,8 +643,15 @@ class VastAICluster(SpecCluster):
     # ------------------------------------------------------------------ money
     @property
     def cost(self) -> float:
-        """Dollars spent so far: each rental's ``dph_total`` times its uptime."""
+        """Dollars spent so far: each rental's ``dph_total`` times its uptime, plus its bandwidth
+        (bytes in and out at its offer's ``inet_down_cost``/``inet_up_cost``; see ``bandwidth_cost``)."""
         return self.broker.cost_usd if self.broker else 0.0
+
+    @property
+    def bandwidth_cost(self) -> float:
+        """The dollars of :attr:`cost` that are bandwidth: the bytes this client counted on its SSH
+        links and the workers reported for their direct connections (an estimate: see the README)."""
+        return self.broker.bandwidth_cost_usd if self.broker else 0.0
 
     @property
     def hourly_rate(self) -> float:
@@ -660,7 +751,7 @@ class VastAICluster(SpecCluster):
         return (
             f"VastAICluster({self.name!r}, {self.scheduler_address!r}, "
             f"instances={len(alive)}, workers={len(self.scheduler_info.get('workers', {}))}, "
-            f"${self.hourly_rate:.3f}/h, cost=${self.cost:.4f})"
+            f"${self.hourly_rate:.3f}/h, cost=${self.cost:.4f} (bandwidth ${self.bandwidth_cost:.4f}))"
         )
 
 

@@ -47,6 +47,17 @@ def duration(seconds: float | None) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
+def data_size(n_bytes: float | None) -> str:
+    """Bytes as a network bill reads them (powers of 1000, as Vast's $/GB): ``12 kB``, ``1.20 GB``."""
+    if n_bytes is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n_bytes) >= size:
+            value = n_bytes / size
+            return f"{value:.2f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{int(n_bytes)} B"
+
+
 def shorten(text: str | None, width: int = 70) -> str:
     """One line of at most ``width`` characters (Vast's status messages can be long)."""
     text = " ".join((text or "").split())

@@ -46,9 +46,10 @@ from .exceptions import (
     SSHUnreachable,
     VastError,
 )
+from .network import DIRECT, TUNNEL, DirectPort, direct_ports, probe_direct
 from .pools import POOL_RESOURCE_CAPACITY, Pool
 from .rentals import RentalBroker, RentalRecord
-from .roles import WORKER_ARGS, WORKER_CLIENTS_ENV
+from .roles import LISTEN_HOST_ENV, ROSTER_ENV, WORKER_ARGS, WORKER_CLIENTS_ENV
 from .security import ClusterCA
 from .status import Phase
 from .tunnel import HostKeyPin, InstanceLink, SSHEndpoint, TunnelHub
@@ -89,6 +90,8 @@ class ClusterContext:
     host_key_timeout_s: float = field(default_factory=lambda: float(option("host-key-timeout")))
     #: seconds the direct SSH endpoint may stay silent before Vast's proxy is tried
     ssh_direct_timeout_s: float = 45.0
+    #: seconds a direct worker port may take to answer before its instance uses the tunnel
+    direct_probe_timeout_s: float = 10.0
 
 
 class VastInstance(ProcessInterface):
@@ -112,7 +115,12 @@ class VastInstance(ProcessInterface):
         #: the host keys pinned for one rental (instance id): its first connection and every reconnect
         self.host_keys: tuple[int, HostKeyPin] | None = None
         self.link: InstanceLink | None = None
+        #: the hub's keys of this incarnation's forwards (tunnel: worker ports; direct: nanny ports)
         self.worker_ports: list[int] = []
+        #: how this incarnation's workers are reached: "tunnel" or "direct" (network.py)
+        self.network: str | None = None
+        #: rentals whose direct ports did not answer (said once each; they use the tunnel)
+        self._direct_refused: set[int] = set()
         self.registered_at: float | None = None
         self._boot: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -199,7 +207,8 @@ class VastInstance(ProcessInterface):
             )
         self._enter(Phase.STARTING)
         incarnations = self._incarnations(probe, record, extra_env)
-        await self._start_workers(incarnations)
+        direct = await self._direct_ports(row, record, len(incarnations), str(probe.get("executable") or "python3"))
+        await self._start_workers(incarnations, direct)
         left = max(5.0, ctx.boot_timeout_s - (time.monotonic() - started))
 
         def registered_or_refused() -> bool:
@@ -267,6 +276,7 @@ class VastInstance(ProcessInterface):
                 link = await ctx.hub.connect(
                     self.name, endpoint, timeout_s=max(1.0, deadline - time.monotonic()), host_keys=pin,
                     silent_timeout_s=ctx.ssh_direct_timeout_s if proxy is not None else None,
+                    traffic=record.ssh_traffic,
                 )
             except SSHUnreachable as e:
                 if proxy is None:
@@ -282,7 +292,7 @@ class VastInstance(ProcessInterface):
         try:
             return await ctx.hub.connect(
                 self.name, endpoint, timeout_s=max(1.0, deadline - time.monotonic()), host_keys=pin,
-                silent_timeout_s=ctx.ssh_direct_timeout_s,
+                silent_timeout_s=ctx.ssh_direct_timeout_s, traffic=record.ssh_traffic,
             )
         except PortBusy as e:
             raise PortBusy(f"Vast's SSH proxy {endpoint} refused a remote forward ({e})", e.port) from e
@@ -350,6 +360,7 @@ class VastInstance(ProcessInterface):
             env.update(extra_env or {})
             env["CUDA_VISIBLE_DEVICES"] = visible
             env[WORKER_CLIENTS_ENV] = str(bool(self.context.worker_clients))
+            env[ROSTER_ENV] = "1"  # worker peers only from the scheduler's live-worker list
             out.append(
                 Incarnation(
                     worker_name=worker_name,
@@ -372,26 +383,66 @@ class VastInstance(ProcessInterface):
             )
         return out
 
-    async def _start_workers(self, incarnations: list[Incarnation]) -> None:
-        """Fresh ports, forwards in place everywhere, certificates for them, then the incarnation files."""
+    async def _direct_ports(self, row: Instance, record: RentalRecord, workers: int, python: str) -> list[DirectPort] | None:
+        """The direct ports of this boot's workers, or None for the tunnel (said once per rental)."""
+        ctx = self.context
+        if self.pool.network == TUNNEL or self.link is None:
+            return None
+        ports = direct_ports(row, workers)
+        if ports is None:
+            why = (f"it lists no direct port for its {workers} worker(s) (mapped: {sorted(row.ports)})"
+                   if row.public_ipaddr else "it has no public address")
+        else:
+            why = await probe_direct(self.link, python, ports, ctx.direct_probe_timeout_s)
+        if why is None:
+            return ports
+        if record.instance_id not in self._direct_refused:
+            self._direct_refused.add(record.instance_id)
+            message = (f"{self.name}: instance {record.instance_id}: {why}; its workers use the SSH tunnel "
+                       f"instead of direct connections (network={self.pool.network!r})")
+            ctx.log(message)  # the user's one line about it (also in get_logs())
+            logger.info(message)
+        return None
+
+    async def _start_workers(self, incarnations: list[Incarnation], direct: list[DirectPort] | None = None) -> None:
+        """Fresh ports, forwards in place everywhere, certificates for them, then the incarnation files.
+
+        ``direct``: the workers' public ports (direct mode): each listens there, is reached there,
+        and only its nanny gets a forward (from the client).
+        """
         from dataclasses import replace
 
         assert self.link is not None
-        ports = await self.context.hub.allocate_ports(2 * len(incarnations))
+        hub = self.context.hub
         ready = []
-        for k, inc in enumerate(incarnations):
-            # The hub may swap a port that turned out busy somewhere for a fresh one.
-            worker_port, nanny_port = await self.context.hub.expose_worker(
-                self.link, ports[2 * k], ports[2 * k + 1]
-            )
-            # The supervisor's worker listens and advertises tls://127.0.0.1:<worker_port>: the
-            # certificate pins that address and the nanny's, which the scheduler holds it to.
-            creds = self.context.certificates.issue_worker(
-                inc.worker_name, address=f"tls://127.0.0.1:{worker_port}", nanny=f"tls://127.0.0.1:{nanny_port}"
-            )
-            ready.append(replace(inc, worker_port=worker_port, nanny_port=nanny_port,
-                                 tls_cert=creds.cert_pem, tls_key=creds.key_pem))
-        self.worker_ports = [inc.worker_port for inc in ready]
+        if direct is None:
+            ports = await hub.allocate_ports(2 * len(incarnations))
+            for k, inc in enumerate(incarnations):
+                # The hub may swap a port that turned out busy somewhere for a fresh one.
+                worker_port, nanny_port = await hub.expose_worker(self.link, ports[2 * k], ports[2 * k + 1])
+                # The supervisor's worker listens and advertises tls://127.0.0.1:<worker_port>: the
+                # certificate pins that address and the nanny's, which the scheduler holds it to.
+                creds = self.context.certificates.issue_worker(
+                    inc.worker_name, address=f"tls://127.0.0.1:{worker_port}", nanny=f"tls://127.0.0.1:{nanny_port}"
+                )
+                ready.append(replace(inc, worker_port=worker_port, nanny_port=nanny_port,
+                                     tls_cert=creds.cert_pem, tls_key=creds.key_pem))
+            self.worker_ports = [inc.worker_port for inc in ready]
+        else:
+            nanny_ports = await hub.allocate_ports(len(incarnations))
+            for inc, port, nanny_port in zip(incarnations, direct, nanny_ports, strict=True):
+                nanny_port = await hub.expose_nanny(self.link, nanny_port)
+                # Reached at its public address, which its certificate pins (the scheduler holds
+                # it to it); it binds every interface of the container (Vast maps the port there).
+                creds = self.context.certificates.issue_worker(
+                    inc.worker_name, address=port.address, nanny=f"tls://127.0.0.1:{nanny_port}"
+                )
+                ready.append(replace(
+                    inc, worker_port=port.listen_port, nanny_port=nanny_port, contact_address=port.address,
+                    env={**inc.env, LISTEN_HOST_ENV: "0.0.0.0"}, tls_cert=creds.cert_pem, tls_key=creds.key_pem,
+                ))
+            self.worker_ports = [inc.nanny_port for inc in ready]
+        self.network = TUNNEL if direct is None else DIRECT
         await asyncio.gather(
             *(self.link.put(incarnation_path(inc.worker_name), incarnation_payload(inc)) for inc in ready)
         )

@@ -165,6 +165,8 @@ class OfferRequirements:
     interruptible: bool = False
     #: the CUDA the driver must support (``cuda_max_good>=``), e.g. "12.1" for torch+cu121
     min_cuda: str | None = None
+    #: mapped ports an instance needs (``direct_port_count>=``): direct mode's workers and SSH
+    min_direct_ports: int | None = None
 
     def gpu_names(self) -> list[str]:
         """The GPU models asked for, in Vast's spelling (unknown names kept as written)."""
@@ -233,6 +235,10 @@ class OfferRequirements:
             asked = parse_query(self.query).get("cuda_max_good", {}).get("gte") if self.query.strip() else None
             if asked is None or float(asked) < float(self.min_cuda):
                 terms.append(f"cuda_max_good>={self.min_cuda}")
+        if self.min_direct_ports:
+            asked = parse_query(self.query).get("direct_port_count", {}).get("gte") if self.query.strip() else None
+            if asked is None or float(asked) < self.min_direct_ports:
+                terms.append(f"direct_port_count>={self.min_direct_ports}")
         return " ".join(terms)
 
     def filters(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from distributed.protocol import pickle
 from .config import option
 from .environment import split_env
 from .exceptions import ImpossibleResources
+from .network import DIRECT, TUNNEL, check_network, direct_container_ports, direct_ports_needed
 from .offers import OfferRequirements
 from .vast import CreateRequest
 
@@ -89,6 +90,12 @@ class PoolShape:
     worker_per_gpu: bool | None = _doc(
         "a K-GPU instance runs K workers with ``CUDA_VISIBLE_DEVICES`` each; False gives one "
         "worker holding all K (for multi-GPU tasks).")
+    network: str | None = _doc(
+        '``"tunnel"``: every Dask connection inside SSH, worker-to-worker data relayed through this '
+        'machine; ``"direct"``: workers listen on ports Vast maps and talk to each other and to the '
+        "scheduler directly, with mutual TLS (offers with enough direct ports); ``\"auto\"``: direct "
+        "where an instance's ports answer, tunnel otherwise. An instance whose direct ports do not "
+        "answer (a firewall) uses the tunnel, and the cluster says so.")
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -146,6 +153,8 @@ class Pool:
     create_request: CreateRequest
     worker_per_gpu: bool = True
     worker_options: dict[str, Any] = field(default_factory=dict)
+    #: "tunnel", "direct" or "auto" (``network.py``)
+    network: str = TUNNEL
 
     @classmethod
     def from_shape(cls, name: str, shape: PoolShape, *, onstart: str, min_cuda: str | None = None) -> Pool:
@@ -156,6 +165,9 @@ class Pool:
         if not name or not all(c.isalnum() or c in "-_" for c in name):
             raise ValueError(f"pool name {name!r}: use letters, digits, '-' and '_'")
         get = shape.get
+        network = check_network(get("network"), where=f"pool {name!r}: network")
+        worker_per_gpu = bool(get("worker_per_gpu"))
+        workers = int(get("num_gpus")) if worker_per_gpu else 1
         requirements = OfferRequirements(
             gpu=get("gpu"),
             num_gpus=int(get("num_gpus")),
@@ -171,6 +183,8 @@ class Pool:
             order=get("order"),
             interruptible=bool(get("interruptible")),
             min_cuda=min_cuda,
+            # "auto" takes any offer: its instances without the ports use the tunnel
+            min_direct_ports=direct_ports_needed(workers) if network == DIRECT else None,
         )
         requirements.validate()
         env, secret = split_env(get("env"))
@@ -187,10 +201,12 @@ class Pool:
                 disk_gb=requirements.disk_gb,
                 onstart=onstart,
                 env=env,
+                ports=direct_container_ports(workers) if network != TUNNEL else (),
                 runtype="ssh_direc ssh_proxy",
             ),
-            worker_per_gpu=bool(get("worker_per_gpu")),
+            worker_per_gpu=worker_per_gpu,
             worker_options=dict(get("worker_options") or {}),
+            network=network,
         )
 
     @property

@@ -50,6 +50,7 @@ from .exceptions import (
 from .labels import cluster_label_prefix, rental_label
 from .offers import OfferRequirements, no_match_message
 from .safety import LEDGER
+from .traffic import Traffic
 from .vast import CreateRequest, Instance, Offer, VastAPI
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ class RentalRecord:
     status_since: float = field(default_factory=time.monotonic)
     #: rows of lists sent before this (monotonic) are stale: they predate a reboot
     fresh_after: float = 0.0
+    #: bytes of this machine's SSH links to the rental (counted as they pass)
+    ssh_traffic: Traffic = field(default_factory=Traffic)
+    #: bytes of the rental's direct connections (its workers report them; ``traffic.py``)
+    direct_traffic: Traffic = field(default_factory=Traffic)
 
     @property
     def uptime_s(self) -> float:
@@ -87,11 +92,25 @@ class RentalRecord:
         return max(0.0, end - start)
 
     @property
+    def time_cost_usd(self) -> float:
+        """Dollars of its time: ``dph_total`` times its uptime."""
+        return self.dph_total * self.uptime_s / 3600.0
+
+    @property
+    def traffic(self) -> Traffic:
+        """Bytes it sent and received, as far as this client counts them."""
+        return self.ssh_traffic + self.direct_traffic
+
+    @property
+    def bandwidth_cost_usd(self) -> float:
+        """Dollars of its bandwidth, at its offer's ``inet_up_cost``/``inet_down_cost`` ($/GB)."""
+        return self.traffic.cost_usd(self.offer.inet_up_cost, self.offer.inet_down_cost)
+
+    @property
     def cost_usd(self) -> float:
-        """Everything this rental is billed so far: its ``dph_total`` over its uptime (storage
-        included), plus what any other meter of the record reports (bandwidth, as
-        ``bandwidth_cost_usd``). The cluster's cost and its spending caps count this one number."""
-        return self.dph_total * self.uptime_s / 3600.0 + float(getattr(self, "bandwidth_cost_usd", 0.0) or 0.0)
+        """Everything this rental is billed so far: its time and its bandwidth. The cluster's
+        cost and its spending caps (``max_cost``) count this one number."""
+        return self.time_cost_usd + self.bandwidth_cost_usd
 
     @property
     def state(self) -> str:
@@ -626,10 +645,16 @@ class RentalBroker:
     # ------------------------------------------------------------------ money
     @property
     def cost_usd(self) -> float:
-        """Dollars billed so far: every rental's :attr:`RentalRecord.cost_usd`, and creates in flight."""
+        """Dollars billed so far: every rental's :attr:`RentalRecord.cost_usd` (time and bandwidth),
+        and creates in flight."""
         now = time.time()
         flying = sum(sum(dphs) * max(0.0, now - sent) / 3600.0 for dphs, sent in self._in_flight.values())
         return sum(r.cost_usd for r in self.records.values()) + flying
+
+    @property
+    def bandwidth_cost_usd(self) -> float:
+        """The part of :attr:`cost_usd` that is bandwidth."""
+        return sum(r.bandwidth_cost_usd for r in self.records.values())
 
     @property
     def hourly_rate_usd(self) -> float:

@@ -37,8 +37,11 @@ This module runs on the instances too (the supervisor starts workers with
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
+import os
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -73,6 +76,18 @@ WORKER_CLIENTS_ENV = "DASK_VASTAI__ALLOW_WORKER_CLIENTS"
 WORKER_ARGS = ("--worker-class", f"{__name__}.GuardedWorker", "--preload-nanny", __name__)
 #: the message keys that name a stream's sender (``Server.handle_stream`` merges them in)
 IDENTITY_KEYS = ("worker", "client")
+#: set (to "1") in a worker's environment: it accepts worker peers only from the live-worker
+#: list its scheduler pushes (the op :data:`ROSTER_OP` on the worker's stream)
+ROSTER_ENV = "DASK_VASTAI_PEER_ROSTER"
+ROSTER_OP = "dask-vastai-peers"
+#: seconds a connection from a worker not (yet) on the list waits for the list to name it: the
+#: scheduler pushes it when that worker registers, on another stream than the one it gets tasks on
+ROSTER_WAIT_S = 10.0
+#: set in a worker's environment: the host its listener binds (``0.0.0.0``: direct mode, a
+#: port the host maps from its public address), and its connections then cross the instance's
+#: public network: it counts their bytes and reports them (the metric :data:`TRAFFIC_METRIC`)
+LISTEN_HOST_ENV = "DASK_VASTAI_LISTEN_HOST"
+TRAFFIC_METRIC = "dask-vastai-traffic"
 
 
 # ------------------------------------------------------------------ identities
@@ -223,6 +238,72 @@ WORKER_RULES = Rules(
 NANNY_RULES = Rules(server="nanny", requests={"close_gracefully": _own_worker, "close": None})
 
 
+class LivePeers:
+    """The workers a worker accepts connections from: the live-worker list its scheduler pushes.
+
+    A worker's certificate is per incarnation: the list names each live worker with the serial
+    of its current certificate, so that a replaced, preempted or released host's certificate
+    (still valid until it expires) opens nothing on the others. Empty until the first push:
+    nothing is accepted from a worker before it (a connection waits a moment for it).
+    """
+
+    def __init__(self) -> None:
+        self._serials: dict[str, str] = {}
+        self._changed = asyncio.Event()
+
+    def update(self, peers: Mapping[str, str]) -> None:
+        """The scheduler's list: worker name -> serial of its current certificate (hex)."""
+        self._serials = {str(k): str(v).lower() for k, v in dict(peers).items()}
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def admits(self, peer: Peer) -> bool:
+        return peer.serial is not None and self._serials.get(peer.name) == format(peer.serial, "x")
+
+    async def wait_admitted(self, peer: Peer, timeout_s: float) -> bool:
+        """Whether ``peer`` is on the list, waiting up to ``timeout_s`` for a push that names it."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not self.admits(peer):
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._serials)
+
+
+class ListenerTraffic:
+    """Bytes on the connections a public listener accepted: in total and per peer.
+
+    Counted per message as the comm reads and writes it (frames and their length headers;
+    TLS records and handshakes add a fraction of a percent). Reported as a heartbeat metric,
+    and once more as an event when the worker closes, cumulative for this process, with a
+    token that changes when the process does, so that the client can tell a restart from a
+    counter that went back.
+    """
+
+    def __init__(self) -> None:
+        self.token = os.urandom(8).hex()
+        self.received = 0
+        self.sent = 0
+        self.peers: dict[str, list[int]] = {}  # peer name -> [received from it, sent to it]
+
+    def add(self, peer: Peer | None, received: int = 0, sent: int = 0) -> None:
+        self.received += received
+        self.sent += sent
+        if peer is not None and peer.role == ROLE_WORKER:
+            row = self.peers.setdefault(peer.name, [0, 0])
+            row[0] += received
+            row[1] += sent
+
+    def report(self, worker: Any = None) -> dict[str, Any]:
+        return {"token": self.token, "name": str(getattr(worker, "name", "")), "received": self.received,
+                "sent": self.sent, "peers": {name: list(row) for name, row in self.peers.items()}}
+
+
 @dataclass
 class Gate:
     """One server's admission of what peers send: trusted roles pass, workers follow ``rules``."""
@@ -234,6 +315,10 @@ class Gate:
     own_name: str | None = None
     #: False for a worker certificate that is no longer the current one for its name
     is_current: Callable[[Peer], bool] | None = field(default=None, repr=False)
+    #: the workers this server accepts worker peers from (None: any current one)
+    live: LivePeers | None = field(default=None, repr=False)
+    #: counts the bytes of every connection (a listener on the public network), or None
+    traffic: ListenerTraffic | None = field(default=None, repr=False)
 
     def refuse_connection(self, peer: Peer | None) -> str | None:
         if peer is None:
@@ -339,12 +424,30 @@ class GuardedTLS(TLS):
         self._trusted = self._refusal is None and self.peer is not None and gate.trusts(self.peer)
         self._handshaken = False
         self._streaming = False
+        # a worker peer must also be on the live-worker list (checked once, on its first message)
+        self._unlisted = gate.live is not None and self.peer is not None and self.peer.role == ROLE_WORKER
+
+    async def write(self, msg: Any, serializers: Any = None, on_error: str = "message") -> int:
+        n = await super().write(msg, serializers, on_error)
+        if self.gate.traffic is not None:
+            self.gate.traffic.add(self.peer, sent=n)
+        return n
 
     async def read(self, deserializers: Any = None) -> Any:
-        if self._trusted:
-            return await super().read(deserializers)
         if self._refusal is not None:
             await self._refuse(self._refusal, None)
+        if self._unlisted:
+            assert self.gate.live is not None and self.peer is not None
+            if not await self.gate.live.wait_admitted(self.peer, ROSTER_WAIT_S):
+                await self._refuse(
+                    "it is not on the live-worker list (a replaced, preempted or released instance's "
+                    "certificate)", None)
+            self._unlisted = False
+        if self._trusted:
+            if self.gate.traffic is None:
+                return await super().read(deserializers)
+            return await from_frames(await self._read_frames(), deserialize=self.deserialize,
+                                     deserializers=deserializers, allow_offload=self.allow_offload)
         assert self.peer is not None
         frames = await self._read_frames()
         try:
@@ -380,6 +483,8 @@ class GuardedTLS(TLS):
             frames, buffers_nbytes = unpack_frames(await read_bytes_rw(stream, nbytes), partial=True)
             for n in buffers_nbytes:
                 frames.append(await read_bytes_rw(stream, n))
+            if self.gate.traffic is not None:
+                self.gate.traffic.add(self.peer, received=struct.calcsize("Q") + nbytes + sum(buffers_nbytes))
         except (StreamClosedError, SSLError) as e:
             self.stream = None
             self._closed = True
@@ -441,11 +546,29 @@ class GuardedScheduler(Scheduler):
 
 
 class GuardedWorker(Worker):
-    """A worker that takes control only from the ``client`` role and data fetches from workers."""
+    """A worker that takes control only from the ``client`` role and data fetches from workers.
+
+    Its environment may add (the cluster sets it per incarnation): :data:`LISTEN_HOST_ENV`, the
+    host to bind (direct mode: the listener is reached on a port the host maps from its public
+    address; the nanny stays on loopback), whose connections' bytes it then counts and reports
+    (:data:`TRAFFIC_METRIC`); :data:`ROSTER_ENV`, accept worker peers only from the live-worker
+    list the scheduler pushes.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        public_host = os.environ.get(LISTEN_HOST_ENV)
+        if public_host:
+            kwargs["host"] = public_host
         super().__init__(*args, **kwargs)
         self.gate = Gate(WORKER_RULES, worker_clients=worker_clients_allowed())
+        if os.environ.get(ROSTER_ENV):
+            self.gate.live = LivePeers()
+            self.stream_handlers[ROSTER_OP] = self._live_peers
+        if public_host:
+            self.gate.traffic = ListenerTraffic()
+            self.metrics[TRAFFIC_METRIC] = self.gate.traffic.report
+            # the counters now, for the scheduler before it retires this worker (not a worker's request)
+            self.handlers[TRAFFIC_METRIC] = self._traffic_report
         if self.gate.worker_clients:
             # A task's client presents this worker's own certificate (the scheduler then
             # lets it act as a client: the cluster allowed it).
@@ -455,6 +578,22 @@ class GuardedWorker(Worker):
     async def listen(self, *args: Any, **kwargs: Any) -> None:
         await super().listen(*args, **kwargs)
         guard_server(self, self.gate)
+
+    async def close(self, *args: Any, **kwargs: Any) -> Any:
+        if self.gate.traffic is not None and self.status.name not in ("closing", "closed"):
+            # the last bytes (a retiring worker hands its data over just before): heartbeats
+            # stop now, so they go as an event on the stream, which closing flushes
+            self.log_event(TRAFFIC_METRIC, self.gate.traffic.report(self))
+        return await super().close(*args, **kwargs)
+
+    def _traffic_report(self) -> dict[str, Any]:
+        assert self.gate.traffic is not None
+        return self.gate.traffic.report(self)
+
+    def _live_peers(self, peers: Mapping[str, str], **_: Any) -> None:
+        """The scheduler's live-worker list (on the scheduler's own stream: trusted)."""
+        if self.gate.live is not None:
+            self.gate.live.update(peers)
 
     def _get_client(self, timeout: float | None = None) -> Any:
         if not self.gate.worker_clients:

@@ -138,6 +138,10 @@ class ClusterCA:
         return WorkerCredentials(self.ca_pem, cert.public_bytes(serialization.Encoding.PEM).decode(),
                                  _pem_key(key), cert.serial_number)
 
+    def current_serial(self, name: str) -> int | None:
+        """The serial of the one certificate honoured for worker ``name`` (None: none issued)."""
+        return self._current.get(name)
+
     def is_current(self, peer: Peer) -> bool:
         """Whether a worker peer shows the newest certificate issued for its name."""
         return peer.serial is not None and self._current.get(peer.name) == peer.serial

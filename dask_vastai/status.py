@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from .display import TextTable, duration, shorten, usd, usd_per_hour
+from .display import TextTable, data_size, duration, shorten, usd, usd_per_hour
 from .pools import instance_worker_names, spec_pool
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class PhaseBook:
 
 
 _KEYS = ("id", "name", "gpu", "state", "phase", "status_msg", "reason", "dph", "uptime_s", "cost_usd",
-         "workers", "pool")
+         "bandwidth_usd", "bytes_up", "bytes_down", "workers", "pool")
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,10 @@ class InstanceRow(Mapping[str, Any]):
     #: seconds in the current phase, and since the instance was first asked for
     in_phase_s: float = 0.0
     elapsed_s: float = 0.0
+    #: the part of ``cost_usd`` that is bandwidth, and the bytes it sent and received (as counted here)
+    bandwidth_usd: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
 
     @property
     def state(self) -> str:
@@ -147,11 +151,12 @@ class InstanceRow(Mapping[str, Any]):
         return [
             "-" if self.id is None else str(self.id), self.pool, self.gpu, phase,
             usd_per_hour(self.dph if self.id is not None else None), duration(self.uptime_s),
-            usd(self.cost_usd), workers, shorten(self.detail, 240 if self.phase == Phase.FAILED else 70),
+            usd(self.cost_usd), f"{data_size(self.bytes_up + self.bytes_down)}, {usd(self.bandwidth_usd)}",
+            workers, shorten(self.detail, 240 if self.phase == Phase.FAILED else 70),
         ]
 
 
-COLUMNS = ("instance", "pool", "GPU", "phase", "$/h", "uptime", "$ so far", "workers", "status")
+COLUMNS = ("instance", "pool", "GPU", "phase", "$/h", "uptime", "$ so far", "bandwidth", "workers", "status")
 PHASE_COLUMN = COLUMNS.index("phase")
 
 
@@ -174,7 +179,8 @@ class InstanceTable(list[InstanceRow]):
         alive = [r for r in self if r.phase not in (Phase.DESTROYED, Phase.FAILED)]
         note = (
             f"{len(alive)} instance(s) alive, {usd_per_hour(sum(r.dph for r in alive if r.id is not None))} "
-            f"now, {usd(sum(r.cost_usd for r in self))} spent"
+            f"now, {usd(sum(r.cost_usd for r in self))} spent "
+            f"(bandwidth {usd(sum(r.bandwidth_usd for r in self))})"
         )
         tones = [[tone(r.phase) if c == PHASE_COLUMN else "" for c in range(len(COLUMNS))] for r in self]
         return TextTable(COLUMNS, [r.cells() for r in self], notes=(note,) if totals else (),
@@ -229,6 +235,9 @@ def instance_table(
             dph=record.dph_total,
             uptime_s=record.uptime_s,
             cost_usd=record.cost_usd,
+            bandwidth_usd=record.bandwidth_cost_usd,
+            bytes_up=record.traffic.up,
+            bytes_down=record.traffic.down,
             workers=workers,
             registered_workers=tuple(w for w in workers if w in registered),
             pool=pool,

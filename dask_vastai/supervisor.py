@@ -124,9 +124,11 @@ def command(inc, d):
         private(f"{d}/{k}.pem", inc["tls_" + k])
     a = f"tls://127.0.0.1:{inc['worker_port']}"
     res = " ".join(f"{k}={v}" for k, v in sorted(inc["resources"].items()))
+    # a direct worker advertises its public address (its env makes it bind all interfaces)
     c = [inc.get("python") or sys.executable, "-m", "distributed.cli.dask_worker",
          inc["scheduler_address"], "--name", inc["worker_name"], "--nanny",
-         "--listen-address", a, "--contact-address", a, "--nanny-port", str(inc["nanny_port"]),
+         "--listen-address", a, "--contact-address", inc.get("contact_address") or a,
+         "--nanny-port", str(inc["nanny_port"]),
          "--nthreads", str(inc["nthreads"]), "--memory-limit", str(inc["memory_limit"]),
          "--tls-ca-file", d + "/ca.pem", "--tls-cert", d + "/cert.pem", "--tls-key", d + "/key.pem",
          "--no-dashboard", "--death-timeout", str(inc["death_timeout_s"]), "--local-directory", d,

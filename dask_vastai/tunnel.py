@@ -37,6 +37,7 @@ from asyncssh.listener import create_tcp_forward_listener
 
 from .bootstrap import STOP_WORKERS_COMMAND
 from .exceptions import HostKeyMismatch, PortBusy, SSHUnreachable, TunnelError
+from .traffic import Traffic
 
 logger = logging.getLogger(__name__)
 
@@ -295,10 +296,14 @@ class TunnelHub:
         return f"<TunnelHub scheduler_port={self.scheduler_port} links={sorted(self.links)} workers={sorted(self._exposed)}>"
 
     # ---------------------------------------------------------------- links
-    async def _open(self, endpoint: SSHEndpoint, timeout_s: float, host_keys: HostKeyPin) -> asyncssh.SSHClientConnection:
+    async def _open(
+        self, endpoint: SSHEndpoint, timeout_s: float, host_keys: HostKeyPin, traffic: Traffic | None = None
+    ) -> asyncssh.SSHClientConnection:
         return await asyncssh.connect(
             endpoint.host,
             endpoint.port,
+            # asyncssh opens the TCP connection through this: every byte of the link is counted
+            tunnel=_CountedDial(traffic) if traffic is not None else (),
             username=endpoint.username,
             client_keys=[self.key.private],
             **host_keys.connect_options(),
@@ -324,7 +329,7 @@ class TunnelHub:
 
     async def connect(
         self, name: str, endpoint: SSHEndpoint, *, timeout_s: float, host_keys: HostKeyPin | None = None,
-        silent_timeout_s: float | None = None,
+        silent_timeout_s: float | None = None, traffic: Traffic | None = None,
     ) -> InstanceLink:
         """An SSH link to ``endpoint`` with the scheduler and all existing workers forwarded.
 
@@ -333,7 +338,8 @@ class TunnelHub:
         presenting another key is refused during the key exchange, before anything is sent:
         :class:`HostKeyMismatch`, never retried. Otherwise retries until the instance's sshd
         accepts our key (it boots, then the onstart script authorizes the key) or ``timeout_s``
-        passes: then TimeoutError naming the endpoint and the last error. With
+        passes: then TimeoutError naming the endpoint and the last error. ``traffic`` (the
+        rental's) is credited with every byte of the connection, both ways. With
         ``silent_timeout_s``, gives up sooner, with :class:`SSHUnreachable`, when the endpoint
         has not accepted a TCP connection by then (SYNs dropped or refused: a blocked port), so
         that another endpoint can be tried; once it accepted one, the whole ``timeout_s`` is
@@ -364,7 +370,7 @@ class TunnelHub:
                     await _tcp_answers(endpoint, max(left, 0.1))
                     answered = True
                     continue
-                conn = await self._open(endpoint, min(self.connect_timeout_s, max(left, 1.0)), pin)
+                conn = await self._open(endpoint, min(self.connect_timeout_s, max(left, 1.0)), pin, traffic)
                 pin.pin(conn)
                 break
             except asyncssh.HostKeyNotVerifiable as e:
@@ -508,6 +514,26 @@ class TunnelHub:
                 raise busy[0] if busy else errors[0]
             self._exposed[worker_port] = exposed
 
+    async def expose_nanny(self, link: InstanceLink, nanny_port: int) -> int:
+        """A direct worker's nanny: a local forward from the client only; the port actually used.
+
+        The worker itself is reached at its public address; its nanny (restarts, its worker's
+        graceful close) stays in the tunnel. :meth:`unexpose_worker` with the returned port
+        closes it.
+        """
+        for _attempt in range(5):
+            if link.closed.is_set():
+                raise TunnelError(f"link {link.name} ({link.endpoint}) is closed: {link.lost_reason or 'closed'}")
+            try:
+                async with self._mesh_lock:
+                    listener = await self._local_forward(link, nanny_port)
+                    self._exposed[nanny_port] = _Exposed(link, 0, nanny_port, local=[listener])
+                return nanny_port
+            except PortBusy as e:
+                logger.info("port %d busy (%s); picking a fresh nanny port for %s", e.port, e, link.name)
+                (nanny_port,) = await self.allocate_ports(1)
+        raise TunnelError(f"could not find a free nanny port for a worker on {link.name} after 5 tries")
+
     async def unexpose_worker(self, worker_port: int) -> None:
         """Close a worker's forwards everywhere (it left, or its incarnation is replaced)."""
         async with self._mesh_lock:
@@ -538,6 +564,67 @@ class TunnelHub:
         for exposed in list(self._exposed.values()):
             await _close_listeners(exposed)
         self._exposed.clear()
+
+
+class _CountedDial:
+    """asyncssh's ``tunnel`` hook, opening a plain TCP connection whose bytes it counts.
+
+    asyncssh asks a tunnel object only for ``create_connection(factory, host, port)`` and
+    uses what it returns as the SSH connection; between the two sits :class:`_CountedProtocol`.
+    Bytes here are the rental's: what this machine sends, the instance receives (``down``).
+    """
+
+    def __init__(self, traffic: Traffic) -> None:
+        self.traffic = traffic
+
+    async def create_connection(self, session_factory: Callable[[], Any], host: str, port: int) -> tuple[Any, Any]:
+        counted = _CountedProtocol(session_factory(), self.traffic)
+        transport, _ = await asyncio.get_running_loop().create_connection(lambda: counted, host, port)
+        return transport, counted.inner
+
+
+class _CountedProtocol(asyncio.Protocol):
+    def __init__(self, inner: Any, traffic: Traffic) -> None:
+        self.inner = inner
+        self.traffic = traffic
+
+    def connection_made(self, transport: Any) -> None:
+        self.inner.connection_made(_CountedTransport(transport, self.traffic))
+
+    def data_received(self, data: bytes) -> None:
+        self.traffic.up += len(data)
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class _CountedTransport:
+    """The transport asyncssh writes to, counting what it writes (the rest passes through)."""
+
+    def __init__(self, transport: Any, traffic: Traffic) -> None:
+        self._transport = transport
+        self._traffic = traffic
+
+    def write(self, data: bytes) -> None:
+        self._traffic.down += len(data)
+        self._transport.write(data)
+
+    def writelines(self, chunks: Any) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 async def _close_listeners(exposed: _Exposed) -> None:

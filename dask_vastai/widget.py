@@ -45,6 +45,9 @@ class ClusterView(Protocol):
     def cost(self) -> float: ...
 
     @property
+    def bandwidth_cost(self) -> float: ...
+
+    @property
     def adaptive_targets(self) -> Mapping[str, tuple[int, float, int | None]]: ...
 
 
@@ -71,7 +74,7 @@ def _summary(cluster: ClusterView, rows: InstanceTable) -> list[tuple[str, str]]
     hourly_cap = getattr(cluster, "max_hourly_usd", None)
     if hourly_cap is not None:
         money += f" (at most {usd_per_hour(hourly_cap)})"
-    money += f", {usd(cluster.cost)} spent"
+    money += f", {usd(cluster.cost)} spent (bandwidth {usd(cluster.bandwidth_cost)})"
     budget = getattr(cluster, "budget_left_usd", None)
     if budget is not None:
         money += f", {usd(budget)} budget left"

@@ -350,6 +350,11 @@ class DaskBackend:
         """Dollars the rentals cost (all of them, once closed); 0 when attached."""
         return float(self.cluster.cost) if self.cluster is not None else 0.0
 
+    @property
+    def bandwidth_usd(self) -> float:
+        """The part of :attr:`cost_usd` that is bandwidth (bytes in and out at each offer's rates)."""
+        return float(self.cluster.bandwidth_cost) if self.cluster is not None else 0.0
+
     def workers(self) -> dict[str, dict[str, Any]]:
         return dict(self.client.scheduler_info(n_workers=-1).get("workers", {}))
 

@@ -34,6 +34,10 @@ from tests.helpers.sandbox import SANDBOX_OK, SANDBOX_WHY
 TEST_SSH_DIRECT_TIMEOUT_S = 5
 os.environ.setdefault("DASK_VASTAI__SSH_DIRECT_TIMEOUT", str(TEST_SSH_DIRECT_TIMEOUT_S))
 dask.config.set({"vastai.ssh-direct-timeout": float(os.environ["DASK_VASTAI__SSH_DIRECT_TIMEOUT"])})
+#: A healthy emulated direct worker port answers the probe within a second; a blocked one costs this.
+TEST_DIRECT_PROBE_TIMEOUT_S = 3
+os.environ.setdefault("DASK_VASTAI__DIRECT_PROBE_TIMEOUT", str(TEST_DIRECT_PROBE_TIMEOUT_S))
+dask.config.set({"vastai.direct-probe-timeout": float(os.environ["DASK_VASTAI__DIRECT_PROBE_TIMEOUT"])})
 
 
 @pytest.fixture

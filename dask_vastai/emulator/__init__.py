@@ -280,7 +280,8 @@ class Emulator:
         return list(self._server.records) if self._server else []
 
     def meter(self) -> dict[str, Any]:
-        """``{"total_usd": float, "instances": [{id, label, dph, seconds, cost_usd, destroyed, ...}]}``."""
+        """``{"total_usd", "time_usd", "bandwidth_usd", "instances": [{id, label, dph, seconds, time_usd,
+        bytes_up, bytes_down, bandwidth_usd, cost_usd, destroyed, ...}]}``: time and bandwidth billed."""
         market = self._market()
         return self._run_on_loop(market.meter)
 

@@ -15,7 +15,9 @@ destroy the rental pays ``dph_total`` per second while it is meant to run (``Non
 ``loading``, ``running``: Vast bills a reserved GPU while the image pulls) and only its
 storage (``storage_cost * disk_gb / 720`` $/h) while ``stopped``, ``exited`` or
 ``offline``; nothing after destroy. ``dph_total = dph_base + storage`` on-demand, or
-``bid + storage`` for an interruptible rental (``price`` given at create).
+``bid + storage`` for an interruptible rental (``price`` given at create). Bandwidth is billed
+on top, per byte that crosses the rental's network boundary (the runtime meters it), at the
+offer's ``inet_up_cost`` (bytes out) and ``inet_down_cost`` (bytes in), $ per GB.
 
 Offers are single-use: a rented offer is hidden from search until its rental is destroyed.
 
@@ -52,6 +54,8 @@ from .variants import STALL_MESSAGES, Variants, sandbox_quirks
 
 logger = logging.getLogger("dask_vastai.emulator")
 
+#: Vast's bandwidth prices (``inet_up_cost``, ``inet_down_cost``) are $ per GB; a GB is 10^9 bytes
+BYTES_PER_GB = 1e9
 #: statuses during which the whole dph_total is billed
 _FULL_RATE = (None, "loading", "running", "rebooting")
 #: seconds a requested log stays "not uploaded yet" (404) before it can be fetched
@@ -740,18 +744,32 @@ class Market:
 
     # ------------------------------------------------------------------ money
     def meter(self) -> dict[str, Any]:
-        """What every rental has cost so far (USD), live and destroyed."""
+        """What every rental has cost so far (USD), live and destroyed: its time and its bandwidth.
+
+        ``time_usd`` is ``dph_total`` (or storage) per second as the status says; bandwidth is
+        what the runtime counted at the rental's network boundary (``bytes_up`` left it,
+        ``bytes_down`` entered it), billed at the offer's ``inet_up_cost``/``inet_down_cost``
+        per GB (10^9 bytes). ``cost_usd`` is both, as the account's balance pays it.
+        """
         now = self.now()
         records = []
+        traffic = getattr(self.runtime, "traffic", None)
         for r in sorted(self.ledger.values(), key=lambda r: r.id):
             elapsed = max(0.0, now - r.rate_since)
+            up, down = traffic(r.id) if traffic is not None else (0, 0)
+            bandwidth = (up * float(r.offer.get("inet_up_cost") or 0.0)
+                         + down * float(r.offer.get("inet_down_cost") or 0.0)) / BYTES_PER_GB
+            time_usd = r.cost(now)
             records.append({
                 "id": r.id, "label": r.label, "dph": round(r.dph_total, 6), "storage_dph": round(r.storage_dph, 6),
                 "seconds": r.full_seconds + (elapsed if r.rate_kind == "full" else 0.0),
                 "storage_seconds": r.storage_seconds + (elapsed if r.rate_kind == "storage" else 0.0),
-                "cost_usd": r.cost(now), "destroyed": r.destroyed,
+                "time_usd": time_usd, "bytes_up": up, "bytes_down": down, "bandwidth_usd": bandwidth,
+                "cost_usd": time_usd + bandwidth, "destroyed": r.destroyed,
             })
-        return {"total_usd": sum(rec["cost_usd"] for rec in records), "instances": records}
+        return {"total_usd": sum(rec["cost_usd"] for rec in records),
+                "time_usd": sum(rec["time_usd"] for rec in records),
+                "bandwidth_usd": sum(rec["bandwidth_usd"] for rec in records), "instances": records}
 
     def balance(self) -> float:
         return self.initial_balance_usd - self.meter()["total_usd"]

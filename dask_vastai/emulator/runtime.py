@@ -98,6 +98,9 @@ class InstanceRuntime(Protocol):
     def logs(self, instance_id: int) -> str:
         """The container log (onstart/args output), as ``vastai logs`` shows it."""
 
+    def traffic(self, instance_id: int) -> tuple[int, int]:
+        """Bytes (up, down) that crossed the rental's network boundary so far, over all its boots."""
+
     async def close(self) -> None:
         """Stop every sandbox this runtime started."""
 
@@ -132,6 +135,9 @@ class RecordOnlyRuntime:
     def logs(self, instance_id: int) -> str:
         spec = self._running.get(instance_id)
         return "" if spec is None else f"(record-only runtime: onstart of {instance_id} not run)\n"
+
+    def traffic(self, instance_id: int) -> tuple[int, int]:
+        return 0, 0  # nothing runs, nothing moves
 
     async def close(self) -> None:
         self._running.clear()

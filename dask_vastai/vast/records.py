@@ -220,6 +220,9 @@ class Offer:
     direct_port_count: int
     cuda_max_good: float
     inet_down: float
+    #: what Vast bills per GB the instance sends (up) and receives (down), $/GB
+    inet_up_cost: float = 0.0
+    inet_down_cost: float = 0.0
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -249,6 +252,8 @@ class Offer:
             direct_port_count=int(_float(row.get("direct_port_count"))),
             cuda_max_good=_float(row.get("cuda_max_good")),
             inet_down=_float(row.get("inet_down")),
+            inet_up_cost=_float(row.get("inet_up_cost")),
+            inet_down_cost=_float(row.get("inet_down_cost")),
             raw=dict(row),
         )
 

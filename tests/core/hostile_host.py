@@ -143,6 +143,15 @@ async def stream_then_read(address, ctx, first, batch):
         comm.abort()
 
 
+class OwnWorker(Worker):
+    """A's worker as the attacker runs it: it takes (and ignores) what the scheduler streams to
+    dask-vastai's workers (the live-worker list), where distributed's own would drop the stream."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stream_handlers["dask-vastai-peers"] = lambda **_: None
+
+
 def kill_own_workers():
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -162,7 +171,7 @@ async def own_stream(ca, cert, key):
     deadline = time.monotonic() + 60
     while worker is None and time.monotonic() < deadline:
         try:  # until the scheduler has let go of A's killed worker
-            worker = await asyncio.wait_for(Worker(
+            worker = await asyncio.wait_for(OwnWorker(
                 SCHEDULER, name=CFG["a_name"], security=security, host="127.0.0.1", port=port,
                 contact_address=CFG["a_address"], nthreads=1, dashboard=False, death_timeout=5,
             ), 15)

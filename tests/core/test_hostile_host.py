@@ -5,7 +5,8 @@ cluster's key (what a host's operator has anyway): it holds every file A holds (
 incarnation, certificate, key, the CA certificate) and reaches every port forwarded into A.
 It tries to run code on the user's machine and on instance B, to act as a client, to speak
 for B on the scheduler and to read B's environment. Afterwards the user's client still does
-all of that, and nothing ran where it should not have.
+all of that, and nothing ran where it should not have. Once with the tunnel, once in direct
+mode, where B's worker listens on a public port that A reaches too.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def _p2p_shuffle_across(client) -> None:
 
 
 @pytest.mark.slow
-def test_root_in_one_instance_can_act_only_as_that_worker(market, tmp_path: Path) -> None:
+@pytest.mark.parametrize("network", ["tunnel", "direct"])
+def test_root_in_one_instance_can_act_only_as_that_worker(market, tmp_path: Path, network: str) -> None:
+    """In direct mode the workers listen on public ports, which A also reaches (B's included)."""
     import os
 
     from distributed import Client
@@ -57,8 +60,9 @@ def test_root_in_one_instance_can_act_only_as_that_worker(market, tmp_path: Path
     laptop_marker = tmp_path / "ran-on-the-users-machine"
     with VastAICluster(
         gpu="RTX_3090", n=2, api_url=market.url, api_key=market.api_key, name="hh", quiet=True,
-        boot_timeout=240, secret_env={"HF_TOKEN": "hf-secret-of-the-user"},
+        boot_timeout=240, secret_env={"HF_TOKEN": "hf-secret-of-the-user"}, network=network,
     ) as cluster, Client(cluster) as client:
+        assert [w.network for w in cluster.workers.values()] == [network] * 2
         key = tmp_path / "cluster_key"
         key.write_bytes(cluster.key.private.export_private_key("openssh"))
         key.chmod(0o600)

@@ -18,7 +18,7 @@ from dask_vastai import BootFailed
 from dask_vastai.instance import VastInstance
 from dask_vastai.pools import POOL_RESOURCE_CAPACITY, Pool, PoolShape
 from dask_vastai.rentals import RentalRecord
-from dask_vastai.roles import WORKER_ARGS, WORKER_CLIENTS_ENV
+from dask_vastai.roles import ROSTER_ENV, WORKER_ARGS, WORKER_CLIENTS_ENV
 from dask_vastai.vast import Offer
 
 GiB = 2**30
@@ -124,7 +124,9 @@ def test_worker_options_override_threads_memory_and_add_resources() -> None:
 def test_env_is_the_clusters_then_the_shipped_then_the_gpu() -> None:
     shipped = {"PYTHONPATH": "shipped", "CUDA_VISIBLE_DEVICES": "7"}
     incs = _instance(_pool(num_gpus=2))._incarnations(_probe([0, 1]), _record(num_gpus=2), shipped)
-    policy = {WORKER_CLIENTS_ENV: "False"}  # tells the workers whether tasks may act as clients
+    # tells the workers whether tasks may act as clients, and to take worker peers only from the
+    # scheduler's live-worker list
+    policy = {WORKER_CLIENTS_ENV: "False", ROSTER_ENV: "1"}
     assert [inc.env for inc in incs] == [
         {"SECRET_TOKEN": "from-the-cluster", "PYTHONPATH": "shipped", "CUDA_VISIBLE_DEVICES": "0", **policy},
         {"SECRET_TOKEN": "from-the-cluster", "PYTHONPATH": "shipped", "CUDA_VISIBLE_DEVICES": "1", **policy},

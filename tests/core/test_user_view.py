@@ -114,6 +114,7 @@ class _View:
     scheduler_address = "tls://127.0.0.1:8786"
     hourly_rate = 1.6
     cost = 0.0421
+    bandwidth_cost = 0.0012
     adaptive_targets: dict = {}
 
     def __init__(self, rows: InstanceTable) -> None:
@@ -130,7 +131,7 @@ def test_cluster_html_says_booting_and_registered_never_a_bare_zero() -> None:
     assert "0 registered of 4" in html and "start when their instance has booted" in html
     assert "Workers: 0" not in html
     assert "href='http://127.0.0.1:8787/status'" in html
-    assert "$1.600/h now, $0.0421 spent" in html
+    assert "$1.600/h now, $0.0421 spent (bandwidth $0.001200)" in html
     assert "budget left" not in html
 
 

@@ -113,6 +113,10 @@ class _Sandbox:
     exit_code: int | None = None
     stopping: bool = False
     waiter: asyncio.Task | None = None
+    #: bytes (up, down) across the sandbox's boundary, as its pid 1 last reported them
+    traffic: tuple[int, int] = (0, 0)
+    metered: asyncio.Event = field(default_factory=asyncio.Event)
+    meter_reader: asyncio.Task | None = None
 
 
 class SandboxRuntime:
@@ -150,6 +154,8 @@ class SandboxRuntime:
         self._sshd = find_sshd()
         self._sandboxes: dict[int, _Sandbox] = {}
         self._logs_after_stop: dict[int, str] = {}
+        #: bytes (up, down) of the sandboxes a rental had before its current one (reboots, stops)
+        self._traffic_before: dict[int, tuple[int, int]] = {}
         #: each rental's /etc/ssh host keys, made at its first boot and kept across reboots
         self._host_keys: dict[int, dict[str, str]] = {}
         self._api = ApiRelay()
@@ -237,6 +243,8 @@ class SandboxRuntime:
         # sandbox; pid 1's (ready, or why not) is closed once it is ready.
         status_r, status_w = os.pipe()
         report_r, report_w = os.pipe()
+        # pid 1 meters the sandbox's boundary and writes its totals here for as long as it lives
+        meter_r, meter_w = os.pipe()
         logs = (LogPump(directory / "container.log", max_bytes=self.log_max_bytes, keep_bytes=LOG_TAIL_BYTES),
                 LogPump(directory / "sshd.log", max_bytes=self.log_max_bytes, keep_bytes=LOG_TAIL_BYTES))
         log_fd, sshd_log_fd = logs[0].writer, logs[1].writer
@@ -244,6 +252,7 @@ class SandboxRuntime:
             logs[0].write(f"Error: remote port forwarding failed for listen port {proxy.getsockname()[1]}\n".encode())
         cfg = {
             "status_fd": status_w, "report_fd": report_w, "log_fd": log_fd, "sshd_log_fd": sshd_log_fd,
+            "meter_fd": meter_w,
             "hostname": f"C.{spec.instance_id}",
             "uid_base": UID_BASE + (self._slot_offset + slot) * UID_RANGE if self._root else None,
             "uid_count": UID_RANGE if self._root else 1,
@@ -295,21 +304,23 @@ class SandboxRuntime:
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=sshd_log_fd,
                 # never the emulator's environment: pid 1's is readable from inside (API keys)
                 env=_launcher_env(env),
-                pass_fds=[status_w, report_w, log_fd, sshd_log_fd, *(s.fileno() for _, s in served),
+                pass_fds=[status_w, report_w, meter_w, log_fd, sshd_log_fd, *(s.fileno() for _, s in served),
                           *([proxy.fileno()] if proxy is not None and proxy_served else [])],
             )
         except BaseException:
             os.close(status_r)
             os.close(report_r)
+            os.close(meter_r)
             raise
         finally:
-            for fd in (status_w, report_w):
+            for fd in (status_w, report_w, meter_w):
                 os.close(fd)
             for pump in logs:
                 pump.close_writer()
         box = _Sandbox(spec, directory, process, all_sockets, slot, logs, None, fillers, host_gpus)
         self._sandboxes[spec.instance_id] = box
         box.waiter = asyncio.create_task(self._wait(box))
+        box.meter_reader = asyncio.create_task(self._read_meter(box, meter_r))
         try:
             # The launcher waits for its configuration: in its cgroup before it forks anything.
             box.cgroup = await asyncio.to_thread(self._limit, spec, process.pid)
@@ -353,6 +364,7 @@ class SandboxRuntime:
             return
         box.stopping = True
         if box.pidfd is not None:
+            await self._last_reading(box)
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pidfd_send_signal(box.pidfd, signal.SIGKILL)
         elif box.process.returncode is None:
@@ -375,10 +387,49 @@ class SandboxRuntime:
         if box.cgroup is not None:
             await asyncio.to_thread(box.cgroup.remove)
         self._logs_after_stop[instance_id] = await asyncio.to_thread(box.logs[0].tail, LOG_TAIL_BYTES)
+        if box.meter_reader is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(box.meter_reader), 2)  # the pipe ends with pid 1
+            box.meter_reader.cancel()
+        before = self._traffic_before.get(instance_id, (0, 0))
+        self._traffic_before[instance_id] = (before[0] + box.traffic[0], before[1] + box.traffic[1])
         await asyncio.to_thread(shutil.rmtree, box.directory, True)
         self._sandboxes.pop(instance_id, None)
         self._slots.discard(box.slot)
         self._gpus_taken.difference_update(g.index for g in box.gpus)
+
+    def traffic(self, instance_id: int) -> tuple[int, int]:
+        """Bytes (up, down) that crossed the rental's network boundary, over all its boots.
+
+        Counted by each sandbox's pid 1 at the boundary (SSH connections through the kernel's
+        TCP counters, relayed ports as they pass): what the instance sent and received on its
+        "public" network, SSH and TLS overhead, installs and API calls included.
+        """
+        before = self._traffic_before.get(instance_id, (0, 0))
+        box = self._sandboxes.get(instance_id)
+        now = box.traffic if box is not None else (0, 0)
+        return before[0] + now[0], before[1] + now[1]
+
+    async def _read_meter(self, box: _Sandbox, fd: int) -> None:
+        """Keep the totals pid 1 writes on the meter pipe (it ends when pid 1 dies)."""
+        try:
+            async for message in _messages(fd):
+                up, down = message.get("up"), message.get("down")
+                if isinstance(up, int) and isinstance(down, int):
+                    box.traffic = (max(box.traffic[0], up), max(box.traffic[1], down))
+                    box.metered.set()
+        finally:
+            os.close(fd)
+
+    async def _last_reading(self, box: _Sandbox, timeout_s: float = 1.0) -> None:
+        """Ask pid 1 for its totals now (SIGUSR1) and wait a moment for them, before it is killed."""
+        box.metered.clear()
+        try:
+            signal.pidfd_send_signal(box.pidfd, signal.SIGUSR1)
+        except (ProcessLookupError, OSError):
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(box.metered.wait(), timeout_s)
 
     def exited(self, instance_id: int) -> int | None:
         """Exit code of the workload once the sandbox ended on its own (args runtype)."""

@@ -31,9 +31,19 @@ What runs inside is hostile: the status channel never enters the sandbox (pid 1 
 first thing, so whatever runs there cannot name a pid for the host to kill), pid 1 closes
 its report channel once ready, and every fd pid 1 holds is close-on-exec, so the workload
 and sshd start with their stdio and nothing of the host's.
+
+Pid 1 is also the sandbox's network boundary, and meters it (:class:`Meter`): every byte in
+or out crosses one of its relays (mapped ports, other instances' ports, the API) or an SSH
+connection it handed to ``sshd -i``, whose kernel counters (``TCP_INFO``: bytes acked and
+received, SSH and TLS overhead included) it reads while ``sshd`` runs and once more when it
+exits. Relayed bytes move socket -> pipe -> socket in the kernel (``splice``), one thread
+per direction, so the relays add no copy through Python. The totals go to the host as JSON
+lines on the meter pipe, a few times a second and at once on SIGUSR1 (the host asks before
+it stops the sandbox).
 """
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -46,6 +56,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import traceback
 import types
 
@@ -204,6 +215,8 @@ def launcher(cfg: dict) -> int:
     os.write(to_child_w, b"m")
     pid1_text = b""
     os.close(cfg["report_fd"])  # pid 1's alone from here
+    if cfg.get("meter_fd") is not None:
+        os.close(cfg["meter_fd"])  # pid 1's too: the host reads what it counted there
     while chunk := os.read(to_parent_r, 32):
         pid1_text += chunk
     os.waitpid(child, 0)
@@ -505,6 +518,136 @@ def check_sshd(cfg: dict) -> None:
             raise RuntimeError(f"sshd -t rejected the sandbox's {path} (see the sshd log)")
 
 
+# --------------------------------------------------------------------------- P1: meter
+
+
+#: ``struct tcp_info``: ``tcpi_bytes_acked`` and ``tcpi_bytes_received`` (u64) sit at byte 120
+_TCP_INFO_LEN, _TCP_BYTES_AT = 136, 120
+#: bytes one splice call moves at most (and the size asked of each relay pipe)
+_SPLICE_CHUNK = 1 << 20
+_F_SETPIPE_SZ = 1031
+
+
+def tcp_bytes(sock: socket.socket) -> "tuple[int, int] | None":
+    """(bytes sent and acked, bytes received) of a TCP socket, from the kernel; None when closed."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except OSError:
+        return None
+    if len(raw) < _TCP_INFO_LEN:
+        return None
+    return struct.unpack_from("QQ", raw, _TCP_BYTES_AT)
+
+
+class Meter:
+    """Bytes across this sandbox's boundary: ``up`` left it, ``down`` entered it.
+
+    Relays add what they move; the SSH connections handed to ``sshd -i`` are kept here (pid 1
+    holds them until their sshd is reaped) and read through ``TCP_INFO``.
+    """
+
+    def __init__(self, fd: "int | None") -> None:
+        self.fd = fd
+        self.up = 0
+        self.down = 0
+        self.lock = threading.Lock()
+        self.ssh: dict[int, tuple[socket.socket, int, int]] = {}  # pid -> (socket, acked, received)
+        self.reported = (-1, -1)
+
+    def add(self, up: int = 0, down: int = 0) -> None:
+        with self.lock:
+            self.up += up
+            self.down += down
+
+    def keep_ssh(self, pid: int, sock: socket.socket) -> None:
+        self.ssh[pid] = (sock, 0, 0)
+
+    def read_ssh(self, pid: "int | None" = None) -> None:
+        """Add what the SSH connections moved since the last read; ``pid``: its sshd exited."""
+        for key in [pid] if pid is not None else list(self.ssh):
+            if key not in self.ssh:
+                continue
+            sock, acked, received = self.ssh[key]
+            now = tcp_bytes(sock)
+            if now is not None:
+                self.add(up=max(0, now[0] - acked), down=max(0, now[1] - received))
+                self.ssh[key] = (sock, max(acked, now[0]), max(received, now[1]))
+            if pid is not None or now is None:
+                self.ssh.pop(key, None)
+                if pid is not None:
+                    sock.close()
+
+    def report(self, force: bool = False) -> None:
+        """One JSON line with the totals, when they changed (``force``: in any case)."""
+        self.read_ssh()
+        with self.lock:
+            totals = (self.up, self.down)
+        if self.fd is None or (totals == self.reported and not force):
+            return
+        try:
+            os.write(self.fd, (json.dumps({"up": totals[0], "down": totals[1]}) + "\n").encode())
+            self.reported = totals
+        except OSError:
+            pass
+
+
+def _pump(src: socket.socket, dst: socket.socket, count) -> None:
+    """Move ``src``'s bytes to ``dst`` until EOF (then half-close ``dst``), telling ``count(n)``."""
+    try:
+        read_fd, write_fd = os.pipe()
+    except OSError:
+        read_fd = write_fd = -1
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_fd, _F_SETPIPE_SZ, _SPLICE_CHUNK)
+        spliced = read_fd >= 0
+        while True:
+            if spliced:
+                try:
+                    n = os.splice(src.fileno(), write_fd, _SPLICE_CHUNK)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    spliced = False  # a socket kind splice does not take: copy through here
+                    continue
+                if n == 0:
+                    break
+                count(n)
+                left = n
+                while left:
+                    left -= os.splice(read_fd, dst.fileno(), left)
+            else:
+                data = src.recv(_SPLICE_CHUNK)
+                if not data:
+                    break
+                count(len(data))
+                dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for fd in (read_fd, write_fd):
+            if fd >= 0:
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def relay(inside: socket.socket, outside: socket.socket, meter: Meter) -> None:
+    """Join a connection inside the sandbox to one outside it, both ways, metered; close both at the end."""
+    for sock in (inside, outside):
+        sock.setblocking(True)
+
+    def run() -> None:
+        down = threading.Thread(target=_pump, args=(outside, inside, lambda n: meter.add(down=n)), daemon=True)
+        down.start()
+        _pump(inside, outside, lambda n: meter.add(up=n))
+        down.join()
+        inside.close()
+        outside.close()
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 # --------------------------------------------------------------------------- P1: serve
 
 
@@ -546,6 +689,8 @@ class Init:
         self.done: asyncio.Future[int] | None = None
         self.servers: list = []
         self.waiters: dict[int, asyncio.Future[int]] = {}
+        self.meter = Meter(cfg.get("meter_fd"))
+        self._fallback_ids = iter(range(-1, -(1 << 62), -1))
         self.fallback = None
         if not cfg["openssh"] and cfg.get("fallback_source"):
             # asyncssh's server instead of OpenSSH; its module text came in the config
@@ -562,6 +707,8 @@ class Init:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: self.finish(143))
         loop.add_reader(self.cfg["lifeline_fd"], lambda: self.finish(137))
+        loop.add_signal_handler(signal.SIGUSR1, lambda: self.meter.report(force=True))  # the host stops us next
+        self.servers.append(asyncio.create_task(self.report_traffic()))
         self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         for spec in self.cfg["listen"]:
             sock = socket.socket(fileno=spec["fd"])
@@ -569,8 +716,8 @@ class Init:
             handler = self.ssh_server(spec["sshd"]) if spec["kind"] == "ssh" else self.relay_to_port(spec["port"])
             self.servers.append(asyncio.create_task(self.accept_loop(sock, handler)))
         if self.cfg.get("api_port"):
-            server = await asyncio.start_server(self.relay_api, "127.0.0.1", self.cfg["api_port"])
-            self.servers.append(server)
+            sock = _listening("127.0.0.1", self.cfg["api_port"])
+            self.servers.append(asyncio.create_task(self.accept_loop(sock, self.relay_api)))
         if self.cfg.get("public_sock"):
             synced = asyncio.Event()
             self.servers.append(asyncio.create_task(self.watch_public_ports(synced)))
@@ -581,8 +728,14 @@ class Init:
         return await self.done
 
     def finish(self, code: int) -> None:
+        self.meter.report()
         if self.done is not None and not self.done.done():
             self.done.set_result(code)
+
+    async def report_traffic(self, interval_s: float = 0.25) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.meter.report()
 
     def reap(self) -> None:
         while True:
@@ -595,6 +748,7 @@ class Init:
             waiter = self.waiters.pop(pid, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(os.waitstatus_to_exitcode(wstatus))
+            self.meter.read_ssh(pid)  # an sshd -i that ended: its connection's last bytes
             if pid == self.workload_pid:
                 code = os.waitstatus_to_exitcode(wstatus)
                 self.workload_pid = None
@@ -638,15 +792,20 @@ class Init:
                     conn.close()
                     return
                 remote_forward = name != "proxy" or self.cfg["proxy_remote_forward"]
+                # metered until asyncssh closes it (its fileno then reads -1)
+                self.meter.keep_ssh(next(self._fallback_ids), conn)
                 asyncio.create_task(self.fallback.serve_connection(
                     conn, self.cfg["served_host_keys"], self.spawn_session, self.wait_for, remote_forward))
                 return
             conn.setblocking(True)
             try:
-                spawn([self.cfg["sshd"], "-i", "-e", "-f", "/run/vast-emu/" + sshd_config_name(name)], self.env,
-                      conn.fileno(), conn.fileno(), SSHD_LOG_FD)
-            finally:
+                pid = spawn([self.cfg["sshd"], "-i", "-e", "-f", "/run/vast-emu/" + sshd_config_name(name)], self.env,
+                            conn.fileno(), conn.fileno(), SSHD_LOG_FD)
+            except BaseException:
                 conn.close()
+                raise
+            # kept (and metered) until this sshd is reaped: then its last counts are read and it closes
+            self.meter.keep_ssh(pid, conn)
         return serve_ssh
 
     def spawn_session(self, argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
@@ -671,10 +830,10 @@ class Init:
             elif sign == b"+" and int(value) not in listeners and int(value) not in own:
                 port = int(value)
                 try:  # a port our own programs already use keeps them: they were here first
-                    listeners[port] = await asyncio.start_server(
-                        lambda r, w, port=port: self.relay_public(port, r, w), "127.0.0.1", port)
+                    sock = _listening("127.0.0.1", port)
                 except OSError:
-                    pass
+                    continue
+                listeners[port] = _Closing([sock], asyncio.create_task(self.accept_loop(sock, self.relay_public(port))))
             elif sign == b"~" and int(value) not in listeners and int(value) not in own:
                 try:  # another instance's port that hangs: ours hangs the same way
                     sock, fillers = await asyncio.to_thread(blackhole.hole, "127.0.0.1", int(value), "hang")
@@ -684,68 +843,79 @@ class Init:
             elif sign == b"-" and int(value) in listeners:
                 listeners.pop(int(value)).close()
 
-    async def relay_public(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_unix_connection("/run/vast-emu/public.sock")
-        except OSError:
-            writer.close()
-            return
-        up_writer.write(f"CONNECT {port}\n".encode())
-        await splice(reader, writer, up_reader, up_writer)
-
-    def relay_to_port(self, port: int):
+    def relay_public(self, port: int):
+        """Another instance's mapped port: the host connects it and hands us the socket (no copy
+        through the emulator), which we join to the connection made here."""
         async def handler(conn: socket.socket) -> None:
-            asyncio.create_task(self.pipe_to(conn, ("127.0.0.1", port)))
+            def run() -> None:
+                try:
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as host:
+                        host.settimeout(30)
+                        host.connect("/run/vast-emu/public.sock")
+                        host.sendall(f"CONNECT {port}\n".encode())
+                        _, fds, _, _ = socket.recv_fds(host, 16, 1)
+                except OSError:
+                    fds = []
+                if not fds:
+                    conn.close()  # refused: not a mapped port, or its host is gone
+                    return
+                relay(conn, socket.socket(fileno=fds[0]), self.meter)
+            threading.Thread(target=run, daemon=True).start()
         return handler
 
-    async def relay_api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """The API at the same address as outside: 127.0.0.1:<port> here -> the host's API."""
-        try:
-            up_reader, up_writer = await asyncio.open_unix_connection("/run/vast-emu/api.sock")
-        except OSError:
-            writer.close()
-            return
-        await splice(reader, writer, up_reader, up_writer)
+    def relay_to_port(self, port: int):
+        """One of our mapped ports: the host's connection, joined to our own 127.0.0.1:<port>."""
+        async def handler(conn: socket.socket) -> None:
+            self.relay_in_thread(conn, socket.AF_INET, ("127.0.0.1", port), outside_is=conn)
+        return handler
 
-    async def pipe_to(self, conn: socket.socket, address: tuple[str, int]) -> None:
-        reader, writer = await asyncio.open_connection(sock=conn)
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*address)
-        except OSError:
-            writer.close()
-            return
-        await splice(reader, writer, up_reader, up_writer)
+    async def relay_api(self, conn: socket.socket) -> None:
+        """The API at the same address as outside: 127.0.0.1:<port> here -> the host's API."""
+        self.relay_in_thread(conn, socket.AF_UNIX, "/run/vast-emu/api.sock", outside_is=None)
+
+    def relay_in_thread(self, conn: socket.socket, family: int, address, outside_is) -> None:
+        """Connect ``address`` in a thread, then relay it with ``conn``; ``outside_is=conn``: ``conn``
+        came from outside (a mapped port), else the new connection leads outside."""
+        def run() -> None:
+            other = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                other.connect(address)
+            except OSError:
+                other.close()
+                conn.close()
+                return
+            if outside_is is conn:
+                relay(other, conn, self.meter)
+            else:
+                relay(conn, other, self.meter)
+        threading.Thread(target=run, daemon=True).start()
 
 
 class _Closing:
     """Sockets closed together, in place of a server (a hanging port's listener and fillers)."""
 
-    def __init__(self, sockets: list) -> None:
+    def __init__(self, sockets: list, task: "asyncio.Task | None" = None) -> None:
         self.sockets = sockets
+        self.task = task
 
     def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
         for sock in self.sockets:
             sock.close()
 
 
-async def splice(a_reader: asyncio.StreamReader, a_writer: asyncio.StreamWriter,
-                 b_reader: asyncio.StreamReader, b_writer: asyncio.StreamWriter) -> None:
-    """Copy both ways, passing half-closes on; close both ends when both are done."""
-
-    async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(262144):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-
+def _listening(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        await asyncio.gather(copy(a_reader, b_writer), copy(b_reader, a_writer))
-    except (OSError, ConnectionError):
-        pass
-    finally:
-        a_writer.close()
-        b_writer.close()
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def main() -> int:

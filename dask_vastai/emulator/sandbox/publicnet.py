@@ -14,7 +14,9 @@ another instance's connection hangs as the client's does. A refusing one is not
 announced (inside, nothing listens there: refused).
 
 Protocol, one line first: ``WATCH`` (then ``+PORT``/``~PORT``/``-PORT`` lines, ``=``
-after the initial set) or ``CONNECT PORT`` (then raw bytes both ways).
+after the initial set) or ``CONNECT PORT`` (answered with one byte carrying the connected
+socket, ``SCM_RIGHTS``; or closed, refused). The sandbox's init relays between that socket
+and its own connection, and meters what crosses.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import Iterable
-
-from .apirelay import splice
 
 
 class PublicNet:
@@ -90,16 +91,30 @@ class PublicNet:
                 writer.close()
         elif len(request) == 2 and request[0] == "CONNECT" and request[1].isdigit() \
                 and int(request[1]) in self._ports:
-            try:
-                up_reader, up_writer = await asyncio.open_connection(self.public_ipaddr, int(request[1]))
-            except OSError:
-                writer.close()
-                return
-            await asyncio.gather(splice(reader, up_writer), splice(up_reader, writer))
-            writer.close()
-            up_writer.close()
+            await self._hand_over(int(request[1]), writer)
         else:
             writer.close()  # not a mapped port: the host's own services stay out of reach
+
+    async def _hand_over(self, port: int, writer: asyncio.StreamWriter) -> None:
+        """Connect the public port and pass the connected socket to the sandbox that asked.
+
+        The sandbox's init then joins it to its own connection: the bytes flow between the two
+        sandboxes through the kernel, and this process (the emulator) is not in their path.
+        """
+        loop = asyncio.get_running_loop()
+        up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        up.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(up, (self.public_ipaddr, port)), 30)
+            asker = writer.get_extra_info("socket")
+            with socket.socket(fileno=os.dup(asker.fileno())) as channel:
+                channel.setblocking(True)
+                socket.send_fds(channel, [b"+"], [up.fileno()])
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            up.close()
+            writer.close()
 
     async def close(self) -> None:
         for writer in list(self._watchers):
