@@ -8,6 +8,7 @@ what the ``oracle`` fixture hands a test: the CLI pointed at an emulator.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -27,14 +28,20 @@ def oracle_python() -> Path:
     """The interpreter of the oracle virtualenv, made (once) if missing."""
     python = _VENV / "bin" / "python"
     marker = _VENV / f".vastai-{VASTAI_VERSION}"
-    if not marker.exists():
-        _VENV.parent.mkdir(parents=True, exist_ok=True)
-        venv.EnvBuilder(with_pip=True, clear=True).create(_VENV)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"vastai=={VASTAI_VERSION}"],
-            check=True,
-        )
-        marker.touch()
+    if marker.exists():
+        return python
+    _VENV.parent.mkdir(parents=True, exist_ok=True)
+    # The suite runs in several processes (pytest-xdist): one builds, the others wait for it.
+    with open(_VENV.parent / f"{_VENV.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            venv.EnvBuilder(with_pip=True, clear=True).create(_VENV)
+            subprocess.run(
+                [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                 f"vastai=={VASTAI_VERSION}"],
+                check=True,
+            )
+            marker.touch()
     return python
 
 
