@@ -259,7 +259,8 @@ def test_meter_bills_per_second_and_stops_at_destroy() -> None:
         assert meter["total_usd"] == pytest.approx(0.01, rel=0.005)
         assert meter["instances"][0] | {"cost_usd": 0} == {
             "id": iid, "label": "pricey", "dph": 3.6, "storage_dph": 0.0, "seconds": 10, "storage_seconds": 0,
-            "cost_usd": 0, "destroyed": True}
+            "cost_usd": 0, "destroyed": True, "time_usd": pytest.approx(0.01, rel=0.005),
+            "bytes_up": 0, "bytes_down": 0, "bandwidth_usd": 0.0}  # a record-only rental moves no bytes
         # stopped: storage only (7.2 $/GB/month * 100 GB / 720 h = 1 $/h)
         iid = rent(emu, 2, disk=100)
         clock.advance(36)  # 2 $/h -> 0.02
