@@ -60,7 +60,7 @@ from .roles import TRAFFIC_METRIC, GuardedScheduler, scheduler_gate
 from .safety import LEDGER
 from .security import ClusterCA
 from .status import InstanceTable, PhaseBook, instance_table
-from .traffic import TrafficBook
+from .traffic import TrafficCollector
 from .tunnel import ClusterKey, TunnelHub
 from .vast import VastAPI
 from .widget import ClusterWidget, cluster_html
@@ -211,10 +211,7 @@ class VastAICluster(SpecCluster):
             self.add_pool(str(pool_name), **extra)
         self._adaptives: dict[str, GPUAdaptive] = {}
         self._adapt_warned: set[str] = set()  # adapt() keywords already warned about
-        self._traffic = TrafficBook()
-        #: worker name -> its rental (kept after it left: its last reports still count)
-        self._rental_of: dict[str, Any] = {}
-        self._traffic_events_seen = 0.0
+        self._traffic = TrafficCollector(TRAFFIC_METRIC)
         # The CA key stays in this process; Client(cluster) picks up the client-role Security.
         self.allow_worker_clients = bool(option("allow-worker-clients", allow_worker_clients))
         self.certificates = ClusterCA(cluster_name, lifetime_days=float(option("certificate-lifetime-days")))
@@ -533,65 +530,18 @@ class VastAICluster(SpecCluster):
         return _().__await__()
 
     # ---------------------------------------------------------------- traffic
-    def _count_traffic(self, asked: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> None:
-        """Credit each rental with the direct traffic its workers reported since the last time.
-
-        Reports come in heartbeats, from :meth:`_ask_traffic` (``asked``) and, from a closing
-        worker, as a last event; a worker that left is still credited to its rental (kept by name).
-        """
-        scheduler = self.scheduler
-        if scheduler is None:
-            return
-        for instance in list(self.workers.values()):
-            record = getattr(instance, "record", None)
-            if record is not None:
-                for name in instance.worker_names:
-                    self._rental_of[name] = record
-        reports = [(str(ws.name), ws.metrics[TRAFFIC_METRIC]) for ws in list(scheduler.workers.values())
-                   if isinstance(ws.metrics.get(TRAFFIC_METRIC), dict)]
-        reports += list(asked)  # cumulative: the newest of a worker's reports wins, counted once
-        for stamp, report in scheduler.get_events(TRAFFIC_METRIC):
-            if stamp > self._traffic_events_seen and isinstance(report, dict) and report.get("name"):
-                reports.append((str(report["name"]), report))
-                self._traffic_events_seen = stamp
-        self._traffic.update(
-            reports, {n: r.direct_traffic for n, r in self._rental_of.items()},
-            {n: r.instance_id for n, r in self._rental_of.items()},
-        )
-
-    def _direct_addresses(self, names: Collection[str] | None = None) -> list[str]:
-        """Addresses of the registered workers that count direct traffic (of ``names``: all)."""
-        if self.scheduler is None:
-            return []
-        return [a for a, ws in list(self.scheduler.workers.items()) if TRAFFIC_METRIC in ws.metrics
-                and (names is None or str(ws.name) in names)]
+    def _count_traffic(self) -> None:
+        self._traffic.count(self.scheduler, list(self.workers.values()))
 
     async def _ask_traffic(self, addresses: Collection[str]) -> None:
-        """Credit what these direct workers counted up to now.
-
-        Heartbeats carry the counters up to a second late, and the event a closing worker
-        sends rarely arrives (the scheduler stops reading a worker's stream as it retires
-        it), so before workers go the scheduler asks them: a request only its role may make,
-        which a retired worker still answers until its process is stopped.
-        """
-        if self.scheduler is None or not addresses:
-            return
-        rpc = self.scheduler.rpc
-
-        async def ask(address: str) -> Any:
-            with contextlib.suppress(Exception):  # one that does not answer keeps its last heartbeat's
-                return await asyncio.wait_for(getattr(rpc(address), TRAFFIC_METRIC)(), 10)
-            return None
-
-        answers = await asyncio.gather(*(ask(a) for a in addresses))
-        self._count_traffic([(str(r["name"]), r) for r in answers if isinstance(r, dict) and r.get("name")])
+        await self._traffic.ask(self.scheduler, list(self.workers.values()), addresses)
 
     async def _correct_state_internal(self) -> None:
         """SpecCluster's, with the leaving direct workers' counters read after their data moved
         off them (``retire_workers``, which SpecCluster would call next, finds them gone)."""
         leaving = set(self.workers) - set(self.worker_spec)
         names = {n for name in leaving for n in getattr(self.workers[name], "worker_names", ())}
-        addresses = self._direct_addresses(names) if names else []
+        addresses = self._traffic.direct_addresses(self.scheduler, names) if names else []
         if addresses and self.scheduler.status == Status.running:
             with contextlib.suppress(Exception):  # SpecCluster retires them again below, as it would
                 await self.scheduler_comm.retire_workers(workers=list(leaving))
@@ -603,7 +553,7 @@ class VastAICluster(SpecCluster):
         for adaptive in self._adaptives.values():
             adaptive.stop()
         with contextlib.suppress(Exception):
-            await self._ask_traffic(self._direct_addresses())  # what the workers counted last
+            await self._ask_traffic(self._traffic.direct_addresses(self.scheduler))  # what the workers counted last
         # SpecCluster's close scales only what scale(0) reaches: empty every pool.
         self.worker_spec.clear()
         try:

@@ -21,7 +21,9 @@ its reports can shift its peers' estimates; Vast's own bill is the reference.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+import contextlib
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,3 +100,69 @@ class TrafficBook:
             if own is not None:
                 own.add(up=max(0, d_sent), down=max(0, d_received))
             self._seen[name] = (token, received, sent, peers)
+
+
+class TrafficCollector:
+    """Collects the direct workers' listener reports at the scheduler and credits their rentals.
+
+    Reports arrive three ways: in heartbeats (the ``dask-vastai-traffic`` metric, up to a
+    second late), as the last event of a closing worker (which rarely arrives: the scheduler
+    stops reading a worker's stream as it retires it), and as answers when the scheduler asks
+    (:meth:`ask`), which is what the cluster does before workers go. A worker that left is
+    still credited to its rental: the rental of each worker name is kept.
+    """
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self._book = TrafficBook()
+        #: worker name -> its rental record (kept after it left: its last reports still count)
+        self._rental_of: dict[str, Any] = {}
+        self._events_seen = 0.0
+
+    def count(self, scheduler: Any, instances: Iterable[Any], asked: Iterable[tuple[str, Mapping[str, Any]]] = ()
+              ) -> None:
+        """Credit each rental with the direct traffic its workers reported since the last time.
+
+        ``instances``: the cluster's instances (each with ``record`` and ``worker_names``).
+        """
+        if scheduler is None:
+            return
+        for instance in instances:
+            record = getattr(instance, "record", None)
+            if record is not None:
+                for name in instance.worker_names:
+                    self._rental_of[name] = record
+        reports = [(str(ws.name), ws.metrics[self.metric]) for ws in list(scheduler.workers.values())
+                   if isinstance(ws.metrics.get(self.metric), dict)]
+        reports += list(asked)  # cumulative: the newest of a worker's reports wins, counted once
+        for stamp, report in scheduler.get_events(self.metric):
+            if stamp > self._events_seen and isinstance(report, dict) and report.get("name"):
+                reports.append((str(report["name"]), report))
+                self._events_seen = stamp
+        self._book.update(
+            reports, {n: r.direct_traffic for n, r in self._rental_of.items()},
+            {n: r.instance_id for n, r in self._rental_of.items()},
+        )
+
+    def direct_addresses(self, scheduler: Any, names: Collection[str] | None = None) -> list[str]:
+        """Addresses of the registered workers that count direct traffic (of ``names``: all)."""
+        if scheduler is None:
+            return []
+        return [a for a, ws in list(scheduler.workers.items()) if self.metric in ws.metrics
+                and (names is None or str(ws.name) in names)]
+
+    async def ask(self, scheduler: Any, instances: Iterable[Any], addresses: Collection[str]) -> None:
+        """Credit what these direct workers counted up to now, asking each (a request only the
+        scheduler's role may make, which a retired worker still answers until it stops)."""
+        if scheduler is None or not addresses:
+            return
+        rpc = scheduler.rpc
+
+        async def ask_one(address: str) -> Any:
+            with contextlib.suppress(Exception):  # one that does not answer keeps its last heartbeat's
+                return await asyncio.wait_for(getattr(rpc(address), self.metric)(), 10)
+            return None
+
+        answers = await asyncio.gather(*(ask_one(a) for a in addresses))
+        self.count(scheduler, instances,
+                   [(str(r["name"]), r) for r in answers if isinstance(r, dict) and r.get("name")])
