@@ -48,7 +48,8 @@ SECURE_SCHEMES = ("tls", "wss")
 
 
 def refuse_credentials_in_clear(address: str, *, storage_mode: bool, env_names: list[str]) -> None:
-    """Raise ValueError when credentials would travel unencrypted to an attached scheduler.
+    """Raise a ``WorkflowError`` (one sentence, no traceback) when credentials would travel
+    unencrypted to an attached scheduler.
 
     Every job carries its environment (snakemake's ``envvars``, storage plugins' secrets)
     to the scheduler and a worker; over ``tcp://`` anyone on the path reads it. A plain
@@ -63,12 +64,16 @@ def refuse_credentials_in_clear(address: str, *, storage_mode: bool, env_names: 
     if env_names:
         what.append(f"the jobs' environment ({', '.join(env_names)})")
     if what:
-        raise ValueError(
+        from snakemake_interface_common.exceptions import WorkflowError
+
+        raise WorkflowError(
             f"--vastaidask-scheduler-address={address} is {scheme}://, which is neither authenticated nor "
             f"encrypted, and every job would send {' and '.join(what)} over it. Give the scheduler's "
             "tls:// address (with the dask config distributed.comm.tls.* naming the CA and this client's "
             "certificate), or leave out --vastaidask-scheduler-address to rent instances"
         )
+
+
 #: ``dask_vastai.PoolShape`` option -> the setting (``--vastaidask-<setting>``) that gives it
 SHAPE_SETTINGS = {
     "gpu": "gpu",

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from snakemake_interface_common.exceptions import WorkflowError
 
 from snakemake_executor_plugin_vastaidask.backend import refuse_credentials_in_clear
 
@@ -21,10 +22,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("address", ["tcp://10.0.0.5:8786", "10.0.0.5:8786", "ws://h:1"])
 def test_credentials_are_refused_over_an_unencrypted_address(address: str) -> None:
-    with pytest.raises(ValueError, match="tls://") as refused:
+    with pytest.raises(WorkflowError, match="tls://") as refused:
         refuse_credentials_in_clear(address, storage_mode=True, env_names=[])
     assert "storage provider" in str(refused.value)
-    with pytest.raises(ValueError, match="HF_TOKEN"):
+    with pytest.raises(WorkflowError, match="HF_TOKEN"):
         refuse_credentials_in_clear(address, storage_mode=False, env_names=["HF_TOKEN"])
     refuse_credentials_in_clear(address, storage_mode=False, env_names=[])  # nothing secret: allowed
 
@@ -54,6 +55,8 @@ def test_a_workflow_with_envvars_is_refused_over_tcp_before_any_job(tmp_path: Pa
         )
         assert run.returncode != 0
         assert "MY_SERVICE_TOKEN" in run.stderr and "tls://" in run.stderr, run.stderr[-3000:]
+        # Snakemake prints a WorkflowError as its sentence, without a traceback
+        assert "WorkflowError:" in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
         assert "token-value-never-sent-0417" not in run.stderr + run.stdout
         assert not cluster.scheduler.tasks, "no job reached the scheduler"
     assert not (tmp_path / "a.txt").exists()
