@@ -409,8 +409,9 @@ class VastAICluster(SpecCluster):
         self.worker_spec.pop(instance, None)
         self.loop.add_callback(self._correct_state)
         if pool not in self._adaptives and not self.pool_instances(pool):  # adapt decides for itself
-            self.give_up_pool(pool, f"its last instance could not boot after {self.pools.failures_in_a_row(pool)} "
-                                    "attempt(s) in a row")
+            self.give_up_pool(pool, f"its last instance failed for good ({self.pools.failures_in_a_row(pool)} "
+                                    "instance(s) in a row could not boot, each on up to vastai.max-boot-attempts "
+                                    "machines)")
 
     def give_up_pool(self, pool: str, why: str, *, fail_tasks: bool = True) -> None:
         """Say, once at WARNING with its boot failures, that ``pool`` gave up.
