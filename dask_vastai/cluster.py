@@ -826,7 +826,7 @@ class VastAICluster(SpecCluster):
 
         logs = await super()._get_logs(cluster=cluster, scheduler=scheduler, workers=workers)
         if self.broker is not None:
-            for record in self.broker.records.values():
+            for record in list(self.broker.records.values()):
                 if record.destroyed_at is None:
                     with contextlib.suppress(Exception):
                         text = await self.api.logs(record.instance_id, tail=1000)

@@ -223,7 +223,7 @@ class VastInstance(ProcessInterface):
                     self._enter(Phase.RENTING)
                     self.record = await self._rent()
                     self._enter(Phase.LOADING)
-                await self._boot_once(self.record)
+                await self._boot_unless_lost(self.record)
                 return True
             except asyncio.CancelledError:
                 raise
@@ -287,7 +287,7 @@ class VastInstance(ProcessInterface):
                 return
             self._enter(Phase.CONNECTING, f"reconnecting: {why}")
             try:
-                await self._boot_once(record, fresh=True, deadline=deadline)
+                await self._boot_unless_lost(record, fresh=True, deadline=deadline)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - retried until the deadline or a loss
@@ -309,6 +309,26 @@ class VastInstance(ProcessInterface):
             await self.context.forget_workers(self.worker_names)
         self.registered_at = None
         self.context.log(f"{self.name}: renting a replacement for instance {record.instance_id}")
+
+    async def _boot_unless_lost(self, record: RentalRecord, **options: Any) -> None:
+        """:meth:`_boot_once`, given up (BootFailed) as soon as the rental is found lost.
+
+        A rental outbid while its workers start would otherwise be waited on until the boot's
+        deadline (``boot_timeout``: its workers never register), billing its disk meanwhile.
+        """
+        boot = asyncio.ensure_future(self._boot_once(record, **options))
+        lost = asyncio.ensure_future(self.context.broker.wait_lost(record.instance_id))
+        try:
+            await asyncio.wait([boot, lost], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not boot.done():
+                boot.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await boot
+        if boot.done() and not boot.cancelled():
+            return boot.result()
+        raise BootFailed(record.lost or f"instance {record.instance_id} was destroyed while booting")
 
     async def _boot_once(self, record: RentalRecord, *, fresh: bool = False, deadline: float | None = None) -> None:
         """One rental to registered workers; ``fresh``: a reconnect (no reboot, the row listed anew)."""
