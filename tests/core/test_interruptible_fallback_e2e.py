@@ -14,7 +14,7 @@ import pytest
 
 from dask_vastai import VastAICluster
 from dask_vastai.emulator import Emulator
-from tests.helpers.waiting import wait_until
+from tests.helpers.waiting import wait_until, wait_until_showing
 
 
 def _rows(emu: Emulator, name: str) -> list[dict[str, Any]]:
@@ -25,12 +25,6 @@ def _log(cluster: VastAICluster) -> str:
     return cluster.get_logs(scheduler=False, workers=False)["Cluster"]
 
 
-def _wait(cluster: VastAICluster, predicate: Any, timeout_s: float, what: str) -> Any:
-    """wait_until, with the cluster's log (as it is when the wait gives up) in the failure."""
-    try:
-        return wait_until(predicate, timeout_s, what)
-    except AssertionError as e:
-        raise AssertionError(f"{e}\ncluster log:\n{_log(cluster)}") from None
 
 
 def test_no_interruptible_offer_rents_on_demand(emulator: Emulator) -> None:
@@ -54,15 +48,18 @@ def test_three_preemptions_in_a_row_rent_on_demand(market: Emulator) -> None:
                        name="fallbackpre", quiet=True, boot_timeout=240) as cluster:
         losses = cluster.losses["default"]
         for round_ in range(3):
-            live = _wait(cluster, lambda round_=round_: [r for r in _rows(emu, cluster.name) if r["actual_status"] == "running"
-                                                and len(cluster.scheduler.workers) == 1
-                                                and losses.replaced == round_], 180, f"a worker ({round_})")
+            def running(round_: int = round_) -> list[dict[str, Any]]:
+                return [r for r in _rows(emu, cluster.name) if r["actual_status"] == "running"
+                        and len(cluster.scheduler.workers) == 1 and losses.replaced == round_]
+
+            live = wait_until_showing(running, 180, f"a worker ({round_})", lambda: _log(cluster))
             assert [r["is_bid"] for r in live] == [True], live
             emu.faults.preempt(live[0]["id"])
             seen = round_ + 1
-            _wait(cluster, lambda seen=seen: losses.preempted == seen, 30, f"preemption {seen} seen")
-        _wait(cluster, lambda: losses.replaced == 3 and len(cluster.scheduler.workers) == 1, 180,
-              "the third replacement")
+            wait_until_showing(lambda seen=seen: losses.preempted == seen, 30, f"preemption {seen} seen",
+                               lambda: _log(cluster))
+        wait_until_showing(lambda: losses.replaced == 3 and len(cluster.scheduler.workers) == 1, 180,
+                           "the third replacement", lambda: _log(cluster))
         running = [r for r in _rows(emu, cluster.name) if r["actual_status"] == "running"]
         assert [r["is_bid"] for r in running] == [False], running
         assert losses.on_demand == 1 and losses.preempted == 3

@@ -17,7 +17,7 @@ import pytest
 
 from dask_vastai import VastAICluster
 from dask_vastai.emulator import Emulator
-from tests.helpers.waiting import wait_until
+from tests.helpers.waiting import wait_until_showing
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
 
@@ -30,11 +30,6 @@ def _log(cluster: VastAICluster) -> str:
     return cluster.get_logs(scheduler=False, workers=False)["Cluster"]
 
 
-def _wait(cluster: VastAICluster, predicate: Any, timeout_s: float, what: str) -> Any:
-    try:
-        return wait_until(predicate, timeout_s, what)
-    except AssertionError as e:
-        raise AssertionError(f"{e}\ncluster log:\n{_log(cluster)}") from None
 
 
 def _compute(client: Any, tag: str) -> None:
@@ -60,7 +55,8 @@ def test_a_link_frozen_60s_returns_as_the_same_rental(market: Emulator) -> None:
         emu.faults.freeze_ssh(rental)
         time.sleep(60)
         emu.faults.thaw_ssh(rental)
-        _wait(cluster, lambda: "is back, a new incarnation" in _log(cluster), 120, "the link back")
+        wait_until_showing(lambda: "is back, a new incarnation" in _log(cluster), 120, "the link back",
+                           lambda: _log(cluster))
         _compute(client, "after")
         assert _one_rental(emu, cluster) == rental
         assert len(emu.meter()["instances"]) == 1  # no second rental
@@ -78,8 +74,8 @@ def test_a_link_gone_past_orphan_timeout_is_replaced(market: Emulator) -> None:
         rental = _one_rental(emu, cluster)
         emu.faults.freeze_ssh(rental)
         losses = cluster.losses["default"]
-        _wait(cluster, lambda: losses.lost == 1 and losses.replaced == 1 and len(cluster.scheduler.workers) == 1,
-              150, "a replacement")
+        wait_until_showing(lambda: losses.lost == 1 and losses.replaced == 1 and len(cluster.scheduler.workers) == 1,
+              150, "a replacement", lambda: _log(cluster))
         assert cluster.broker.records[rental].destroyed_at is not None
         _compute(client, "after")
         assert _one_rental(emu, cluster) != rental
