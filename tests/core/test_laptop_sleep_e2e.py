@@ -3,7 +3,9 @@
 The client (its own process: the scheduler and the cluster live there) is stopped with
 SIGSTOP for 90 s, and its rentals' SSH connections are cut meanwhile (a real sleep kills
 TCP). On SIGCONT the run completes on the same rentals: links made again as new
-incarnations, 0 double rentals, 0 left rented after close.
+incarnations, 0 double rentals, 0 left rented after close. Stopped longer than a short
+``orphan_timeout``, the rentals' watchdogs destroy them; on SIGCONT the cluster says so and
+rents again to its size, and the run completes.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ CLIENT = textwrap.dedent('''
     from distributed import Client
     from dask_vastai import VastAICluster
 
-    url, key, name, flag = sys.argv[1:5]
+    url, key, name, flag, orphan = sys.argv[1:6]
 
     def gpu_task(x):
         return x * 2
 
     with VastAICluster(gpu="RTX_3090", n=2, api_url=url, api_key=key, name=name, quiet=True,
-                       boot_timeout=240) as cluster, Client(cluster) as client:
+                       boot_timeout=240, orphan_timeout=float(orphan)) as cluster, Client(cluster) as client:
         first = client.gather(client.map(gpu_task, range(20), resources={"GPU": 1}, key=[f"a-{i}" for i in range(20)]))
         print("READY", flush=True)
         while not Path(flag).exists():
@@ -49,12 +51,14 @@ CLIENT = textwrap.dedent('''
 ''')
 
 
-def test_a_client_stopped_90s_with_its_links_cut_finds_its_rentals(market: Emulator, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stopped_s", "orphan_timeout_s"), [(90, 600), (45, 20)], ids=["short", "past-orphan"])
+def test_a_client_stopped_with_its_links_cut_finds_its_cluster(market: Emulator, tmp_path: Path, stopped_s: int,
+                                                               orphan_timeout_s: int) -> None:
     emu = market
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
     flag = tmp_path / "go"
-    proc = subprocess.Popen([sys.executable, str(script), emu.url, emu.api_key, "sleepy", str(flag)],
+    proc = subprocess.Popen([sys.executable, str(script), emu.url, emu.api_key, "sleepy", str(flag), str(orphan_timeout_s)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
     try:
         assert proc.stdout is not None
@@ -68,7 +72,7 @@ def test_a_client_stopped_90s_with_its_links_cut_finds_its_rentals(market: Emula
         proc.send_signal(signal.SIGSTOP)
         for rental in rentals:
             emu.faults.drop_ssh(rental)  # a sleeping machine's TCP connections die
-        time.sleep(90)
+        time.sleep(stopped_s)
         flag.touch()
         proc.send_signal(signal.SIGCONT)
         out, _ = proc.communicate(timeout=300)
@@ -80,8 +84,14 @@ def test_a_client_stopped_90s_with_its_links_cut_finds_its_rentals(market: Emula
     result = next((json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")), None)
     assert result is not None, out[-4000:]
     assert result["ok"], result["log"]
-    assert result["losses"] == 0, result["log"]
-    assert "did not run for" in result["log"] and "reconnecting" in result["log"], result["log"]
     meter = emu.meter()["instances"]
-    assert sorted(r["id"] for r in meter) == sorted(rentals)  # the same rentals: no double rental
+    if stopped_s < orphan_timeout_s:
+        assert result["losses"] == 0, result["log"]
+        assert "did not run for" in result["log"] and "reconnecting" in result["log"], result["log"]
+        assert sorted(r["id"] for r in meter) == sorted(rentals)  # the same rentals: no double rental
+    else:
+        # the watchdogs destroyed both; the cluster said so and rented 2 more, no more
+        assert result["losses"] == 2, result["log"]
+        assert "longer than orphan_timeout" in result["log"], result["log"]
+        assert len(meter) == 4 and set(rentals) <= {r["id"] for r in meter}, meter
     wait_until(lambda: all(r["destroyed"] for r in emu.meter()["instances"]), 30, "every rental destroyed")
