@@ -266,6 +266,10 @@ class RentalBroker:
         """
         if self.exhausted is not None:
             raise self.exhausted
+        if LEDGER.closing:
+            # A signal or the interpreter's exit is destroying this process's rentals from
+            # another thread: one rented now would outlive it (billing until its watchdog).
+            raise BootFailed(f"not renting for {worker_name}: this process is exiting")
         fut: asyncio.Future[RentalRecord] = asyncio.get_running_loop().create_future()
         shape = (requirements or self.requirements, create_request or self.create_request)
         self._rent_queue.append((worker_name, shape, fut))
@@ -573,8 +577,8 @@ class RentalBroker:
         Now, not when its instance gets to it: a stopped rental bills its disk. Once per rental.
         """
         record = self.records.get(instance_id)
-        if record is None or record.lost is not None or record.destroyed_at is not None:
-            return
+        if record is None or record.lost is not None or record.destroyed_at is not None or LEDGER.closing:
+            return  # closing: the exit handler destroyed it, and nothing is rented in its place
         record.lost, record.lost_kind, record.lost_at = why, kind, time.time()
         record.changed.set()
         self._log(f"{record.worker_name}: lost instance {instance_id}: {why}; destroying it")
