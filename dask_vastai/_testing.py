@@ -10,7 +10,11 @@ and a function that a test runs there. None of this is a user's option (the keys
 * ``vastai.testing.worker-versions``: versions that the workers report when they register
   (the probe stays truthful), so that the scheduler's version gate can be seen refusing them.
 
-Both are read when an instance boots, so they apply to the clusters booting while they are
+* ``vastai.testing.hosts``: ``{host name: address or None}`` that the Vast client resolves
+  names with instead of DNS (a hosts file of its own); a name absent or None is unknown, so a
+  test meets an unknown host without asking the machine's resolver.
+
+The first two are read when an instance boots, so they apply to the clusters booting while they are
 set::
 
     with dask.config.set({"vastai.testing.worker-versions": {"msgpack": "0.6.0"}}):
@@ -25,6 +29,7 @@ from typing import Any
 import dask.config
 
 PROBE_VERSIONS = "vastai.testing.probe-versions"
+HOSTS = "vastai.testing.hosts"
 WORKER_VERSIONS = "vastai.testing.worker-versions"
 #: How the worker hook reaches a worker's process on the instance: in its incarnation's env,
 #: which dask reads into that process's config (``DASK_A__B`` is ``a.b``).
@@ -33,6 +38,12 @@ WORKER_VERSIONS_ENV = "DASK_VASTAI__TESTING__WORKER_VERSIONS"
 
 def _versions(key: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in dict(dask.config.get(key, default=None) or {}).items()}
+
+
+def hosts() -> dict[str, str | None] | None:
+    """The hosts table names are resolved from instead of DNS (None: the hook is off)."""
+    table = dask.config.get(HOSTS, default=None)
+    return None if table is None else {str(k): (None if v is None else str(v)) for k, v in dict(table).items()}
 
 
 def probe_versions() -> dict[str, str]:

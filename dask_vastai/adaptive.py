@@ -328,6 +328,8 @@ class AdaptiveCluster(Protocol):
 
     async def release_instances(self, names: Sequence[str]) -> None: ...
 
+    def give_up_pool(self, pool: str, why: str, *, fail_tasks: bool = True) -> None: ...
+
     def log(self, message: str) -> None: ...
 
 
@@ -413,9 +415,15 @@ class GPUAdaptive:
         view = self.observe()
         self.target = self.policy.target(view)
         for decision in self.policy.decide(view):
+            self.log.append((time.time(), decision.text, decision.reason))
+            if decision.action == "not renting":
+                # Said once (the policy notes it once), at WARNING, with the boot failures; with
+                # no instance left, the tasks only this pool could run fail with them.
+                self.cluster.give_up_pool(self.pool, f"adapt() stopped renting: {decision.reason}",
+                                          fail_tasks=not view.instances)
+                continue
             if decision.action == "rent":
                 self.cluster.scale(decision.target or 0, pool=self.pool)
             elif decision.action == "release":
                 await self.cluster.release_instances(decision.instances)
-            self.log.append((time.time(), decision.text, decision.reason))
             self.cluster.log(f"adapt {self.pool}: {decision.text} ({decision.reason})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import logging
 import math
 import textwrap
 import time
@@ -24,6 +25,7 @@ from typing import Any
 import dask.config
 from dask.utils import parse_timedelta
 from distributed.core import Status
+from distributed.deploy.cluster import Cluster
 from distributed.deploy.spec import SpecCluster
 from distributed.utils import NoOpAwaitable
 from tornado.ioloop import PeriodicCallback
@@ -39,6 +41,7 @@ from .exceptions import (
     BudgetExhausted,
     ClusterNotAttachable,
     NoOfferAvailable,
+    VastError,
 )
 from .instance import ClusterContext, VastInstance
 from .network import PeerRoster
@@ -47,23 +50,27 @@ from .placement import GPUPlacement
 from .pools import (
     DEFAULT_POOL,
     Pool,
+    PoolLosses,
     PoolSet,
     PoolShape,
     ResourceGuard,
     instance_worker_names,
     make_worker_spec,
+    spec_pool,
     with_shape_options,
 )
 from .progress import Progress, choose_mode
-from .rentals import RentalBroker, nearest_offers
+from .rentals import RentalBroker, RentalRecord, nearest_offers
 from .roles import TRAFFIC_METRIC, GuardedScheduler, scheduler_gate
 from .safety import LEDGER
 from .security import ClusterCA
-from .status import InstanceTable, PhaseBook, instance_table
+from .status import GONE, InstanceTable, PhaseBook, instance_table
 from .traffic import TrafficCollector
 from .tunnel import ClusterKey, TunnelHub
 from .vast import VastAPI
 from .widget import ClusterWidget, cluster_html
+
+logger = logging.getLogger(__name__)
 
 _CLUSTER_OPTIONS = """\
 n:
@@ -182,6 +189,7 @@ class VastAICluster(SpecCluster):
         shape = PoolShape.from_options({"gpu": gpu, **shape_options}, where="VastAICluster")
         # Built now so that a bad key/URL configuration fails here, not inside a batch.
         self.api = VastAPI(api_key=option("api-key", api_key), api_url=option("api-url", api_url))
+        self.api.on_outage = self.log  # "waiting for Vast": a scale-up or close riding out an outage
         self.key = ClusterKey.generate(comment=f"dask-vastai-{cluster_name}")
         # Secret entries travel in the incarnation (SSH); only the rest goes to Vast.
         public_env, self._secret_env = split_env(shape.get("env"), option("secret-env", secret_env))
@@ -279,8 +287,10 @@ class VastAICluster(SpecCluster):
             self.api, cluster_name=self.name, requirements=default.requirements,
             create_request=default.create_request, poll_interval_s=float(option("api-poll-interval")),
             log=self.log, caps=self.caps, on_exhausted=self._on_budget_exhausted,
+            on_lost=self._on_rental_lost, orphan_timeout_s=self.orphan_timeout_s,
         )
-        self.scheduler.add_plugin(ResourceGuard(self.scheduler, self.pools.values))
+        self._guard = ResourceGuard(self.scheduler, self.pools.values, given_up=lambda: self.pools.given_up)
+        self.scheduler.add_plugin(self._guard)
         GPUPlacement.install(self.scheduler)
         self._budget_guard = BudgetGuard(self.scheduler)
         self.scheduler.add_plugin(self._budget_guard)
@@ -303,6 +313,9 @@ class VastAICluster(SpecCluster):
             on_phase=self._phases.note,
             ssh_direct_timeout_s=float(option("ssh-direct-timeout")),
             direct_probe_timeout_s=float(option("direct-probe-timeout")),
+            orphan_timeout_s=self.orphan_timeout_s,
+            pools=self.pools,
+            forget_workers=self._forget_workers,
         )
         traffic = PeriodicCallback(
             self._count_traffic, 1000 * parse_timedelta(option("traffic-interval"), default="s")
@@ -324,11 +337,15 @@ class VastAICluster(SpecCluster):
         await self.api.current_user()
         if not self._initial_n and self.caps is None:
             return
-        preview = await preview_offers(self.api, self.pools.default.requirements, limit=max(10, self._initial_n))
+        default = self.pools.default
+        preview = await preview_offers(self.api, default.requirements, limit=max(10, self._initial_n))
+        if not preview.offers and default.on_demand is not None:
+            # interruptible="fallback": no bid matches, so its rentals will be on demand
+            preview = await preview_offers(self.api, default.on_demand, limit=max(10, self._initial_n))
         if not preview.offers:
             if not self._initial_n:
                 return  # nothing is rented now; an offer may match by the time one is wanted
-            requirements = self.pools.default.requirements
+            requirements = default.requirements
             nearest = await nearest_offers(self.api, requirements)
             raise NoOfferAvailable(no_match_message(requirements, preview.query, nearest))
         why = self.caps.start_refusal(self._initial_n, [o.dph_total for o in preview.offers]) if self.caps else None
@@ -371,7 +388,11 @@ class VastAICluster(SpecCluster):
         return instance_worker_names(instance_name, self.worker_spec.get(instance_name))
 
     def _on_boot_outcome(self, instance: str, pool: str, error: BaseException | None) -> None:
-        """An instance registered (``error=None``: how long it took counts) or gave up booting: drop its spec."""
+        """An instance registered (``error=None``: how long it took counts) or gave up booting: drop its spec.
+
+        The last instance of a pool giving up with none registered gives the pool up: the
+        tasks only it could run fail with its boot failures, and so does ``wait_for_workers``.
+        """
         if isinstance(error, BudgetExceeded):
             # Refused by a spending cap (the broker said why): no machine failed, nothing was rented.
             self._refused = error
@@ -382,17 +403,69 @@ class VastAICluster(SpecCluster):
         record = worker.record if isinstance(worker, VastInstance) else None
         boot_s = time.time() - record.rented_at if error is None and record is not None else None
         self.pools.record_boot(instance, pool, error, boot_s)
-        if error is not None:
-            self.log(f"{instance} failed for good ({self.pools.failures_in_a_row(pool)} in a row in pool {pool}): {error}")
-            self.worker_spec.pop(instance, None)
-            self.loop.add_callback(self._correct_state)
+        if error is None:
+            return
+        self.log(f"{instance} failed for good ({self.pools.failures_in_a_row(pool)} in a row in pool {pool}): {error}")
+        self.worker_spec.pop(instance, None)
+        self.loop.add_callback(self._correct_state)
+        if pool not in self._adaptives and not self.pool_instances(pool):  # adapt decides for itself
+            self.give_up_pool(pool, f"its last instance failed for good ({self.pools.failures_in_a_row(pool)} "
+                                    "instance(s) in a row could not boot, each on up to vastai.max-boot-attempts "
+                                    "machines)")
+
+    def give_up_pool(self, pool: str, why: str, *, fail_tasks: bool = True) -> None:
+        """Say, once at WARNING with its boot failures, that ``pool`` gave up.
+
+        ``fail_tasks``: it holds no instance, so the tasks only it could run fail with that
+        sentence (``gather`` and Snakemake see it) instead of waiting forever.
+        """
+        if pool in self.pools.given_up:
+            return
+        message = self.pools.give_up(pool, why) if fail_tasks else self.pools.give_up_message(pool, why)
+        self.log(f"WARNING {message}")
+        logger.warning("%s", message)
+        if fail_tasks:
+            self._guard.sweep()
+
+    def _on_rental_lost(self, record: RentalRecord) -> None:
+        """Count a rental lost after renting in its pool (the broker destroys it, its instance replaces it)."""
+        spec = self.worker_spec.get(record.worker_name)
+        pool = spec_pool(spec) if spec is not None else None
+        if pool is None:
+            return
+        falls_back = self.pools.note_loss(pool.name, record.lost_kind or "lost")
+        self.log(f"pool {pool.name}: {self.pools.losses[pool.name].text()}")
+        if falls_back:
+            self.log(falls_back)
+            logger.warning("%s", falls_back)
+
+    async def _forget_workers(self, names: Sequence[str]) -> None:
+        """Remove workers of these names that the scheduler still lists (their incarnation is gone).
+
+        Their tasks are rescheduled, and the names are free for the workers that replace them.
+        """
+        scheduler = self.scheduler
+        stale = [ws.address for ws in list(scheduler.workers.values()) if ws.name in set(names)]
+        for address in stale:
+            with contextlib.suppress(Exception):
+                await scheduler.remove_worker(address, stimulus_id=f"dask-vastai-lost-{time.time()}", close=False)
 
     def instance_registered(self, instance_name: str) -> bool:
         return self._registered(self.worker_names_of(instance_name))
 
-    def _registered(self, names: Sequence[str]) -> bool:
-        seen = {ws.name for ws in self.scheduler.workers.values()}
+    def _registered(self, names: Sequence[str] | Mapping[str, str]) -> bool:
+        """Whether the scheduler has these workers (a mapping: each at the address given)."""
+        seen = {ws.name: ws.address for ws in self.scheduler.workers.values()}
+        if isinstance(names, Mapping):
+            return all(seen.get(n) == address for n, address in names.items())
         return all(n in seen for n in names)
+
+    def _update_worker_status(self, op: str, msg: Any) -> None:  # type: ignore[override]
+        # SpecCluster closes (destroys) an instance whose worker left for lost-worker-timeout
+        # and never starts another in its place. Each VastInstance owns that instead: it
+        # reconnects a dropped link, or replaces a rental that is lost (instance.py). So the
+        # scheduler's worker list is followed as Cluster does, without SpecCluster's close.
+        Cluster._update_worker_status(self, op, msg)
 
     # ---------------------------------------------------------------- scaling
     def scale(  # type: ignore[override]
@@ -414,6 +487,8 @@ class VastAICluster(SpecCluster):
         if n and self.broker is not None and self.broker.exhausted is not None:
             raise self.broker.exhausted
         pool_name = self.pools.get(pool).name
+        if n:
+            self.pools.given_up.pop(pool_name, None)  # asked again: a new chance
         names = self.pool_instances(pool_name)
         if len(names) > n:
             # Drop instances whose workers never registered first, then the newest.
@@ -512,6 +587,46 @@ class VastAICluster(SpecCluster):
                 )
             await asyncio.sleep(0.25)
 
+    async def _wait_for_workers(  # type: ignore[override]
+        self, n_workers: int = 0, timeout: Any = None,  # noqa: ASYNC109 - distributed's signature
+    ) -> None:
+        """Wait for ``n_workers`` registered workers; raise the boot failures when they cannot come.
+
+        distributed's wait only times out ("Only 0/3 workers arrived after 90.0"); here, when
+        the instances held can no longer give ``n_workers`` workers because boots failed (or a
+        pool gave up), the error says why, with each failure's reason.
+        """
+        deadline = None if not timeout else time.monotonic() + parse_timedelta(timeout)
+        while True:
+            running = sum(1 for ws in list(self.scheduler.workers.values()) if ws.status == Status.running)
+            if running >= n_workers:
+                return
+            held = sum(len(self.worker_names_of(name)) for name in list(self.worker_spec))
+            if held < n_workers and (error := self._boot_failures_error(n_workers, held)) is not None:
+                raise error
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"wait_for_workers({n_workers}): {running} worker(s) registered within {timeout}, "
+                    f"{held} held (registered or booting); states:\n{self.instances}"
+                )
+            await asyncio.sleep(0.25)
+
+    def _boot_failures_error(self, wanted: int, held: int) -> BootFailed | None:
+        """Why the workers held fall short of ``wanted``: the pools that gave up or whose boots fail."""
+        lines = [self.pools.given_up[p] for p in self.pools if p in self.pools.given_up]
+        for pool in self.pools:
+            if pool in self.pools.given_up or not self.pools.failures_in_a_row(pool):
+                continue
+            if pool in self._adaptives:
+                continue  # adapt rents again until its own limit, then gives the pool up
+            lines.append(self.pools.give_up_message(pool, "instances failed to boot and were not replaced"))
+        if not lines:
+            return None
+        return BootFailed(
+            f"{wanted} worker(s) wanted, but only {held} can come (registered or booting):\n" + "\n".join(lines)
+            + "\nFix the options, then call cluster.scale() or cluster.adapt() again."
+        )
+
     def __await__(self):  # type: ignore[override]
         async def _() -> VastAICluster:
             if self.status == Status.created:
@@ -558,14 +673,18 @@ class VastAICluster(SpecCluster):
         self.worker_spec.clear()
         try:
             if self.status != Status.created:
-                with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                with contextlib.suppress(asyncio.TimeoutError, TimeoutError, VastError):
                     await asyncio.wait_for(super()._close(), timeout=max(30.0, self.boot_timeout_s / 4))
                 with contextlib.suppress(Exception):
                     self._count_traffic()  # the closing workers' last reports
         finally:
-            # Whatever happened above, nothing may stay rented.
+            # Whatever happened above, nothing may stay rented: the broker keeps trying through
+            # an outage (vastai.api.outage-timeout), then says what may still bill.
             if self.broker is not None:
-                await self.broker.close()
+                try:
+                    await self.broker.close()
+                except VastError as e:
+                    self._say_left_billing(e)
             if self.hub is not None:
                 with contextlib.suppress(Exception):
                     await self.hub.close()
@@ -577,6 +696,19 @@ class VastAICluster(SpecCluster):
             if self._cluster_widget is not None:
                 with contextlib.suppress(Exception):
                     self._cluster_widget.update()
+
+    def _say_left_billing(self, error: VastError) -> None:
+        """Close could not destroy everything: which rentals may bill, and what stops them."""
+        assert self.broker is not None
+        left = sorted(i for i, r in self.broker.records.items() if r.destroyed_at is None)
+        message = (
+            f"could not destroy rental(s) {left} of cluster {self.name!r}: {error}. They may still "
+            f"bill. Their watchdogs destroy them within orphan_timeout={self.orphan_timeout_s:.0f}s of "
+            f"this client's last heartbeat; to destroy them sooner, once Vast answers again, run "
+            f"`dask-vastai cleanup --cluster {self.name}`."
+        )
+        self.log(f"ERROR {message}")
+        logger.error("%s", message)
 
     # -------------------------------------------------------------- previews
     async def _offers(self) -> OfferPreview:
@@ -645,6 +777,11 @@ class VastAICluster(SpecCluster):
         return instance_table(records, self._phases, dict(self.worker_spec), registered)
 
     @property
+    def losses(self) -> dict[str, PoolLosses]:
+        """Per pool: rentals lost after renting (preempted or otherwise), replaced, rented on demand."""
+        return dict(self.pools.losses)
+
+    @property
     def adaptive_targets(self) -> dict[str, tuple[int, float, int | None]]:
         """Per adapting pool: (minimum, maximum, instances wanted at its last round)."""
         return {pool: (a.minimum, a.maximum, a.target) for pool, a in self._adaptives.items()}
@@ -689,7 +826,7 @@ class VastAICluster(SpecCluster):
 
         logs = await super()._get_logs(cluster=cluster, scheduler=scheduler, workers=workers)
         if self.broker is not None:
-            for record in self.broker.records.values():
+            for record in list(self.broker.records.values()):
                 if record.destroyed_at is None:
                     with contextlib.suppress(Exception):
                         text = await self.api.logs(record.instance_id, tail=1000)
@@ -697,10 +834,17 @@ class VastAICluster(SpecCluster):
         return logs
 
     def __repr__(self) -> str:
-        alive = [r for r in self.instances if r["state"] not in ("destroyed", "failed")]
+        alive = [r for r in self.instances if r.phase not in GONE]
+        losses = [lost for lost in self.pools.losses.values() if lost]
+        counts = ""
+        if losses:
+            counts = (f", preempted={sum(x.preempted for x in losses)}, lost={sum(x.lost for x in losses)}, "
+                      f"replaced={sum(x.replaced for x in losses)}")
+            if any(x.on_demand for x in losses):
+                counts += f", on_demand={sum(x.on_demand for x in losses)}"
         return (
             f"VastAICluster({self.name!r}, {self.scheduler_address!r}, "
-            f"instances={len(alive)}, workers={len(self.scheduler_info.get('workers', {}))}, "
+            f"instances={len(alive)}, workers={len(self.scheduler_info.get('workers', {}))}{counts}, "
             f"${self.hourly_rate:.3f}/h, cost=${self.cost:.4f} (bandwidth ${self.bandwidth_cost:.4f}))"
         )
 

@@ -13,6 +13,15 @@ direct ports are firewalled: the connection hangs), then to Vast's proxy (``ssh_
 ssh_port``). A proxy that refuses remote forwards (every tunnel needs one), or a host where
 neither endpoint answers, gets one reboot (the Snakemake plugin's remedy for "remote port
 forwarding failed"); a second failure is a failed boot, and another machine is tried.
+
+Once registered, the instance serves until it is closed, and owns what happens when it is
+lost (distributed's ``SpecCluster`` would close it after ``lost-worker-timeout`` and never
+start another): a link that drops while Vast still shows the rental ``running`` is made
+again, for up to ``orphan_timeout`` (the instance's watchdog waits that long), as a new
+incarnation (the row listed afresh, fresh ports and certificates, the same pinned host
+keys); a rental that cannot come back (outbid, host offline, container exited, gone, or a
+link that did not return in time) is destroyed at once and a new one is rented in its
+place, so the pool keeps the size it was asked for.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,12 +51,13 @@ from .exceptions import (
     BootFailed,
     BudgetExceeded,
     EnvironmentMismatch,
+    NoOfferAvailable,
     PortBusy,
     SSHUnreachable,
     VastError,
 )
 from .network import DIRECT, TUNNEL, DirectPort, direct_ports, probe_direct
-from .pools import POOL_RESOURCE_CAPACITY, Pool
+from .pools import POOL_RESOURCE_CAPACITY, Pool, PoolSet
 from .rentals import RentalBroker, RentalRecord
 from .roles import LISTEN_HOST_ENV, ROSTER_ENV, WORKER_ARGS, WORKER_CLIENTS_ENV
 from .security import ClusterCA
@@ -71,7 +81,8 @@ class ClusterContext:
     certificates: ClusterCA
     boot_timeout_s: float
     heartbeat_interval_s: float
-    registered: Callable[[Sequence[str]], bool]
+    #: whether the scheduler has these workers, each at the address given (name -> address)
+    registered: Callable[[Mapping[str, str]], bool]
     log: Callable[[str], None]
     #: the cluster's secret env, for every worker's incarnation (values shown by no repr)
     env: Mapping[str, str] = field(default_factory=SecretEnv, repr=False)
@@ -92,6 +103,13 @@ class ClusterContext:
     ssh_direct_timeout_s: float = 45.0
     #: seconds a direct worker port may take to answer before its instance uses the tunnel
     direct_probe_timeout_s: float = 10.0
+    #: seconds an instance's watchdog waits for this client: how long a dropped link is retried
+    orphan_timeout_s: float = 600.0
+    #: the cluster's pools: losses and replacements are counted there, fallbacks asked there
+    pools: PoolSet | None = None
+    #: removes workers of these names the scheduler still lists (a lost incarnation's), so
+    #: that their tasks are rescheduled and the names are free for the new incarnation
+    forget_workers: Callable[[Sequence[str]], Awaitable[None]] | None = None
 
 
 class VastInstance(ProcessInterface):
@@ -122,6 +140,10 @@ class VastInstance(ProcessInterface):
         #: rentals whose direct ports did not answer (said once each; they use the tunnel)
         self._direct_refused: set[int] = set()
         self.registered_at: float | None = None
+        #: the incarnations last written (their workers' ports and certificates)
+        self._incarnated: list[Incarnation] = []
+        #: the lost rental whose replacement this instance is booting (None: not replacing)
+        self._replacing: int | None = None
         self._boot: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._enter(Phase.RENTING)
@@ -136,41 +158,90 @@ class VastInstance(ProcessInterface):
             await super().start()
             return
         self._enter(Phase.LOADING)
-        self._boot = asyncio.create_task(self._bring_up(), name=f"boot {self.name}")
+        self._boot = asyncio.create_task(self._live(), name=f"life of {self.name}")
         await super().start()
 
     async def _rent(self) -> RentalRecord:
-        return await self.context.broker.rent(self.name, self.pool.requirements, self.pool.create_request)
+        """Rent with the pool's requirements; on demand where an ``interruptible="fallback"`` pool must."""
+        ctx, pool = self.context, self.pool
+        requirements = pool.requirements
+        if pool.on_demand is not None and ctx.pools is not None and ctx.pools.falls_back(pool.name):
+            requirements = pool.on_demand
+        try:
+            record = await ctx.broker.rent(self.name, requirements, pool.create_request)
+        except NoOfferAvailable as e:
+            if pool.on_demand is None or requirements is pool.on_demand:
+                raise
+            first = str(e).splitlines()[0]
+            ctx.log(f"{self.name}: no interruptible offer matches ({first}); renting on demand "
+                    "(interruptible='fallback')")
+            logger.warning("%s: no interruptible offer matches; renting on demand (interruptible='fallback')",
+                           self.name)
+            requirements = pool.on_demand
+            record = await ctx.broker.rent(self.name, requirements, pool.create_request)
+        if requirements is pool.on_demand and ctx.pools is not None:
+            ctx.pools.note_on_demand(pool.name)
+            ctx.log(f"{self.name}: instance {record.instance_id} rented on demand (interruptible='fallback')")
+        return record
 
-    async def _bring_up(self) -> None:
-        """Boot, connect and start the workers; retry on a different machine up to a bound."""
+    async def _live(self) -> None:
+        """Boot; then serve until closed: a dropped link comes back, a lost rental is replaced."""
+        if not await self._bring_up():
+            return
+        while True:
+            record = self.record
+            assert record is not None
+            await self._until_lost(record)
+            if record.lost is None:
+                await self._reconnect(record)
+            if record.lost is not None:
+                await self._give_up_rental(record)
+                if not await self._bring_up():
+                    return
+
+    async def _until_lost(self, record: RentalRecord) -> None:
+        """Return when the link drops or Vast shows the rental lost, whichever comes first."""
+        waits = [asyncio.ensure_future(self.context.broker.wait_lost(record.instance_id))]
+        if self.link is not None:
+            waits.append(asyncio.ensure_future(self.link.closed.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+
+    async def _bring_up(self) -> bool:
+        """Boot, connect and start the workers; retry on a different machine up to a bound.
+
+        Rents first when there is no rental (a replacement, a retry). False when it gave up.
+        """
         attempts = 0
         while True:
             attempts += 1
-            assert self.record is not None
             try:
-                await self._boot_once(self.record)
-                return
+                if self.record is None:
+                    self._enter(Phase.RENTING)
+                    self.record = await self._rent()
+                    self._enter(Phase.LOADING)
+                await self._boot_unless_lost(self.record)
+                return True
             except asyncio.CancelledError:
                 raise
+            except BudgetExceeded as refused:  # a spending cap: nothing rented, nothing to retry
+                self.status = Status.failed
+                self._refused(refused)
+                return False
             except Exception as e:  # noqa: BLE001 - every boot failure destroys and maybe retries
-                self.context.log(f"{self.name}: instance {self.record.instance_id} failed: {e}")
-                self._enter(Phase.FAILED, str(e))
-                await self._teardown_link()
-                await self.context.broker.destroy(self.record.instance_id)
-                if attempts >= self.context.max_boot_attempts or not isinstance(e, BootFailed | TimeoutError | OSError):
+                retry = isinstance(e, BootFailed | TimeoutError | OSError)
+                if self.record is not None:
+                    if self.record.lost is not None:
+                        self._replacing = self.record.instance_id
+                    await self._drop_rental(self.record, e)
+                if attempts >= self.context.max_boot_attempts or not retry:
                     self.status = Status.failed
                     if self.context.on_boot_outcome is not None:
                         self.context.on_boot_outcome(self.name, self.pool.name, e)
-                    return
-                self._enter(Phase.RENTING)
-                try:
-                    self.record = await self._rent()
-                except BudgetExceeded as refused:
-                    self.status = Status.failed
-                    self._refused(refused)
-                    return
-                self._enter(Phase.LOADING)
+                    return False
 
     def _refused(self, error: BudgetExceeded) -> None:
         """A spending cap refused this instance's rental: nothing was rented; the cluster drops it."""
@@ -178,22 +249,104 @@ class VastInstance(ProcessInterface):
         if self.context.on_boot_outcome is not None:
             self.context.on_boot_outcome(self.name, self.pool.name, error)
 
-    async def _boot_once(self, record: RentalRecord) -> None:
+    async def _drop_rental(self, record: RentalRecord, error: BaseException) -> None:
+        """Destroy a rental that failed its boot (or was lost); the next attempt rents anew.
+
+        The destroy goes with the broker's next bulk destroy and is not waited for: the next
+        rental need not wait for the check of the destroy.
+        """
+        if record.lost is None:
+            self.context.log(f"{self.name}: instance {record.instance_id} failed: {error}")
+        self._enter(Phase.LOST if record.lost is not None else Phase.FAILED, str(error))
+        await self._teardown_link()
+        self.context.broker.destroy_soon(record.instance_id)
+        self.record = None
+
+    async def _reconnect(self, record: RentalRecord) -> None:
+        """A worker cannot rejoin a scheduler it lost: new link, new ports, new incarnation.
+
+        Tried for up to ``orphan_timeout`` from the loss (the instance's watchdog keeps the
+        rental that long without this client), each time on a row listed afresh: the cached
+        one may show an endpoint that is gone. Returns reconnected, or with ``record.lost``
+        set (by Vast's state, or here when the time is up).
+        """
         ctx = self.context
-        row = await ctx.broker.wait_until_ready(record.instance_id, ctx.boot_timeout_s)
-        self._enter(Phase.CONNECTING)
+        lost_at = time.monotonic()
+        deadline = lost_at + ctx.orphan_timeout_s
+        why = (self.link.lost_reason if self.link is not None else None) or "lost"
+        ctx.log(f"{self.name}: SSH link to instance {record.instance_id} lost ({why}); reconnecting "
+                f"(for up to orphan_timeout={ctx.orphan_timeout_s:.0f}s)")
+        self.registered_at = None
+        last: BaseException | None = None
+        while record.lost is None:
+            await self._teardown_link()
+            if time.monotonic() >= deadline:
+                ctx.broker.mark_lost(record.instance_id, "unreachable", (
+                    f"its SSH link did not come back within orphan_timeout={ctx.orphan_timeout_s:.0f}s "
+                    f"(last error: {last})"))
+                return
+            self._enter(Phase.CONNECTING, f"reconnecting: {why}")
+            try:
+                await self._boot_unless_lost(record, fresh=True, deadline=deadline)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - retried until the deadline or a loss
+                last = e
+                logger.info("%s: reconnecting to instance %s failed: %s", self.name, record.instance_id, e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ctx.broker.wait_lost(record.instance_id),
+                                           max(0.0, min(2.0, deadline - time.monotonic())))
+                continue
+            ctx.log(f"{self.name}: instance {record.instance_id} is back, a new incarnation "
+                    f"{time.monotonic() - lost_at:.0f}s after its link dropped")
+            return
+
+    async def _give_up_rental(self, record: RentalRecord) -> None:
+        """The rental is lost: destroy it (the broker did already), free its workers' names."""
+        self._replacing = record.instance_id
+        await self._drop_rental(record, BootFailed(record.lost or "lost"))
+        if self.context.forget_workers is not None:
+            await self.context.forget_workers(self.worker_names)
+        self.registered_at = None
+        self.context.log(f"{self.name}: renting a replacement for instance {record.instance_id}")
+
+    async def _boot_unless_lost(self, record: RentalRecord, **options: Any) -> None:
+        """:meth:`_boot_once`, given up (BootFailed) as soon as the rental is found lost.
+
+        A rental outbid while its workers start would otherwise be waited on until the boot's
+        deadline (``boot_timeout``: its workers never register), billing its disk meanwhile.
+        """
+        boot = asyncio.ensure_future(self._boot_once(record, **options))
+        lost = asyncio.ensure_future(self.context.broker.wait_lost(record.instance_id))
+        try:
+            await asyncio.wait([boot, lost], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not boot.done():
+                boot.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await boot
+        if boot.done() and not boot.cancelled():
+            return boot.result()
+        raise BootFailed(record.lost or f"instance {record.instance_id} was destroyed while booting")
+
+    async def _boot_once(self, record: RentalRecord, *, fresh: bool = False, deadline: float | None = None) -> None:
+        """One rental to registered workers; ``fresh``: a reconnect (no reboot, the row listed anew)."""
+        ctx = self.context
         started = time.monotonic()
+        deadline = started + ctx.boot_timeout_s if deadline is None else deadline
+        row = await ctx.broker.wait_until_ready(record.instance_id, max(1.0, deadline - started), fresh=fresh)
+        self._enter(Phase.CONNECTING)
         if self.host_keys is None or self.host_keys[0] != record.instance_id:
             self.host_keys = (record.instance_id, await self._host_keys_from_log(record))
-        self.link = await self._connect(record, row, deadline=started + ctx.boot_timeout_s)
-        self.link.on_lost(self._on_link_lost)
+        self.link = await self._connect(record, row, deadline=deadline, reboot=not fresh)
         self._enter(Phase.INSTALLING)
         # Heartbeats start at once: the watchdog's orphan clock runs from boot.
         if self._heartbeat is None or self._heartbeat.done():
             self._heartbeat = asyncio.create_task(self._beat())
         # The probe also installs the supervisor that will start the workers.
         env = ctx.environment
-        probe_timeout_s = max(60.0, ctx.boot_timeout_s - (time.monotonic() - started))
+        probe_timeout_s = max(60.0, deadline - time.monotonic())
         command = env.probe_command(probe_command) if env is not None else PROBE_COMMAND
         _, out, _ = await self.link.run(command, timeout_s=probe_timeout_s)
         probe = parse_probe(out)
@@ -203,16 +356,21 @@ class VastInstance(ProcessInterface):
             # Versions in step with the client, the user's packages, shipped code: before any worker.
             extra_env = await env.prepare(
                 self.link, probe, log=lambda m: ctx.log(f"{self.name}: {m}"),
-                timeout_s=max(60.0, ctx.boot_timeout_s - (time.monotonic() - started)),
+                timeout_s=max(60.0, deadline - time.monotonic()),
             )
         self._enter(Phase.STARTING)
+        if ctx.forget_workers is not None:
+            await ctx.forget_workers(self.worker_names)  # a lost incarnation the scheduler still lists
         incarnations = self._incarnations(probe, record, extra_env)
         direct = await self._direct_ports(row, record, len(incarnations), str(probe.get("executable") or "python3"))
         await self._start_workers(incarnations, direct)
-        left = max(5.0, ctx.boot_timeout_s - (time.monotonic() - started))
+        left = max(5.0, deadline - time.monotonic())
+        # each worker at the address it advertises (a lost incarnation's worker may linger under its name)
+        expected = {inc.worker_name: inc.contact_address or f"tls://127.0.0.1:{inc.worker_port}"
+                    for inc in self._incarnated}
 
         def registered_or_refused() -> bool:
-            return ctx.registered(self.worker_names) or (env is not None and env.refusal(self.worker_names) is not None)
+            return ctx.registered(expected) or (env is not None and env.refusal(self.worker_names) is not None)
 
         await _wait_for(registered_or_refused, left, f"workers {self.worker_names} to register")
         if env is not None and (refusal := env.refusal(self.worker_names)) is not None:
@@ -221,10 +379,16 @@ class VastInstance(ProcessInterface):
         self._enter(Phase.REGISTERED)
         if self.context.on_boot_outcome is not None:
             self.context.on_boot_outcome(self.name, self.pool.name, None)
+        if fresh:
+            return
+        replaced, self._replacing = self._replacing, None
         ctx.log(
             f"{self.name}: instance {record.instance_id} ready, workers {', '.join(self.worker_names)} "
             f"registered {time.time() - record.rented_at:.0f}s after renting"
+            + (f" (it replaces lost instance {replaced})" if replaced is not None else "")
         )
+        if replaced is not None and ctx.pools is not None:
+            ctx.pools.note_replacement(self.pool.name)
 
     async def _host_keys_from_log(self, record: RentalRecord) -> HostKeyPin:
         """Pin the keys the rental's sshd printed into its log; trust on first use if none came."""
@@ -239,12 +403,17 @@ class VastInstance(ProcessInterface):
             )
         return pin
 
-    async def _connect(self, record: RentalRecord, row: Instance, *, deadline: float) -> InstanceLink:
-        """An SSH link: direct, else Vast's proxy; one reboot where neither gives a usable link."""
+    async def _connect(self, record: RentalRecord, row: Instance, *, deadline: float, reboot: bool = True) -> InstanceLink:
+        """An SSH link: direct, else Vast's proxy; one reboot where neither gives a usable link.
+
+        ``reboot=False`` (a reconnect): never reboot a machine whose workers may be running.
+        """
         ctx = self.context
         try:
             return await self._connect_once(record, row, deadline)
         except (SSHUnreachable, PortBusy) as e:
+            if not reboot:
+                raise
             why = e
         ctx.log(f"{self.name}: instance {record.instance_id}: {why}; rebooting it once")
         logger.warning("%s: instance %s: %s; rebooting it once", self.name, record.instance_id, why)
@@ -443,6 +612,7 @@ class VastInstance(ProcessInterface):
                 ))
             self.worker_ports = [inc.nanny_port for inc in ready]
         self.network = TUNNEL if direct is None else DIRECT
+        self._incarnated = ready
         await asyncio.gather(
             *(self.link.put(incarnation_path(inc.worker_name), incarnation_payload(inc)) for inc in ready)
         )
@@ -453,18 +623,6 @@ class VastInstance(ProcessInterface):
             with contextlib.suppress(Exception):
                 await self.link.heartbeat()
             await asyncio.sleep(self.context.heartbeat_interval_s)
-
-    def _on_link_lost(self) -> None:
-        if self.status in (Status.closing, Status.closed) or self.record is None:
-            return
-        self.context.log(f"{self.name}: SSH link to instance {self.record.instance_id} lost; reconnecting")
-        if self._boot is None or self._boot.done():
-            self._boot = asyncio.create_task(self._reconnect())
-
-    async def _reconnect(self) -> None:
-        """A worker cannot rejoin a scheduler it lost: new link, new ports, new incarnation."""
-        await self._teardown_link()
-        await self._bring_up()
 
     # ----------------------------------------------------------------- close
     async def _teardown_link(self) -> None:
@@ -487,7 +645,7 @@ class VastInstance(ProcessInterface):
         await self._teardown_link()
         if self.record is not None:
             await self.context.broker.destroy(self.record.instance_id)
-            if self.phase != Phase.FAILED:
+            if self.phase not in (Phase.FAILED, Phase.LOST):
                 self._enter(Phase.DESTROYED)
         await super().close()
 

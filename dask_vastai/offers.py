@@ -163,6 +163,10 @@ class OfferRequirements:
     query: str = ""
     order: str = "dph_total"
     interruptible: bool = False
+    #: interruptible: a bid in $/h (offers whose ``min_bid`` is higher are not searched), or
+    #: None to bid ``bid_factor`` times the offers' ``min_bid``
+    bid_usd: float | None = None
+    bid_factor: float = 1.0
     #: the CUDA the driver must support (``cuda_max_good>=``), e.g. "12.1" for torch+cu121
     min_cuda: str | None = None
     #: mapped ports an instance needs (``direct_port_count>=``): direct mode's workers and SSH
@@ -189,6 +193,12 @@ class OfferRequirements:
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
                 raise ValueError(f"{label}={value!r} must be a positive number (or None for no limit)")
+        if self.bid_usd is not None and (isinstance(self.bid_usd, bool) or not self.bid_usd > 0):
+            raise ValueError(f"bid={self.bid_usd!r}: a bid is a positive number of $/h (or '1.2x': times min_bid)")
+        if not self.bid_factor >= 1.0:
+            raise ValueError(
+                f"bid='{self.bid_factor:g}x': Vast refuses a bid below an offer's min_bid; give 1x or more"
+            )
         if not 0.0 <= float(self.reliability) <= 1.0:
             raise ValueError(
                 f"reliability={self.reliability!r} must be between 0 and 1 (0.98 = the host was up 98% of the time)"
@@ -222,6 +232,8 @@ class OfferRequirements:
             terms.append(f"disk_space>={_fmt(self.disk_gb)}")
         if self.max_price is not None:
             terms.append(f"dph_total<={_fmt(self.max_price)}")
+        if self.interruptible and self.bid_usd is not None:
+            terms.append(f"min_bid<={_fmt(self.bid_usd)}")  # Vast refuses a bid below min_bid
         if self.reliability:
             terms.append(f"reliability>={_fmt(self.reliability)}")
         if self.datacenter:
@@ -240,6 +252,18 @@ class OfferRequirements:
             if asked is None or float(asked) < self.min_direct_ports:
                 terms.append(f"direct_port_count>={self.min_direct_ports}")
         return " ".join(terms)
+
+    def bid_price(self, min_bids: Sequence[float]) -> float | None:
+        """The bid ($/h) of one create call for offers with these ``min_bid`` s; None on demand.
+
+        A call carries one price for all its offers, so a multiple of ``min_bid`` is taken of
+        the highest: every offer of the call accepts it.
+        """
+        if not self.interruptible:
+            return None
+        if self.bid_usd is not None:
+            return float(self.bid_usd)
+        return round(max(min_bids) * self.bid_factor, 6)
 
     def filters(self) -> dict[str, Any]:
         """The filter dict sent to Vast: :meth:`query_text` parsed with the SDK's defaults.

@@ -20,21 +20,25 @@ pool without limiting how many tasks run there (``GPU`` does that).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import inspect
 import logging
 import statistics
 import textwrap
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dask.utils import parse_timedelta
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol import pickle
 
 from .config import option
 from .environment import split_env
-from .exceptions import ImpossibleResources
+from .exceptions import BootFailed, ImpossibleResources
+from .images import check_image_name
 from .network import DIRECT, TUNNEL, check_network, direct_container_ports, direct_ports_needed
 from .offers import OfferRequirements
 from .vast import CreateRequest
@@ -79,7 +83,15 @@ class PoolShape:
     query: str | None = _doc(
         'extra ``vastai search offers`` filters, e.g. ``"cuda_max_good>=12.4 inet_down>500"``.')
     order: str | None = _doc('the order offers are taken in (``"dph_total"``: cheapest first).')
-    interruptible: bool | None = _doc("bid at the offer's ``min_bid`` instead of renting on demand.")
+    interruptible: bool | str | None = _doc(
+        "True: rent interruptible instances (a bid, see ``bid``; cheaper, but a higher bid "
+        "preempts them: a lost rental is destroyed and replaced). ``\"fallback\"``: the same, but "
+        "rent on demand when no interruptible offer matches or after the pool was preempted "
+        "often (``vastai.interruptible-fallback``).")
+    bid: float | str | None = _doc(
+        'interruptible rentals: ``"1x"`` bids each offer\'s ``min_bid`` (a batch bids its '
+        'highest), ``"1.5x"`` half as much again (less likely to be outbid); a number is a bid in '
+        "$/h (offers asking more are skipped).")
     image: str | None = _doc("the Docker image of the instances.")
     env: Mapping[str, Any] | None = _doc(
         "environment on the instances. Vast stores it and shows it in ``show instances``: wrap "
@@ -144,6 +156,47 @@ def with_shape_options(func: Callable[..., Any]) -> inspect.Signature:
     return sig.replace(parameters=params)
 
 
+FALLBACK = "fallback"
+
+
+def interruptible_option(value: Any) -> tuple[bool, bool]:
+    """``(interruptible, fallback)`` from the ``interruptible`` option (True, False or "fallback")."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == FALLBACK:
+            return True, True
+        if text in ("true", "yes", "1", "false", "no", "0"):
+            return text in ("true", "yes", "1"), False
+    elif value is None or isinstance(value, bool):
+        return bool(value), False
+    raise ValueError(
+        f"interruptible={value!r}: give True (bid for interruptible instances), False (on demand) "
+        f"or {FALLBACK!r} (bid, and rent on demand when bids fail)"
+    )
+
+
+def bid_option(value: Any) -> tuple[float | None, float]:
+    """``(bid in $/h or None, multiple of min_bid)`` from the ``bid`` option (0.25, "1.2x")."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value), 1.0
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        for suffix in ("xmin_bid", "*min_bid", "x"):
+            if text.endswith(suffix):
+                try:
+                    return None, float(text[: -len(suffix)])
+                except ValueError:
+                    break
+        else:
+            try:
+                return float(text), 1.0
+            except ValueError:
+                pass
+    raise ValueError(
+        f"bid={value!r}: give a bid in $/h (bid=0.25) or a multiple of each offer's min_bid (bid='1.2x')"
+    )
+
+
 @dataclass
 class Pool:
     """One instance shape made concrete: what to search for and how to rent it."""
@@ -155,6 +208,12 @@ class Pool:
     worker_options: dict[str, Any] = field(default_factory=dict)
     #: "tunnel", "direct" or "auto" (``network.py``)
     network: str = TUNNEL
+    #: ``interruptible="fallback"``: rent with ``on_demand`` when bids fail (None otherwise)
+    on_demand: OfferRequirements | None = None
+
+    @property
+    def fallback(self) -> bool:
+        return self.on_demand is not None
 
     @classmethod
     def from_shape(cls, name: str, shape: PoolShape, *, onstart: str, min_cuda: str | None = None) -> Pool:
@@ -168,6 +227,8 @@ class Pool:
         network = check_network(get("network"), where=f"pool {name!r}: network")
         worker_per_gpu = bool(get("worker_per_gpu"))
         workers = int(get("num_gpus")) if worker_per_gpu else 1
+        interruptible, fallback = interruptible_option(get("interruptible"))
+        bid_usd, bid_factor = bid_option(get("bid"))
         requirements = OfferRequirements(
             gpu=get("gpu"),
             num_gpus=int(get("num_gpus")),
@@ -181,12 +242,15 @@ class Pool:
             reliability=float(get("reliability")),
             query=get("query") or "",
             order=get("order"),
-            interruptible=bool(get("interruptible")),
+            interruptible=interruptible,
+            bid_usd=bid_usd,
+            bid_factor=bid_factor,
             min_cuda=min_cuda,
             # "auto" takes any offer: its instances without the ports use the tunnel
             min_direct_ports=direct_ports_needed(workers) if network == DIRECT else None,
         )
         requirements.validate()
+        image = check_image_name(str(get("image")))
         env, secret = split_env(get("env"))
         if secret:
             raise ValueError(
@@ -197,7 +261,7 @@ class Pool:
             name=name,
             requirements=requirements,
             create_request=CreateRequest(
-                image=str(get("image")),
+                image=image,
                 disk_gb=requirements.disk_gb,
                 onstart=onstart,
                 env=env,
@@ -207,6 +271,8 @@ class Pool:
             worker_per_gpu=worker_per_gpu,
             worker_options=dict(get("worker_options") or {}),
             network=network,
+            # one object per pool: the broker batches rents by their requirements' identity
+            on_demand=dataclasses.replace(requirements, interruptible=False) if fallback else None,
         )
 
     @property
@@ -273,13 +339,59 @@ def instance_worker_names(instance: str, spec: Mapping[str, Any] | None) -> list
     return [instance + s for s in (spec or {}).get("group", [])] or [instance]
 
 
+#: the kind of loss Vast shows for an interruptible rental outbid (``stopped``)
+OUTBID = "outbid"
+
+
+@dataclass
+class PoolLosses:
+    """What became of one pool's rentals after renting: counted for ``repr``, logs and widget."""
+
+    #: interruptible rentals outbid (Vast shows them ``stopped``)
+    preempted: int = 0
+    #: every rental lost, preemptions included: host offline, container exited, gone from
+    #: Vast's list, or a link that did not come back within ``orphan_timeout``
+    lost: int = 0
+    #: rentals that replaced a lost one and registered
+    replaced: int = 0
+    #: on-demand rentals of an ``interruptible="fallback"`` pool
+    on_demand: int = 0
+    #: when (monotonic) each preemption was seen, newest last
+    preempted_at: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=100))
+
+    def preemptions_within(self, window_s: float, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        return sum(1 for t in self.preempted_at if now - t <= window_s)
+
+    def __bool__(self) -> bool:
+        return bool(self.lost or self.replaced or self.on_demand)
+
+    def text(self) -> str:
+        """``"2 preempted, 1 other lost, 3 replaced, 1 on demand"`` (what happened, nothing else)."""
+        parts = []
+        if self.preempted:
+            parts.append(f"{self.preempted} preempted")
+        if self.lost - self.preempted:
+            parts.append(f"{self.lost - self.preempted} {'other ' if self.preempted else ''}lost")
+        if self.replaced:
+            parts.append(f"{self.replaced} replaced")
+        if self.on_demand:
+            parts.append(f"{self.on_demand} on demand")
+        return ", ".join(parts) or "none lost"
+
+
 class PoolSet:
-    """The pools of one cluster, the names of their instances and their boots.
+    """The pools of one cluster, the names of their instances, their boots and losses.
 
     The one place a boot outcome is recorded: an instance reports each here, the cluster's
     first wait raises the first error, adaptive stops renting for a pool whose last
     instances all failed (each failure costs money), and the boot times measured here set
-    how long adaptive keeps an idle instance (its ski-rental break-even).
+    how long adaptive keeps an idle instance (its ski-rental break-even). A pool that gave
+    up (its last instance failed for good, or adaptive stopped renting for it) is marked
+    here with its reasons, which ``wait_for_workers`` and the tasks only it could run then
+    raise. Rentals lost after renting (preempted, host offline, ...) and their replacements
+    are counted here too, and an ``interruptible="fallback"`` pool asks here whether it has
+    been preempted often enough to rent on demand.
     """
 
     def __init__(self, cluster_name: str, *, onstart: str, min_cuda: str | None = None) -> None:
@@ -294,6 +406,12 @@ class PoolSet:
         self.boot_errors: dict[str, BaseException] = {}
         #: seconds from rent to registration of each instance that registered, per pool
         self.boot_times_s: dict[str, list[float]] = {}
+        self._boot_errors_by_pool: dict[str, list[tuple[str, BaseException]]] = {}
+        #: pools that gave up, with the sentence that says why
+        self.given_up: dict[str, str] = {}
+        #: per pool: rentals lost after renting, and their replacements
+        self.losses: dict[str, PoolLosses] = {}
+        self._falling_back: set[str] = set()
 
     # -------------------------------------------------------------- the pools
     def add(self, name: str, shape: PoolShape) -> Pool:
@@ -301,6 +419,7 @@ class PoolSet:
             raise ValueError(f"pool {name!r} exists already; pools: {sorted(self._pools)}")
         pool = Pool.from_shape(name, shape, onstart=self.onstart, min_cuda=self.min_cuda)
         self._pools[name] = pool
+        self.losses[name] = PoolLosses()
         return pool
 
     def get(self, name: str | None = None) -> Pool:
@@ -366,6 +485,7 @@ class PoolSet:
             return
         self._failures_in_a_row[pool] = self._failures_in_a_row.get(pool, 0) + 1
         self.boot_errors[instance] = error
+        self._boot_errors_by_pool.setdefault(pool, []).append((instance, error))
 
     def boot_seconds(self, pool: str) -> float:
         """What booting an instance of ``pool`` costs, in seconds: the median of its measured
@@ -376,9 +496,70 @@ class PoolSet:
     def failures_in_a_row(self, pool: str) -> int:
         return self._failures_in_a_row.get(pool, 0)
 
+    def failure_reasons(self, pool: str, last: int = 3) -> list[str]:
+        """The last boot failures of ``pool`` since one of its instances registered, as lines."""
+        count = min(last, self.failures_in_a_row(pool))
+        errors = self._boot_errors_by_pool.get(pool, [])[-count:] if count else []
+        return [f"{instance}: {error}" for instance, error in errors]
+
+    def give_up_message(self, pool: str, why: str) -> str:
+        """The sentence that says ``pool`` gave up, and its last boot failures."""
+        reasons = self.failure_reasons(pool)
+        return f"pool {pool!r} gave up: {why}" + (
+            ". Its last boot failures:\n  " + "\n  ".join(reasons) if reasons else "")
+
+    def give_up(self, pool: str, why: str) -> str:
+        """Mark ``pool`` as given up (nothing will rent for it); the sentence that says so."""
+        self.given_up[pool] = message = self.give_up_message(pool, why)
+        return message
+
+    def given_up_error(self, pools: Iterable[str]) -> BootFailed | None:
+        """One error naming every given-up pool among ``pools`` and its reasons (None: none gave up)."""
+        messages = [self.given_up[p] for p in pools if p in self.given_up]
+        return BootFailed("\n".join(messages)) if messages else None
+
     def forgive(self, pool: str) -> None:
-        """Forget a pool's failures in a row (a new ``adapt()`` call is a new chance)."""
+        """Forget a pool's failures in a row and its giving up (``adapt()``/``scale()``: a new chance)."""
         self._failures_in_a_row.pop(pool, None)
+        self.given_up.pop(pool, None)
+
+    # -------------------------------------------------------- losses
+    def note_loss(self, pool: str, kind: str) -> str | None:
+        """Count a rental of ``pool`` lost after renting; a sentence when the pool now falls back."""
+        losses = self.losses.setdefault(pool, PoolLosses())
+        losses.lost += 1
+        if kind != OUTBID:
+            return None
+        losses.preempted += 1
+        losses.preempted_at.append(time.monotonic())
+        if pool in self._falling_back or not self.falls_back(pool):
+            return None
+        self._falling_back.add(pool)
+        count, window_s = _fallback_limits()
+        return (f"pool {pool!r}: {losses.preemptions_within(window_s)} preemptions within {window_s / 60:g} min "
+                f"(vastai.interruptible-fallback: {count}): its next rentals are on demand")
+
+    def falls_back(self, pool: str) -> bool:
+        """Whether an ``interruptible="fallback"`` pool rents on demand now (preempted too often)."""
+        if pool not in self._pools or not self._pools[pool].fallback:
+            return False
+        count, window_s = _fallback_limits()
+        falling = self.losses[pool].preemptions_within(window_s) >= count
+        if not falling:
+            self._falling_back.discard(pool)
+        return falling
+
+    def note_replacement(self, pool: str) -> None:
+        self.losses.setdefault(pool, PoolLosses()).replaced += 1
+
+    def note_on_demand(self, pool: str) -> None:
+        self.losses.setdefault(pool, PoolLosses()).on_demand += 1
+
+
+def _fallback_limits() -> tuple[int, float]:
+    """``(preemptions, window in seconds)`` after which a fallback pool rents on demand."""
+    return (int(option("interruptible-fallback.preemptions")),
+            float(parse_timedelta(option("interruptible-fallback.window"), default="s")))
 
 
 def impossible_message(restrictions: Mapping[str, float], pools: Iterable[Pool]) -> str:
@@ -392,14 +573,23 @@ def impossible_message(restrictions: Mapping[str, float], pools: Iterable[Pool])
 
 
 class ResourceGuard(SchedulerPlugin):
-    """Fails, when they arrive, tasks whose resources no pool can ever provide."""
+    """Fails tasks whose resources no pool can provide, or only pools that gave up.
+
+    At once when they arrive; and when a pool gives up (:meth:`sweep`), the tasks already
+    waiting that only it could run, with its boot failures as their error: distributed
+    would leave them pending forever.
+    """
 
     name = "dask-vastai-resource-guard"
 
-    def __init__(self, scheduler: Any, pools: Callable[[], Iterable[Pool]]) -> None:
+    def __init__(
+        self, scheduler: Any, pools: Callable[[], Iterable[Pool]],
+        given_up: Callable[[], Mapping[str, str]] | None = None,
+    ) -> None:
         # Given here: Scheduler.add_plugin does not call start() on an in-process scheduler.
         self.scheduler = scheduler
         self._pools = pools
+        self._given_up = given_up or dict
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         if finish != "no-worker":
@@ -407,17 +597,35 @@ class ResourceGuard(SchedulerPlugin):
         ts = self.scheduler.tasks.get(key)
         if ts is None or not ts.resource_restrictions:
             return
-        pools = list(self._pools())
-        if any(pool.could_run(ts.resource_restrictions) for pool in pools):
-            return
-        # Not from inside a transition: the scheduler is in the middle of one.
-        message = impossible_message(ts.resource_restrictions, pools)
-        asyncio.get_running_loop().call_soon(self._fail, key, message)
+        error = self._error_for(ts.resource_restrictions)
+        if error is not None:
+            # Not from inside a transition: the scheduler is in the middle of one.
+            asyncio.get_running_loop().call_soon(self._fail, key, error)
 
-    def _fail(self, key: Any, message: str) -> None:
-        if fail_task(self.scheduler, key, ImpossibleResources(message), states=("no-worker",),
-                     stimulus=f"dask-vastai-impossible-{key}"):
-            logger.warning("failing task %s: %s", key, message)
+    def sweep(self) -> None:
+        """Fail the waiting tasks that only pools that gave up could run (call on the loop)."""
+        for ts in list(self.scheduler.unrunnable):
+            if ts.resource_restrictions and (error := self._error_for(ts.resource_restrictions)) is not None:
+                self._fail(ts.key, error)
+
+    def _error_for(self, restrictions: Mapping[str, float]) -> Exception | None:
+        pools = list(self._pools())
+        able = [pool for pool in pools if pool.could_run(restrictions)]
+        if not able:
+            return ImpossibleResources(impossible_message(restrictions, pools))
+        given_up = self._given_up()
+        if all(pool.name in given_up for pool in able):
+            asked = ", ".join(f"{k}={v:g}" for k, v in sorted(restrictions.items()))
+            return BootFailed(
+                f"no instance can run a task asking for {{{asked}}}: "
+                + "\n".join(given_up[pool.name] for pool in able)
+                + "\nFix the pool's options, then call cluster.scale() or cluster.adapt() again."
+            )
+        return None
+
+    def _fail(self, key: Any, error: Exception) -> None:
+        if fail_task(self.scheduler, key, error, states=("no-worker",), stimulus=f"dask-vastai-unrunnable-{key}"):
+            logger.warning("failing task %s: %s", key, error)
 
 
 def fail_task(scheduler: Any, key: Any, error: Exception, *, states: Sequence[str], stimulus: str) -> bool:

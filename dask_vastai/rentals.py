@@ -74,6 +74,8 @@ class RentalRecord:
     rented_at: float
     destroyed_at: float | None = None
     instance: Instance | None = None
+    #: rented with a bid (``interruptible``): a ``stopped`` row then means outbid
+    interruptible: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     #: when (monotonic) the row's ``actual_status`` became what it is now
     status_since: float = field(default_factory=time.monotonic)
@@ -83,6 +85,18 @@ class RentalRecord:
     ssh_traffic: Traffic = field(default_factory=Traffic)
     #: bytes of the rental's direct connections (its workers report them; ``traffic.py``)
     direct_traffic: Traffic = field(default_factory=Traffic)
+    #: when (monotonic) the last list that showed this rental was sent (0: never listed)
+    listed_at: float = 0.0
+    #: lists in a row that did not show this rental (after it had been listed)
+    missing: int = 0
+    #: listed ``running`` since it was rented (or rebooted): from then on, a fatal state is a
+    #: loss (before, it is a failed boot, which the boot itself handles)
+    was_running: bool = False
+    #: why the rental cannot come back (set once, by :meth:`RentalBroker.mark_lost`), its
+    #: kind (``outbid``, ``stopped``, ``offline``, ``exited``, ``gone``, ``unreachable``) and when (wall clock)
+    lost: str | None = None
+    lost_kind: str | None = None
+    lost_at: float | None = None
 
     @property
     def uptime_s(self) -> float:
@@ -113,6 +127,11 @@ class RentalRecord:
         return self.time_cost_usd + self.bandwidth_cost_usd
 
     @property
+    def is_bid(self) -> bool:
+        """Interruptible: rented with a bid (as asked, or as its row says)."""
+        return self.interruptible or bool(self.instance is not None and self.instance.is_bid)
+
+    @property
     def state(self) -> str:
         if self.destroyed_at is not None:
             return "destroyed"
@@ -126,10 +145,32 @@ def boot_failure(instance: Instance) -> str | None:
     status = instance.actual_status
     if status in ("exited", "offline", "unknown"):
         return f"instance {instance.id} is {status}: {instance.status_msg or 'no message'}"
-    if status == "stopped" and instance.intended_status != "stopped":
+    if status == "stopped":  # never asked for: outbid, or its host stopped it
         return f"instance {instance.id} stopped (outbid or host problem): {instance.status_msg or ''}"
     if status != "running" and instance.status_msg and _FATAL_STATUS_MSG.search(instance.status_msg):
         return f"instance {instance.id} failed to boot ({status or 'no status yet'}): {instance.status_msg}"
+    return None
+
+
+def lost_state(instance: Instance, *, interruptible: bool) -> tuple[str, str] | None:
+    """``(kind, why)`` when a listed rental can never serve this cluster again, else None.
+
+    A cluster never stops its rentals, so any ``stopped`` is a loss: an outbid interruptible
+    rental (whatever ``intended_status`` then says: it may resume only when it wins again,
+    and bills its disk meanwhile) or a host that stopped it. ``offline`` (the host lost Vast)
+    and ``exited`` (the container died) are losses too. Waiting on them bills storage for a
+    machine whose workers are gone: the rental is destroyed and another one rented.
+    """
+    status = instance.actual_status
+    message = f": {instance.status_msg}" if instance.status_msg else ""
+    if status == "stopped":
+        if interruptible:
+            return "outbid", f"instance {instance.id} was stopped (outbid: a higher bid took its GPU){message}"
+        return "stopped", f"instance {instance.id} was stopped by its host{message}"
+    if status == "offline":
+        return "offline", f"the host of instance {instance.id} went offline{message}"
+    if status == "exited":
+        return "exited", f"the container of instance {instance.id} exited{message}"
     return None
 
 
@@ -167,6 +208,8 @@ class RentalBroker:
         log: Callable[[str], None] | None = None,
         caps: SpendingCaps | None = None,
         on_exhausted: Callable[[BudgetExhausted], None] | None = None,
+        on_lost: Callable[[RentalRecord], None] | None = None,
+        orphan_timeout_s: float | None = None,
     ) -> None:
         self.api = api
         self.cluster_name = cluster_name
@@ -204,6 +247,11 @@ class RentalBroker:
         self._flights = itertools.count()
         #: the last refusal logged (the same one is not repeated at every adapt round)
         self._last_refusal: tuple[str, float] | None = None
+        #: told each rental found lost (once), before it is destroyed
+        self.on_lost = on_lost
+        #: the instances' watchdog timeout: what a long pause of this process means for them
+        self.orphan_timeout_s = orphan_timeout_s
+        self._background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ renting
     async def rent(
@@ -218,6 +266,10 @@ class RentalBroker:
         """
         if self.exhausted is not None:
             raise self.exhausted
+        if LEDGER.closing:
+            # A signal or the interpreter's exit is destroying this process's rentals from
+            # another thread: one rented now would outlive it (billing until its watchdog).
+            raise BootFailed(f"not renting for {worker_name}: this process is exiting")
         fut: asyncio.Future[RentalRecord] = asyncio.get_running_loop().create_future()
         shape = (requirements or self.requirements, create_request or self.create_request)
         self._rent_queue.append((worker_name, shape, fut))
@@ -299,6 +351,7 @@ class RentalBroker:
                     offer=offer,
                     dph_total=offer.dph_total,
                     rented_at=sent,
+                    interruptible=requirements.interruptible,
                 )
                 self.records[result] = record
                 rented[name] = record
@@ -387,8 +440,14 @@ class RentalBroker:
         self._open_batches.add(batch)
         try:
             results = await self.api.create_instances([o.id for _, o in pairs], request)
+            return await self._settle_batch(batch, pairs, results)
         finally:
+            # Open until its rentals are records (the caller makes them without awaiting): a
+            # poller listing meanwhile must not take them for strays.
             self._open_batches.discard(batch)
+
+    async def _settle_batch(self, batch: str, pairs: list[tuple[str, Offer]], results: list[Any]) -> list[int | BaseException]:
+        """The ids a bulk create rented (or why not), each relabelled with its worker's name."""
         out: list[int | BaseException] = []
         for (name, _offer), result in zip(pairs, results, strict=True):
             if isinstance(result, BaseException):
@@ -434,13 +493,14 @@ class RentalBroker:
         """The request for one create call; interruptible: one bid for all its offers.
 
         A bulk call carries one ``price`` for all its ids, so it bids the highest ``min_bid``
-        of its offers: each offer accepts it, the overpay is bounded by the spread of the
-        cheapest offers (which the query ranks together), the higher bid is less likely to be
-        outbid, and one call stays one call (grouping by bid would send one create, paced
-        4.5 s apart, per distinct ``min_bid``: nearly one per offer). The rate each rental is
-        billed is then read from its row (``dph_total``).
+        of its offers (times the pool's ``bid`` multiple, or the pool's ``bid`` in $/h): each
+        offer accepts it, the overpay is bounded by the spread of the cheapest offers (which
+        the query ranks together), the higher bid is less likely to be outbid, and one call
+        stays one call (grouping by bid would send one create, paced 4.5 s apart, per distinct
+        ``min_bid``: nearly one per offer). The rate each rental is billed is then read from
+        its row (``dph_total``).
         """
-        price = max(o.min_bid for o in offers) if requirements.interruptible else None
+        price = requirements.bid_price([o.min_bid for o in offers])
         return replace(create_request, label=label, price=price)
 
     # --------------------------------------------------------------- watching
@@ -449,7 +509,7 @@ class RentalBroker:
             self._poller = asyncio.create_task(self._poll())
 
     async def _poll(self) -> None:
-        """One list call per interval for all of this cluster's rentals."""
+        """One list call per interval for all of this cluster's rentals; losses seen there."""
         prefix = cluster_label_prefix(self.cluster_name)
         while any(r.destroyed_at is None for r in self.records.values()):
             sent = time.monotonic()
@@ -459,19 +519,100 @@ class RentalBroker:
                 logger.warning("listing rentals failed (will retry): %s", e)
                 rows = None
             if rows is not None:
-                for record in list(self.records.values()):
-                    if record.destroyed_at is not None or record.fresh_after > sent:
-                        continue
-                    row = rows.get(record.instance_id)
-                    if row is not None and row != record.instance:
-                        if record.instance is None or row.actual_status != record.instance.actual_status:
-                            record.status_since = time.monotonic()
-                        record.instance = row
-                        if row.dph_total:
-                            record.dph_total = row.dph_total
-                        record.changed.set()
+                self._read_rows(rows, sent)
                 await self._destroy_strays(rows.values())
+            slept_from = time.time()
             await asyncio.sleep(self.poll_interval_s)
+            self._note_pause(time.time() - slept_from - self.poll_interval_s)
+
+    def _read_rows(self, rows: dict[int, Instance], sent: float) -> None:
+        """Take one list's rows (sent at monotonic ``sent``): new states, and rentals lost."""
+        for record in list(self.records.values()):
+            if record.destroyed_at is not None or record.fresh_after > sent:
+                continue
+            row = rows.get(record.instance_id)
+            if row is None:
+                # Listed before, missing twice in a row: destroyed behind our back (its
+                # watchdog while this client was away, or Vast). Twice: one list may lag.
+                if record.listed_at:
+                    record.missing += 1
+                    if record.missing >= 2:
+                        self.mark_lost(record.instance_id, "gone", (
+                            f"instance {record.instance_id} is no longer listed by Vast (destroyed by its "
+                            "watchdog, which destroys a rental after orphan_timeout without this client, or by Vast)"
+                        ))
+                continue
+            record.missing = 0
+            record.listed_at = sent
+            if row != record.instance:
+                if record.instance is None or row.actual_status != record.instance.actual_status:
+                    record.status_since = time.monotonic()
+                record.instance = row
+                if row.dph_total:
+                    record.dph_total = row.dph_total
+                record.changed.set()
+            record.was_running = record.was_running or row.actual_status == "running"
+            loss = lost_state(row, interruptible=record.is_bid) if record.was_running else None
+            if loss is not None:
+                self.mark_lost(record.instance_id, *loss)
+
+    def _note_pause(self, late_s: float) -> None:
+        """Say so when this process did not run for a while (suspended, a laptop asleep)."""
+        if late_s < max(30.0, 10 * self.poll_interval_s):
+            return
+        orphan = self.orphan_timeout_s
+        if orphan is not None and late_s > orphan:
+            self._log(
+                f"this client did not run for {late_s:.0f}s (asleep or suspended), longer than "
+                f"orphan_timeout={orphan:.0f}s: the instances' watchdogs have destroyed their rentals; "
+                "each one found gone is replaced, to the size the cluster was asked for"
+            )
+        else:
+            self._log(f"this client did not run for {late_s:.0f}s (asleep or suspended): checking every "
+                      "rental; links that dropped are made again")
+
+    def mark_lost(self, instance_id: int, kind: str, why: str) -> None:
+        """``instance_id`` can never serve again: say why, tell the cluster, destroy it now.
+
+        Now, not when its instance gets to it: a stopped rental bills its disk. Once per rental.
+        """
+        record = self.records.get(instance_id)
+        if record is None or record.lost is not None or record.destroyed_at is not None or LEDGER.closing:
+            return  # closing: the exit handler destroyed it, and nothing is rented in its place
+        record.lost, record.lost_kind, record.lost_at = why, kind, time.time()
+        record.changed.set()
+        self._log(f"{record.worker_name}: lost instance {instance_id}: {why}; destroying it")
+        if self.on_lost is not None:
+            try:
+                self.on_lost(record)
+            except Exception:  # noqa: BLE001 - counting must not stop the destroy
+                logger.exception("on_lost of instance %s failed", instance_id)
+        self.destroy_soon(instance_id)
+
+    def destroy_soon(self, instance_id: int) -> None:
+        """Destroy ``instance_id`` in the background (with the next bulk destroy), not waiting for it.
+
+        For a rental given up while another is rented in its place: checking a bulk destroy
+        can take a while (lingering rows), and the replacement should not wait for that. A
+        destroy that fails is logged; close and the exit handler destroy what is left.
+        """
+        task = asyncio.create_task(self._destroy_in_background(instance_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _destroy_in_background(self, instance_id: int) -> None:
+        try:
+            await self.destroy(instance_id)
+        except Exception as e:  # noqa: BLE001 - close and the exit handler destroy it again
+            logger.warning("destroying instance %s failed (retried at close): %s", instance_id, e)
+
+    async def wait_lost(self, instance_id: int) -> str:
+        """Return (why) once ``instance_id`` is found lost or destroyed."""
+        record = self.records[instance_id]
+        while record.lost is None and record.destroyed_at is None:
+            record.changed.clear()
+            await record.changed.wait()
+        return record.lost or f"instance {instance_id} was destroyed"
 
     async def _destroy_strays(self, rows: Any) -> None:
         """Destroy rentals under this broker's settled batch labels that it does not know.
@@ -496,19 +637,23 @@ class RentalBroker:
         return (row.label in self._batch_labels and row.label not in self._open_batches
                 and row.id not in self.records and row.id not in self._swept)
 
-    async def wait_until_ready(self, instance_id: int, timeout_s: float) -> Instance:
+    async def wait_until_ready(self, instance_id: int, timeout_s: float, *, fresh: bool = False) -> Instance:
         """The instance row once it runs with an SSH endpoint; BootFailed on a fatal state or timeout.
 
         A boot that sits in ``created``, ``scheduling`` or ``frozen`` longer than its grace
         (``vastai.boot-state-grace``) fails too: such a machine rarely recovers, and waiting
-        the whole ``boot_timeout`` on it bills for nothing.
+        the whole ``boot_timeout`` on it bills for nothing. ``fresh``: only a row listed
+        after this call counts (a reconnect: the cached row may show an endpoint that is gone).
         """
         record = self.records[instance_id]
         self._ensure_poller()
+        since = time.monotonic() if fresh else 0.0
         deadline = time.monotonic() + timeout_s
         while True:
-            row = record.instance
+            row = record.instance if record.listed_at >= since else None
             wake_in = deadline - time.monotonic()
+            if record.lost is not None:
+                raise BootFailed(record.lost)
             if record.destroyed_at is not None:
                 raise BootFailed(f"instance {instance_id} was destroyed while booting")
             if row is not None:
@@ -569,6 +714,7 @@ class RentalBroker:
         record = self.records[instance_id]
         await self.api.reboot_instance(instance_id)
         record.instance = None  # the row before the reboot says nothing of the boot to come
+        record.was_running = False
         record.status_since = record.fresh_after = time.monotonic()
         record.changed.set()
 
@@ -637,10 +783,12 @@ class RentalBroker:
             flush.cancel()
             with contextlib.suppress(BaseException):
                 await flush
-        await self.destroy_all()
-        for task in (self._poller, self._destroy_flush, self._budget_watch, *self._labelling):
-            if task is not None and not task.done():
-                task.cancel()
+        try:
+            await self.destroy_all()
+        finally:
+            for task in (self._poller, self._destroy_flush, self._budget_watch, *self._labelling, *self._background):
+                if task is not None and not task.done():
+                    task.cancel()
 
     # ------------------------------------------------------------------ money
     @property

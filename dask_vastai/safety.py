@@ -40,6 +40,9 @@ class RentalLedger:
         self._lock = threading.Lock()
         self._live: dict[tuple[str, str], set[int]] = {}
         self._installed = False
+        #: set once this process destroys everything (a signal, interpreter exit): from then
+        #: on nothing is rented, and rentals found gone are not replaced (their destroy did it)
+        self.closing = False
 
     def add(self, api: VastAPI, instance_id: int) -> None:
         with self._lock:
@@ -75,6 +78,7 @@ class RentalLedger:
 
     def destroy_everything(self, reason: str) -> None:
         """Synchronously bulk-destroy every live rental of this process (idempotent)."""
+        self.closing = True
         live = self.live()
         if not live:
             return

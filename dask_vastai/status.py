@@ -35,6 +35,8 @@ class Phase(StrEnum):
     STARTING = "starting workers"
     REGISTERED = "registered"
     FAILED = "failed"
+    #: lost after renting (outbid, host offline, container exited, gone, link not back): destroyed
+    LOST = "lost"
     DESTROYED = "destroyed"
 
     @property
@@ -44,6 +46,8 @@ class Phase(StrEnum):
 
 #: phases of an instance that is on its way to registered
 BOOTING = frozenset({Phase.RENTING, Phase.LOADING, Phase.CONNECTING, Phase.INSTALLING, Phase.STARTING})
+#: phases of a rental that no longer runs
+GONE = frozenset({Phase.DESTROYED, Phase.FAILED, Phase.LOST})
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ class InstanceRow(Mapping[str, Any]):
     @property
     def detail(self) -> str:
         """What to say next to the phase: the failure's reason, or Vast's message while booting."""
-        if self.phase == Phase.FAILED:
+        if self.phase in (Phase.FAILED, Phase.LOST):
             return self.reason or ""
         if self.phase == Phase.LOADING:
             return self.status_msg
@@ -152,7 +156,7 @@ class InstanceRow(Mapping[str, Any]):
             "-" if self.id is None else str(self.id), self.pool, self.gpu, phase,
             usd_per_hour(self.dph if self.id is not None else None), duration(self.uptime_s),
             usd(self.cost_usd), f"{data_size(self.bytes_up + self.bytes_down)}, {usd(self.bandwidth_usd)}",
-            workers, shorten(self.detail, 240 if self.phase == Phase.FAILED else 70),
+            workers, shorten(self.detail, 240 if self.phase in (Phase.FAILED, Phase.LOST) else 70),
         ]
 
 
@@ -164,7 +168,7 @@ def tone(phase: Phase) -> str:
     """How a phase reads at a glance (see ``display.TONES_CSS``)."""
     if phase == Phase.REGISTERED:
         return "ok"
-    if phase == Phase.FAILED:
+    if phase in (Phase.FAILED, Phase.LOST):
         return "bad"
     return "dim" if phase == Phase.DESTROYED else "busy"
 
@@ -176,7 +180,7 @@ class InstanceTable(list[InstanceRow]):
     """
 
     def text_table(self, *, totals: bool = True) -> TextTable:
-        alive = [r for r in self if r.phase not in (Phase.DESTROYED, Phase.FAILED)]
+        alive = [r for r in self if r.phase not in GONE]
         note = (
             f"{len(alive)} instance(s) alive, {usd_per_hour(sum(r.dph for r in alive if r.id is not None))} "
             f"now, {usd(sum(r.cost_usd for r in self))} spent "
@@ -217,7 +221,7 @@ def instance_table(
     for record in list(records):
         entry = book.by_rental.get(record.instance_id)
         phase = entry.phase if entry is not None else Phase.LOADING
-        if record.destroyed_at is not None and phase != Phase.FAILED:
+        if record.destroyed_at is not None and phase not in (Phase.FAILED, Phase.LOST):
             phase = Phase.DESTROYED
         if record.destroyed_at is None:
             renting.pop(record.worker_name, None)

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from .display import CELL_STYLE, TABLE_STYLE, usd, usd_per_hour
-from .status import BOOTING, InstanceTable, Phase
+from .status import BOOTING, GONE, InstanceTable, Phase
 
 
 class ClusterView(Protocol):
@@ -50,10 +50,13 @@ class ClusterView(Protocol):
     @property
     def adaptive_targets(self) -> Mapping[str, tuple[int, float, int | None]]: ...
 
+    @property
+    def losses(self) -> Mapping[str, Any]: ...  # per pool: a PoolLosses (``.text()``, truthy when any)
+
 
 def _summary(cluster: ClusterView, rows: InstanceTable) -> list[tuple[str, str]]:
     """(label, text) lines above the instance table."""
-    alive = [r for r in rows if r.phase not in (Phase.DESTROYED, Phase.FAILED)]
+    alive = [r for r in rows if r.phase not in GONE]
     registered = [r for r in alive if r.phase == Phase.REGISTERED]
     booting = [r for r in alive if r.phase in BOOTING]
     failed = [r for r in rows if r.phase == Phase.FAILED]
@@ -79,6 +82,10 @@ def _summary(cluster: ClusterView, rows: InstanceTable) -> list[tuple[str, str]]
     if budget is not None:
         money += f", {usd(budget)} budget left"
     lines = [("Instances", instances), ("Workers", workers), ("Cost", money)]
+    # Rentals lost after renting (preempted, host offline, ...) and replaced, per pool.
+    lost = {pool: losses for pool, losses in getattr(cluster, "losses", {}).items() if losses}
+    if lost:
+        lines.append(("Lost", "; ".join(f"{pool}: {losses.text()}" for pool, losses in lost.items())))
     targets = cluster.adaptive_targets
     if targets:
         lines.append(("Adaptive", "; ".join(

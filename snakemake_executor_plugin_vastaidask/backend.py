@@ -80,6 +80,8 @@ SHAPE_SETTINGS = {
     "num_gpus": "num_gpus",
     "max_price": "max_price",
     "region": "region",
+    "interruptible": "interruptible",
+    "bid": "bid",
     "image": "image",
     "disk": "disk",
     "reliability": "reliability",

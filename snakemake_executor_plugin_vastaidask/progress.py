@@ -57,7 +57,7 @@ class RentalProgress:
             return f"{PREFIX}instance {rid} registered (workers {workers}) {up} after renting"
         if phase == "destroyed":
             return f"{PREFIX}instance {rid} destroyed after {up}, {usd(float(row.get('cost_usd') or 0))}"
-        why = row.get("reason") if phase == "failed" else row.get("status_msg") if phase == "loading image" else None
+        why = row.get("reason") if phase in ("failed", "lost") else row.get("status_msg") if phase == "loading image" else None
         return f"{PREFIX}instance {rid} {phase} ({up})" + (f": {shorten(str(why), 200)}" if why else "")
 
     @staticmethod
@@ -69,7 +69,7 @@ class RentalProgress:
             return f"{PREFIX}nothing was rented; cost $0.00"
         uptime = sum(float(r.get("uptime_s") or 0) for r in rented)
         n = len(rented)
-        alive = [str(r.get("id")) for r in rented if r.get("state") not in ("destroyed", "failed")]
+        alive = [str(r.get("id")) for r in rented if r.get("state") not in ("destroyed", "failed", "lost")]
         left = (
             f"{len(alive)} NOT destroyed ({', '.join(alive)}): run `dask-vastai cleanup`" if alive
             else "all destroyed"

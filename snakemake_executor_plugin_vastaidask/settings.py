@@ -62,6 +62,18 @@ class ExecutorSettings(ExecutorSettingsBase):
         metadata={"help": "Dollars per hour of all instances together, at most: an instance that "
                   "would pass it is not rented (default: no cap)."},
     )
+    interruptible: Optional[str] = field(
+        default=None,
+        metadata={"help": "Rent interruptible instances: 'yes' bids (cheaper; an instance outbid is "
+                  "destroyed and replaced, its jobs rerun), 'fallback' bids but rents on demand when no "
+                  "interruptible offer matches or after repeated preemptions (vastai.interruptible-fallback), "
+                  "'no' rents on demand (default: dask-vastai's, on demand)."},
+    )
+    bid: Optional[str] = field(
+        default=None,
+        metadata={"help": "Interruptible bid: '1.2x' bids 1.2 times each offer's min_bid, a number bids "
+                  "that many $/h (dearer offers are skipped) (default: dask-vastai's, 1x)."},
+    )
     region: Optional[str] = field(
         default=None, metadata={"help": "Region or country codes of the hosts, e.g. EU or DE,PL."}
     )

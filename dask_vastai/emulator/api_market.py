@@ -547,6 +547,16 @@ class Market:
         r.bill("storage", self.clock())
         self._spawn(self._halt(r))
 
+    def signal_ssh(self, instance_id: int, action: str) -> None:
+        """Freeze, thaw or drop the SSH link of a running rental (its runtime must be able to)."""
+        r = self.live(instance_id)
+        act = getattr(self.runtime, "signal_ssh", None)
+        if act is None:
+            raise ValueError(f"the {type(self.runtime).__name__} runtime runs no SSH server to {action}")
+        if r.actual_status != "running":
+            raise ValueError(f"instance {instance_id} is {r.actual_status}, not running: it has no SSH link")
+        act(instance_id, action)
+
     # ------------------------------------------------------------------ rows
     def row(self, r: Contract) -> dict[str, Any]:
         """The instance as Vast's API shows it."""

@@ -202,6 +202,10 @@ class ApiServer:
         found = self._route(request)
         if found is not None:
             seen["endpoint"] = found[0]
+        outage = None if request.path.startswith("/_emulator/") else self.faults.outage_status()
+        if outage is not None:  # Vast down behind its proxy: every call, before auth or routing
+            return web.Response(status=outage, text=f"<html><body>{outage}: the API is unavailable "
+                                "(emulated outage)</body></html>", content_type="text/html")
         moved = self._redirect(request, found)
         if moved is not None:
             return moved

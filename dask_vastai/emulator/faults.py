@@ -11,7 +11,13 @@ Two kinds:
   another host key than the one the instance has and prints (``impostor_ssh``);
 - *immediate* faults change a rental now: an interruptible rental is outbid (-> ``stopped``),
   a host goes ``offline`` (its sandbox is stopped: nothing on it answers any more), a
-  container dies (-> ``exited`` with an exit code).
+  container dies (-> ``exited`` with an exit code); its SSH link freezes (``freeze_ssh``: the
+  sandbox's SSH servers and relays are stopped with SIGSTOP, so open connections and new ones
+  hang, as on a host whose network froze, while the rental stays ``running`` and its
+  watchdog keeps counting; ``thaw_ssh`` continues them) or drops (``drop_ssh``: the SSH
+  connections are cut, as a laptop's sleep cuts TCP; new ones are accepted);
+- an *outage*: for the next N seconds every API call answers a 5xx (``outage``), as when
+  Vast is down behind its proxy; the emulator's own ``/_emulator/`` routes still answer.
 
 Python: ``emu.faults.fail_next("create", count=2, status=503)``. HTTP (account key):
 ``POST /_emulator/faults`` with ``{"fault": "fail_next", "endpoint": "create", "count": 2,
@@ -21,6 +27,7 @@ Python: ``emu.faults.fail_next("create", count=2, status=503)``. HTTP (account k
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -40,6 +47,7 @@ class _Market(Protocol):
     def preempt(self, instance_id: int) -> None: ...
     def set_offline(self, instance_id: int) -> None: ...
     def force_exit(self, instance_id: int, code: int) -> None: ...
+    def signal_ssh(self, instance_id: int, action: str) -> None: ...
 
 
 @dataclass
@@ -62,6 +70,7 @@ class Faults:
         self._boots: list[BootFault] = []
         self._races: list[int] = []  # statuses (404/410) of the coming raced creates
         self._impostors = 0  # coming boots whose SSH endpoints present a foreign host key
+        self._outage: tuple[float, int] | None = None  # (until, monotonic; status) of an outage
 
     # ----------------------------------------------------------------- arm
     def fail_next(self, endpoint: str, count: int = 1, status: int = 429) -> None:
@@ -110,26 +119,58 @@ class Faults:
         """The container of ``instance_id`` dies now with ``code`` (-> ``exited``)."""
         self._run_on_loop(lambda: self._market.force_exit(int(instance_id), int(code)))
 
+    def freeze_ssh(self, instance_id: int) -> None:
+        """Freeze the SSH link of ``instance_id`` (SIGSTOP its SSH servers and relays) until :meth:`thaw_ssh`."""
+        self._run_on_loop(lambda: self._market.signal_ssh(int(instance_id), "freeze"))
+
+    def thaw_ssh(self, instance_id: int) -> None:
+        """Continue what :meth:`freeze_ssh` stopped: connections made meanwhile are then served."""
+        self._run_on_loop(lambda: self._market.signal_ssh(int(instance_id), "thaw"))
+
+    def drop_ssh(self, instance_id: int) -> None:
+        """Cut every SSH connection to ``instance_id`` now (its workers keep running)."""
+        self._run_on_loop(lambda: self._market.signal_ssh(int(instance_id), "drop"))
+
+    def outage(self, seconds: float, status: int = 503) -> None:
+        """Every API call answers ``status`` (a 5xx) for the next ``seconds``; 0 ends an outage."""
+        if not 500 <= status <= 599:
+            raise ValueError(f"an outage answers a 5xx, not {status}")
+        with self._lock:
+            self._outage = (time.monotonic() + float(seconds), int(status)) if seconds > 0 else None
+
     def clear(self) -> None:
-        """Disarm every armed fault."""
+        """Disarm every armed fault (and end an outage)."""
         with self._lock:
             self._http.clear()
             self._boots.clear()
             self._races.clear()
             self._impostors = 0
+            self._outage = None
 
     def armed(self) -> dict[str, Any]:
         """What is armed, for ``GET /_emulator/faults`` and for test messages."""
         with self._lock:
             return {"http": {k: list(v) for k, v in self._http.items() if v},
                     "boots": [asdict(b) for b in self._boots], "create_races": list(self._races),
-                    "impostor_ssh": self._impostors}
+                    "impostor_ssh": self._impostors,
+                    "outage_s": max(0.0, self._outage[0] - time.monotonic()) if self._outage else 0.0}
 
     # ----------------------------------------------------------------- consume (event loop)
     def take_http(self, endpoint: str) -> int | None:
         with self._lock:
             pending = self._http.get(endpoint)
             return pending.pop(0) if pending else None
+
+    def outage_status(self) -> int | None:
+        """The status every API call answers now (an outage), or None."""
+        with self._lock:
+            if self._outage is None:
+                return None
+            until, status = self._outage
+            if time.monotonic() >= until:
+                self._outage = None
+                return None
+            return status
 
     def take_boot(self) -> BootFault | None:
         with self._lock:
@@ -155,6 +196,8 @@ class Faults:
             "fail_next": self.fail_next, "fail_boot": self.fail_boot, "stick_loading": self.stick_loading,
             "race_next_create": self.race_next_create, "impostor_ssh": self.impostor_ssh, "preempt": self.preempt,
             "host_offline": self.host_offline, "container_exit": self.container_exit, "clear": self.clear,
+            "freeze_ssh": self.freeze_ssh, "thaw_ssh": self.thaw_ssh, "drop_ssh": self.drop_ssh,
+            "outage": self.outage,
         }
         args = dict(spec)
         name = args.pop("fault", None)

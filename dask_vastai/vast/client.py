@@ -78,6 +78,7 @@ class VastAPI(VastTransport):
         min_intervals_s: Mapping[str, float] | None = None,
         backoff_s: float | None = None,
         backoff_max_s: float | None = None,
+        outage_timeout_s: float | None = None,
         logs_timeout_s: float | None = None,
         ambiguous_create_grace_s: float | None = None,
         destroy_linger_grace_s: float | None = None,
@@ -85,6 +86,7 @@ class VastAPI(VastTransport):
         super().__init__(
             api_key, api_url, pace=pace, request_timeout_s=request_timeout_s, max_attempts=max_attempts,
             min_intervals_s=min_intervals_s, backoff_s=backoff_s, backoff_max_s=backoff_max_s,
+            outage_timeout_s=outage_timeout_s,
         )
         self.logs_timeout_s = float(option("api.logs-timeout", logs_timeout_s))
         self.ambiguous_create_grace_s = float(option("api.ambiguous-create-grace", ambiguous_create_grace_s))

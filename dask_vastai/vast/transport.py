@@ -19,6 +19,12 @@ What a caller can rely on:
   (after its ``Retry-After`` when it sends one, which also holds back this user's other
   processes; else at least the endpoint's threshold, which the plain-text body names),
   502/503/504 and 500, timeouts and connection errors. Other 4xx are never retried.
+* **Outages are waited out, a wrong address is not.** Once Vast has answered this client,
+  5xx answers and failed connections are retried for up to ``outage_timeout_s`` (a cluster
+  scaling up or closing rides out an outage of minutes), with a "waiting for Vast" notice
+  every ``outage-notice-every`` seconds (to :attr:`VastTransport.on_outage`). Before its
+  first answer, a refused connection or an unknown host fails within ``first-contact-timeout``
+  (a few quick tries), naming the URL: that is a wrong ``api_url`` or no network, not an outage.
 * **Redirects** to the same origin (scheme, host and port of ``api_url``) are followed with
   the key, as the SDK does (Vast's route table has trailing slashes: ``/users/current/``); a
   redirect to any other origin is refused *before* the key could go there.
@@ -38,16 +44,19 @@ import json
 import logging
 import random
 import re
+import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote_plus
 
 import aiohttp
+import aiohttp.abc
 import yarl
 
+from .._testing import hosts as testing_hosts
 from ..config import option
 from ..credentials import (
     KEY_HELP_URL,
@@ -133,6 +142,43 @@ def body_fields(body: Any) -> tuple[str | None, str | None]:
     return None, (text[:500] or None)
 
 
+def _over(since: float | None) -> str:
+    return "" if since is None else f" over {time.monotonic() - since:.0f}s"
+
+
+def _connect_problem(e: aiohttp.ClientConnectorError) -> str:
+    """What a failed connection means, in words: an unknown host or a refused connection."""
+    if isinstance(e, aiohttp.ClientConnectorDNSError):
+        return f"its host {e.host!r} is unknown (DNS: {e.os_error})"
+    if isinstance(e.os_error, ConnectionRefusedError):
+        return f"connection refused at {e.host}:{e.port} (nothing listens there)"
+    return f"cannot connect to {e.host}:{e.port} ({e.os_error})"
+
+
+class _HostsResolver(aiohttp.abc.AbstractResolver):
+    """Names resolved from a table, as a hosts file does (``vastai.testing.hosts``): a name
+    mapped to None, or absent, is unknown. Lets a test meet an unknown host without DNS."""
+
+    def __init__(self, hosts: Mapping[str, str | None]) -> None:
+        self.hosts = dict(hosts)
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[Any]:
+        address = self.hosts.get(host)
+        if address is None:
+            raise OSError(socket.EAI_NONAME, f"{host!r} is not in the hosts table (vastai.testing.hosts)")
+        return [{"hostname": host, "host": address, "port": port, "family": socket.AF_INET6 if ":" in address
+                 else socket.AF_INET, "proto": 0, "flags": socket.AI_NUMERICHOST}]
+
+    async def close(self) -> None:
+        pass
+
+
+def _hosts_resolver() -> aiohttp.abc.AbstractResolver | None:
+    """The resolver of the ``vastai.testing.hosts`` hook, or None (the system's)."""
+    hosts = testing_hosts()
+    return _HostsResolver(hosts) if hosts is not None else None
+
+
 class VastTransport:
     """One account's connection to a Vast API: key, session, pacing, retries, typed errors.
 
@@ -151,6 +197,7 @@ class VastTransport:
         min_intervals_s: Mapping[str, float] | None = None,
         backoff_s: float | None = None,
         backoff_max_s: float | None = None,
+        outage_timeout_s: float | None = None,
     ) -> None:
         # None: the default in vastai.yaml (section vastai.api).
         max_attempts = int(option("api.max-attempts", max_attempts))
@@ -179,6 +226,14 @@ class VastTransport:
         self.max_attempts = max_attempts
         self.backoff_s = float(option("api.backoff", backoff_s))
         self.backoff_max_s = float(option("api.backoff-max", backoff_max_s))
+        self.outage_timeout_s = float(option("api.outage-timeout", outage_timeout_s))
+        self.outage_notice_every_s = float(option("api.outage-notice-every"))
+        self.first_contact_s = float(option("api.first-contact-timeout"))
+        #: told "waiting for Vast ..." during an outage (None: a WARNING log line)
+        self.on_outage: Callable[[str], None] | None = None
+        #: whether the server at api_url has answered this client (then failures are an outage)
+        self.answered = False
+        self._last_notice = 0.0
         intervals = {**dict(option("api.min-intervals")), **dict(min_intervals_s or {})}
         record_to = option("api.record-responses")
         self._recorder = ResponseRecorder(record_to) if record_to else None
@@ -218,7 +273,7 @@ class VastTransport:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.request_timeout_s),
-                connector=aiohttp.TCPConnector(limit=32),
+                connector=aiohttp.TCPConnector(limit=32, resolver=_hosts_resolver()),
             )
             # aiohttp silently resends a PUT or DELETE once when a reused connection drops
             # (RFC 9112 allows it for idempotent methods), but Vast's PUT /asks/{id}/ rents: a
@@ -265,7 +320,11 @@ class VastTransport:
             body = {}  # the SDK always sends a JSON body, even with DELETE
         where = f"{method} {path}"
         last_problem = ""
-        for attempt in range(1, self.max_attempts + 1):
+        outage_since: float | None = None  # when this call first failed as in an outage
+        first_try = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
             started = time.monotonic()
             try:
                 async with self._pacer.turn(endpoint):
@@ -281,13 +340,29 @@ class VastTransport:
                     ) from e
                 last_problem = f"{problem} ({e})" if str(e) else problem
                 hopeless = isinstance(e, aiohttp.ClientConnectorCertificateError | aiohttp.InvalidURL)
-                if attempt < self.max_attempts and not hopeless:
+                if not self.answered and isinstance(e, aiohttp.ClientConnectorError) and not hopeless:
+                    # Never answered: a wrong api_url or no network, not an outage. A few quick
+                    # tries (a blip), then the URL and what went wrong, within seconds.
+                    spent = time.monotonic() - first_try
+                    if attempt < self.max_attempts and spent < self.first_contact_s:
+                        await asyncio.sleep(min(self._backoff(attempt), self.first_contact_s - spent))
+                        continue
+                    raise VastUnreachable(
+                        f"Could not reach Vast at {self.api_url}: {_connect_problem(e)} ({where}, {attempt} "
+                        f"attempts in {spent:.1f}s). Check api_url (the default is https://console.vast.ai) "
+                        "and the network; Vast's status is at https://status.vast.ai"
+                    ) from e
+                outage_since = started if outage_since is None else outage_since
+                if not hopeless and self._keep_trying(attempt, outage_since, where, last_problem):
                     await asyncio.sleep(self._backoff(attempt))
                     continue
                 raise VastUnreachable(
-                    f"Could not reach Vast at {self.api_url} ({where} {last_problem}, {attempt} attempts). "
-                    "Check the network and api_url; Vast's status is at https://status.vast.ai"
+                    f"Could not reach Vast at {self.api_url} ({where} {last_problem}, {attempt} attempts"
+                    f"{_over(outage_since)}). Check the network and api_url; Vast's status is at "
+                    "https://status.vast.ai"
                 ) from e
+            if status < 500:
+                self.answered = True  # a 5xx may come from a proxy in front of a Vast never reached
             elapsed_ms = 1000 * (time.monotonic() - started)
             logger.debug("%s -> %d (%.0f ms)", where, status, elapsed_ms)
             try:
@@ -321,12 +396,14 @@ class VastTransport:
                 error, msg = body_fields(parsed)
                 if create and status in _AMBIGUOUS_CREATE_STATUS:
                     raise AmbiguousCreate(f"{where} answered {status} ({msg or error or 'no message'})", settled=False)
-                if attempt < self.max_attempts:
+                outage_since = started if outage_since is None else outage_since
+                if self._keep_trying(attempt, outage_since, where, f"answered {status}"):
                     await asyncio.sleep(self._backoff(attempt))
                     continue
                 raise VastServerError(
-                    f"Vast answered {status} to {where} {attempt} times ({msg or error or 'no message'}). "
-                    "Vast may be having trouble (https://status.vast.ai); retry later.",
+                    f"Vast answered {status} to {where} {attempt} times{_over(outage_since)} "
+                    f"({msg or error or 'no message'}). Vast may be having trouble (https://status.vast.ai); "
+                    "retry later.",
                     status=status, error=error, msg=msg,
                 )
             if status < 300 and isinstance(parsed, str) and not create:  # a create's caller reads it
@@ -344,7 +421,28 @@ class VastTransport:
                     status=status, error=error, msg=msg,
                 )
             return status, parsed
-        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _keep_trying(self, attempt: int, since: float, where: str, problem: str) -> bool:
+        """Whether a call failing since ``since`` (5xx or no connection) is tried again.
+
+        Up to ``max_attempts``; beyond, through an outage of a Vast that answered before, for up
+        to ``outage_timeout_s``, saying every ``outage-notice-every`` seconds that it waits.
+        """
+        elapsed = time.monotonic() - since
+        outage = self.answered and elapsed < self.outage_timeout_s
+        if attempt >= self.max_attempts and not outage:
+            return False
+        if self.answered and elapsed >= self.outage_notice_every_s and \
+                time.monotonic() - self._last_notice >= self.outage_notice_every_s:
+            self._last_notice = time.monotonic()
+            left = max(0.0, self.outage_timeout_s - elapsed)
+            notice = (f"waiting for Vast: {where} {problem} for {elapsed:.0f}s ({self.api_url}; status at "
+                      f"https://status.vast.ai); retrying for up to {left:.0f}s more (vastai.api.outage-timeout)")
+            if self.on_outage is not None:
+                self.on_outage(notice)
+            else:
+                logger.warning("%s", notice)
+        return True
 
     async def _send(self, method: str, url: yarl.URL, body: Any, where: str) -> tuple[int, str, float | None]:
         """One request, following same-origin redirects: ``(status, text, Retry-After seconds)``.

@@ -48,3 +48,12 @@ def eventually(predicate: Callable[[], object], timeout_s: float, *, interval_s:
             return False
         time.sleep(interval_s)
     return True
+
+
+def wait_until_showing(predicate: Callable[[], T], timeout_s: float, what: str, show: Callable[[], str]) -> T:
+    """:func:`wait_until`; when it gives up, the failure also carries ``show()`` as it is then
+    (a cluster's log, say: what happened while it waited)."""
+    try:
+        return wait_until(predicate, timeout_s, what)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{show()}") from None

@@ -459,6 +459,31 @@ class SandboxRuntime:
         box = self._sandboxes.get(instance_id)
         return None if box is None else box.pid1_host
 
+    def signal_ssh(self, instance_id: int, action: str) -> None:
+        """``freeze`` (SIGSTOP), ``thaw`` (SIGCONT) or ``drop`` (SIGKILL the connections) an SSH link.
+
+        pid 1 accepts every SSH connection and relays the API and the public ports; each
+        connection is an ``sshd -i`` (and its privilege-separated children) under it. Freezing
+        stops both, so open connections and new ones hang while the rest of the sandbox (its
+        workers, its watchdog) runs on; dropping kills the sshd processes, which closes their
+        connections, and leaves pid 1 to accept new ones.
+        """
+        pid1 = self.pid1(instance_id)
+        if pid1 is None:
+            raise ValueError(f"instance {instance_id} has no running sandbox")
+        sshd = [pid for pid in _descendants(pid1) if _comm(pid).startswith("sshd")]
+        if action == "drop":
+            if not sshd and not self._root:
+                raise ValueError("asyncssh's fallback server serves SSH inside pid 1: connections cannot be cut alone")
+            targets, sig = sshd, signal.SIGKILL
+        elif action in ("freeze", "thaw"):
+            targets, sig = [pid1, *sshd], signal.SIGSTOP if action == "freeze" else signal.SIGCONT
+        else:
+            raise ValueError(f"unknown SSH action {action!r}; use freeze, thaw or drop")
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
     def _make_socket_dir(self) -> str:
         """A directory for the relays' unix sockets: in state_dir, unless its path is too long
         for a socket name (107 bytes), then a private temporary one."""
@@ -565,6 +590,33 @@ class SandboxRuntime:
         if self._host_gpus:
             log.warning("instance %s: not enough free host GPUs, it gets fake ones", spec.instance_id)
         return []
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _descendants(root: int) -> list[int]:
+    """Host pids of every process under ``root`` (read from /proc, children before grandchildren)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # after "pid (comm) state"
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
 
 
 def _is_args_runtype(runtype: str) -> bool:
