@@ -1,10 +1,12 @@
 """``VastAICluster``: a SpecCluster whose scheduler runs here and whose workers are rentals.
 
 This module turns options into specs (as dask-jobqueue's ``JobQueueCluster`` does) and
-holds the user's entry points: scale/adapt, cost and previews. The machinery lives
-elsewhere: ``pools.py`` (shapes, pools, worker specs, boot failures), ``adaptive.py`` (the
-GPU-demand policy), ``rentals.py`` (renting, polling, destroying), ``tunnel.py`` (SSH),
-``bootstrap.py`` (what runs on the instance) and ``instance.py`` (one rental's life).
+holds the user's entry points: scale/adapt, close and previews. The machinery lives
+elsewhere: ``cluster_options.py`` (reading and checking the options), ``readout.py`` (cost,
+rows, repr, widget), ``pools.py`` (shapes, pools, worker specs, boot failures), ``adaptive.py``
+(the GPU-demand policy), ``rentals.py`` (renting, polling, destroying), ``traffic.py`` (bytes
+and their dollars), ``tunnel.py`` (SSH), ``bootstrap.py`` (what runs on the instance) and
+``instance.py`` (one rental's life).
 Every option has one default, in ``vastai.yaml``, read once through ``config.option``.
 """
 
@@ -17,12 +19,10 @@ import logging
 import math
 import textwrap
 import time
-import uuid
 import warnings
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-import dask.config
 from dask.utils import parse_timedelta
 from distributed.core import Status
 from distributed.deploy.cluster import Cluster
@@ -31,10 +31,10 @@ from distributed.utils import NoOpAwaitable
 from tornado.ioloop import PeriodicCallback
 
 from .adaptive import GPUAdaptive, GPUDemandPolicy, idle_timeout_s, ignored_keywords
-from .bootstrap import BootstrapConfig, onstart_script
-from .budget import BudgetGuard, SpendingCaps
+from .bootstrap import onstart_script
+from .budget import BudgetGuard
+from .cluster_options import CLUSTER_OPTIONS_DOC, ClusterOptions
 from .config import option
-from .environment import ClientEnvironment, InstanceEnvironment, python_option, split_env
 from .exceptions import (
     BootFailed,
     BudgetExceeded,
@@ -50,76 +50,27 @@ from .placement import GPUPlacement
 from .pools import (
     DEFAULT_POOL,
     Pool,
-    PoolLosses,
-    PoolSet,
     PoolShape,
     ResourceGuard,
     instance_worker_names,
+    instances_wanted,
     make_worker_spec,
     spec_pool,
     with_shape_options,
 )
 from .progress import Progress, choose_mode
+from .readout import ClusterReadout
 from .rentals import RentalBroker, RentalRecord, nearest_offers
-from .roles import TRAFFIC_METRIC, GuardedScheduler, scheduler_gate
+from .roles import TRAFFIC_METRIC, GuardedScheduler
 from .safety import LEDGER
-from .security import ClusterCA
-from .status import GONE, InstanceTable, PhaseBook, instance_table
+from .status import PhaseBook
 from .traffic import TrafficCollector
-from .tunnel import ClusterKey, TunnelHub
-from .vast import VastAPI
-from .widget import ClusterWidget, cluster_html
+from .tunnel import TunnelHub
+from .widget import ClusterWidget
 
 logger = logging.getLogger(__name__)
 
-_CLUSTER_OPTIONS = """\
-n:
-    instances to rent at start (``n_workers`` is an alias). ``n``, ``scale(n)`` and
-    ``adapt()`` count instances, not workers: a K-GPU instance runs K workers.
-secret_env:
-    environment that reaches the workers over SSH only (API tokens), never Vast.
-packages, pip_args:
-    pip specifiers installed on every instance (only what differs), and options for that
-    install (``["--index-url", ...]``); dask, distributed, cloudpickle and msgpack are always
-    made equal to this client's versions.
-python:
-    ``"3.11"`` to have the onstart install that Python with uv (when the image's differs
-    from this client's), or the path of the image's interpreter to use.
-boot_timeout, orphan_timeout:
-    seconds from rent to registered worker; seconds after which an instance that lost
-    this client destroys itself.
-api_key, api_url:
-    Vast credentials and origin (defaults: ``VAST_API_KEY``, https://console.vast.ai).
-name:
-    the cluster's name, in every rental's label ``dask-vastai:<name>:<worker>``.
-allow_worker_clients:
-    let tasks submit tasks (``get_client()``/``worker_client()``, or a ``Future``, ``Event``,
-    ``Lock``, ``Queue`` or ``Variable`` used inside a task). Off by default: hosts then act only
-    as workers. Turning it on lets every host run code on every other host and on this
-    machine (the scheduler unpickles the task graphs a client sends), so turn it on only for
-    hosts you trust as much as this machine.
-max_cost, max_hourly:
-    spending caps, in dollars as Vast's meter counts them (``dph_total`` per second, storage
-    included). ``max_cost``: for the cluster's whole life; closing starts when the spend plus
-    the $/h times the seconds to notice and destroy (``api-poll-interval`` +
-    ``spending.destroy-latency``) reaches it: every rental is destroyed, none is rented again,
-    and waiting tasks fail with ``BudgetExhausted``. ``max_hourly``: the $/h of all rentals
-    together; a rental that would pass it is refused (``BudgetExceeded``, naming the rate now).
-    Both hold for every rental: ``scale``, ``adapt`` and replacements alike.
-dashboard_address:
-    where the scheduler's dashboard listens; default ``127.0.0.1:0``, this machine only
-    (it is unauthenticated and shows logs, call stacks and tracebacks).
-quiet:
-    print nothing (no log lines, no boot progress); ``get_logs()`` still has the log.
-silence_logs:
-    level below which distributed's own log lines are not printed while the cluster runs
-    (``"warning"``, as ``LocalCluster``); False leaves distributed's logging as it is.
-pools:
-    more instance shapes, e.g. ``[{"name": "a100", "gpu": "A100_SXM4", "cpu_ram": 64}]``
-    (the shape options below); the cluster's own shape options make the ``default`` pool."""
-
-
-class VastAICluster(SpecCluster):
+class VastAICluster(ClusterReadout, SpecCluster):
     """A Dask cluster of rented Vast.ai GPU instances, scheduler on this machine.
 
     Every Dask connection runs inside SSH opened from here, with TLS inside it: nothing
@@ -169,70 +120,25 @@ class VastAICluster(SpecCluster):
         silence_logs: str | int | bool | None = None,
         **shape_options: Any,
     ) -> None:
-        if n is not None and n_workers is not None and n != n_workers:
-            raise ValueError(f"give n={n} or n_workers={n_workers}, not both")
-        self._initial_n = int(option("n-workers", n if n is not None else n_workers) or 0)
-        if self._initial_n < 0:
-            raise ValueError(f"n={self._initial_n}: the number of instances cannot be negative")
-        self.boot_timeout_s = float(option("boot-timeout", boot_timeout))
-        self.orphan_timeout_s = float(option("orphan-timeout", orphan_timeout))
-        if self.boot_timeout_s <= 0 or self.orphan_timeout_s <= 0:
-            raise ValueError(
-                f"boot_timeout={self.boot_timeout_s} and orphan_timeout={self.orphan_timeout_s} must be "
-                "positive numbers of seconds"
-            )
+        # Every argument but the display's and distributed's goes to ClusterOptions.read, which
+        # reads each one's default from vastai.yaml and fails here, on a bad value, naming it.
+        arguments = {k: v for k, v in locals().items() if k in ClusterOptions.ARGUMENTS}
+        options = ClusterOptions.read(**arguments, shape_options=shape_options)
+        cluster_name = options.name
+        self._initial_n = options.initial_n
+        self.boot_timeout_s, self.orphan_timeout_s = options.boot_timeout_s, options.orphan_timeout_s
         #: the spending caps (None: none), held by the rental broker
-        self.caps = SpendingCaps.from_options(max_cost, max_hourly, check_interval_s=float(option("api-poll-interval")))
-        cluster_name = option("name", name) or f"c{uuid.uuid4().hex[:8]}"
-        if ":" in cluster_name or not cluster_name.strip():
-            raise ValueError(f"name={cluster_name!r}: a cluster name cannot be empty or contain ':'")
-        shape = PoolShape.from_options({"gpu": gpu, **shape_options}, where="VastAICluster")
-        # Built now so that a bad key/URL configuration fails here, not inside a batch.
-        self.api = VastAPI(api_key=option("api-key", api_key), api_url=option("api-url", api_url))
+        self.caps = options.caps
+        self.api, self.key, self.pools = options.api, options.key, options.pools
         self.api.on_outage = self.log  # "waiting for Vast": a scale-up or close riding out an outage
-        self.key = ClusterKey.generate(comment=f"dask-vastai-{cluster_name}")
-        # Secret entries travel in the incarnation (SSH); only the rest goes to Vast.
-        public_env, self._secret_env = split_env(shape.get("env"), option("secret-env", secret_env))
-        client_env = ClientEnvironment.current(
-            packages=list(option("packages", packages) or ()), pip_args=list(option("pip-args", pip_args) or ())
-        )
-        python_path, python_version = python_option(option("python", python), client_env)
-        self.environment = InstanceEnvironment(client_env, image=str(shape.get("image")))
-        self._bootstrap = BootstrapConfig(
-            cluster_name=cluster_name,
-            public_key=self.key.public_openssh,
-            api_url=self.api.api_url,
-            orphan_timeout_s=int(self.orphan_timeout_s),
-            python=python_path,
-            python_version=python_version,
-        )
-        # Validated here, as jobqueue renders job_script(): a bad option fails now.
-        cuda = client_env.cuda  # a CUDA build of torch: offers whose driver supports its CUDA
-        self.pools = PoolSet(cluster_name, onstart=onstart_script(self._bootstrap),
-                             min_cuda=str(cuda[0]) if cuda else None)
-        self.pools.add(DEFAULT_POOL, PoolShape(**{**shape.options(), "env": public_env}))
-        for extra in pools or ():
-            extra = dict(extra)
-            pool_name = extra.pop("name", None)
-            if not pool_name:
-                raise ValueError(f"pools=[...{extra}...]: every pool needs a 'name'")
-            self.add_pool(str(pool_name), **extra)
+        self._secret_env, self.environment, self._bootstrap = options.secret_env, options.environment, options.bootstrap
+        # The CA key stays in this process; Client(cluster) picks up the client-role Security.
+        self.allow_worker_clients = options.allow_worker_clients
+        self.certificates, self.security = options.certificates, options.security
+        scheduler_opts = options.scheduler_options
         self._adaptives: dict[str, GPUAdaptive] = {}
         self._adapt_warned: set[str] = set()  # adapt() keywords already warned about
         self._traffic = TrafficCollector(TRAFFIC_METRIC)
-        # The CA key stays in this process; Client(cluster) picks up the client-role Security.
-        self.allow_worker_clients = bool(option("allow-worker-clients", allow_worker_clients))
-        self.certificates = ClusterCA(cluster_name, lifetime_days=float(option("certificate-lifetime-days")))
-        self.security = self.certificates.security()
-        scheduler_opts: dict[str, Any] = {
-            "protocol": "tls", "host": "127.0.0.1", "port": 0,
-            "dashboard_address": option("dashboard-address", dashboard_address),
-            "security": self.security,
-            "gate": scheduler_gate(worker_clients=self.allow_worker_clients, is_current=self.certificates.is_current),
-            **dict(scheduler_options or {}),
-        }
-        # Refuses a worker whose versions differ from this client's; warns of late imports.
-        scheduler_opts["plugins"] = [*scheduler_opts.get("plugins", ()), *self.environment.scheduler_plugins]
         self.broker: RentalBroker | None = None
         self._budget_guard: BudgetGuard | None = None
         self.hub: TunnelHub | None = None
@@ -483,7 +389,8 @@ class VastAICluster(SpecCluster):
         """
         if memory is not None or cores is not None:
             raise ValueError("scale(memory=/cores=) is not supported: scale counts instances; pick a pool shape")
-        n = self._instances_wanted(n, instances=instances, jobs=jobs, workers=workers, pool=pool)
+        n = instances_wanted(n, instances=instances, jobs=jobs, workers=workers,
+                             workers_per_instance=self.pools.get(pool).workers_per_instance)
         if n and self.broker is not None and self.broker.exhausted is not None:
             raise self.broker.exhausted
         pool_name = self.pools.get(pool).name
@@ -501,24 +408,6 @@ class VastAICluster(SpecCluster):
                 self._add_instance(pool_name)
         self.loop.add_callback(self._correct_state)
         return NoOpAwaitable() if self.asynchronous else None
-
-    def _instances_wanted(
-        self, n: int | None, *, instances: int | None, jobs: int | None, workers: int | None, pool: str | None
-    ) -> int:
-        """The instance count that ``scale``'s one given spelling asks for."""
-        given = {k: v for k, v in {"n": n, "instances": instances, "jobs": jobs, "workers": workers}.items()
-                 if v is not None}
-        if len(given) > 1:
-            raise ValueError(
-                f"scale({', '.join(f'{k}={v}' for k, v in given.items())}): give one of n, instances, "
-                "jobs (all count instances) or workers"
-            )
-        name, value = next(iter(given.items()), ("n", 0))
-        if int(value) != value or value < 0:
-            raise ValueError(f"scale({name}={value!r}): give a whole number, 0 or more")
-        if name == "workers":
-            return math.ceil(int(value) / self.pools.get(pool).workers_per_instance)
-        return int(value)
 
     async def release_instances(self, names: Sequence[str]) -> None:
         """Retire these instances' workers (their data moves first), then destroy them."""
@@ -722,36 +611,6 @@ class VastAICluster(SpecCluster):
         """The exact ``onstart`` text every rental gets (it holds no secret)."""
         return onstart_script(self._bootstrap)
 
-    # ------------------------------------------------------------------ money
-    @property
-    def cost(self) -> float:
-        """Dollars spent so far: each rental's ``dph_total`` times its uptime, plus its bandwidth
-        (bytes in and out at its offer's ``inet_down_cost``/``inet_up_cost``; see ``bandwidth_cost``)."""
-        return self.broker.cost_usd if self.broker else 0.0
-
-    @property
-    def bandwidth_cost(self) -> float:
-        """The dollars of :attr:`cost` that are bandwidth: the bytes this client counted on its SSH
-        links and the workers reported for their direct connections (an estimate: see the README)."""
-        return self.broker.bandwidth_cost_usd if self.broker else 0.0
-
-    @property
-    def hourly_rate(self) -> float:
-        """Dollars per hour of the rentals alive now."""
-        return self.broker.hourly_rate_usd if self.broker else 0.0
-
-    @property
-    def budget_left_usd(self) -> float | None:
-        """Dollars left of ``max_cost`` (None without one): the widget's "budget left"."""
-        if self.caps is None:
-            return None
-        return self.broker.budget_left_usd if self.broker is not None else self.caps.left_usd(0.0)
-
-    @property
-    def max_hourly_usd(self) -> float | None:
-        """The ``max_hourly`` cap ($/h of all rentals together), or None."""
-        return self.caps.max_hourly_usd if self.caps is not None else None
-
     def _on_budget_exhausted(self, error: BudgetExhausted) -> None:
         """``max_cost`` is reached (the broker is destroying every rental): stop asking for more,
         fail the tasks that wait for a worker (and every later one), let the instances go."""
@@ -761,54 +620,6 @@ class VastAICluster(SpecCluster):
             self._budget_guard.exhaust(error)
         self.worker_spec.clear()
         self.loop.add_callback(self._correct_state)
-
-    @property
-    def instances(self) -> InstanceTable:
-        """One row per rental, then one per instance still renting: a list that shows as a table.
-
-        Each row (:class:`~dask_vastai.status.InstanceRow`, also a mapping: ``row["state"]``)
-        has the rental id, GPU model x count, phase (renting, loading image, connecting,
-        installing, starting workers, registered, failed with its reason, destroyed),
-        Vast's status message, $/h, uptime, dollars so far, worker names and pool.
-        """
-        records = self.broker.records.values() if self.broker is not None else ()
-        scheduler = self.scheduler
-        registered = {ws.name for ws in list(scheduler.workers.values())} if scheduler is not None else set()
-        return instance_table(records, self._phases, dict(self.worker_spec), registered)
-
-    @property
-    def losses(self) -> dict[str, PoolLosses]:
-        """Per pool: rentals lost after renting (preempted or otherwise), replaced, rented on demand."""
-        return dict(self.pools.losses)
-
-    @property
-    def adaptive_targets(self) -> dict[str, tuple[int, float, int | None]]:
-        """Per adapting pool: (minimum, maximum, instances wanted at its last round)."""
-        return {pool: (a.minimum, a.maximum, a.target) for pool, a in self._adaptives.items()}
-
-    # --------------------------------------------------------------- notebook
-    def _repr_html_(self, cluster_status: Any = None) -> str:  # type: ignore[override]
-        return cluster_html(self)
-
-    def _widget(self) -> Any:
-        """The ipywidgets view (None without ipywidgets): distributed's ``_ipython_display_`` shows it."""
-        if self._cluster_widget is None:
-            try:
-                import ipywidgets  # noqa: F401
-            except ImportError:
-                return None
-            self._cluster_widget = ClusterWidget(self)
-            refresh = PeriodicCallback(
-                self._cluster_widget.update,
-                1000 * parse_timedelta(dask.config.get("distributed.deploy.cluster-repr-interval"), default="ms"),
-            )
-            self.periodic_callbacks["cluster-repr"] = refresh
-            if self.status == Status.running:
-                self.loop.add_callback(refresh.start)
-        else:
-            # Displaying again shows the cluster as it is now, not as of the last tick.
-            self._cluster_widget.update()
-        return self._cluster_widget.root
 
     @classmethod
     def from_name(cls, name: str) -> VastAICluster:
@@ -833,24 +644,9 @@ class VastAICluster(SpecCluster):
                         logs[f"instance {record.instance_id} ({record.worker_name})"] = Log(text)
         return logs
 
-    def __repr__(self) -> str:
-        alive = [r for r in self.instances if r.phase not in GONE]
-        losses = [lost for lost in self.pools.losses.values() if lost]
-        counts = ""
-        if losses:
-            counts = (f", preempted={sum(x.preempted for x in losses)}, lost={sum(x.lost for x in losses)}, "
-                      f"replaced={sum(x.replaced for x in losses)}")
-            if any(x.on_demand for x in losses):
-                counts += f", on_demand={sum(x.on_demand for x in losses)}"
-        return (
-            f"VastAICluster({self.name!r}, {self.scheduler_address!r}, "
-            f"instances={len(alive)}, workers={len(self.scheduler_info.get('workers', {}))}{counts}, "
-            f"${self.hourly_rate:.3f}/h, cost=${self.cost:.4f} (bandwidth ${self.bandwidth_cost:.4f}))"
-        )
-
 
 VastAICluster.__doc__ = (VastAICluster.__doc__ or "").replace(
-    "CLUSTER_OPTIONS", textwrap.indent(_CLUSTER_OPTIONS, "    ").strip()
+    "CLUSTER_OPTIONS", textwrap.indent(CLUSTER_OPTIONS_DOC, "    ").strip()
 ).replace("SHAPE_OPTIONS", PoolShape.docs(indent="        ").strip())
 VastAICluster.__init__.__signature__ = with_shape_options(VastAICluster.__init__)  # type: ignore[attr-defined]
 VastAICluster.add_pool.__signature__ = with_shape_options(VastAICluster.add_pool)  # type: ignore[attr-defined]

@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import inspect
 import logging
+import math
 import statistics
 import textwrap
 import time
@@ -645,3 +646,25 @@ def fail_task(scheduler: Any, key: Any, error: Exception, *, states: Sequence[st
     )
     scheduler.transitions(recommendations, stimulus)
     return True
+
+
+def instances_wanted(n: int | None, *, instances: int | None = None, jobs: int | None = None,
+                     workers: int | None = None, workers_per_instance: int = 1) -> int:
+    """The instance count that ``scale``'s one given spelling asks for.
+
+    ``n``, ``instances`` and ``jobs`` (dask-jobqueue's word) count instances; ``workers`` counts
+    workers and rounds up to whole instances of ``workers_per_instance``.
+    """
+    given = {k: v for k, v in {"n": n, "instances": instances, "jobs": jobs, "workers": workers}.items()
+             if v is not None}
+    if len(given) > 1:
+        raise ValueError(
+            f"scale({', '.join(f'{k}={v}' for k, v in given.items())}): give one of n, instances, "
+            "jobs (all count instances) or workers"
+        )
+    name, value = next(iter(given.items()), ("n", 0))
+    if int(value) != value or value < 0:
+        raise ValueError(f"scale({name}={value!r}): give a whole number, 0 or more")
+    if name == "workers":
+        return math.ceil(int(value) / workers_per_instance)
+    return int(value)

@@ -127,3 +127,17 @@ def test_boot_failures_are_recorded_once_per_pool_and_reset_by_a_success() -> No
     assert pools.boot_errors == {"c-0": error, "c-1": error}
     pools.record_boot("c-2", DEFAULT_POOL, None)
     assert pools.failures_in_a_row(DEFAULT_POOL) == 0
+
+
+def test_scale_spellings_count_instances_and_workers_round_up_to_whole_instances() -> None:
+    from dask_vastai.pools import instances_wanted
+
+    assert instances_wanted(3) == instances_wanted(None, instances=3) == instances_wanted(None, jobs=3) == 3
+    assert instances_wanted(None) == 0
+    assert instances_wanted(None, workers=6, workers_per_instance=4) == 2  # 8 workers on 2 whole instances
+    assert instances_wanted(None, workers=8, workers_per_instance=4) == 2
+    with pytest.raises(ValueError, match=r"scale\(n=2, workers=4\): give one of"):
+        instances_wanted(2, workers=4)
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="give a whole number"):
+            instances_wanted(bad)
