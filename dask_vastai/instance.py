@@ -140,8 +140,9 @@ class VastInstance(ProcessInterface):
         #: rentals whose direct ports did not answer (said once each; they use the tunnel)
         self._direct_refused: set[int] = set()
         self.registered_at: float | None = None
-        #: the incarnations last written (their workers' ports and certificates)
-        self._incarnated: list[Incarnation] = []
+        #: worker name -> the address its worker advertises, this incarnation (not the incarnations:
+        #: they carry the secret env, and whatever the instance keeps is reachable from the cluster)
+        self._worker_addresses: dict[str, str] = {}
         #: the lost rental whose replacement this instance is booting (None: not replacing)
         self._replacing: int | None = None
         self._boot: asyncio.Task[None] | None = None
@@ -366,8 +367,7 @@ class VastInstance(ProcessInterface):
         await self._start_workers(incarnations, direct)
         left = max(5.0, deadline - time.monotonic())
         # each worker at the address it advertises (a lost incarnation's worker may linger under its name)
-        expected = {inc.worker_name: inc.contact_address or f"tls://127.0.0.1:{inc.worker_port}"
-                    for inc in self._incarnated}
+        expected = dict(self._worker_addresses)
 
         def registered_or_refused() -> bool:
             return ctx.registered(expected) or (env is not None and env.refusal(self.worker_names) is not None)
@@ -612,7 +612,8 @@ class VastInstance(ProcessInterface):
                 ))
             self.worker_ports = [inc.nanny_port for inc in ready]
         self.network = TUNNEL if direct is None else DIRECT
-        self._incarnated = ready
+        self._worker_addresses = {inc.worker_name: inc.contact_address or f"tls://127.0.0.1:{inc.worker_port}"
+                                  for inc in ready}
         await asyncio.gather(
             *(self.link.put(incarnation_path(inc.worker_name), incarnation_payload(inc)) for inc in ready)
         )

@@ -103,9 +103,13 @@ def test_auto_goes_direct_where_ports_answer_and_both_kinds_work_together(blocke
         z = client.submit(lambda a, b: float((a + b).sum()), x, y, workers=[addresses[d2]], pure=False)
         assert z.result() == 3.0 * (20 * MB // 8)
         assert client.submit(lambda a: float(a.sum()), x, workers=[addresses[t]], pure=False).result() == 20 * MB // 8
-        cluster._count_traffic()
         d2_direct = cluster.workers[d2].record.direct_traffic
-        assert d2_direct.down >= 20 * MB, f"d1's array reached d2 directly: {d2_direct}"
+
+        def d2_received() -> bool:  # workers report their counters in heartbeats: up to one late
+            cluster._count_traffic()
+            return d2_direct.down >= 20 * MB
+
+        wait_until(d2_received, 15, f"d1's array to reach d2 directly (d2's direct traffic: {d2_direct})")
         moved_over_ssh = {n: cluster.workers[n].record.ssh_traffic.up + cluster.workers[n].record.ssh_traffic.down
                           - ssh_before[n] for n in (d1, d2)}
         # x left d1 directly (it never passed here); y, a tunnel worker's, came to d2 through here

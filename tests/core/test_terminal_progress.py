@@ -43,7 +43,8 @@ def _env() -> dict[str, str]:
 
 
 def test_a_terminal_shows_each_instance_moving_through_its_phases(sandbox, tmp_path) -> None:
-    child = pexpect.spawn(sys.executable, [str(_script(tmp_path, 3.0))], env=_env(), cwd=str(tmp_path),
+    # A 6 s pull: long enough that a poll (every 2 s) sees Vast's pull message on a loaded box.
+    child = pexpect.spawn(sys.executable, [str(_script(tmp_path, 6.0))], env=_env(), cwd=str(tmp_path),
                           dimensions=(60, 200), encoding="utf-8", codec_errors="replace", timeout=240)
     child.expect(pexpect.EOF)
     raw = child.before
