@@ -171,7 +171,7 @@ class Executor(RemoteExecutor):
             if not self.backend.renting:
                 refuse_credentials_in_clear(str(self.settings.scheduler_address), storage_mode=self.storage_mode,
                                             env_names=self._secret_env_names())
-            self.stager = Stager(self.backend.client, self.workdir)
+            self.stager = Stager(self.backend.client, self.workdir, note=lambda line: self.logger.info(PREFIX + line))
             self._remote = remote_function()
             if self.storage_mode:
                 # Bucket mode: jobs fetch the sources (--deploy-sources) and read and write
@@ -264,7 +264,7 @@ class Executor(RemoteExecutor):
                 staged.append(self.stager.stage_bytes(self.sources, self.sources_sha))
             for f in [] if self.storage_mode else job.input:
                 inputs.append(self.stager.stage_path(self._relative(str(f), job)))
-                staged.append(inputs[-1].sha)
+                staged.extend(inputs[-1].blob_shas)
             shas = staged
             command = self.format_job_exec(job)
             warm_args, warm_refused = self.warm_start(command)
@@ -275,7 +275,7 @@ class Executor(RemoteExecutor):
                 "warm_refused": warm_refused,
                 "warm_python": self.get_python_executable(),
                 "sources": self.sources_sha,
-                "inputs": [[i.path, i.sha, i.kind, i.mtime_ns] for i in inputs],
+                "inputs": [i.manifest() for i in inputs],
                 "blob_keys": {sha: self.stager.key(sha) for sha in shas},
                 "outputs": [] if self.storage_mode else [self._relative(p, job) for p in outputs],
                 "logs": [self._relative(p, job) for p in logs],
@@ -477,6 +477,8 @@ class Executor(RemoteExecutor):
             "worker_name": result.get("worker_name"),
             "fetched": cache.get("fetched", []),
             "cache_hits": cache.get("hits", 0),
+            "chunks": cache.get("chunks", 0),
+            "resumed_chunks": cache.get("resumed_chunks", 0),
             "seconds": round(float(result.get("seconds", 0.0)), 3),
             "start": result.get("start"),
             "latency_s": round(latency_s, 3),

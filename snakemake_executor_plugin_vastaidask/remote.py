@@ -71,6 +71,10 @@ CANCEL_POLL_S = 0.5
 KILL_GRACE_S = 5.0
 #: how long a blob may be held by no worker (moving between workers) before the job fails
 BLOB_WAIT_S = 60.0
+#: a chunk's copies the client may send (``staging.MAX_RESENDS``), and where a worker asks for
+#: one again (``staging.RESEND_TOPIC``): this module cannot import staging
+MAX_RESENDS = 3
+RESEND_TOPIC = "vastaidask-resend"
 
 
 def _source_of(name: str) -> str:
@@ -147,7 +151,7 @@ def _cache_put(blobs: str, sha: str, data: bytes | None, src_path: str | None, q
     return True
 
 
-def _fetch_blob(key: str) -> Any:
+def _fetch_blob(key: str, sha: str | None = None) -> Any:
     """The value of a staged blob's key, from the worker holding it, asked over this worker's
     own connections (the scheduler's ``who_has``, the holder's ``get_data``), never a client.
 
@@ -155,6 +159,11 @@ def _fetch_blob(key: str) -> Any:
     takes a thread of the pool: this task leaves the pool while it waits (``secede``), so a
     worker with one thread is not stuck on itself. (The job does not depend on that task:
     a GPU job waiting on a dependency is invisible to the GPU demand that rents instances.)
+
+    With ``sha`` (a chunk): every copy the client sent is looked for, the newest first
+    (``<key>``, ``<key>-r1``, ... as ``staging.chunk_key`` spells them); a copy that does not
+    hash to ``sha`` is refused, never asked for again, and the client is asked, on the
+    scheduler's event topic ``RESEND_TOPIC``, to send that chunk again (alone).
     """
     import asyncio
 
@@ -163,21 +172,47 @@ def _fetch_blob(key: str) -> Any:
     from distributed.worker import get_data_from_worker
 
     worker = get_worker()
+    keys = [key] if sha is None else [key] + [f"{key}-r{g}" for g in range(1, MAX_RESENDS + 1)]
+    newest_first = list(reversed(list(enumerate(keys))))
+    refused: set[tuple[str, str]] = set()
+
+    def accept(value: Any, generation: int, source: str) -> bool:
+        if sha is None:
+            return True
+        if isinstance(value, bytes | bytearray | memoryview) and hashlib.sha256(value).hexdigest() == sha:
+            return True
+        refused.add((keys[generation], source))
+        worker.log_event(RESEND_TOPIC, {
+            "sha": sha, "generation": generation, "worker": worker.address,
+            "why": f"its copy from {source} does not hash to {sha[:12]}",
+        })
+        return False
 
     async def fetch() -> Any:
         deadline = time.monotonic() + BLOB_WAIT_S
         while True:
-            if key in worker.data:
-                return worker.data[key]
-            holders = (await worker.scheduler.who_has(keys=[key])).get(key) or []
-            for address in holders:
-                response = await get_data_from_worker(worker.rpc, [key], address, who=worker.address)
-                if response.get("status") == "OK" and key in response.get("data", {}):
-                    return response["data"][key]
+            for generation, k in newest_first:
+                if k in worker.data and (k, "here") not in refused:
+                    value = worker.data[k]
+                    if accept(value, generation, "this worker"):
+                        return value
+                    deadline = time.monotonic() + BLOB_WAIT_S
+            who_has = await worker.scheduler.who_has(keys=keys)
+            for generation, k in newest_first:
+                for address in who_has.get(k) or []:
+                    if (k, address) in refused:
+                        continue
+                    response = await get_data_from_worker(worker.rpc, [k], address, who=worker.address)
+                    if response.get("status") == "OK" and k in response.get("data", {}):
+                        value = response["data"][k]
+                        if accept(value, generation, address):
+                            return value
+                        deadline = time.monotonic() + BLOB_WAIT_S
             if time.monotonic() > deadline:
                 raise LookupError(
                     f"staged blob {key} is held by no worker (asked the scheduler for {BLOB_WAIT_S:.0f}s); "
                     "the client releases blobs only when no job needs them"
+                    + (f"; copies refused as corrupt: {sorted(refused)}" if refused else "")
                 )
             await asyncio.sleep(0.5)
 
@@ -188,8 +223,10 @@ def _fetch_blob(key: str) -> Any:
         rejoin()
 
 
-def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats: dict[str, Any]) -> None:
-    """Put blob ``sha`` at ``dest``: from the cache when present, else from the cluster once."""
+def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats: dict[str, Any],
+             chunks: list[list[Any]] | None = None, keys: dict[str, str] | None = None) -> None:
+    """Put blob ``sha`` at ``dest``: from the cache when present, else from the cluster once
+    (chunk by chunk when ``chunks`` names its chunks and ``keys`` their keys)."""
     cached = os.path.join(blobs, sha)
     lock_path = os.path.join(blobs, f"{sha}.lock")
     # One fetch per blob per worker even when several of its jobs start together.
@@ -203,6 +240,9 @@ def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats:
                 return
             except FileNotFoundError:
                 pass
+            if chunks:
+                _assemble(blobs, sha, chunks, keys or {}, dest, quota_bytes, stats)
+                return
             data = _fetch_blob(key)
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise TypeError(f"staged blob {key} arrived as {type(data).__name__}, expected bytes")
@@ -216,6 +256,56 @@ def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats:
                 f.write(data)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _verified_prefix(part: str, chunks: list[list[Any]]) -> tuple[int, Any]:
+    """(how many leading chunks ``part`` already holds intact, the whole-file hash over them):
+    an attempt that stopped mid-way (a worker restarted, a chunk never came) resumes there."""
+    whole = hashlib.sha256()
+    done = 0
+    with contextlib.suppress(FileNotFoundError), open(part, "rb") as f:
+        for chunk_sha, size in chunks:
+            data = f.read(size)
+            if len(data) != size or hashlib.sha256(data).hexdigest() != chunk_sha:
+                break
+            whole.update(data)
+            done += 1
+    return done, whole
+
+
+def _assemble(blobs: str, sha: str, chunks: list[list[Any]], keys: dict[str, str], dest: str,
+              quota_bytes: int, stats: dict[str, Any]) -> None:
+    """A chunked blob fetched one chunk at a time (each checked by ``_fetch_blob``) into
+    ``<sha>.chunks.part`` in the cache, after the intact chunks an earlier attempt left there;
+    checked whole, then cached and copied to ``dest`` (assembled at ``dest`` itself, uncached,
+    when larger than the whole quota)."""
+    total = sum(int(size) for _, size in chunks)
+    keep = total <= quota_bytes
+    part = os.path.join(blobs, f"{sha}.chunks.part") if keep else dest + ".vastaidask.part"
+    if keep:
+        _evict_for(blobs, total, quota_bytes)
+    done, whole = _verified_prefix(part, chunks)
+    offset = sum(int(size) for _, size in chunks[:done])
+    with open(part, "r+b" if os.path.exists(part) else "wb") as f:
+        f.truncate(offset)
+        f.seek(offset)
+        for chunk_sha, _size in chunks[done:]:
+            data = _fetch_blob(keys[chunk_sha], chunk_sha)
+            whole.update(data)
+            f.write(data)
+            stats["chunks"] = stats.get("chunks", 0) + 1
+            del data
+    if whole.hexdigest() != sha:
+        os.unlink(part)
+        raise ValueError(f"staged file {sha} assembled from its chunks does not hash to it: refusing a corrupt input")
+    stats["fetched"].append([sha, total])
+    stats["resumed_chunks"] = stats.get("resumed_chunks", 0) + done
+    if keep:
+        os.replace(part, os.path.join(blobs, sha))
+        shutil.copyfile(os.path.join(blobs, sha), dest)
+    else:
+        os.replace(part, dest)
+        stats["uncached"] += 1
 
 
 def _safe_join(root: str, rel: str) -> str:
@@ -592,7 +682,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     blobs = os.path.join(base, "blobs")
     os.makedirs(blobs, exist_ok=True)
     quota = int(payload["cache_quota_bytes"])
-    stats: dict[str, Any] = {"hits": 0, "fetched": [], "uncached": 0}
+    stats: dict[str, Any] = {"hits": 0, "fetched": [], "uncached": 0, "chunks": 0, "resumed_chunks": 0}
     scratch = os.path.join(base, "jobs", payload["key"])
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch)
@@ -603,7 +693,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             _blob_to(blobs, payload["sources"], payload["blob_keys"][payload["sources"]], src, quota, stats)
             _extract(src, scratch)
             os.unlink(src)
-        for rel, sha, kind, mtime_ns in payload["inputs"]:
+        for rel, sha, kind, mtime_ns, *chunked in payload["inputs"]:
             dest = _safe_join(scratch, rel)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             if kind == "dir":  # a tar whose member names are workdir-relative
@@ -612,6 +702,8 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
                 os.makedirs(dest, exist_ok=True)
                 _extract(tmp, scratch)
                 os.unlink(tmp)
+            elif chunked and chunked[0]:
+                _blob_to(blobs, sha, "", dest, quota, stats, chunked[0], payload["blob_keys"])
             else:
                 _blob_to(blobs, sha, payload["blob_keys"][sha], dest, quota, stats)
             os.utime(dest, ns=(mtime_ns, mtime_ns))

@@ -1,0 +1,113 @@
+"""Large inputs staged in chunks: streamed from the client's disk, assembled and checked on the
+worker, a corrupt chunk sent again alone, the client's memory bounded.
+
+The chunk is corrupted by the ``vastai.testing.staging-corrupt-chunk`` hook: the stager flips a
+byte of that chunk the first time it sends it, as a hostile holder or a broken transfer would.
+The worker must refuse it, ask again, and assemble the right file from a single resent chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from snakemake_executor_plugin_vastaidask.staging import CHUNK_BYTES, chunk_file
+from tests.helpers.checkout import checkout_env
+
+_SNAKEFILE = """
+rule digest:
+    input: "big.bin"
+    output: "digest.txt"
+    resources: gpu=1
+    shell: "sha256sum {input} | cut -d' ' -f1 > {output}; wc -c < {input} >> {output}"
+"""
+
+#: Runs its arguments as a child and writes the child's peak RSS (kB) to the file in $PEAK_RSS_FILE.
+_PEAK = (
+    "import os, resource, subprocess, sys\n"
+    "rc = subprocess.call(sys.argv[1:])\n"
+    "open(os.environ['PEAK_RSS_FILE'], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+    "sys.exit(rc)\n"
+)
+
+
+def _big_file(path: Path, size: int) -> str:
+    """``size`` random-looking bytes (a keyed hash stream: cheap, incompressible); their SHA-256."""
+    whole = hashlib.sha256()
+    with open(path, "wb") as f:
+        block = os.urandom(1 << 20)
+        for i in range(size >> 20):
+            data = bytes([i & 0xFF]) + block[1:]
+            whole.update(data)
+            f.write(data)
+    return whole.hexdigest()
+
+
+def _run(workdir: Path, args: list[str], corrupt: dict | None, timeout: float) -> tuple[subprocess.CompletedProcess[str], int]:
+    env = checkout_env()
+    env["PEAK_RSS_FILE"] = str(workdir / "peak_rss_kb")
+    if corrupt is not None:
+        env["DASK_VASTAI__TESTING__STAGING_CORRUPT_CHUNK"] = json.dumps(corrupt)
+    run = subprocess.run([sys.executable, "-c", _PEAK, sys.executable, "-m", "snakemake", *args], cwd=workdir,
+                         env=env, capture_output=True, text=True, timeout=timeout)
+    return run, int((workdir / "peak_rss_kb").read_text()) * 1024
+
+
+def _check(workdir: Path, run: subprocess.CompletedProcess[str], sha: str, size: int) -> dict:
+    assert run.returncode == 0, run.stderr[-5000:]
+    digest, length = (workdir / "digest.txt").read_text().split()
+    assert (digest, int(length)) == (sha, size), "the worker assembled the file exactly"
+    chunks = -(-size // CHUNK_BYTES)
+    resent = re.findall(r"big\.bin chunk (\d+)/(\d+) \([\d.]+ MB\) sent again alone", run.stderr)
+    assert resent == [("3", str(chunks))], run.stderr[-5000:]
+    [line] = [json.loads(x) for x in (workdir / ".snakemake/vastaidask/transfers.jsonl").read_text().splitlines()]
+    assert line["chunks"] == chunks, "each chunk crossed to the worker once (the corrupt copy was refused)"
+    assert [sha, size] in line["fetched"]
+    return line
+
+
+def test_chunk_manifest_streams_the_file(tmp_path: Path) -> None:
+    size = 2 * CHUNK_BYTES + (5 << 20)
+    sha = _big_file(tmp_path / "f", size)
+    whole, chunks = chunk_file(tmp_path / "f")
+    assert whole == sha
+    assert [c.size for c in chunks] == [CHUNK_BYTES, CHUNK_BYTES, 5 << 20]
+    assert [c.offset for c in chunks] == [0, CHUNK_BYTES, 2 * CHUNK_BYTES]
+    assert len({c.sha for c in chunks}) == 3
+
+
+@pytest.mark.slow
+def test_large_input_chunked_over_an_attached_cluster(dask_pool: str, tmp_path: Path) -> None:
+    size = 160 << 20
+    sha = _big_file(tmp_path / "big.bin", size)
+    (tmp_path / "Snakefile").write_text(_SNAKEFILE)
+    run, peak = _run(tmp_path, ["--executor", "vastaidask", "--jobs", "1", "--vastaidask-scheduler-address",
+                                dask_pool, "--vastaidask-worker-cache-dir", str(tmp_path / "cache")],
+                     {"path": "big.bin", "index": 2}, timeout=300)
+    _check(tmp_path, run, sha, size)
+    # The client (snakemake with the plugin, its scheduler elsewhere) never held the file.
+    assert peak < 300e6, f"peak RSS {peak / 1e6:.0f} MB for a {size / 1e6:.0f} MB input"
+
+
+@pytest.mark.sandbox
+@pytest.mark.slow
+def test_large_input_chunked_to_a_rented_instance(market, tmp_path: Path) -> None:
+    market.variants.set(destroy_linger_s=0)
+    size = 256 << 20
+    sha = _big_file(tmp_path / "big.bin", size)
+    (tmp_path / "Snakefile").write_text(_SNAKEFILE)
+    args = ["--executor", "vastaidask", "--jobs", "1", "--vastaidask-api-url", market.url,
+            "--vastaidask-api-key", market.api_key, "--vastaidask-gpu", "RTX_3090",
+            "--vastaidask-max-instances", "1", "--vastaidask-boot-timeout", "240"]
+    run, peak = _run(tmp_path, args, {"path": "big.bin", "index": 2}, timeout=480)
+    _check(tmp_path, run, sha, size)
+    # The client here also runs the scheduler and the SSH tunnels the chunks cross.
+    assert peak < 300e6, f"peak RSS {peak / 1e6:.0f} MB for a {size / 1e6:.0f} MB input"
+    assert market.instances() == []
