@@ -105,6 +105,14 @@ def job_disk_gb(job: JobExecutorInterface) -> float | None:
     return None
 
 
+def temp_outputs(job: JobExecutorInterface) -> list[str]:
+    """The temp() files among the outputs of every member of a group: Snakemake deletes them
+    once their consumers are done, so the user's disk never needs their data."""
+    members = [j for level in job.toposorted for j in level] if job.is_group() else [job]
+    return [str(f) for j in members for f in j.output
+            if "temp" in (getattr(f, "flags", None) or {}) and "directory" not in (getattr(f, "flags", None) or {})]
+
+
 def job_result_paths(job: JobExecutorInterface) -> tuple[list[str], list[str]]:
     """(outputs+benchmarks, logs) of every member of a group, in topological order."""
     members = [j for level in job.toposorted for j in level] if job.is_group() else [job]
@@ -171,7 +179,11 @@ class Executor(RemoteExecutor):
             if not self.backend.renting:
                 refuse_credentials_in_clear(str(self.settings.scheduler_address), storage_mode=self.storage_mode,
                                             env_names=self._secret_env_names())
-            self.stager = Stager(self.backend.client, self.workdir, note=lambda line: self.logger.info(PREFIX + line))
+            self.stager = Stager(self.backend.client, self.workdir, note=lambda line: self.logger.info(PREFIX + line),
+                                 chunk_bytes=int(self.settings.chunk_mb) << 20,
+                                 cache_dir=self.settings.worker_cache_dir)
+            #: bytes of job results (outputs, logs) received on this machine
+            self.received_bytes = 0
             self._remote = remote_function()
             if self.storage_mode:
                 # Bucket mode: jobs fetch the sources (--deploy-sources) and read and write
@@ -278,6 +290,9 @@ class Executor(RemoteExecutor):
                 "inputs": [i.manifest() for i in inputs],
                 "blob_keys": {sha: self.stager.key(sha) for sha in shas},
                 "outputs": [] if self.storage_mode else [self._relative(p, job) for p in outputs],
+                "keep_remote": [] if self.storage_mode or self.settings.no_keep_temp_remote
+                else [self._relative(p, job) for p in temp_outputs(job)],
+                "chunk_bytes": self.stager.chunk_bytes,
                 "logs": [self._relative(p, job) for p in logs],
                 "env": self.envvars(),
                 "cache_dir": self.settings.worker_cache_dir,
@@ -433,7 +448,11 @@ class Executor(RemoteExecutor):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text(result.get("output", ""))
         await asyncio.to_thread(unpack_results, result.get("tar", b""), self.workdir)
+        self.received_bytes += len(result.get("tar", b""))
         if result.get("rc") == 0 and not result.get("cancelled"):
+            for rel, manifest in (result.get("kept") or {}).items():
+                if rel in job.payload["keep_remote"]:  # a worker names only what it was asked to keep
+                    self.stager.keep(rel, manifest, str(result.get("worker")))
             restamp(job.payload["outputs"], self.workdir)
             self._record_transfers(key, result, time.monotonic() - job.submitted_at)
             self.report_job_success(info)
@@ -479,6 +498,8 @@ class Executor(RemoteExecutor):
             "cache_hits": cache.get("hits", 0),
             "chunks": cache.get("chunks", 0),
             "resumed_chunks": cache.get("resumed_chunks", 0),
+            "returned_bytes": len(result.get("tar", b"")),
+            "kept": [[rel, m[0], m[1]] for rel, m in (result.get("kept") or {}).items()],
             "seconds": round(float(result.get("seconds", 0.0)), 3),
             "start": result.get("start"),
             "latency_s": round(latency_s, 3),
@@ -506,6 +527,11 @@ class Executor(RemoteExecutor):
                 return
             self._closed = True
         self.stager.release_all()
+        self.logger.info(
+            f"{PREFIX}data: {self.stager.uploaded_bytes / 1e6:.1f} MB staged from this machine, "
+            f"{self.received_bytes / 1e6:.1f} MB of results received; "
+            f"{self.stager.worker_bytes / 1e6:.1f} MB of temp() outputs went worker to worker"
+        )
         self.backend.close()
         if self.backend.renting:
             # After close: every rental destroyed, so this is the final bill.

@@ -32,7 +32,10 @@ lets its hosts act only as workers, and this code must run there without the clu
 ``allow_worker_clients``.
 3. Pack the outputs, logs and benchmarks of every job of the group (on failure: whatever
    logs exist) into a tar returned with the exit code and the tail of the job's output.
-   Produced files enter the cache too, so a consumer placed on the same worker needs no copy.
+   Produced files enter the cache too, so a consumer placed on the same worker needs no copy;
+   the outputs the client marks ``keep_remote`` (intermediates) stay only there: the result
+   names them (hash, size, chunk hashes) and ``serve_chunk`` hands their chunks to the worker
+   of a later job that needs them.
 """
 
 import contextlib
@@ -338,15 +341,54 @@ def _pack(root: str, rels: list[str]) -> tuple[bytes, list[str]]:
     return buf.getvalue(), missing
 
 
-def _cache_outputs(root: str, rels: list[str], blobs: str, quota_bytes: int) -> None:
-    """Produced files enter the cache, so a consumer on this worker gets them without a copy."""
+def _cache_outputs(root: str, rels: list[str], blobs: str, quota_bytes: int, keep: set[str],
+                   chunk_bytes: int) -> dict[str, list[Any]]:
+    """Produced files enter the cache, so a consumer on this worker gets them without a copy.
+
+    The outputs in ``keep`` (intermediates the client's disk need not hold) stay here: the
+    manifest returned names each one cached (``{rel: [sha, size, [[chunk sha, size], ...]]}``),
+    and a consumer's worker fetches their chunks from this worker (``serve_chunk``). One that
+    could not be cached (over the quota, not a plain file) is not in it, and travels back.
+    """
+    kept: dict[str, list[Any]] = {}
     for rel in rels:
         path = _safe_join(root, rel)
         if os.path.isfile(path) and not os.path.islink(path):
             with contextlib.suppress(OSError):
                 sha = _sha256_file(path)
-                if not os.path.exists(os.path.join(blobs, sha)):
-                    _cache_put(blobs, sha, None, path, quota_bytes)
+                cached = os.path.join(blobs, sha)
+                if os.path.exists(cached) or _cache_put(blobs, sha, None, path, quota_bytes):
+                    if rel in keep and os.path.getsize(cached) > 0:
+                        kept[rel] = [sha, os.path.getsize(cached), _chunk_hashes(cached, chunk_bytes)]
+    return kept
+
+
+def _chunk_hashes(path: str, chunk_bytes: int) -> list[list[Any]]:
+    """[[sha256, size], ...] of ``path`` in chunks of ``chunk_bytes`` (``staging.chunk_file``)."""
+    out = []
+    with open(path, "rb") as f:
+        while data := f.read(chunk_bytes):
+            out.append([hashlib.sha256(data).hexdigest(), len(data)])
+    return out
+
+
+def serve_chunk(cache_dir: str | None, sha: str, offset: int, size: int) -> bytes:
+    """One chunk of a file this worker produced and kept in its cache, as a task's result: the
+    worker that consumes it fetches it from here (worker to worker, never through the client).
+    The consumer checks the chunk's hash; this worker is not trusted for it."""
+    _address, name = _worker_identity()
+    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    cache_root = os.path.expanduser(cache_dir or "~/.cache/snakemake-vastaidask")
+    path = os.path.join(cache_root, f"worker-{safe_name}", "blobs", sha)
+    try:
+        with open(path, "rb") as f:
+            os.utime(path)  # last use, for LRU
+            f.seek(offset)
+            return f.read(size)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"the kept output {sha} is no longer in this worker's cache ({path}): evicted under the quota"
+        ) from None
 
 
 def _cancelled() -> bool:
@@ -737,10 +779,13 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         os.unlink(log_path)
         result["output"] = text
         result["log_tail"] = text[-LOG_TAIL_CHARS:]
-        wanted = payload["outputs"] + payload["logs"] if rc == 0 else payload["logs"]
-        result["tar"], result["missing"] = _pack(scratch, wanted)
+        kept: dict[str, list[Any]] = {}
         if rc == 0:
-            _cache_outputs(scratch, payload["outputs"], blobs, quota)
+            kept = _cache_outputs(scratch, payload["outputs"], blobs, quota, set(payload.get("keep_remote") or ()),
+                                  int(payload.get("chunk_bytes") or 1 << 25))
+        wanted = [p for p in payload["outputs"] if p not in kept] + payload["logs"] if rc == 0 else payload["logs"]
+        result["tar"], result["missing"] = _pack(scratch, wanted)
+        result["kept"] = kept
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         result["cache"] = stats

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import tarfile
 import threading
@@ -36,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 BLOB_PREFIX = "vastaidask-blob-"
-#: Files above this size travel in chunks of this size (benchmarks/snakemake_chunks.py: the
-#: client's peak memory grows about 3 chunks' worth; 8 MB chunks cost throughput, 64 MB memory).
+#: Files above this size travel in chunks of this size unless the executor says otherwise
+#: (``--vastaidask-chunk-mb``, whose default this is; measured in benchmarks/snakemake_chunks.py).
 CHUNK_BYTES = 32 << 20
 #: A chunk is sent again at most this many times (a worker asking for more is not believed).
 MAX_RESENDS = 3
@@ -45,10 +46,14 @@ MAX_RESENDS = 3
 RESEND_TOPIC = "vastaidask-resend"
 #: How often the sending thread looks for lost chunks and resend requests.
 RESEND_POLL_S = 0.5
+#: The first line of the local stand-in of an output kept on a worker (``Stager.keep``).
+PLACEHOLDER_MAGIC = b"vastaidask: this temp() output stayed on a worker"
+#: A stand-in is never larger than this (a file that is, is data).
+PLACEHOLDER_MAX_BYTES = 4096
 
 
-def remote_function() -> Any:
-    """``remote.run_job`` compiled under a module name nobody can import: it travels by value.
+def remote_function(name: str = "run_job") -> Any:
+    """``remote.<name>`` compiled under a module name nobody can import: it travels by value.
 
     The scheduler unpickles task graphs, and neither it (on a remote machine) nor the
     workers can be assumed to import this plugin; cloudpickle carries a function by value
@@ -58,7 +63,7 @@ def remote_function() -> Any:
     module = types.ModuleType("snakemake_vastaidask_remote_by_value")
     module.__file__ = str(source_path)
     exec(compile(source_path.read_text(), str(source_path), "exec"), module.__dict__)  # noqa: S102
-    return module.run_job
+    return getattr(module, name)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -94,6 +99,28 @@ class StagedInput:
     def manifest(self) -> list[Any]:
         """The payload's entry: path, hash, kind, mtime, [[chunk hash, size], ...]."""
         return [self.path, self.sha, self.kind, self.mtime_ns, [[c.sha, c.size] for c in self.chunks]]
+
+
+@dataclass(frozen=True)
+class KeptOutput:
+    """An output that stayed on the worker that produced it: its hash, size, chunks, and where."""
+
+    path: str
+    sha: str
+    size: int
+    chunks: tuple[Chunk, ...]
+    worker: str
+
+
+def is_placeholder(path: Path) -> bool:
+    """Whether ``path`` is the local stand-in of an output kept on a worker."""
+    try:
+        if path.stat().st_size > PLACEHOLDER_MAX_BYTES:
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(PLACEHOLDER_MAGIC)) == PLACEHOLDER_MAGIC
+    except OSError:
+        return False
 
 
 def chunk_file(path: Path, chunk_bytes: int = CHUNK_BYTES) -> tuple[str, tuple[Chunk, ...]]:
@@ -137,9 +164,18 @@ class Stager:
     chunk, alone. ``note`` receives a line for the user per resend.
     """
 
-    def __init__(self, client: Any, workdir: Path, note: Callable[[str], None] | None = None) -> None:
+    def __init__(self, client: Any, workdir: Path, note: Callable[[str], None] | None = None,
+                 chunk_bytes: int = CHUNK_BYTES, cache_dir: str | None = None) -> None:
+        if chunk_bytes < 1 << 20:
+            raise ValueError(f"chunks of {chunk_bytes} bytes: give --vastaidask-chunk-mb 1 or more")
         self.client = client
         self.workdir = workdir
+        self.chunk_bytes = chunk_bytes
+        self.cache_dir = cache_dir
+        self._kept: dict[str, KeptOutput] = {}
+        self._serve: Any = None
+        #: bytes of kept outputs that later jobs fetched from the producing worker (not from here)
+        self.worker_bytes = 0
         self.note = note or (lambda _line: None)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -171,11 +207,19 @@ class Stager:
                 "inputs travel from the local disk"
             )
         st = path.stat()
+        if is_placeholder(path):
+            kept = self._kept.get(rel)
+            if kept is None:
+                raise FileNotFoundError(
+                    f"input {rel!r} is the stand-in of a temp() output that an earlier run kept on an "
+                    f"instance, now gone; delete it (rm {rel!r}) so that Snakemake makes it again"
+                )
+            return self._stage_kept(kept, st.st_mtime_ns)
         if path.is_dir():
             data = _tar_dir(path, rel)
             return StagedInput(rel, self.stage_bytes(data), "dir", st.st_mtime_ns)
         ident = (str(path), st.st_size, st.st_mtime_ns)
-        if st.st_size > CHUNK_BYTES:
+        if st.st_size > self.chunk_bytes:
             return self._stage_chunked(rel, path, ident, st.st_mtime_ns)
         with self._lock:
             sha = self._hashes.get(ident)
@@ -193,7 +237,7 @@ class Stager:
         with self._lock:
             manifest = self._manifests.get(ident)
         if manifest is None:
-            manifest = chunk_file(path)
+            manifest = chunk_file(path, self.chunk_bytes)
             with self._lock:
                 self._manifests[ident] = manifest
         sha, chunks = manifest
@@ -214,6 +258,46 @@ class Stager:
 
     def key(self, sha: str) -> str:
         return BLOB_PREFIX + sha
+
+    # ------------------------------------------------------------- kept outputs
+    def keep(self, rel: str, manifest: list[Any], worker: str) -> KeptOutput:
+        """Record an output that stayed on ``worker`` (``remote._cache_outputs``'s manifest) and
+        write its local stand-in: Snakemake checks that every output exists, and deletes a
+        temp() file's once its consumers are done. The stand-in says what it is, and staging
+        refuses one it does not know (an earlier run's: its worker is gone)."""
+        sha, size, chunk_list = str(manifest[0]), int(manifest[1]), manifest[2]
+        chunks, offset = [], 0
+        for i, (chunk_sha, chunk_size) in enumerate(chunk_list):
+            chunks.append(Chunk(i, offset, int(chunk_size), str(chunk_sha)))
+            offset += int(chunk_size)
+        if offset != size:
+            raise ValueError(f"worker {worker} kept {rel!r} with chunks of {offset} bytes for a {size}-byte file")
+        kept = KeptOutput(rel, sha, size, tuple(chunks), worker)
+        path = self.workdir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        note = {"path": rel, "sha256": sha, "bytes": size, "worker": worker}
+        path.write_bytes(PLACEHOLDER_MAGIC + b" (its data is not on this machine)\n" + json.dumps(note).encode() + b"\n")
+        with self._lock:
+            self._kept[rel] = kept
+        return kept
+
+    def _stage_kept(self, kept: KeptOutput, mtime_ns: int) -> StagedInput:
+        """Reference a kept output's chunks, each served by a task on the worker that has it: the
+        consuming worker fetches them from there (never through this machine) and checks them."""
+        if self._serve is None:
+            self._serve = remote_function("serve_chunk")
+        with self._lock:
+            for c in kept.chunks:
+                self._refs[c.sha] += 1
+                future = self._futures.get(c.sha)
+                if c.sha in self._pieces or (future is not None and future.status not in ("error", "lost", "cancelled")):
+                    continue
+                self._futures[c.sha] = self.client.submit(
+                    self._serve, self.cache_dir, kept.sha, c.offset, c.size, key=self.key(c.sha),
+                    workers=[kept.worker], allow_other_workers=False, pure=False,
+                )
+            self.worker_bytes += kept.size
+        return StagedInput(kept.path, kept.sha, "file", mtime_ns, kept.chunks)
 
     def release(self, shas: Iterable[str]) -> None:
         """Drop one job's references; blobs nobody references leave the cluster's memory."""

@@ -8,9 +8,7 @@ The worker must refuse it, ask again, and assemble the right file from a single 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,6 +18,7 @@ import pytest
 
 from snakemake_executor_plugin_vastaidask.staging import CHUNK_BYTES, chunk_file
 from tests.helpers.checkout import checkout_env
+from tests.helpers.peak_rss import random_file, run_measured
 
 _SNAKEFILE = """
 rule digest:
@@ -29,35 +28,9 @@ rule digest:
     shell: "sha256sum {input} | cut -d' ' -f1 > {output}; wc -c < {input} >> {output}"
 """
 
-#: Runs its arguments as a child and writes the child's peak RSS (kB) to the file in $PEAK_RSS_FILE.
-_PEAK = (
-    "import os, resource, subprocess, sys\n"
-    "rc = subprocess.call(sys.argv[1:])\n"
-    "open(os.environ['PEAK_RSS_FILE'], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
-    "sys.exit(rc)\n"
-)
-
-
-def _big_file(path: Path, size: int) -> str:
-    """``size`` random-looking bytes (a keyed hash stream: cheap, incompressible); their SHA-256."""
-    whole = hashlib.sha256()
-    with open(path, "wb") as f:
-        block = os.urandom(1 << 20)
-        for i in range(size >> 20):
-            data = bytes([i & 0xFF]) + block[1:]
-            whole.update(data)
-            f.write(data)
-    return whole.hexdigest()
-
-
-def _run(workdir: Path, args: list[str], corrupt: dict | None, timeout: float) -> tuple[subprocess.CompletedProcess[str], int]:
-    env = checkout_env()
-    env["PEAK_RSS_FILE"] = str(workdir / "peak_rss_kb")
-    if corrupt is not None:
-        env["DASK_VASTAI__TESTING__STAGING_CORRUPT_CHUNK"] = json.dumps(corrupt)
-    run = subprocess.run([sys.executable, "-c", _PEAK, sys.executable, "-m", "snakemake", *args], cwd=workdir,
-                         env=env, capture_output=True, text=True, timeout=timeout)
-    return run, int((workdir / "peak_rss_kb").read_text()) * 1024
+def _run(workdir: Path, args: list[str], corrupt: dict, timeout: float) -> tuple[subprocess.CompletedProcess[str], int]:
+    env = {**checkout_env(), "DASK_VASTAI__TESTING__STAGING_CORRUPT_CHUNK": json.dumps(corrupt)}
+    return run_measured([sys.executable, "-m", "snakemake", *args], workdir, env, timeout)
 
 
 def _check(workdir: Path, run: subprocess.CompletedProcess[str], sha: str, size: int) -> dict:
@@ -75,7 +48,7 @@ def _check(workdir: Path, run: subprocess.CompletedProcess[str], sha: str, size:
 
 def test_chunk_manifest_streams_the_file(tmp_path: Path) -> None:
     size = 2 * CHUNK_BYTES + (5 << 20)
-    sha = _big_file(tmp_path / "f", size)
+    sha = random_file(tmp_path / "f", size >> 20)
     whole, chunks = chunk_file(tmp_path / "f")
     assert whole == sha
     assert [c.size for c in chunks] == [CHUNK_BYTES, CHUNK_BYTES, 5 << 20]
@@ -86,7 +59,7 @@ def test_chunk_manifest_streams_the_file(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_large_input_chunked_over_an_attached_cluster(dask_pool: str, tmp_path: Path) -> None:
     size = 160 << 20
-    sha = _big_file(tmp_path / "big.bin", size)
+    sha = random_file(tmp_path / "big.bin", size >> 20)
     (tmp_path / "Snakefile").write_text(_SNAKEFILE)
     run, peak = _run(tmp_path, ["--executor", "vastaidask", "--jobs", "1", "--vastaidask-scheduler-address",
                                 dask_pool, "--vastaidask-worker-cache-dir", str(tmp_path / "cache")],
@@ -101,7 +74,7 @@ def test_large_input_chunked_over_an_attached_cluster(dask_pool: str, tmp_path: 
 def test_large_input_chunked_to_a_rented_instance(market, tmp_path: Path) -> None:
     market.variants.set(destroy_linger_s=0)
     size = 256 << 20
-    sha = _big_file(tmp_path / "big.bin", size)
+    sha = random_file(tmp_path / "big.bin", size >> 20)
     (tmp_path / "Snakefile").write_text(_SNAKEFILE)
     args = ["--executor", "vastaidask", "--jobs", "1", "--vastaidask-api-url", market.url,
             "--vastaidask-api-key", market.api_key, "--vastaidask-gpu", "RTX_3090",

@@ -1,0 +1,109 @@
+"""temp() outputs stay on the worker that made them: the job that needs one gets it from that
+worker, never through this machine, which only keeps a stand-in that Snakemake deletes.
+
+The producer and the consumer are forced onto different workers (the producer needs the GPU
+only worker A has, the consumer two CPUs only worker B has), so the intermediate must cross
+from worker to worker.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.checkout import checkout_env
+
+pytestmark = pytest.mark.slow
+
+MID_BYTES = 48_000_000
+
+SNAKEFILE = f"""
+rule all:
+    input: "final.txt", "mid.sha"
+
+rule make:
+    output: mid=temp("mid.bin"), sha="mid.sha"
+    resources: gpu=1
+    shell: "head -c {MID_BYTES} /dev/urandom > {{output.mid}}; sha256sum {{output.mid}} | cut -d' ' -f1 > {{output.sha}}"
+
+rule use:
+    input: "mid.bin"
+    output: "final.txt"
+    threads: 2
+    shell: "sha256sum {{input}} | cut -d' ' -f1 > {{output}}; wc -c < {{input}} >> {{output}}"
+"""
+
+
+@pytest.fixture(scope="module")
+def two_kinds_of_worker() -> Iterator[str]:
+    """A scheduler with worker A (GPU=1 CPU=1) and worker B (CPU=2), real ``dask worker`` processes."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=0, dashboard_address=":0") as cluster:
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
+                              "--name", name, "--nthreads", "2", "--no-dashboard", "--resources", resources],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, resources in (("a", "GPU=1 CPU=1 MEMORY=4e9"), ("b", "CPU=2 MEMORY=4e9"))
+        ]
+        try:
+            with Client(cluster.scheduler_address) as client:
+                client.wait_for_workers(2, timeout=60)
+            yield cluster.scheduler_address
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=30)
+
+
+def _transfers(workdir: Path) -> dict[str, dict]:
+    lines = [json.loads(x) for x in (workdir / ".snakemake/vastaidask/transfers.jsonl").read_text().splitlines()]
+    return {"make" if line["kept"] else "use": line for line in lines}
+
+
+def test_temp_output_goes_worker_to_worker(two_kinds_of_worker: str, tmp_path: Path) -> None:
+    (tmp_path / "Snakefile").write_text(SNAKEFILE)
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--executor", "vastaidask", "--jobs", "2",
+         "--vastaidask-scheduler-address", two_kinds_of_worker,
+         "--vastaidask-worker-cache-dir", str(tmp_path / "cache"), "--vastaidask-chunk-mb", "16"],
+        cwd=tmp_path, env=checkout_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-5000:]
+    sha = (tmp_path / "mid.sha").read_text().strip()
+    assert (tmp_path / "final.txt").read_text().split() == [sha, str(MID_BYTES)], "the consumer read the real data"
+    assert not (tmp_path / "mid.bin").exists(), "Snakemake deleted the temp() stand-in once its consumer was done"
+    jobs = _transfers(tmp_path)
+    assert jobs["make"]["worker_name"] == "a" and jobs["use"]["worker_name"] == "b"
+    assert jobs["make"]["kept"] == [["mid.bin", sha, MID_BYTES]]
+    assert jobs["make"]["returned_bytes"] < 100_000, "the intermediate did not come back to this machine"
+    assert [sha, MID_BYTES] in jobs["use"]["fetched"] and jobs["use"]["chunks"] == 3, "fetched from worker a"
+    # This machine's own counters: what it sent and received, and what went worker to worker.
+    [(sent, received, between)] = re.findall(
+        r"data: ([\d.]+) MB staged from this machine, ([\d.]+) MB of results received; "
+        r"([\d.]+) MB of temp\(\) outputs went worker to worker", run.stderr)
+    assert float(sent) < 1 and float(received) < 1, run.stderr[-3000:]
+    assert float(between) == pytest.approx(MID_BYTES / 1e6, abs=0.1)
+
+
+def test_a_stale_stand_in_is_refused_with_its_fix(two_kinds_of_worker: str, tmp_path: Path) -> None:
+    """An earlier run's stand-in (its worker gone, say) must not be staged as if it were data."""
+    (tmp_path / "Snakefile").write_text(SNAKEFILE)
+    (tmp_path / "mid.sha").write_text("x\n")
+    (tmp_path / "mid.bin").write_bytes(b"vastaidask: this temp() output stayed on a worker (its data is not on "
+                                       b"this machine)\n{}\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--executor", "vastaidask", "--jobs", "2", "final.txt",
+         "--vastaidask-scheduler-address", two_kinds_of_worker,
+         "--vastaidask-worker-cache-dir", str(tmp_path / "cache")],
+        cwd=tmp_path, env=checkout_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode != 0
+    assert "rm 'mid.bin'" in run.stderr and "earlier run" in run.stderr, run.stderr[-3000:]
