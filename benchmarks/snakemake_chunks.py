@@ -47,11 +47,11 @@ def run(workdir: Path, args: list[str]) -> tuple[float, float]:
     (workdir / "digest.txt").unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t0 = time.perf_counter()
-    out, peak = run_measured([sys.executable, "-m", "snakemake", "--jobs", "1", *args], workdir, env, 1800)
+    out, usage = run_measured([sys.executable, "-m", "snakemake", "--jobs", "1", *args], workdir, env, 1800)
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-4000:])
-    return wall, peak / 2**20
+    return wall, usage.peak_rss / 2**20
 
 
 def main() -> None:

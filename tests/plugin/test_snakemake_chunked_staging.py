@@ -30,7 +30,8 @@ rule digest:
 
 def _run(workdir: Path, args: list[str], corrupt: dict, timeout: float) -> tuple[subprocess.CompletedProcess[str], int]:
     env = {**checkout_env(), "DASK_VASTAI__TESTING__STAGING_CORRUPT_CHUNK": json.dumps(corrupt)}
-    return run_measured([sys.executable, "-m", "snakemake", *args], workdir, env, timeout)
+    run, usage = run_measured([sys.executable, "-m", "snakemake", *args], workdir, env, timeout)
+    return run, usage.peak_rss
 
 
 def _check(workdir: Path, run: subprocess.CompletedProcess[str], sha: str, size: int) -> dict:

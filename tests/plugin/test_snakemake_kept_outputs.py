@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.checkout import checkout_env
+from tests.helpers.peak_rss import run_measured
 
 pytestmark = pytest.mark.slow
 
@@ -107,3 +108,40 @@ def test_a_stale_stand_in_is_refused_with_its_fix(two_kinds_of_worker: str, tmp_
     )
     assert run.returncode != 0
     assert "rm 'mid.bin'" in run.stderr and "earlier run" in run.stderr, run.stderr[-3000:]
+
+
+TWO_POOLS = SNAKEFILE.replace('    threads: 2\n', '    resources: gpu=1, gpu_model="RTX_4090"\n')
+
+
+@pytest.mark.sandbox
+@pytest.mark.parametrize("network", ["direct", "tunnel"])
+def test_temp_output_between_rented_instances(market, tmp_path: Path, network: str) -> None:
+    """Producer on an RTX 3090 instance, consumer on an RTX 4090 one. This machine's counters say
+    the intermediate never crossed it; so do the client process's TCP sockets (``ss``), counted
+    without the plugin: in direct mode far fewer bytes than the intermediate, while in tunnel
+    mode, where worker-to-worker bytes relay through this machine's SSH tunnels, at least it."""
+    market.variants.set(destroy_linger_s=0)
+    (tmp_path / "Snakefile").write_text(TWO_POOLS)
+    args = [sys.executable, "-m", "snakemake", "--executor", "vastaidask", "--jobs", "2",
+            "--vastaidask-api-url", market.url, "--vastaidask-api-key", market.api_key,
+            "--vastaidask-gpu", "RTX_3090", "--vastaidask-max-instances", "2", "--vastaidask-boot-timeout", "240",
+            "--vastaidask-chunk-mb", "16"]
+    run, usage = run_measured(args, tmp_path, {**checkout_env(), "DASK_VASTAI__NETWORK": network}, timeout=480)
+    assert run.returncode == 0, run.stderr[-5000:]
+    sha = (tmp_path / "mid.sha").read_text().strip()
+    assert (tmp_path / "final.txt").read_text().split() == [sha, str(MID_BYTES)]
+    assert "RTX 4090" not in (tmp_path / "mid.sha").read_text()
+    jobs = _transfers(tmp_path)
+    assert jobs["make"]["worker_name"] != jobs["use"]["worker_name"], "two instances"
+    assert [sha, MID_BYTES] in jobs["use"]["fetched"] and jobs["use"]["chunks"] == 3
+    [(sent, received, between)] = re.findall(
+        r"data: ([\d.]+) MB staged from this machine, ([\d.]+) MB of results received; "
+        r"([\d.]+) MB of temp\(\) outputs went worker to worker", run.stderr)
+    assert float(sent) < 1 and float(received) < 1 and float(between) == pytest.approx(MID_BYTES / 1e6, abs=0.1)
+    sockets = f"the client's sockets sent {usage.net_sent / 1e6:.1f} MB, received {usage.net_received / 1e6:.1f} MB"
+    print(network, sockets)
+    if network == "direct":
+        assert usage.net_sent < MID_BYTES / 2 and usage.net_received < MID_BYTES / 2, sockets
+    else:
+        assert usage.net_sent >= MID_BYTES and usage.net_received >= MID_BYTES, sockets
+    assert market.instances() == []
