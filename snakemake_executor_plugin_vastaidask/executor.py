@@ -105,12 +105,26 @@ def job_disk_gb(job: JobExecutorInterface) -> float | None:
     return None
 
 
-def temp_outputs(job: JobExecutorInterface) -> list[str]:
-    """The temp() files among the outputs of every member of a group: Snakemake deletes them
-    once their consumers are done, so the user's disk never needs their data."""
+def temp_outputs(job: JobExecutorInterface, workflow: Any) -> list[str]:
+    """The temp() files among the outputs of every member of a group that Snakemake deletes once
+    their consumers are done (its ``DAG.handle_temp``): so the user's disk never needs their data.
+    Not a requested target's (Snakemake keeps those), nor a checkpoint's (Snakemake reads it
+    here to go on), nor any with ``--notemp``; directories always come back."""
+    if workflow.storage_settings.notemp:
+        return []
+    dag = workflow.dag
+    targets = {str(f) for f in getattr(dag, "targetfiles", ()) or ()}
+    target_jobs = getattr(dag, "targetjobs", ()) or ()
     members = [j for level in job.toposorted for j in level] if job.is_group() else [job]
-    return [str(f) for j in members for f in j.output
-            if "temp" in (getattr(f, "flags", None) or {}) and "directory" not in (getattr(f, "flags", None) or {})]
+    out = []
+    for j in members:
+        if getattr(j, "is_checkpoint", False) or (j in target_jobs and j.rule.name != workflow.default_target):
+            continue
+        for f in j.output:
+            flags = getattr(f, "flags", None) or {}
+            if "temp" in flags and "directory" not in flags and str(f) not in targets:
+                out.append(str(f))
+    return out
 
 
 def job_result_paths(job: JobExecutorInterface) -> tuple[list[str], list[str]]:
@@ -291,7 +305,7 @@ class Executor(RemoteExecutor):
                 "blob_keys": {sha: self.stager.key(sha) for sha in shas},
                 "outputs": [] if self.storage_mode else [self._relative(p, job) for p in outputs],
                 "keep_remote": [] if self.storage_mode or self.settings.no_keep_temp_remote
-                else [self._relative(p, job) for p in temp_outputs(job)],
+                else [self._relative(p, job) for p in temp_outputs(job, self.workflow)],
                 "chunk_bytes": self.stager.chunk_bytes,
                 "logs": [self._relative(p, job) for p in logs],
                 "env": self.envvars(),

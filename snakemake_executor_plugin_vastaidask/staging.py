@@ -286,6 +286,17 @@ class Stager:
         consuming worker fetches them from there (never through this machine) and checks them."""
         if self._serve is None:
             self._serve = remote_function("serve_chunk")
+        if kept.worker not in self.client.scheduler_info(n_workers=-1).get("workers", {}):
+            # Its instance was released or lost: the data is gone. Without the stand-in, the
+            # next run makes the file again.
+            (self.workdir / kept.path).unlink(missing_ok=True)
+            with self._lock:
+                self._kept.pop(kept.path, None)
+            raise FileNotFoundError(
+                f"input {kept.path!r} (a temp() output) stayed on worker {kept.worker}, which is gone "
+                "(its instance was released or lost); its stand-in is deleted, so run snakemake again "
+                "to make it anew (--vastaidask-no-keep-temp-remote brings temp() outputs back instead)"
+            )
         with self._lock:
             for c in kept.chunks:
                 self._refs[c.sha] += 1

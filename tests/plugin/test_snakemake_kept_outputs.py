@@ -8,10 +8,13 @@ from worker to worker.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,27 +44,38 @@ rule use:
 """
 
 
-@pytest.fixture(scope="module")
-def two_kinds_of_worker() -> Iterator[str]:
-    """A scheduler with worker A (GPU=1 CPU=1) and worker B (CPU=2), real ``dask worker`` processes."""
+_KINDS = {"a": "GPU=1 CPU=1 MEMORY=4e9", "b": "CPU=2 MEMORY=4e9"}
+
+
+def _worker(address: str, name: str) -> subprocess.Popen[bytes]:
+    """A real ``dask worker`` process: "a" has the GPU (and one CPU), "b" two CPUs and no GPU."""
+    return subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--name", name,
+                             "--nthreads", "2", "--no-dashboard", "--resources", _KINDS[name]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def _scheduler_with(*names: str) -> Iterator[tuple[str, dict[str, subprocess.Popen[bytes]]]]:
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=0, dashboard_address=":0") as cluster:
-        procs = [
-            subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
-                              "--name", name, "--nthreads", "2", "--no-dashboard", "--resources", resources],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for name, resources in (("a", "GPU=1 CPU=1 MEMORY=4e9"), ("b", "CPU=2 MEMORY=4e9"))
-        ]
+        procs = {name: _worker(cluster.scheduler_address, name) for name in names}
         try:
             with Client(cluster.scheduler_address) as client:
-                client.wait_for_workers(2, timeout=60)
-            yield cluster.scheduler_address
+                client.wait_for_workers(len(names), timeout=60)
+            yield cluster.scheduler_address, procs
         finally:
-            for proc in procs:
+            for proc in procs.values():
                 proc.terminate()
-            for proc in procs:
+            for proc in procs.values():
                 proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def two_kinds_of_worker() -> Iterator[str]:
+    """A scheduler with worker A (GPU=1 CPU=1) and worker B (CPU=2)."""
+    with _scheduler_with("a", "b") as (address, _procs):
+        yield address
 
 
 def _transfers(workdir: Path) -> dict[str, dict]:
@@ -108,6 +122,61 @@ def test_a_stale_stand_in_is_refused_with_its_fix(two_kinds_of_worker: str, tmp_
     )
     assert run.returncode != 0
     assert "rm 'mid.bin'" in run.stderr and "earlier run" in run.stderr, run.stderr[-3000:]
+
+
+def _snakemake(workdir: Path, address: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "--executor", "vastaidask", "--jobs", "2", *extra,
+            "--vastaidask-scheduler-address", address, "--vastaidask-worker-cache-dir", str(workdir / "cache")]
+
+
+def test_a_temp_output_asked_for_as_a_target_comes_back(two_kinds_of_worker: str, tmp_path: Path) -> None:
+    """Snakemake keeps a temp() file the user names as a target: its data must be on the disk."""
+    (tmp_path / "Snakefile").write_text(SNAKEFILE)
+    run = subprocess.run(_snakemake(tmp_path, two_kinds_of_worker, "mid.bin"), cwd=tmp_path, env=checkout_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-5000:]
+    data = (tmp_path / "mid.bin").read_bytes()
+    assert len(data) == MID_BYTES and hashlib.sha256(data).hexdigest() == (tmp_path / "mid.sha").read_text().strip()
+
+
+GATED = SNAKEFILE.replace('    input: "mid.bin"\n', '    input: "mid.bin", "gate.txt"\n').replace(
+    "< {input}", "< {input[0]}").replace("sha256sum {input}", "sha256sum {input[0]}") + """
+rule gate:
+    input: "mid.sha"
+    output: "gate.txt"
+    threads: 2
+    shell: "while [ ! -e {STOP} ]; do sleep 0.2; done; touch {output}"
+"""
+
+
+def test_a_temp_output_whose_worker_is_gone_is_made_again(tmp_path: Path) -> None:
+    """Worker a, holding the intermediate, dies before its consumer starts: the consumer fails
+    saying so, the stand-in is gone, and the next run makes the intermediate again."""
+    stop = tmp_path / "stop"
+    (tmp_path / "Snakefile").write_text(GATED.replace("{STOP}", str(stop)))
+    with _scheduler_with("a", "b") as (address, procs):
+        proc = subprocess.Popen(_snakemake(tmp_path, address), cwd=tmp_path, env=checkout_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not (tmp_path / "mid.sha").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            procs["a"].kill()
+            procs["a"].wait(timeout=30)
+            stop.touch()
+            output, _ = proc.communicate(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode != 0
+        assert "stayed on worker" in output and "run snakemake again" in output, output[-4000:]
+        assert not (tmp_path / "mid.bin").exists(), "the stand-in of lost data is deleted"
+        procs["a"] = _worker(address, "a")
+        again = subprocess.run(_snakemake(tmp_path, address), cwd=tmp_path, env=checkout_env(),
+                               capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-5000:]
+    sha = (tmp_path / "mid.sha").read_text().strip()
+    assert (tmp_path / "final.txt").read_text().split() == [sha, str(MID_BYTES)]
 
 
 TWO_POOLS = SNAKEFILE.replace('    threads: 2\n', '    resources: gpu=1, gpu_model="RTX_4090"\n')
