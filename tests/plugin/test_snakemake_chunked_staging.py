@@ -85,3 +85,25 @@ def test_large_input_chunked_to_a_rented_instance(market, tmp_path: Path) -> Non
     # The client here also runs the scheduler and the SSH tunnels the chunks cross.
     assert peak < 300e6, f"peak RSS {peak / 1e6:.0f} MB for a {size / 1e6:.0f} MB input"
     assert market.instances() == []
+
+
+@pytest.mark.slow
+def test_assembly_resumes_after_the_chunks_a_worker_already_has(dask_pool: str, tmp_path: Path) -> None:
+    """A worker that holds the first chunks of a file (an attempt that stopped mid-way, its
+    third chunk cut short) fetches only the rest."""
+    chunk = 16 << 20
+    sha = random_file(tmp_path / "big.bin", 100)
+    (tmp_path / "Snakefile").write_text(_SNAKEFILE)
+    head = (tmp_path / "big.bin").read_bytes()[: 2 * chunk + (1 << 20)]
+    for name in ("0", "1"):  # the pool's two workers: whichever gets the job
+        blobs = tmp_path / "cache" / f"worker-{name}" / "blobs"
+        blobs.mkdir(parents=True)
+        (blobs / f"{sha}.chunks.part").write_bytes(head)
+    run = subprocess.run([sys.executable, "-m", "snakemake", "--executor", "vastaidask", "--jobs", "1",
+                          "--vastaidask-scheduler-address", dask_pool, "--vastaidask-chunk-mb", "16",
+                          "--vastaidask-worker-cache-dir", str(tmp_path / "cache")],
+                         cwd=tmp_path, env=checkout_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-5000:]
+    assert (tmp_path / "digest.txt").read_text().split() == [sha, str(100 << 20)]
+    [line] = [json.loads(x) for x in (tmp_path / ".snakemake/vastaidask/transfers.jsonl").read_text().splitlines()]
+    assert (line["resumed_chunks"], line["chunks"]) == (2, 5), line
