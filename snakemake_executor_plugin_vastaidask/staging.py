@@ -18,6 +18,12 @@ worker assembles it in its cache checking every chunk and then the whole file, a
 at the first chunk it lacks. A chunk that is lost (its holder gone) or that a worker finds
 corrupt (it asks on the scheduler's event topic ``RESEND_TOPIC``) is sent again alone,
 under the next generation of its key (``<key>-r1``, ...), at most ``MAX_RESENDS`` times.
+
+A temp() output (one Snakemake deletes once its consumers are done) stays on the worker that
+made it: the client keeps a stand-in file (Snakemake checks that outputs exist) and, when a
+later job needs it, a task pinned to that worker serves each chunk from its cache; the
+consumer's worker fetches them from there as it fetches any chunk, so the bytes go worker to
+worker (directly in ``network="direct"``) and never through the staging here.
 """
 
 from __future__ import annotations
