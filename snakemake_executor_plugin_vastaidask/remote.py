@@ -205,7 +205,10 @@ def _fetch_blob(key: str, sha: str | None = None) -> Any:
                 for address in who_has.get(k) or []:
                     if (k, address) in refused:
                         continue
-                    response = await get_data_from_worker(worker.rpc, [k], address, who=worker.address)
+                    try:
+                        response = await get_data_from_worker(worker.rpc, [k], address, who=worker.address)
+                    except OSError:  # the holder went away mid-fetch (CommClosedError): ask again
+                        continue
                     if response.get("status") == "OK" and k in response.get("data", {}):
                         value = response["data"][k]
                         if accept(value, generation, address):

@@ -145,21 +145,21 @@ rule gate:
     input: "mid.sha"
     output: "gate.txt"
     threads: 2
-    shell: "while [ ! -e {STOP} ]; do sleep 0.2; done; touch {output}"
+    shell: "touch {STARTED}; while [ ! -e {STOP} ]; do sleep 0.2; done; touch {output}"
 """
 
 
 def test_a_temp_output_whose_worker_is_gone_is_made_again(tmp_path: Path) -> None:
     """Worker a, holding the intermediate, dies before its consumer starts: the consumer fails
     saying so, the stand-in is gone, and the next run makes the intermediate again."""
-    stop = tmp_path / "stop"
-    (tmp_path / "Snakefile").write_text(GATED.replace("{STOP}", str(stop)))
+    stop, started = tmp_path / "stop", tmp_path / "gate-started"
+    (tmp_path / "Snakefile").write_text(GATED.replace("{STOP}", str(stop)).replace("{STARTED}", str(started)))
     with _scheduler_with("a", "b") as (address, procs):
         proc = subprocess.Popen(_snakemake(tmp_path, address), cwd=tmp_path, env=checkout_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.monotonic() + 120
-            while not (tmp_path / "mid.sha").exists() and time.monotonic() < deadline:
+            while not started.exists() and time.monotonic() < deadline:  # its inputs are staged
                 time.sleep(0.2)
             procs["a"].kill()
             procs["a"].wait(timeout=30)
