@@ -18,7 +18,9 @@ import pytest
 
 from snakemake_executor_plugin_vastaidask.staging import CHUNK_BYTES, chunk_file
 from tests.helpers.checkout import checkout_env
+from tests.helpers.dask_workers import scheduler_with
 from tests.helpers.peak_rss import random_file, run_measured
+from tests.helpers.waiting import wait_until
 
 _SNAKEFILE = """
 rule digest:
@@ -107,3 +109,34 @@ def test_assembly_resumes_after_the_chunks_a_worker_already_has(dask_pool: str, 
     assert (tmp_path / "digest.txt").read_text().split() == [sha, str(100 << 20)]
     [line] = [json.loads(x) for x in (tmp_path / ".snakemake/vastaidask/transfers.jsonl").read_text().splitlines()]
     assert (line["resumed_chunks"], line["chunks"]) == (2, 5), line
+
+
+@pytest.mark.slow
+def test_chunks_whose_holder_is_lost_are_sent_again_alone(tmp_path: Path) -> None:
+    """Worker x dies holding some chunks of a staged file: exactly those are sent again, each
+    alone, from this machine's disk, and land on the worker left with the right bytes."""
+    from distributed import Client, Future
+
+    from snakemake_executor_plugin_vastaidask.staging import Stager, chunk_key, sha256_bytes
+
+    random_file(tmp_path / "f.bin", 12)
+    with scheduler_with({"x": "CPU=1", "y": "CPU=1"}) as (address, procs), Client(address) as client:
+        stager = Stager(client, tmp_path, chunk_bytes=1 << 20)
+        try:
+            staged = stager.stage_path("f.bin")
+            keys = [stager.key(c.sha) for c in staged.chunks]
+            who = wait_until(lambda: (w := client.who_has()) and all(w.get(k) for k in keys) and w,
+                             60, "every chunk held by a worker")
+            x = next(a for a, info in client.scheduler_info()["workers"].items() if info["name"] == "x")
+            lost = [c for c, k in zip(staged.chunks, keys, strict=True) if x in who[k]]
+            assert 0 < len(lost) < len(keys), "the scatter spread the chunks over both workers"
+            procs["x"].kill()
+            wait_until(lambda: len(stager.resent) >= len(lost), 60, "the lost chunks sent again")
+            assert sorted(stager.resent) == sorted(f"f.bin chunk {c.index + 1}/12" for c in lost)
+            for c in staged.chunks:
+                key = chunk_key(stager.key(c.sha), 1 if c in lost else 0)
+                data = wait_until(lambda key=key: Future(key, client).result(timeout=30), 60, f"{key} held again")
+                assert sha256_bytes(data) == c.sha
+            assert stager.uploaded_bytes == (12 + len(lost)) << 20, "only the lost chunks crossed again"
+        finally:
+            stager.release_all()

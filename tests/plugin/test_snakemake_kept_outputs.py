@@ -8,7 +8,6 @@ from worker to worker.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.checkout import checkout_env
+from tests.helpers.dask_workers import scheduler_with, start_worker
 from tests.helpers.peak_rss import run_measured
 
 pytestmark = pytest.mark.slow
@@ -47,34 +47,10 @@ rule use:
 _KINDS = {"a": "GPU=1 CPU=1 MEMORY=4e9", "b": "CPU=2 MEMORY=4e9"}
 
 
-def _worker(address: str, name: str) -> subprocess.Popen[bytes]:
-    """A real ``dask worker`` process: "a" has the GPU (and one CPU), "b" two CPUs and no GPU."""
-    return subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--name", name,
-                             "--nthreads", "2", "--no-dashboard", "--resources", _KINDS[name]],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-@contextlib.contextmanager
-def _scheduler_with(*names: str) -> Iterator[tuple[str, dict[str, subprocess.Popen[bytes]]]]:
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=0, dashboard_address=":0") as cluster:
-        procs = {name: _worker(cluster.scheduler_address, name) for name in names}
-        try:
-            with Client(cluster.scheduler_address) as client:
-                client.wait_for_workers(len(names), timeout=60)
-            yield cluster.scheduler_address, procs
-        finally:
-            for proc in procs.values():
-                proc.terminate()
-            for proc in procs.values():
-                proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def two_kinds_of_worker() -> Iterator[str]:
-    """A scheduler with worker A (GPU=1 CPU=1) and worker B (CPU=2)."""
-    with _scheduler_with("a", "b") as (address, _procs):
+    """A scheduler with worker a (the GPU, one CPU) and worker b (two CPUs, no GPU)."""
+    with scheduler_with(_KINDS) as (address, _procs):
         yield address
 
 
@@ -154,7 +130,7 @@ def test_a_temp_output_whose_worker_is_gone_is_made_again(tmp_path: Path) -> Non
     saying so, the stand-in is gone, and the next run makes the intermediate again."""
     stop, started = tmp_path / "stop", tmp_path / "gate-started"
     (tmp_path / "Snakefile").write_text(GATED.replace("{STOP}", str(stop)).replace("{STARTED}", str(started)))
-    with _scheduler_with("a", "b") as (address, procs):
+    with scheduler_with(_KINDS) as (address, procs):
         proc = subprocess.Popen(_snakemake(tmp_path, address), cwd=tmp_path, env=checkout_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
@@ -171,7 +147,7 @@ def test_a_temp_output_whose_worker_is_gone_is_made_again(tmp_path: Path) -> Non
         assert proc.returncode != 0
         assert "stayed on worker" in output and "run snakemake again" in output, output[-4000:]
         assert not (tmp_path / "mid.bin").exists(), "the stand-in of lost data is deleted"
-        procs["a"] = _worker(address, "a")
+        procs["a"] = start_worker(address, "a", _KINDS["a"])
         again = subprocess.run(_snakemake(tmp_path, address), cwd=tmp_path, env=checkout_env(),
                                capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-5000:]
