@@ -411,6 +411,7 @@ class Executor(RemoteExecutor):
             return
         await asyncio.to_thread(self._dispatch)
         await asyncio.to_thread(self._report_rentals)
+        await asyncio.to_thread(self.stager.sweep_kept)
         for info in active_jobs:
             key = info.external_jobid
             job = self._jobs.get(key)

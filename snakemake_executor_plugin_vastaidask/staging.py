@@ -153,6 +153,8 @@ class _Piece:
     generation: int = 0
     future: Any = None
     corrupt_once: bool = False
+    #: the file changed on disk since it was hashed: never sent (the job fails, said once)
+    stale: bool = False
 
 
 class Stager:
@@ -267,10 +269,17 @@ class Stager:
 
     # ------------------------------------------------------------- kept outputs
     def keep(self, rel: str, manifest: list[Any], worker: str) -> KeptOutput:
-        """Record an output that stayed on ``worker`` (``remote._cache_outputs``'s manifest) and
-        write its local stand-in: Snakemake checks that every output exists, and deletes a
-        temp() file's once its consumers are done. The stand-in says what it is, and staging
-        refuses one it does not know (an earlier run's: its worker is gone)."""
+        """Record an output that stayed on ``worker`` (``remote._cache_outputs``'s manifest),
+        write its local stand-in, and have that worker serve its chunks at once.
+
+        Snakemake checks that every output exists, and deletes a temp() file's once its
+        consumers are done (``sweep_kept`` then lets the chunks go). The stand-in says what it
+        is, and staging refuses one it does not know (an earlier run's: its worker is gone).
+        The chunks are served now, as tasks whose results stay in that worker's memory, so
+        that they are data the cluster sees: an instance holding them that is released while
+        another worker stays hands them over first (worker to worker), and one that would
+        leave no worker behind is kept.
+        """
         sha, size, chunk_list = str(manifest[0]), int(manifest[1]), manifest[2]
         chunks, offset = [], 0
         for i, (chunk_sha, chunk_size) in enumerate(chunk_list):
@@ -283,36 +292,59 @@ class Stager:
         path.parent.mkdir(parents=True, exist_ok=True)
         note = {"path": rel, "sha256": sha, "bytes": size, "worker": worker}
         path.write_bytes(PLACEHOLDER_MAGIC + b" (its data is not on this machine)\n" + json.dumps(note).encode() + b"\n")
-        with self._lock:
-            self._kept[rel] = kept
-        return kept
-
-    def _stage_kept(self, kept: KeptOutput, mtime_ns: int) -> StagedInput:
-        """Reference a kept output's chunks, each served by a task on the worker that has it: the
-        consuming worker fetches them from there (never through this machine) and checks them."""
         if self._serve is None:
             self._serve = remote_function("serve_chunk")
-        if kept.worker not in self.client.scheduler_info(n_workers=-1).get("workers", {}):
-            # Its instance was released or lost: the data is gone. Without the stand-in, the
-            # next run makes the file again.
+        with self._lock:
+            self._kept[rel] = kept
+            for c in kept.chunks:  # the kept record's own reference, until sweep_kept
+                self._refs[c.sha] += 1
+                self._serve_chunk(kept, c)
+        return kept
+
+    def _serve_chunk(self, kept: KeptOutput, c: Chunk) -> None:
+        """Have the producing worker serve chunk ``c`` unless a live future holds it (lock held)."""
+        future = self._futures.get(c.sha)
+        if c.sha in self._pieces or (future is not None and future.status not in ("error", "lost", "cancelled")):
+            return
+        self._futures[c.sha] = self.client.submit(
+            self._serve, self.cache_dir, kept.sha, c.offset, c.size, key=self.key(c.sha),
+            workers=[kept.worker], allow_other_workers=False, pure=False,
+        )
+
+    def sweep_kept(self) -> None:
+        """Let go of kept outputs whose stand-in Snakemake deleted (their consumers are done)."""
+        with self._lock:
+            gone = [rel for rel in self._kept if not (self.workdir / rel).exists()]
+        for rel in gone:
+            with self._lock:
+                kept = self._kept.pop(rel, None)
+            if kept is not None:
+                self.release(c.sha for c in kept.chunks)
+
+    def _stage_kept(self, kept: KeptOutput, mtime_ns: int) -> StagedInput:
+        """Reference a kept output's chunks, served by the worker that made it (or held, since,
+        by the worker it handed them to): the consuming worker fetches them from there, never
+        through this machine, and checks them."""
+        with self._lock:
+            lost = [c for c in kept.chunks if c.sha not in self._pieces and (
+                self._futures.get(c.sha) is None
+                or self._futures[c.sha].status in ("error", "lost", "cancelled"))]
+        if lost and kept.worker not in self.client.scheduler_info(n_workers=-1).get("workers", {}):
+            # Its instance was lost with the data. Without the stand-in, the next run makes it again.
             (self.workdir / kept.path).unlink(missing_ok=True)
             with self._lock:
-                self._kept.pop(kept.path, None)
+                dropped = self._kept.pop(kept.path, None)
+            if dropped is not None:
+                self.release(c.sha for c in kept.chunks)
             raise FileNotFoundError(
                 f"input {kept.path!r} (a temp() output) stayed on worker {kept.worker}, which is gone "
-                "(its instance was released or lost); its stand-in is deleted, so run snakemake again "
+                "(its instance was lost); its stand-in is deleted, so run snakemake again "
                 "to make it anew (--vastaidask-no-keep-temp-remote brings temp() outputs back instead)"
             )
         with self._lock:
             for c in kept.chunks:
                 self._refs[c.sha] += 1
-                future = self._futures.get(c.sha)
-                if c.sha in self._pieces or (future is not None and future.status not in ("error", "lost", "cancelled")):
-                    continue
-                self._futures[c.sha] = self.client.submit(
-                    self._serve, self.cache_dir, kept.sha, c.offset, c.size, key=self.key(c.sha),
-                    workers=[kept.worker], allow_other_workers=False, pure=False,
-                )
+                self._serve_chunk(kept, c)
             self.worker_bytes += kept.size
         return StagedInput(kept.path, kept.sha, "file", mtime_ns, kept.chunks)
 
@@ -369,13 +401,14 @@ class Stager:
     # ------------------------------------------------------------- chunks
     def _send_loop(self) -> None:
         """Send queued chunks (once a worker is registered), then look for chunks to send again."""
+        failed = ""  # the last failure said, so that a lasting one is said once
         with contextlib.suppress(Exception):  # requests of an earlier run (same scheduler) are not ours
             self._events_seen = max((stamp for stamp, _ in self.client.get_events(RESEND_TOPIC)), default=0.0)
         while True:
             with self._lock:
                 if self._closed:
                     return
-                todo = [p for p in self._pieces.values() if p.future is None]
+                todo = [p for p in self._pieces.values() if p.future is None and not p.stale]
                 watched = bool(self._pieces)
             try:
                 if todo and self.client.scheduler_info().get("workers"):
@@ -387,7 +420,9 @@ class Stager:
                 with self._lock:
                     if self._closed:
                         return
-                self.note(f"sending chunks failed, retrying: {e!r}")
+                if repr(e) != failed:
+                    failed = repr(e)
+                    self.note(f"sending chunks failed, retrying: {failed}")
             with self._lock:
                 if not self._closed:
                     self._wake.wait(RESEND_POLL_S)
@@ -398,7 +433,8 @@ class Stager:
             f.seek(piece.chunk.offset)
             data = f.read(piece.chunk.size)
         if sha256_bytes(data) != piece.chunk.sha:
-            self.note(f"{piece.label} changed on disk since it was staged; not sending it")
+            piece.stale = True
+            self.note(f"{piece.label} changed on disk since it was staged; not sending it (its job will fail)")
             return
         if piece.corrupt_once:
             piece.corrupt_once = False
