@@ -56,7 +56,11 @@ def two_kinds_of_worker() -> Iterator[str]:
 
 def _transfers(workdir: Path) -> dict[str, dict]:
     lines = [json.loads(x) for x in (workdir / ".snakemake/vastaidask/transfers.jsonl").read_text().splitlines()]
-    return {"make" if line["kept"] else "use": line for line in lines}
+    roles = {}
+    for line in lines:  # the producer keeps the intermediate, the consumer fetched it
+        role = "make" if line["kept"] else "use" if any(n == MID_BYTES for _, n in line["fetched"]) else "other"
+        roles[role] = line
+    return roles
 
 
 def test_temp_output_goes_worker_to_worker(two_kinds_of_worker: str, tmp_path: Path) -> None:
@@ -155,13 +159,18 @@ def test_a_temp_output_whose_worker_is_gone_is_made_again(tmp_path: Path) -> Non
     assert (tmp_path / "final.txt").read_text().split() == [sha, str(MID_BYTES)]
 
 
-TWO_POOLS = SNAKEFILE.replace('    threads: 2\n', '    resources: gpu=1, gpu_model="RTX_4090"\n')
+#: The consumer waits for a gate job on its own pool that outlasts the producer's instance,
+#: which goes once idle (``--vastaidask-idle-timeout 1``) with the intermediate on it.
+TWO_POOLS = GATED.replace('    threads: 2\n', '    resources: gpu=1, gpu_model="RTX_4090"\n').replace(
+    "touch {STARTED}; while [ ! -e {STOP} ]; do sleep 0.2; done", "sleep 8")
 
 
 @pytest.mark.sandbox
 @pytest.mark.parametrize("network", ["direct", "tunnel"])
 def test_temp_output_between_rented_instances(market, tmp_path: Path, network: str) -> None:
-    """Producer on an RTX 3090 instance, consumer on an RTX 4090 one. This machine's counters say
+    """Producer on an RTX 3090 instance, consumer on an RTX 4090 one; the producer's instance is
+    released (idle) before the consumer runs, so the intermediate must move off it to the
+    consumer's worker as it retires (directly in direct mode). This machine's counters say
     the intermediate never crossed it; so do the client process's TCP sockets (``ss``), counted
     without the plugin: in direct mode far fewer bytes than the intermediate, while in tunnel
     mode, where worker-to-worker bytes relay through this machine's SSH tunnels, at least it."""
@@ -170,12 +179,17 @@ def test_temp_output_between_rented_instances(market, tmp_path: Path, network: s
     args = [sys.executable, "-m", "snakemake", "--executor", "vastaidask", "--jobs", "2",
             "--vastaidask-api-url", market.url, "--vastaidask-api-key", market.api_key,
             "--vastaidask-gpu", "RTX_3090", "--vastaidask-max-instances", "2", "--vastaidask-boot-timeout", "240",
-            "--vastaidask-chunk-mb", "16"]
+            "--vastaidask-chunk-mb", "16", "--vastaidask-idle-timeout", "1"]
     run, usage = run_measured(args, tmp_path, {**checkout_env(), "DASK_VASTAI__NETWORK": network}, timeout=480)
     assert run.returncode == 0, run.stderr[-5000:]
     sha = (tmp_path / "mid.sha").read_text().strip()
     assert (tmp_path / "final.txt").read_text().split() == [sha, str(MID_BYTES)]
-    assert "RTX 4090" not in (tmp_path / "mid.sha").read_text()
+    # The producer's instance went idle at once: kept while it was the only worker (it holds
+    # the intermediate), released once the consumer's registered, handing the data over first.
+    producer = re.search(r"instance (\d+) registered \(workers smk-\w+-0\)", run.stderr)
+    assert producer, run.stderr[-3000:]
+    destroyed = run.stderr.find(f"instance {producer[1]} destroyed")
+    assert 0 < destroyed < run.stderr.find("Finished jobid: 1 "), "released before the consumer was done"
     jobs = _transfers(tmp_path)
     assert jobs["make"]["worker_name"] != jobs["use"]["worker_name"], "two instances"
     assert [sha, MID_BYTES] in jobs["use"]["fetched"] and jobs["use"]["chunks"] == 3
