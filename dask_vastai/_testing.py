@@ -94,3 +94,17 @@ def dask_setup(worker: Any) -> None:
 def remote_square(x: float) -> float:
     """A module-level function of dask-vastai: a worker can run it only if dask-vastai reached it."""
     return x * x
+
+
+#: ``{"path": workdir-relative input, "index": chunk}``: the Snakemake plugin's stager puts that
+#: chunk's bytes with one byte flipped the first time it sends it (a holder that corrupts, or a
+#: chunk lost in transit), so that the worker's check and the single chunk's resend can be seen.
+STAGING_CORRUPT_CHUNK = "vastai.testing.staging-corrupt-chunk"
+
+
+def staging_corrupt_chunk() -> tuple[str, int] | None:
+    """(path, chunk index) the stager corrupts on its first send, or None (off)."""
+    spec = dask.config.get(STAGING_CORRUPT_CHUNK, default=None)
+    if not spec:
+        return None
+    return str(spec["path"]), int(spec["index"])

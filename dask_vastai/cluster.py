@@ -541,14 +541,18 @@ class VastAICluster(ClusterReadout, SpecCluster):
         await self._traffic.ask(self.scheduler, list(self.workers.values()), addresses)
 
     async def _correct_state_internal(self) -> None:
-        """SpecCluster's, with the leaving direct workers' counters read after their data moved
-        off them (``retire_workers``, which SpecCluster would call next, finds them gone)."""
+        """SpecCluster's, with the leaving instances' workers retired first by their worker names
+        (their data moves to the workers that stay), and the direct ones' counters read after
+        that. SpecCluster retires by spec name as if it were an address; here a spec name is an
+        instance's, which no worker has, so its own call retired nothing and the data of a
+        released instance was lost (a Snakemake temp() output kept there, for one)."""
         leaving = set(self.workers) - set(self.worker_spec)
         names = {n for name in leaving for n in getattr(self.workers[name], "worker_names", ())}
         addresses = self._traffic.direct_addresses(self.scheduler, names) if names else []
+        if names and self.scheduler.status == Status.running:
+            with contextlib.suppress(Exception):  # SpecCluster closes them below all the same
+                await self.scheduler_comm.retire_workers(names=sorted(names))
         if addresses and self.scheduler.status == Status.running:
-            with contextlib.suppress(Exception):  # SpecCluster retires them again below, as it would
-                await self.scheduler_comm.retire_workers(workers=list(leaving))
             await self._ask_traffic(addresses)
         await super()._correct_state_internal()
 

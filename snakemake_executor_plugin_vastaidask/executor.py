@@ -105,6 +105,28 @@ def job_disk_gb(job: JobExecutorInterface) -> float | None:
     return None
 
 
+def temp_outputs(job: JobExecutorInterface, workflow: Any) -> list[str]:
+    """The temp() files among the outputs of every member of a group that Snakemake deletes once
+    their consumers are done (its ``DAG.handle_temp``): so the user's disk never needs their data.
+    Not a requested target's (Snakemake keeps those), nor a checkpoint's (Snakemake reads it
+    here to go on), nor any with ``--notemp``; directories always come back."""
+    if workflow.storage_settings.notemp:
+        return []
+    dag = workflow.dag
+    targets = {str(f) for f in getattr(dag, "targetfiles", ()) or ()}
+    target_jobs = getattr(dag, "targetjobs", ()) or ()
+    members = [j for level in job.toposorted for j in level] if job.is_group() else [job]
+    out = []
+    for j in members:
+        if getattr(j, "is_checkpoint", False) or (j in target_jobs and j.rule.name != workflow.default_target):
+            continue
+        for f in j.output:
+            flags = getattr(f, "flags", None) or {}
+            if "temp" in flags and "directory" not in flags and str(f) not in targets:
+                out.append(str(f))
+    return out
+
+
 def job_result_paths(job: JobExecutorInterface) -> tuple[list[str], list[str]]:
     """(outputs+benchmarks, logs) of every member of a group, in topological order."""
     members = [j for level in job.toposorted for j in level] if job.is_group() else [job]
@@ -171,7 +193,11 @@ class Executor(RemoteExecutor):
             if not self.backend.renting:
                 refuse_credentials_in_clear(str(self.settings.scheduler_address), storage_mode=self.storage_mode,
                                             env_names=self._secret_env_names())
-            self.stager = Stager(self.backend.client, self.workdir)
+            self.stager = Stager(self.backend.client, self.workdir, note=lambda line: self.logger.info(PREFIX + line),
+                                 chunk_bytes=int(self.settings.chunk_mb) << 20,
+                                 cache_dir=self.settings.worker_cache_dir)
+            #: bytes of job results (outputs, logs) received on this machine
+            self.received_bytes = 0
             self._remote = remote_function()
             if self.storage_mode:
                 # Bucket mode: jobs fetch the sources (--deploy-sources) and read and write
@@ -264,7 +290,7 @@ class Executor(RemoteExecutor):
                 staged.append(self.stager.stage_bytes(self.sources, self.sources_sha))
             for f in [] if self.storage_mode else job.input:
                 inputs.append(self.stager.stage_path(self._relative(str(f), job)))
-                staged.append(inputs[-1].sha)
+                staged.extend(inputs[-1].blob_shas)
             shas = staged
             command = self.format_job_exec(job)
             warm_args, warm_refused = self.warm_start(command)
@@ -275,9 +301,12 @@ class Executor(RemoteExecutor):
                 "warm_refused": warm_refused,
                 "warm_python": self.get_python_executable(),
                 "sources": self.sources_sha,
-                "inputs": [[i.path, i.sha, i.kind, i.mtime_ns] for i in inputs],
+                "inputs": [i.manifest() for i in inputs],
                 "blob_keys": {sha: self.stager.key(sha) for sha in shas},
                 "outputs": [] if self.storage_mode else [self._relative(p, job) for p in outputs],
+                "keep_remote": [] if self.storage_mode or self.settings.no_keep_temp_remote
+                else [self._relative(p, job) for p in temp_outputs(job, self.workflow)],
+                "chunk_bytes": self.stager.chunk_bytes,
                 "logs": [self._relative(p, job) for p in logs],
                 "env": self.envvars(),
                 "cache_dir": self.settings.worker_cache_dir,
@@ -382,6 +411,7 @@ class Executor(RemoteExecutor):
             return
         await asyncio.to_thread(self._dispatch)
         await asyncio.to_thread(self._report_rentals)
+        await asyncio.to_thread(self.stager.sweep_kept)
         for info in active_jobs:
             key = info.external_jobid
             job = self._jobs.get(key)
@@ -433,7 +463,11 @@ class Executor(RemoteExecutor):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text(result.get("output", ""))
         await asyncio.to_thread(unpack_results, result.get("tar", b""), self.workdir)
+        self.received_bytes += len(result.get("tar", b""))
         if result.get("rc") == 0 and not result.get("cancelled"):
+            for rel, manifest in (result.get("kept") or {}).items():
+                if rel in job.payload["keep_remote"]:  # a worker names only what it was asked to keep
+                    self.stager.keep(rel, manifest, str(result.get("worker")))
             restamp(job.payload["outputs"], self.workdir)
             self._record_transfers(key, result, time.monotonic() - job.submitted_at)
             self.report_job_success(info)
@@ -477,6 +511,10 @@ class Executor(RemoteExecutor):
             "worker_name": result.get("worker_name"),
             "fetched": cache.get("fetched", []),
             "cache_hits": cache.get("hits", 0),
+            "chunks": cache.get("chunks", 0),
+            "resumed_chunks": cache.get("resumed_chunks", 0),
+            "returned_bytes": len(result.get("tar", b"")),
+            "kept": [[rel, m[0], m[1]] for rel, m in (result.get("kept") or {}).items()],
             "seconds": round(float(result.get("seconds", 0.0)), 3),
             "start": result.get("start"),
             "latency_s": round(latency_s, 3),
@@ -504,6 +542,11 @@ class Executor(RemoteExecutor):
                 return
             self._closed = True
         self.stager.release_all()
+        self.logger.info(
+            f"{PREFIX}data: {self.stager.uploaded_bytes / 1e6:.1f} MB staged from this machine, "
+            f"{self.received_bytes / 1e6:.1f} MB of results received; "
+            f"{self.stager.worker_bytes / 1e6:.1f} MB of temp() outputs went worker to worker"
+        )
         self.backend.close()
         if self.backend.renting:
             # After close: every rental destroyed, so this is the final bill.

@@ -32,7 +32,10 @@ lets its hosts act only as workers, and this code must run there without the clu
 ``allow_worker_clients``.
 3. Pack the outputs, logs and benchmarks of every job of the group (on failure: whatever
    logs exist) into a tar returned with the exit code and the tail of the job's output.
-   Produced files enter the cache too, so a consumer placed on the same worker needs no copy.
+   Produced files enter the cache too, so a consumer placed on the same worker needs no copy;
+   the outputs the client marks ``keep_remote`` (intermediates) stay only there: the result
+   names them (hash, size, chunk hashes) and ``serve_chunk`` hands their chunks to the worker
+   of a later job that needs them.
 """
 
 import contextlib
@@ -71,6 +74,10 @@ CANCEL_POLL_S = 0.5
 KILL_GRACE_S = 5.0
 #: how long a blob may be held by no worker (moving between workers) before the job fails
 BLOB_WAIT_S = 60.0
+#: a chunk's copies the client may send (``staging.MAX_RESENDS``), and where a worker asks for
+#: one again (``staging.RESEND_TOPIC``): this module cannot import staging
+MAX_RESENDS = 3
+RESEND_TOPIC = "vastaidask-resend"
 
 
 def _source_of(name: str) -> str:
@@ -147,7 +154,7 @@ def _cache_put(blobs: str, sha: str, data: bytes | None, src_path: str | None, q
     return True
 
 
-def _fetch_blob(key: str) -> Any:
+def _fetch_blob(key: str, sha: str | None = None) -> Any:
     """The value of a staged blob's key, from the worker holding it, asked over this worker's
     own connections (the scheduler's ``who_has``, the holder's ``get_data``), never a client.
 
@@ -155,6 +162,11 @@ def _fetch_blob(key: str) -> Any:
     takes a thread of the pool: this task leaves the pool while it waits (``secede``), so a
     worker with one thread is not stuck on itself. (The job does not depend on that task:
     a GPU job waiting on a dependency is invisible to the GPU demand that rents instances.)
+
+    With ``sha`` (a chunk): every copy the client sent is looked for, the newest first
+    (``<key>``, ``<key>-r1``, ... as ``staging.chunk_key`` spells them); a copy that does not
+    hash to ``sha`` is refused, never asked for again, and the client is asked, on the
+    scheduler's event topic ``RESEND_TOPIC``, to send that chunk again (alone).
     """
     import asyncio
 
@@ -163,21 +175,50 @@ def _fetch_blob(key: str) -> Any:
     from distributed.worker import get_data_from_worker
 
     worker = get_worker()
+    keys = [key] if sha is None else [key] + [f"{key}-r{g}" for g in range(1, MAX_RESENDS + 1)]
+    newest_first = list(reversed(list(enumerate(keys))))
+    refused: set[tuple[str, str]] = set()
+
+    def accept(value: Any, generation: int, source: str) -> bool:
+        if sha is None:
+            return True
+        if isinstance(value, bytes | bytearray | memoryview) and hashlib.sha256(value).hexdigest() == sha:
+            return True
+        refused.add((keys[generation], source))
+        worker.log_event(RESEND_TOPIC, {
+            "sha": sha, "generation": generation, "worker": worker.address,
+            "why": f"its copy from {source} does not hash to {sha[:12]}",
+        })
+        return False
 
     async def fetch() -> Any:
         deadline = time.monotonic() + BLOB_WAIT_S
         while True:
-            if key in worker.data:
-                return worker.data[key]
-            holders = (await worker.scheduler.who_has(keys=[key])).get(key) or []
-            for address in holders:
-                response = await get_data_from_worker(worker.rpc, [key], address, who=worker.address)
-                if response.get("status") == "OK" and key in response.get("data", {}):
-                    return response["data"][key]
+            for generation, k in newest_first:
+                if k in worker.data and (k, "here") not in refused:
+                    value = worker.data[k]
+                    if accept(value, generation, "this worker"):
+                        return value
+                    deadline = time.monotonic() + BLOB_WAIT_S
+            who_has = await worker.scheduler.who_has(keys=keys)
+            for generation, k in newest_first:
+                for address in who_has.get(k) or []:
+                    if (k, address) in refused:
+                        continue
+                    try:
+                        response = await get_data_from_worker(worker.rpc, [k], address, who=worker.address)
+                    except OSError:  # the holder went away mid-fetch (CommClosedError): ask again
+                        continue
+                    if response.get("status") == "OK" and k in response.get("data", {}):
+                        value = response["data"][k]
+                        if accept(value, generation, address):
+                            return value
+                        deadline = time.monotonic() + BLOB_WAIT_S
             if time.monotonic() > deadline:
                 raise LookupError(
                     f"staged blob {key} is held by no worker (asked the scheduler for {BLOB_WAIT_S:.0f}s); "
                     "the client releases blobs only when no job needs them"
+                    + (f"; copies refused as corrupt: {sorted(refused)}" if refused else "")
                 )
             await asyncio.sleep(0.5)
 
@@ -188,8 +229,10 @@ def _fetch_blob(key: str) -> Any:
         rejoin()
 
 
-def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats: dict[str, Any]) -> None:
-    """Put blob ``sha`` at ``dest``: from the cache when present, else from the cluster once."""
+def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats: dict[str, Any],
+             chunks: list[list[Any]] | None = None, keys: dict[str, str] | None = None) -> None:
+    """Put blob ``sha`` at ``dest``: from the cache when present, else from the cluster once
+    (chunk by chunk when ``chunks`` names its chunks and ``keys`` their keys)."""
     cached = os.path.join(blobs, sha)
     lock_path = os.path.join(blobs, f"{sha}.lock")
     # One fetch per blob per worker even when several of its jobs start together.
@@ -203,6 +246,9 @@ def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats:
                 return
             except FileNotFoundError:
                 pass
+            if chunks:
+                _assemble(blobs, sha, chunks, keys or {}, dest, quota_bytes, stats)
+                return
             data = _fetch_blob(key)
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise TypeError(f"staged blob {key} arrived as {type(data).__name__}, expected bytes")
@@ -216,6 +262,56 @@ def _blob_to(blobs: str, sha: str, key: str, dest: str, quota_bytes: int, stats:
                 f.write(data)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _verified_prefix(part: str, chunks: list[list[Any]]) -> tuple[int, Any]:
+    """(how many leading chunks ``part`` already holds intact, the whole-file hash over them):
+    an attempt that stopped mid-way (a worker restarted, a chunk never came) resumes there."""
+    whole = hashlib.sha256()
+    done = 0
+    with contextlib.suppress(FileNotFoundError), open(part, "rb") as f:
+        for chunk_sha, size in chunks:
+            data = f.read(size)
+            if len(data) != size or hashlib.sha256(data).hexdigest() != chunk_sha:
+                break
+            whole.update(data)
+            done += 1
+    return done, whole
+
+
+def _assemble(blobs: str, sha: str, chunks: list[list[Any]], keys: dict[str, str], dest: str,
+              quota_bytes: int, stats: dict[str, Any]) -> None:
+    """A chunked blob fetched one chunk at a time (each checked by ``_fetch_blob``) into
+    ``<sha>.chunks.part`` in the cache, after the intact chunks an earlier attempt left there;
+    checked whole, then cached and copied to ``dest`` (assembled at ``dest`` itself, uncached,
+    when larger than the whole quota)."""
+    total = sum(int(size) for _, size in chunks)
+    keep = total <= quota_bytes
+    part = os.path.join(blobs, f"{sha}.chunks.part") if keep else dest + ".vastaidask.part"
+    if keep:
+        _evict_for(blobs, total, quota_bytes)
+    done, whole = _verified_prefix(part, chunks)
+    offset = sum(int(size) for _, size in chunks[:done])
+    with open(part, "r+b" if os.path.exists(part) else "wb") as f:
+        f.truncate(offset)
+        f.seek(offset)
+        for chunk_sha, _size in chunks[done:]:
+            data = _fetch_blob(keys[chunk_sha], chunk_sha)
+            whole.update(data)
+            f.write(data)
+            stats["chunks"] = stats.get("chunks", 0) + 1
+            del data
+    if whole.hexdigest() != sha:
+        os.unlink(part)
+        raise ValueError(f"staged file {sha} assembled from its chunks does not hash to it: refusing a corrupt input")
+    stats["fetched"].append([sha, total])
+    stats["resumed_chunks"] = stats.get("resumed_chunks", 0) + done
+    if keep:
+        os.replace(part, os.path.join(blobs, sha))
+        shutil.copyfile(os.path.join(blobs, sha), dest)
+    else:
+        os.replace(part, dest)
+        stats["uncached"] += 1
 
 
 def _safe_join(root: str, rel: str) -> str:
@@ -248,15 +344,54 @@ def _pack(root: str, rels: list[str]) -> tuple[bytes, list[str]]:
     return buf.getvalue(), missing
 
 
-def _cache_outputs(root: str, rels: list[str], blobs: str, quota_bytes: int) -> None:
-    """Produced files enter the cache, so a consumer on this worker gets them without a copy."""
+def _cache_outputs(root: str, rels: list[str], blobs: str, quota_bytes: int, keep: set[str],
+                   chunk_bytes: int) -> dict[str, list[Any]]:
+    """Produced files enter the cache, so a consumer on this worker gets them without a copy.
+
+    The outputs in ``keep`` (intermediates the client's disk need not hold) stay here: the
+    manifest returned names each one cached (``{rel: [sha, size, [[chunk sha, size], ...]]}``),
+    and a consumer's worker fetches their chunks from this worker (``serve_chunk``). One that
+    could not be cached (over the quota, not a plain file) is not in it, and travels back.
+    """
+    kept: dict[str, list[Any]] = {}
     for rel in rels:
         path = _safe_join(root, rel)
         if os.path.isfile(path) and not os.path.islink(path):
             with contextlib.suppress(OSError):
                 sha = _sha256_file(path)
-                if not os.path.exists(os.path.join(blobs, sha)):
-                    _cache_put(blobs, sha, None, path, quota_bytes)
+                cached = os.path.join(blobs, sha)
+                if os.path.exists(cached) or _cache_put(blobs, sha, None, path, quota_bytes):
+                    if rel in keep and os.path.getsize(cached) > 0:
+                        kept[rel] = [sha, os.path.getsize(cached), _chunk_hashes(cached, chunk_bytes)]
+    return kept
+
+
+def _chunk_hashes(path: str, chunk_bytes: int) -> list[list[Any]]:
+    """[[sha256, size], ...] of ``path`` in chunks of ``chunk_bytes`` (``staging.chunk_file``)."""
+    out = []
+    with open(path, "rb") as f:
+        while data := f.read(chunk_bytes):
+            out.append([hashlib.sha256(data).hexdigest(), len(data)])
+    return out
+
+
+def serve_chunk(cache_dir: str | None, sha: str, offset: int, size: int) -> bytes:
+    """One chunk of a file this worker produced and kept in its cache, as a task's result: the
+    worker that consumes it fetches it from here (worker to worker, never through the client).
+    The consumer checks the chunk's hash; this worker is not trusted for it."""
+    _address, name = _worker_identity()
+    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    cache_root = os.path.expanduser(cache_dir or "~/.cache/snakemake-vastaidask")
+    path = os.path.join(cache_root, f"worker-{safe_name}", "blobs", sha)
+    try:
+        with open(path, "rb") as f:
+            os.utime(path)  # last use, for LRU
+            f.seek(offset)
+            return f.read(size)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"the kept output {sha} is no longer in this worker's cache ({path}): evicted under the quota"
+        ) from None
 
 
 def _cancelled() -> bool:
@@ -592,7 +727,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     blobs = os.path.join(base, "blobs")
     os.makedirs(blobs, exist_ok=True)
     quota = int(payload["cache_quota_bytes"])
-    stats: dict[str, Any] = {"hits": 0, "fetched": [], "uncached": 0}
+    stats: dict[str, Any] = {"hits": 0, "fetched": [], "uncached": 0, "chunks": 0, "resumed_chunks": 0}
     scratch = os.path.join(base, "jobs", payload["key"])
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch)
@@ -603,7 +738,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             _blob_to(blobs, payload["sources"], payload["blob_keys"][payload["sources"]], src, quota, stats)
             _extract(src, scratch)
             os.unlink(src)
-        for rel, sha, kind, mtime_ns in payload["inputs"]:
+        for rel, sha, kind, mtime_ns, *chunked in payload["inputs"]:
             dest = _safe_join(scratch, rel)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             if kind == "dir":  # a tar whose member names are workdir-relative
@@ -612,6 +747,8 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
                 os.makedirs(dest, exist_ok=True)
                 _extract(tmp, scratch)
                 os.unlink(tmp)
+            elif chunked and chunked[0]:
+                _blob_to(blobs, sha, "", dest, quota, stats, chunked[0], payload["blob_keys"])
             else:
                 _blob_to(blobs, sha, payload["blob_keys"][sha], dest, quota, stats)
             os.utime(dest, ns=(mtime_ns, mtime_ns))
@@ -645,10 +782,13 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         os.unlink(log_path)
         result["output"] = text
         result["log_tail"] = text[-LOG_TAIL_CHARS:]
-        wanted = payload["outputs"] + payload["logs"] if rc == 0 else payload["logs"]
-        result["tar"], result["missing"] = _pack(scratch, wanted)
+        kept: dict[str, list[Any]] = {}
         if rc == 0:
-            _cache_outputs(scratch, payload["outputs"], blobs, quota)
+            kept = _cache_outputs(scratch, payload["outputs"], blobs, quota, set(payload.get("keep_remote") or ()),
+                                  int(payload.get("chunk_bytes") or 1 << 25))
+        wanted = [p for p in payload["outputs"] if p not in kept] + payload["logs"] if rc == 0 else payload["logs"]
+        result["tar"], result["missing"] = _pack(scratch, wanted)
+        result["kept"] = kept
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         result["cache"] = stats

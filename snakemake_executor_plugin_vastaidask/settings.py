@@ -139,6 +139,18 @@ class ExecutorSettings(ExecutorSettingsBase):
         metadata={"help": "Disk a worker may use to keep staged sources, inputs and outputs "
                   "(least recently used evicted first)."},
     )
+    no_keep_temp_remote: bool = field(
+        default=False,
+        metadata={"help": "Bring temp() outputs back to this machine like every other output. By default "
+                  "they stay on the worker that made them (this machine gets a small stand-in file) and "
+                  "the jobs that need them fetch them from there, worker to worker."},
+    )
+    chunk_mb: int = field(
+        default=32,
+        metadata={"help": "Input files larger than this many MB travel to the workers in chunks of this "
+                  "size (each checked, a lost one sent again alone); the client holds about three "
+                  "chunks in memory at a time."},
+    )
     worker_cache_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Cache directory on the workers (default ~/.cache/snakemake-vastaidask)."},
