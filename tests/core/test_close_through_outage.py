@@ -76,7 +76,9 @@ def test_close_through_an_outage_says_what_may_bill_and_the_watchdog_destroys_it
     wait_until(lambda: all(r["destroyed"] for r in market.meter()["instances"]), orphan_timeout + 60,
                "the watchdog to destroy the rental left behind")
     took = time.monotonic() - closed
-    assert took <= orphan_timeout + 60, took
+    # Its clock ran out during the outage (close kept the link no longer); once Vast answers it
+    # destroys at its next try, at most RETRY_MAX_S (10 s) later: not a minute later, billing.
+    assert took <= 30, took
     print(f"watchdog destroyed it {took:.1f} s after close (orphan_timeout {orphan_timeout} s)")
 
 
