@@ -197,11 +197,14 @@ class GPUDemandPolicy:
         demand = f"{view.demand_gpus:g} GPU(s) wanted"
         if target > held:
             if view.failures_in_a_row >= self.max_failures_in_a_row:
+                # Noted again when the pool's last instance has gone: only then can the tasks
+                # that only it could run be failed (while one boots they may still run).
                 return self._note(Decision(
                     "not renting",
                     f"{demand} but the last {view.failures_in_a_row} instances of this pool failed to "
                     "boot; see cluster.get_logs(), fix the pool's options, then call adapt() again",
-                ))
+                    held=held,
+                ), key=f"not renting, {'some' if held else 'none'} held")
             self.idle_since.clear()
             self._last_note = None
             booting = sum(1 for i in view.instances if not i.registered)
@@ -261,11 +264,12 @@ class GPUDemandPolicy:
         kept = [i for i in ripe if i.holds_data]
         return [i for i in ripe if not i.holds_data], kept
 
-    def _note(self, decision: Decision) -> list[Decision]:
-        """A note said once until something else happens (not every round)."""
-        if self._last_note == decision.action:
+    def _note(self, decision: Decision, key: str | None = None) -> list[Decision]:
+        """A note said once (per ``key``, its action by default) until something else happens."""
+        key = decision.action if key is None else key
+        if self._last_note == key:
             return []
-        self._last_note = decision.action
+        self._last_note = key
         return [decision]
 
 
@@ -417,8 +421,8 @@ class GPUAdaptive:
         for decision in self.policy.decide(view):
             self.log.append((time.time(), decision.text, decision.reason))
             if decision.action == "not renting":
-                # Said once (the policy notes it once), at WARNING, with the boot failures; with
-                # no instance left, the tasks only this pool could run fail with them.
+                # Said once at WARNING, with the boot failures (the cluster says it once); with
+                # no instance left (noted again then), the tasks only this pool could run fail with them.
                 self.cluster.give_up_pool(self.pool, f"adapt() stopped renting: {decision.reason}",
                                           fail_tasks=not view.instances)
                 continue

@@ -328,8 +328,9 @@ class VastAICluster(ClusterReadout, SpecCluster):
         if pool in self.pools.given_up:
             return
         message = self.pools.give_up(pool, why) if fail_tasks else self.pools.give_up_message(pool, why)
-        self.log(f"WARNING {message}")
-        logger.warning("%s", message)
+        if self.pools.first_give_up_warning(pool):
+            self.log(f"WARNING {message}")
+            logger.warning("%s", message)
         if fail_tasks:
             self._guard.sweep()
 

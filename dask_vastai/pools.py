@@ -410,6 +410,7 @@ class PoolSet:
         self._boot_errors_by_pool: dict[str, list[tuple[str, BaseException]]] = {}
         #: pools that gave up, with the sentence that says why
         self.given_up: dict[str, str] = {}
+        self._warned_give_up: set[str] = set()
         #: per pool: rentals lost after renting, and their replacements
         self.losses: dict[str, PoolLosses] = {}
         self._falling_back: set[str] = set()
@@ -509,6 +510,14 @@ class PoolSet:
         return f"pool {pool!r} gave up: {why}" + (
             ". Its last boot failures:\n  " + "\n  ".join(reasons) if reasons else "")
 
+    def first_give_up_warning(self, pool: str) -> bool:
+        """True the first time ``pool``'s giving up is to be said (until :meth:`forgive`): said
+        once, whether adapt() first stops renting while an instance still boots or only later."""
+        if pool in self._warned_give_up:
+            return False
+        self._warned_give_up.add(pool)
+        return True
+
     def give_up(self, pool: str, why: str) -> str:
         """Mark ``pool`` as given up (nothing will rent for it); the sentence that says so."""
         self.given_up[pool] = message = self.give_up_message(pool, why)
@@ -523,6 +532,7 @@ class PoolSet:
         """Forget a pool's failures in a row and its giving up (``adapt()``/``scale()``: a new chance)."""
         self._failures_in_a_row.pop(pool, None)
         self.given_up.pop(pool, None)
+        self._warned_give_up.discard(pool)
 
     # -------------------------------------------------------- losses
     def note_loss(self, pool: str, kind: str) -> str | None:
@@ -604,10 +614,17 @@ class ResourceGuard(SchedulerPlugin):
             asyncio.get_running_loop().call_soon(self._fail, key, error)
 
     def sweep(self) -> None:
-        """Fail the waiting tasks that only pools that gave up could run (call on the loop)."""
-        for ts in list(self.scheduler.unrunnable):
-            if ts.resource_restrictions and (error := self._error_for(ts.resource_restrictions)) is not None:
-                self._fail(ts.key, error)
+        """Fail the waiting tasks that only pools that gave up could run (call on the loop).
+
+        Said in one line naming them: the give-up itself was just said at WARNING with its
+        reasons, which each task's error carries; repeating them per task buries them.
+        """
+        failed = [ts.key for ts in list(self.scheduler.unrunnable)
+                  if ts.resource_restrictions and (error := self._error_for(ts.resource_restrictions)) is not None
+                  and self._fail(ts.key, error, say=False)]
+        if failed:
+            logger.warning("failed %d waiting task(s) that only pools that gave up could run (their error says "
+                           "why): %s", len(failed), textwrap.shorten(", ".join(map(str, failed)), 300, placeholder=" ..."))
 
     def _error_for(self, restrictions: Mapping[str, float]) -> Exception | None:
         pools = list(self._pools())
@@ -624,9 +641,11 @@ class ResourceGuard(SchedulerPlugin):
             )
         return None
 
-    def _fail(self, key: Any, error: Exception) -> None:
-        if fail_task(self.scheduler, key, error, states=("no-worker",), stimulus=f"dask-vastai-unrunnable-{key}"):
+    def _fail(self, key: Any, error: Exception, *, say: bool = True) -> bool:
+        failed = fail_task(self.scheduler, key, error, states=("no-worker",), stimulus=f"dask-vastai-unrunnable-{key}")
+        if failed and say:
             logger.warning("failing task %s: %s", key, error)
+        return failed
 
 
 def fail_task(scheduler: Any, key: Any, error: Exception, *, states: Sequence[str], stimulus: str) -> bool:

@@ -36,6 +36,8 @@ import urllib.error
 import urllib.request
 
 GRACE_S = 10
+#: seconds between two of the watchdog's destroy attempts, at most (it retries until one succeeds)
+RETRY_MAX_S = 10
 
 
 #: files that may hold the container's launch environment, as NAME=value lines
@@ -255,7 +257,7 @@ class Supervisor:
                     return False
             except OSError as e:
                 self.log(f"DELETE {url}: {e} (attempt {attempt + 1})")
-            time.sleep(2 ** attempt)
+            time.sleep(min(2 ** attempt, RETRY_MAX_S))
         return False
 
     def run(self, poll_s=0.5):
@@ -274,7 +276,9 @@ class Supervisor:
                  f"{self.orphan_s}s): stopping the workers and destroying this instance")
         self.stop_all("the client is gone")
         while not self.destroy():
-            time.sleep(60)  # keep trying: only destroy stops the meter
+            # Keep trying, a short gap apart: only destroy stops the meter, and after an API
+            # outage every minute waited is billed (60 s here cost a minute past the outage's end).
+            time.sleep(RETRY_MAX_S)
 
 
 def main(argv):

@@ -362,6 +362,16 @@ class DaskBackend:
         """The part of :attr:`cost_usd` that is bandwidth (bytes in and out at each offer's rates)."""
         return float(self.cluster.bandwidth_cost) if self.cluster is not None else 0.0
 
+    def losses(self) -> str:
+        """What became of the rentals lost after renting, per pool (``"default: 1 preempted, 1
+        replaced"``; the pool's name only when several pools lost some); "" when none was lost."""
+        if self.cluster is None:
+            return ""
+        lost = {pool: losses.text() for pool, losses in self.cluster.losses.items() if losses}
+        if len(lost) == 1:
+            return next(iter(lost.values()))
+        return "; ".join(f"pool {pool}: {text}" for pool, text in lost.items())
+
     def workers(self) -> dict[str, dict[str, Any]]:
         return dict(self.client.scheduler_info(n_workers=-1).get("workers", {}))
 

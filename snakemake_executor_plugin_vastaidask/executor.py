@@ -551,7 +551,7 @@ class Executor(RemoteExecutor):
         if self.backend.renting:
             # After close: every rental destroyed, so this is the final bill.
             self.logger.info(self.progress.summary(self.backend.instances(), self.backend.cost_usd,
-                                                   self.backend.bandwidth_usd))
+                                                   self.backend.bandwidth_usd, self.backend.losses()))
         if self.storage_mode:
             # Core removes the archive only when it uploaded it itself.
             with contextlib.suppress(Exception):

@@ -61,8 +61,10 @@ class RentalProgress:
         return f"{PREFIX}instance {rid} {phase} ({up})" + (f": {shorten(str(why), 200)}" if why else "")
 
     @staticmethod
-    def summary(rows: list[Mapping[str, Any]], cost_usd: float, bandwidth_usd: float = 0.0) -> str:
-        """The closing line: how many rentals, for how long, and the dollars they cost (the
+    def summary(rows: list[Mapping[str, Any]], cost_usd: float, bandwidth_usd: float = 0.0, losses: str = "") -> str:
+        """The closing line: how many rentals, for how long, what became of the ones lost
+        after renting (``losses``, e.g. ``"1 preempted, 1 replaced"``: a rental count that
+        exceeds the pool's size is explained there), and the dollars they cost (the
         bandwidth's part said apart, before the total)."""
         rented = [r for r in rows if r.get("id") is not None]
         if not rented:
@@ -76,5 +78,5 @@ class RentalProgress:
         )
         return (
             f"{PREFIX}{n} instance{'s' if n > 1 else ''} rented for {duration(uptime)} in all, "
-            f"{left}; bandwidth {usd(bandwidth_usd)} of the cost {usd(cost_usd)}"
+            f"{left}{'; ' + losses if losses else ''}; bandwidth {usd(bandwidth_usd)} of the cost {usd(cost_usd)}"
         )
