@@ -550,7 +550,10 @@ class VastAICluster(ClusterReadout, SpecCluster):
         leaving = set(self.workers) - set(self.worker_spec)
         names = {n for name in leaving for n in getattr(self.workers[name], "worker_names", ())}
         addresses = self._traffic.direct_addresses(self.scheduler, names) if names else []
-        if names and self.scheduler.status == Status.running:
+        # Only where workers stay is there somewhere for the data to go: at close or scale(0)
+        # a retired worker would go on heartbeating until its instance stops (a warning each).
+        staying = set(self.workers) & set(self.worker_spec)
+        if names and staying and self.scheduler.status == Status.running:
             with contextlib.suppress(Exception):  # SpecCluster closes them below all the same
                 await self.scheduler_comm.retire_workers(names=sorted(names))
         if addresses and self.scheduler.status == Status.running:

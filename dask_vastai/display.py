@@ -118,11 +118,7 @@ class TextTable:
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=self.title or None, title_justify="left")
-        last = len(self.columns) - 1
-        for c, column in enumerate(self.columns):
-            # Only the free text (a status message) wraps: a phase cut in two reads as two rows.
-            table.add_column(column, no_wrap=c < last, overflow="ellipsis" if c < last else "fold")
+        table = Table(*self.columns, title=self.title or None, title_justify="left")
         for r, row in enumerate(self.rows):
             table.add_row(*(Text(str(v), style=TONES_RICH.get(self._tone(r, c), "")) for c, v in enumerate(row)))
         body: Any = table if self.rows else Text(f"{self.title}\n{self.empty}" if self.title else self.empty)

@@ -39,12 +39,13 @@ def _script(tmp_path: Path, boot_delay_s: float) -> Path:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # Without COLUMNS/LINES (pytest's workers may set them): the script sizes its table by its pty.
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def test_a_terminal_shows_each_instance_moving_through_its_phases(sandbox, tmp_path) -> None:
-    # A 6 s pull: long enough that a poll (every 2 s) sees Vast's pull message on a loaded box.
-    child = pexpect.spawn(sys.executable, [str(_script(tmp_path, 6.0))], env=_env(), cwd=str(tmp_path),
+    child = pexpect.spawn(sys.executable, [str(_script(tmp_path, 3.0))], env=_env(), cwd=str(tmp_path),
                           dimensions=(60, 200), encoding="utf-8", codec_errors="replace", timeout=240)
     child.expect(pexpect.EOF)
     raw = child.before
