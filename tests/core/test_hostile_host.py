@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.sandbox import ssh_options
+from tests.helpers.sandbox import public_listeners, ssh_options
 
 ATTACKER = Path(__file__).with_name("hostile_host.py")
 
@@ -89,6 +89,11 @@ def test_root_in_one_instance_can_act_only_as_that_worker(market, tmp_path: Path
             assert any(k.startswith(needed) for k in attacks), f"the attack {needed!r} was not tried: {attempts}"
         scheduler_port = cluster.scheduler_address.rsplit(":", 1)[1]
         assert any(f"port {scheduler_port} " in k for k in attacks), "the scheduler's forwarded port was tried"
+
+        # What A's root can reach from outside B: in tunnel mode nothing listens beyond B's
+        # loopback; in direct mode only B's own worker port (mutual TLS, live-peer list).
+        public_b = public_listeners(_ssh(cluster, "hh-1", key, "cat /proc/net/tcp /proc/net/tcp6"))
+        assert public_b == ({int(b.rsplit(":", 1)[1])} if network == "direct" else set()), public_b
 
         # Nothing ran here or on B; B stayed registered and running, not paused by A's stream.
         assert not laptop_marker.exists()

@@ -20,6 +20,8 @@ import dask
 import psutil
 import pytest
 
+from tests.helpers.sandbox import listening_sockets, public_listeners
+
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
 
 # Made at run time: this file travels to the instance too (the tests package is a local
@@ -98,25 +100,19 @@ def test_nothing_of_ours_listens_beyond_loopback_on_the_client(trust) -> None:
     assert [a for a in listening if a.ip not in ("127.0.0.1", "::1")] == []
 
 
-def _listeners(proc_net_tcp: str) -> list[tuple[str, int]]:
-    """(address, port) of the LISTEN sockets in /proc/net/tcp and tcp6 text."""
-    out = []
-    for line in proc_net_tcp.splitlines():
-        fields = line.split()
-        if len(fields) > 3 and fields[3] == "0A" and ":" in fields[1]:
-            address, port = fields[1].rsplit(":", 1)
-            out.append((address, int(port, 16)))
-    return out
-
-
-def test_nothing_in_the_instance_listens_beyond_loopback(trust) -> None:
-    listening = _listeners(_run(trust, "cat /proc/net/tcp /proc/net/tcp6"))
-    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+def test_beyond_loopback_only_the_direct_workers_own_port_listens(trust) -> None:
+    """The default network is "auto": this instance's ports answer, so its worker listens on
+    its public mapped port (mutual TLS, live-peer list), and nothing else does: not the nanny,
+    not the worker's HTTP server, not sshd's forwards. (Tunnel mode, where not even the
+    worker's port is public, is held by tests/core/test_hostile_host.py.)"""
+    (instance,) = trust["cluster"].workers.values()
+    assert instance.network == "direct", "the default network ('auto') made this instance direct"
+    text = _run(trust, "cat /proc/net/tcp /proc/net/tcp6")
     ((address, worker),) = trust["client"].scheduler_info()["workers"].items()
-    ours = {int(address.rsplit(":", 1)[1]), int(worker["nanny"].rsplit(":", 1)[1]),
-            worker["services"]["dashboard"]}  # the worker, its nanny and its HTTP server
-    assert ours <= {port for _, port in listening}, (ours, listening)
-    assert [(a, p) for a, p in listening if a not in loopback] == []
+    worker_port = int(address.rsplit(":", 1)[1])
+    ours = {worker_port, int(worker["nanny"].rsplit(":", 1)[1]), worker["services"]["dashboard"]}
+    assert ours <= {port for _, port in listening_sockets(text)}, (ours, listening_sockets(text))
+    assert public_listeners(text) == {worker_port}, listening_sockets(text)
 
 
 # ----------------------------------------------------------------------------- what travels

@@ -62,6 +62,27 @@ def ssh_options(connect_timeout_s: int = 10) -> list[str]:
 SSH_OPTS = ssh_options()
 
 
+#: /proc/net/tcp{,6} addresses of loopback: 127.0.0.1, ::1 and ::ffff:127.0.0.1
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def listening_sockets(proc_net_tcp: str) -> list[tuple[str, int]]:
+    """(address, port) of the LISTEN sockets in ``cat /proc/net/tcp /proc/net/tcp6`` text
+    (read inside an instance, which has neither ``ss`` nor ``netstat`` for sure)."""
+    out = []
+    for line in proc_net_tcp.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "0A" and ":" in fields[1]:
+            address, port = fields[1].rsplit(":", 1)
+            out.append((address, int(port, 16)))
+    return out
+
+
+def public_listeners(proc_net_tcp: str) -> set[int]:
+    """The ports listening beyond loopback."""
+    return {port for address, port in listening_sockets(proc_net_tcp) if address not in LOOPBACK}
+
+
 def make_spec(instance_id: int, key: Path | None = None, **overrides: Any) -> SandboxSpec:
     """What the control plane hands the runtime for one rental: 2 RTX 3090s, ``key`` authorized."""
     fields = dict(
