@@ -110,10 +110,14 @@ class ClusterCA:
     ) -> None:
         if lifetime_days <= 0:
             raise ValueError(f"certificate lifetime {lifetime_days} days: it must be a positive number")
-        worker_s = parse_timedelta(option("worker-certificate-lifetime", worker_lifetime_s))
+        worker_lifetime = option("worker-certificate-lifetime", worker_lifetime_s)
+        try:
+            worker_s = parse_timedelta(worker_lifetime)
+        except (TypeError, ValueError):
+            worker_s = None
         if not worker_s or worker_s <= 0 or worker_s > lifetime_days * 86400:
             raise ValueError(
-                f"vastai.worker-certificate-lifetime={worker_lifetime_s!r}: a worker certificate must "
+                f"vastai.worker-certificate-lifetime={worker_lifetime!r}: a worker certificate must "
                 f"live a positive time no longer than the CA ({lifetime_days} days); e.g. '4h'"
             )
         self.cluster_name = cluster_name
