@@ -98,6 +98,8 @@ class CertificateRenewal:
                 await link.put(self.files[name], creds.renewal_pem())
             except TunnelError as e:
                 why = f"writing it failed ({e})"
+            except Exception as e:  # noqa: BLE001 - said and tried again, never a silent end of renewals
+                why = f"writing it failed ({type(e).__name__}: {e})"
             else:
                 self.renewed += 1
                 self._failing.discard(name)

@@ -31,6 +31,8 @@ just before the switch still land).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import time
 from collections.abc import Callable
@@ -255,12 +257,18 @@ class ClusterCA:
         return None if held is None else held.current
 
     def live_serials(self, name: str) -> tuple[int, ...]:
-        """The serials other workers accept for ``name``: its current one, and a renewed one
-        not yet in use (it is offered to them before the worker can present it)."""
+        """The serials other workers accept for ``name``: its current one, a renewed one not yet
+        in use (offered to them before the worker can present it), and during the grace after
+        a switch the one it replaced (as the scheduler does)."""
         held = self._current.get(name)
         if held is None:
             return ()
-        return (held.current,) if held.pending is None else (held.current, held.pending)
+        out = [held.current]
+        if held.pending is not None:
+            out.append(held.pending)
+        if held.previous is not None and time.monotonic() < held.previous_until:
+            out.append(held.previous)
+        return tuple(out)
 
     def is_current(self, peer: Peer) -> bool:
         """Whether a worker peer shows a certificate honoured for its name.
@@ -277,6 +285,9 @@ class ClusterCA:
             held.previous, held.previous_until = held.current, time.monotonic() + self.switch_grace_s
             held.current, held.issued_at, held.pending = held.pending, held.pending_issued_at, None
             self._changed()
+            with contextlib.suppress(RuntimeError):  # no running loop: the next change tells them
+                # the live-worker list drops the old serial when the grace ends, as this check does
+                asyncio.get_running_loop().call_later(self.switch_grace_s + 0.05, self._changed)
             return True
         return peer.serial == held.previous and time.monotonic() < held.previous_until
 

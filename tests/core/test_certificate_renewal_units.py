@@ -85,11 +85,17 @@ def test_a_renewal_is_honoured_beside_the_old_one_until_used_then_the_old_one_en
     assert ca.current_serial("w") == first.serial
     assert ca.renewal_due("w") == pytest.approx(time.time() + 10, abs=1), "the next one counts from the renewal"
 
-    assert ca.is_current(_peer(ca, "w", renewed.serial)), "its first use switches"
-    assert ca.current_serial("w") == renewed.serial and ca.live_serials("w") == (renewed.serial,)
-    assert changes[-1] == (renewed.serial,)
-    assert ca.is_current(_peer(ca, "w", first.serial)), "a handshake begun just before the switch lands"
-    time.sleep(0.4)
+    async def switch() -> None:
+        assert ca.is_current(_peer(ca, "w", renewed.serial)), "its first use switches"
+        assert ca.current_serial("w") == renewed.serial
+        assert ca.live_serials("w") == (renewed.serial, first.serial), "the old one only for the grace"
+        assert changes[-1] == (renewed.serial, first.serial)
+        assert ca.is_current(_peer(ca, "w", first.serial)), "a handshake begun just before the switch lands"
+        await asyncio.sleep(0.5)
+        assert changes[-1] == (renewed.serial,), "the other workers hear when the grace ends"
+
+    asyncio.run(switch())
+    assert ca.live_serials("w") == (renewed.serial,)
     assert not ca.is_current(_peer(ca, "w", first.serial)), "after the grace the old one opens nothing"
     assert ca.is_current(_peer(ca, "w", renewed.serial))
     assert not ca.is_current(_peer(ca, "other", renewed.serial)), "a serial counts for its own name only"
