@@ -1,11 +1,11 @@
-"""Short-lived worker certificates on a direct-mode cluster, as a user runs one.
+"""Short-lived worker certificates on a cluster, as a user runs one, in both network modes.
 
 Worker certificates live 24 s here (the shipped default is hours) and are renewed at half
-their life over each instance's SSH link, while two direct workers on the strict marketplace
-keep computing. What must hold: after each worker's certificate was renewed twice and the
+their life over each instance's SSH link, while two workers on the strict marketplace
+keep computing (direct: public ports; tunnel, the default: forwards through this machine). What must hold: after each worker's certificate was renewed twice and the
 first ones expired, new connections (scheduler links, a direct worker-to-worker transfer)
 work; the first certificate and key, which the host still holds on disk from its incarnation,
-fail the TLS handshake at the other worker's public port and at the scheduler; the host's
+fail the TLS handshake at the other worker's address and at the scheduler; the host's
 files now hold the renewed one; and no key shows in the cluster's logs.
 """
 
@@ -39,7 +39,8 @@ def _presenting(creds: dict[str, str], folder: Path) -> ssl.SSLContext:
     return ctx
 
 
-def test_direct_workers_compute_across_renewals_and_the_first_keys_expire(sandbox: None, tmp_path: Path) -> None:
+@pytest.mark.parametrize("network", ["direct", "tunnel"])
+def test_workers_compute_across_renewals_and_the_first_keys_expire(sandbox: None, tmp_path: Path, network: str) -> None:
     import numpy as np
     from distributed import Client, wait
 
@@ -50,9 +51,10 @@ def test_direct_workers_compute_across_renewals_and_the_first_keys_expire(sandbo
             dask.config.set({"vastai.worker-certificate-lifetime": f"{LIFETIME_S:g}s"}):
         with VastAICluster(
             gpu="RTX_3090", n=2, api_url=emu.url, api_key=emu.api_key, name="cr", quiet=True,
-            boot_timeout=240, network="direct", worker_options={"nthreads": 1},
+            boot_timeout=240, network=network, worker_options={"nthreads": 1},
         ) as cluster, Client(cluster) as client:
             ca = cluster.certificates
+            assert [w.network for w in cluster.workers.values()] == [network, network]
             addresses = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
             a, b = addresses["cr-0"], addresses["cr-1"]
             first = _certificate_of(cluster, "cr-0")  # what cr-0's host holds from its incarnation
@@ -76,7 +78,7 @@ def test_direct_workers_compute_across_renewals_and_the_first_keys_expire(sandbo
             cluster.sync(fresh_connections)
             client.run(lambda dask_worker: dask_worker.rpc.collect())
             z = client.submit(lambda u: float(u.sum()), x, workers=[b], pure=False)
-            assert z.result() == 10**6 // 8, "a direct transfer made after the first certificates expired"
+            assert z.result() == 10**6 // 8, "a transfer between workers after the first certificates expired"
             assert sorted(w["name"] for w in client.scheduler_info()["workers"].values()) == ["cr-0", "cr-1"]
 
             held = _presenting(first, tmp_path)
