@@ -35,7 +35,7 @@ def _validity(pem: str) -> datetime.timedelta:
     return cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
 
 
-def _peer(ca: ClusterCA, name: str, serial: int) -> Peer:
+def _peer(name: str, serial: int) -> Peer:
     return Peer(role="worker", name=name, serial=serial)
 
 
@@ -81,24 +81,24 @@ def test_a_renewal_is_honoured_beside_the_old_one_until_used_then_the_old_one_en
     assert peer is not None and (peer.name, peer.address, peer.nanny) == ("w", "tls://h:1", "tls://127.0.0.1:2")
     assert changes == [(first.serial, renewed.serial)], "offered to the other workers before it is used"
     assert ca.live_serials("w") == (first.serial, renewed.serial)
-    assert ca.is_current(_peer(ca, "w", first.serial)), "not in use yet: the old one still counts"
+    assert ca.is_current(_peer("w", first.serial)), "not in use yet: the old one still counts"
     assert ca.current_serial("w") == first.serial
     assert ca.renewal_due("w") == pytest.approx(time.time() + 10, abs=1), "the next one counts from the renewal"
 
     async def switch() -> None:
-        assert ca.is_current(_peer(ca, "w", renewed.serial)), "its first use switches"
+        assert ca.is_current(_peer("w", renewed.serial)), "its first use switches"
         assert ca.current_serial("w") == renewed.serial
         assert ca.live_serials("w") == (renewed.serial, first.serial), "the old one only for the grace"
         assert changes[-1] == (renewed.serial, first.serial)
-        assert ca.is_current(_peer(ca, "w", first.serial)), "a handshake begun just before the switch lands"
+        assert ca.is_current(_peer("w", first.serial)), "a handshake begun just before the switch lands"
         await asyncio.sleep(0.5)
         assert changes[-1] == (renewed.serial,), "the other workers hear when the grace ends"
 
     asyncio.run(switch())
     assert ca.live_serials("w") == (renewed.serial,)
-    assert not ca.is_current(_peer(ca, "w", first.serial)), "after the grace the old one opens nothing"
-    assert ca.is_current(_peer(ca, "w", renewed.serial))
-    assert not ca.is_current(_peer(ca, "other", renewed.serial)), "a serial counts for its own name only"
+    assert not ca.is_current(_peer("w", first.serial)), "after the grace the old one opens nothing"
+    assert ca.is_current(_peer("w", renewed.serial))
+    assert not ca.is_current(_peer("other", renewed.serial)), "a serial counts for its own name only"
 
 
 def test_a_new_incarnation_ends_a_renewal_in_flight_and_an_unknown_name_cannot_be_renewed() -> None:
@@ -107,7 +107,7 @@ def test_a_new_incarnation_ends_a_renewal_in_flight_and_an_unknown_name_cannot_b
     pending = ca.renew_worker("w")
     fresh = ca.issue_worker("w", address=None, nanny=None)
     assert ca.live_serials("w") == (fresh.serial,)
-    assert not ca.is_current(_peer(ca, "w", pending.serial))
+    assert not ca.is_current(_peer("w", pending.serial))
     with pytest.raises(KeyError, match="'nobody' holds no certificate"):
         ca.renew_worker("nobody")
 
