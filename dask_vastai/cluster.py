@@ -201,7 +201,9 @@ class VastAICluster(ClusterReadout, SpecCluster):
         self._budget_guard = BudgetGuard(self.scheduler)
         self.scheduler.add_plugin(self._budget_guard)
         # Workers accept worker peers only from this list (certificates of live incarnations).
-        self.scheduler.add_plugin(PeerRoster(self.scheduler, self.certificates.current_serial))
+        roster = PeerRoster(self.scheduler, self.certificates.live_serials)
+        self.scheduler.add_plugin(roster)
+        self.certificates.on_change(roster.push)  # a renewal offered, then switched to
         self.context = ClusterContext(
             broker=self.broker,
             hub=self.hub,

@@ -45,6 +45,7 @@ from .bootstrap import (
     parse_probe,
     probe_command,
 )
+from .certificate_reload import RENEWAL_FILE_ENV
 from .config import option
 from .environment import CudaVersion, InstanceEnvironment, SecretEnv, driver_cuda
 from .exceptions import (
@@ -58,6 +59,7 @@ from .exceptions import (
 )
 from .network import DIRECT, TUNNEL, DirectPort, direct_ports, probe_direct
 from .pools import POOL_RESOURCE_CAPACITY, Pool, PoolSet
+from .renewal import CertificateRenewal, incarnation_env
 from .rentals import RentalBroker, RentalRecord
 from .roles import LISTEN_HOST_ENV, ROSTER_ENV, WORKER_ARGS, WORKER_CLIENTS_ENV
 from .security import ClusterCA
@@ -147,6 +149,8 @@ class VastInstance(ProcessInterface):
         self._replacing: int | None = None
         self._boot: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        #: renews the running incarnations' certificates (a new one with each set of incarnations)
+        self._renewal: asyncio.Task[None] | None = None
         self._enter(Phase.RENTING)
 
     # ----------------------------------------------------------------- start
@@ -595,6 +599,7 @@ class VastInstance(ProcessInterface):
                     inc.worker_name, address=f"tls://127.0.0.1:{worker_port}", nanny=f"tls://127.0.0.1:{nanny_port}"
                 )
                 ready.append(replace(inc, worker_port=worker_port, nanny_port=nanny_port,
+                                     env={**inc.env, **incarnation_env(inc.worker_name, creds.serial)},
                                      tls_cert=creds.cert_pem, tls_key=creds.key_pem))
             self.worker_ports = [inc.worker_port for inc in ready]
         else:
@@ -608,7 +613,8 @@ class VastInstance(ProcessInterface):
                 )
                 ready.append(replace(
                     inc, worker_port=port.listen_port, nanny_port=nanny_port, contact_address=port.address,
-                    env={**inc.env, LISTEN_HOST_ENV: "0.0.0.0"}, tls_cert=creds.cert_pem, tls_key=creds.key_pem,
+                    env={**inc.env, LISTEN_HOST_ENV: "0.0.0.0", **incarnation_env(inc.worker_name, creds.serial)},
+                    tls_cert=creds.cert_pem, tls_key=creds.key_pem,
                 ))
             self.worker_ports = [inc.nanny_port for inc in ready]
         self.network = TUNNEL if direct is None else DIRECT
@@ -617,6 +623,16 @@ class VastInstance(ProcessInterface):
         await asyncio.gather(
             *(self.link.put(incarnation_path(inc.worker_name), incarnation_payload(inc)) for inc in ready)
         )
+        self._renew(ready)
+
+    def _renew(self, incarnations: list[Incarnation]) -> None:
+        """Keep these incarnations' short-lived certificates fresh while they run."""
+        if self._renewal is not None:
+            self._renewal.cancel()
+        files = {inc.worker_name: inc.env[RENEWAL_FILE_ENV] for inc in incarnations}
+        renewal = CertificateRenewal(self.context.certificates, lambda: self.link, files, who=self.name,
+                                     say=getattr(self.context, "log", None))
+        self._renewal = asyncio.create_task(renewal.run())
 
     async def _beat(self) -> None:
         """Tell the on-instance watchdog the client is alive."""
@@ -638,7 +654,7 @@ class VastInstance(ProcessInterface):
 
     async def close(self) -> None:
         """Close SSH, then destroy the rental: always, whatever the boot reached."""
-        for task in (self._boot, self._heartbeat):
+        for task in (self._boot, self._heartbeat, self._renewal):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):

@@ -190,13 +190,13 @@ class PeerRoster(SchedulerPlugin):
     """Pushes the live-worker list to every worker whenever a worker comes or goes.
 
     Each worker then accepts a worker peer only when the list names it with the serial of its
-    current certificate (``roles.LivePeers``). ``serial_of(name)`` is that serial (the
-    cluster's CA); :meth:`push` may also be called when a certificate is issued anew.
+    current certificate (``roles.LivePeers``). ``serial_of(name)`` is that serial, or the
+    serials a renewal honours (the cluster's CA); :meth:`push` is also called when they change.
     """
 
     name = "dask-vastai-peer-roster"
 
-    def __init__(self, scheduler: Any, serial_of: Callable[[str], int | None]) -> None:
+    def __init__(self, scheduler: Any, serial_of: Callable[[str], int | tuple[int, ...] | None]) -> None:
         # Given here: Scheduler.add_plugin does not call start() on an in-process scheduler.
         self.scheduler = scheduler
         self.serial_of = serial_of
@@ -208,12 +208,15 @@ class PeerRoster(SchedulerPlugin):
         self.push(leaving=worker)
 
     def peers(self, leaving: str | None = None) -> dict[str, str]:
-        """Worker name -> its current certificate's serial (hex), for the registered workers."""
+        """Worker name -> its current certificate's serial (hex), for the registered workers;
+        comma-separated serials while one is renewed (``serial_of`` gives both)."""
         out = {}
         for address, ws in list(self.scheduler.workers.items()):
-            serial = self.serial_of(str(ws.name))
-            if address != leaving and serial is not None:
-                out[str(ws.name)] = format(serial, "x")
+            serials = self.serial_of(str(ws.name))
+            if isinstance(serials, int):
+                serials = (serials,)
+            if address != leaving and serials:
+                out[str(ws.name)] = ",".join(format(serial, "x") for serial in serials)
         return out
 
     def push(self, leaving: str | None = None) -> None:

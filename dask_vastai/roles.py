@@ -32,7 +32,8 @@ client: only with the cluster option ``allow_worker_clients`` (``vastai.allow-wo
 which lets every host run code on every other host and on the user's machine.
 
 This module runs on the instances too (the supervisor starts workers with
-:data:`WORKER_ARGS`), so it imports only distributed, dask and the package's exceptions.
+:data:`WORKER_ARGS`), so it imports only distributed, dask, the package's exceptions and
+``certificate_reload`` (both processes take up renewed certificates).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from distributed.scheduler import Scheduler
 from distributed.worker import Worker
 from tornado.iostream import StreamClosedError
 
+from . import certificate_reload
 from .exceptions import WorkerClientsDisabled
 
 logger = logging.getLogger(__name__)
@@ -248,17 +250,18 @@ class LivePeers:
     """
 
     def __init__(self) -> None:
-        self._serials: dict[str, str] = {}
+        self._serials: dict[str, frozenset[str]] = {}
         self._changed = asyncio.Event()
 
     def update(self, peers: Mapping[str, str]) -> None:
-        """The scheduler's list: worker name -> serial of its current certificate (hex)."""
-        self._serials = {str(k): str(v).lower() for k, v in dict(peers).items()}
+        """The scheduler's list: worker name -> serial of its current certificate (hex); while a
+        worker's certificate is renewed, its current and its renewed serial, comma-separated."""
+        self._serials = {str(k): frozenset(str(v).lower().split(",")) for k, v in dict(peers).items()}
         self._changed.set()
         self._changed = asyncio.Event()
 
     def admits(self, peer: Peer) -> bool:
-        return peer.serial is not None and self._serials.get(peer.name) == format(peer.serial, "x")
+        return peer.serial is not None and format(peer.serial, "x") in self._serials.get(peer.name, ())
 
     async def wait_admitted(self, peer: Peer, timeout_s: float) -> bool:
         """Whether ``peer`` is on the list, waiting up to ``timeout_s`` for a push that names it."""
@@ -569,6 +572,8 @@ class GuardedWorker(Worker):
             self.metrics[TRAFFIC_METRIC] = self.gate.traffic.report
             # the counters now, for the scheduler before it retires this worker (not a worker's request)
             self.handlers[TRAFFIC_METRIC] = self._traffic_report
+        # a renewed certificate, when the cluster writes one, for the connections made after it
+        certificate_reload.install(self)
         if self.gate.worker_clients:
             # A task's client presents this worker's own certificate (the scheduler then
             # lets it act as a client: the cluster allowed it).
@@ -613,6 +618,7 @@ def dask_setup(server: Any) -> None:
         raise TypeError(f"{__name__} is a nanny preload; workers use --worker-class {__name__}.GuardedWorker")
     try:
         guard_server(server, Gate(NANNY_RULES, own_name=str(server.name), worker_clients=worker_clients_allowed()))
+        certificate_reload.install(server)  # started with the nanny's other periodic callbacks
     except BaseException:
         # Fail closed: a nanny that cannot check its peers takes no connection at all.
         for listener in server.listeners:
