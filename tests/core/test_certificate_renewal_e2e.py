@@ -2,7 +2,7 @@
 
 Worker certificates live 24 s here (the shipped default is hours) and are renewed at half
 their life over each instance's SSH link, while two workers on the strict marketplace
-keep computing (direct: public ports; tunnel, the default: forwards through this machine). What must hold: after each worker's certificate was renewed twice and the
+keep computing (direct: public ports; tunnel: forwards through this machine). What must hold: after each worker's certificate was renewed twice and the
 first ones expired, new connections (scheduler links, a direct worker-to-worker transfer)
 work; the first certificate and key, which the host still holds on disk from its incarnation,
 fail the TLS handshake at the other worker's address and at the scheduler; the host's
