@@ -509,8 +509,9 @@ class Executor(RemoteExecutor):
         if succeeded and pull:
             declared = [p for p in job.payload["outputs"] if p not in (result.get("kept") or {})]
             job.result = result
+            kept_shas = [m[0] for m in (result.get("kept") or {}).values()] + self.stager.kept_shas()
             job.pull = self._pulls.submit(self.puller.pull, key, str(result.get("worker")), pull, declared,
-                                          job.payload["uncache"])
+                                          job.payload["uncache"], kept_shas)
             job.pull.add_done_callback(lambda _: self._job_ended.set())
             return True
         self._forget(key)

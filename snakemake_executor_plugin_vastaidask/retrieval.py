@@ -24,6 +24,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,11 @@ MAX_REFETCHES = 3
 PREFETCH_CHUNKS = 1
 #: Seconds one chunk may take to arrive before it is asked for again.
 CHUNK_TIMEOUT_S = 120.0
+#: Seconds the worker is given to delete its outbox before the job is reported all the same.
+DISCARD_WAIT_S = 10.0
+#: While a chunk is awaited, how often the worker holding it is looked for among the registered
+#: ones (a task pinned to a worker that left waits for it forever).
+WORKER_CHECK_S = 2.0
 #: The part file of an output being pulled: ``.<name>.<sha[:16]>.vastaidask-part`` beside it.
 PART_SUFFIX = ".vastaidask-part"
 
@@ -195,11 +201,12 @@ class OutputPuller:
         """Stop every pull under way (the run ends); their part files stay for a later run."""
         self._closed.set()
 
-    def pull(self, key: str, worker: str, manifest: Any, declared: Iterable[str], uncache: Iterable[str] = ()
-             ) -> PullReport:
+    def pull(self, key: str, worker: str, manifest: Any, declared: Iterable[str], uncache: Iterable[str] = (),
+             keep_shas: Iterable[str] = ()) -> PullReport:
         """Pull job ``key``'s outbox from ``worker`` into the workdir; ``OutputRefused`` names the
         file when one cannot be had. The outbox is deleted in any case (a retried job makes
-        its outputs anew)."""
+        its outputs anew), and the cached copies of the outputs in ``uncache`` (paths) unless
+        their hash is in ``keep_shas`` (the same bytes kept for a temp() output's consumers)."""
         report = PullReport()
         declared = list(declared)
         try:
@@ -217,11 +224,16 @@ class OutputPuller:
             return report
         finally:
             shas = {o[0] for rel, o in (manifest.items() if isinstance(manifest, dict) else ())
-                    if rel in set(uncache) and isinstance(o, list | tuple) and o}
+                    if rel in set(uncache) and isinstance(o, list | tuple) and o} - set(keep_shas)
             with contextlib.suppress(Exception):
-                self.client.submit(self._discard, self.cache_dir, key, sorted(map(str, shas)),
-                                   workers=[worker], allow_other_workers=False, pure=False,
-                                   key=f"vastaidask-discard-{key}").result(timeout=CHUNK_TIMEOUT_S)
+                if worker in self.client.scheduler_info(n_workers=-1).get("workers", {}):
+                    from distributed import fire_and_forget, wait
+
+                    discard = self.client.submit(
+                        self._discard, self.cache_dir, key, sorted(map(str, shas)), workers=[worker],
+                        allow_other_workers=False, pure=False, key=f"vastaidask-discard-{key}")
+                    fire_and_forget(discard)  # runs even if the worker is slow to answer
+                    wait(discard, timeout=DISCARD_WAIT_S)
 
 
 class _ChunkFetcher:
@@ -246,17 +258,28 @@ class _ChunkFetcher:
         out, worker = self.out, self.worker
         if self.puller._closed.is_set():
             raise OutputRefused(f"output {out.path!r}: the run ended while it was pulled from {worker}")
-        if attempt and worker not in self.puller.client.scheduler_info(n_workers=-1).get("workers", {}):
-            raise _refuse(out.path, worker, "that worker is gone with the file (its instance was lost); "
-                          "the job must run again")
+        self._check_worker()
         future = self._submit(c, attempt)
         for ahead in out.chunks[c.index + 1:c.index + 1 + PREFETCH_CHUNKS]:
             self._submit(ahead, 0)
+        deadline = time.monotonic() + CHUNK_TIMEOUT_S
         try:
-            return future.result(timeout=CHUNK_TIMEOUT_S)
+            while True:
+                try:
+                    return future.result(timeout=min(WORKER_CHECK_S, max(0.0, deadline - time.monotonic())))
+                except TimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"no answer from {worker} within {CHUNK_TIMEOUT_S:.0f}s") from None
+                    self._check_worker()
         finally:
             self.futures.pop((c.index, attempt), None)
             future.release()
+
+    def _check_worker(self) -> None:
+        """``OutputRefused`` when the worker holding the file is no longer registered."""
+        if self.worker not in self.puller.client.scheduler_info(n_workers=-1).get("workers", {}):
+            raise _refuse(self.out.path, self.worker, "that worker is gone with the file (its instance was "
+                          "lost or released); the job must run again")
 
     def release(self) -> None:
         """Let go of chunks requested ahead and never awaited (the pull failed or ended)."""

@@ -300,3 +300,24 @@ def test_a_worker_whose_outbox_holds_other_bytes_fails_the_pull_naming_the_file(
         report = puller.pull("smk-x-1-1", address, {"big.bin": manifest}, ["big.bin"])
         assert (wd / "big.bin").read_bytes() == data
         assert (report.resumed_chunks, report.chunks) == (1, 2)
+
+
+def test_a_pull_from_a_worker_that_left_fails_at_once_naming_the_file(tmp_path: Path) -> None:
+    """The worker holding the outbox was lost (preempted, released): the pull says so within
+    seconds, instead of waiting for a task pinned to a worker that will never come back."""
+    import time
+
+    from distributed import Client, LocalCluster
+
+    from snakemake_executor_plugin_vastaidask.retrieval import OutputPuller
+
+    with LocalCluster(n_workers=2, processes=False, dashboard_address=":0") as cluster, Client(cluster) as client:
+        gone = next(iter(client.scheduler_info()["workers"]))
+        client.retire_workers([gone], close_workers=True)
+        t0 = time.monotonic()
+        with pytest.raises(OutputRefused, match="that worker is gone with the file") as refused:
+            OutputPuller(client, tmp_path, CHUNK, str(tmp_path / "cache")).pull(
+                "smk-x-1-1", gone, {"big.bin": _manifest(os.urandom(2 * CHUNK))}, ["big.bin"])
+        assert time.monotonic() - t0 < 10
+        assert "'big.bin'" in str(refused.value) and gone in str(refused.value)
+        assert not (tmp_path / "big.bin").exists()
