@@ -388,23 +388,36 @@ def _outbox_dir(cache_dir: str | None, key: str) -> str:
 
 
 def _stow_outputs(root: str, rels: list[str], manifests: dict[str, list[Any]], outbox: str,
-                  inline_bytes: int) -> dict[str, list[Any]]:
+                  inline_bytes: int, chunk_bytes: int) -> dict[str, list[Any]]:
     """Move the outputs that do not fit in the result's tar into ``outbox`` (``<outbox>/<sha>``),
     for the client to pull chunk by chunk (``outbox_chunk``); their manifests, by path.
 
-    The smallest files stay inline while their sum fits in ``inline_bytes`` (a pull costs a
-    round trip per chunk); a directory or a symlink always travels in the tar.
+    The smallest outputs stay inline while their sum fits in ``inline_bytes`` (a pull costs
+    round trips); a symlink always travels in the tar. A directory that does not fit is packed
+    into a tar in the outbox (its manifest ends with ``"dir"``), which the client unpacks.
     """
+    sizes = {rel: manifests[rel][1] for rel in rels if rel in manifests}
+    for rel in rels:
+        path = _safe_join(root, rel)
+        if rel not in sizes and os.path.isdir(path) and not os.path.islink(path):
+            sizes[rel] = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
     stowed: dict[str, list[Any]] = {}
     budget = inline_bytes
-    for rel in sorted((r for r in dict.fromkeys(rels) if r in manifests), key=lambda r: manifests[r][1]):
-        sha, size, _chunks = manifests[rel]
-        if size <= budget:
-            budget -= size
+    for rel in sorted(sizes, key=lambda r: sizes[r]):
+        if sizes[rel] <= budget:
+            budget -= sizes[rel]
             continue
         os.makedirs(outbox, exist_ok=True)
-        os.replace(_safe_join(root, rel), os.path.join(outbox, sha))
-        stowed[rel] = manifests[rel]
+        if rel in manifests:
+            os.replace(_safe_join(root, rel), os.path.join(outbox, manifests[rel][0]))
+            stowed[rel] = manifests[rel]
+            continue
+        packed = os.path.join(outbox, f"dir-{len(stowed)}.tar")
+        with tarfile.open(packed, "w") as tf:
+            tf.add(_safe_join(root, rel), arcname=rel, recursive=True)
+        sha, size, chunks = _file_manifest(packed, chunk_bytes)
+        os.replace(packed, os.path.join(outbox, sha))
+        stowed[rel] = [sha, size, chunks, "dir"]
     return stowed
 
 
@@ -856,7 +869,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             if payload.get("pull_outputs"):
                 stowed = _stow_outputs(scratch, [p for p in payload["outputs"] if p not in kept], manifests,
                                        _outbox_dir(payload.get("cache_dir"), payload["key"]),
-                                       int(payload.get("inline_bytes", chunk_bytes)))
+                                       int(payload.get("inline_bytes", chunk_bytes)), chunk_bytes)
         wanted = [p for p in payload["outputs"] if p not in kept and p not in stowed] + payload["logs"] \
             if rc == 0 else payload["logs"]
         result["tar"], result["missing"] = _pack(scratch, wanted)

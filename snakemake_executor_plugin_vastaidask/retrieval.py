@@ -9,7 +9,8 @@ then the whole file's; only a whole, checked file is renamed to its name (Snakem
 see a half file as a finished output). A chunk that fails (its task lost, a cut link, bytes
 that do not hash right) is fetched again alone, at most ``MAX_REFETCHES`` times, then the job
 fails naming the file; a pull that starts again finds the part file and resumes after the
-chunks it already holds intact.
+chunks it already holds intact. A directory output too large for the tar comes as a tar of its
+own, pulled the same way, unpacked beside its destination and moved into place whole.
 
 The worker is a stranger: its manifest is believed for nothing but where to ask. Only outputs
 the job declares are accepted, under workdir-relative paths that stay in the workdir (no
@@ -23,6 +24,8 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -53,6 +56,13 @@ class OutputRefused(Exception):
     """An output a worker sent back was refused (the message names the file, the worker, why)."""
 
 
+@dataclass(frozen=True)
+class PulledOutput(ChunkedFile):
+    """An output to pull: a file, or a directory output packed by the worker in a tar (``"dir"``)."""
+
+    kind: str = "file"
+
+
 @dataclass
 class PullReport:
     """What one job's pull did: bytes and chunks that crossed, chunks resumed and fetched again."""
@@ -67,13 +77,16 @@ def _refuse(rel: Any, worker: str, why: str) -> OutputRefused:
     return OutputRefused(f"output {rel!r} from worker {worker} refused: {why}")
 
 
-def check_manifest(rel: Any, entry: Any, declared: Iterable[str], chunk_bytes: int, worker: str) -> ChunkedFile:
-    """The worker's manifest entry for ``rel`` (``[sha, size, [[chunk sha, size], ...]]``) as a
-    ``ChunkedFile`` to pull, or ``OutputRefused`` saying what is wrong with it."""
+def check_manifest(rel: Any, entry: Any, declared: Iterable[str], chunk_bytes: int, worker: str) -> PulledOutput:
+    """The worker's manifest entry for ``rel`` (``[sha, size, [[chunk sha, size], ...]]``, then
+    ``"dir"`` for a directory's tar) as a ``PulledOutput``, or ``OutputRefused`` saying what is
+    wrong with it."""
     if not isinstance(rel, str) or rel not in set(declared):
         raise _refuse(rel, worker, "the job declares no such output (only declared outputs come back)")
     try:
-        sha, size, raw_chunks = entry
+        sha, size, raw_chunks, *kind = entry
+        if kind not in ([], ["dir"]):
+            raise ValueError(kind)
         size = int(size)
         pairs = [(str(c_sha), int(c_size)) for c_sha, c_size in raw_chunks]
     except (TypeError, ValueError):
@@ -88,10 +101,10 @@ def check_manifest(rel: Any, entry: Any, declared: Iterable[str], chunk_bytes: i
     for i, (c_sha, c_size) in enumerate(pairs):
         chunks.append(Chunk(i, offset, c_size, c_sha))
         offset += c_size
-    return ChunkedFile(rel, sha, size, tuple(chunks))
+    return PulledOutput(rel, sha, size, tuple(chunks), kind[0] if kind else "file")
 
 
-def destination(workdir: Path, rel: str, worker: str) -> Path:
+def destination(workdir: Path, rel: str, worker: str, kind: str = "file") -> Path:
     """Where output ``rel`` goes: below ``workdir``, reached through no symlink that leads out."""
     norm = os.path.normpath(rel)
     if os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep) or norm == ".":
@@ -104,7 +117,7 @@ def destination(workdir: Path, rel: str, worker: str) -> Path:
     real = os.path.realpath(existing)
     if real != root and not real.startswith(root + os.sep):
         raise _refuse(rel, worker, f"a symlink leads its directory out of the working directory (to {real})")
-    if dest.is_dir() and not dest.is_symlink():
+    if kind == "file" and dest.is_dir() and not dest.is_symlink():
         raise _refuse(rel, worker, "a directory of that name exists here")
     return dest
 
@@ -181,6 +194,37 @@ def receive_file(dest: Path, out: ChunkedFile, fetch: Callable[[Chunk, int], byt
     return report
 
 
+def unpack_directory(tar_path: Path, dest: Path, rel: str, worker: str) -> None:
+    """Put the directory output ``rel`` packed in ``tar_path`` at ``dest``: unpacked beside it
+    (``data`` filter; every member inside ``rel``), then moved into place whole."""
+    norm = os.path.normpath(rel)
+    unpacked = dest.with_name(f".{dest.name}.vastaidask-dir")
+    shutil.rmtree(unpacked, ignore_errors=True)
+    unpacked.mkdir()
+    try:
+        with tarfile.open(tar_path, "r:") as tf:
+            for name in tf.getnames():
+                if os.path.normpath(name) != norm and not os.path.normpath(name).startswith(norm + os.sep):
+                    raise _refuse(rel, worker, f"its tar holds {name!r}, which lies outside the directory")
+            try:
+                tf.extractall(unpacked, filter="data")
+            except tarfile.FilterError as e:
+                raise _refuse(rel, worker, f"its tar holds {e.tarinfo.name!r}: {e}") from None
+        src = unpacked / norm
+        if not src.is_dir() or src.is_symlink():
+            raise _refuse(rel, worker, "its tar holds no directory of that name")
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        else:
+            dest.unlink(missing_ok=True)
+        os.replace(src, dest)
+    except tarfile.TarError as e:
+        raise _refuse(rel, worker, f"its tar cannot be read ({e})") from None
+    finally:
+        shutil.rmtree(unpacked, ignore_errors=True)
+        tar_path.unlink(missing_ok=True)
+
+
 class OutputPuller:
     """Pulls the outputs a worker kept in its outbox, one chunk (plus ``PREFETCH_CHUNKS`` ahead)
     at a time, through tasks pinned to that worker; then has the worker delete its outbox and
@@ -215,12 +259,15 @@ class OutputPuller:
             outputs = [check_manifest(rel, entry, declared, self.chunk_bytes, worker)
                        for rel, entry in manifest.items()]
             for out in outputs:
-                dest = destination(self.workdir, out.path, worker)
+                dest = destination(self.workdir, out.path, worker, out.kind)
+                target = dest if out.kind == "file" else dest.with_name(f".{dest.name}.{out.sha[:16]}.vastaidask-tar")
                 fetcher = _ChunkFetcher(self, key, worker, out)
                 try:
-                    receive_file(dest, out, fetcher, worker, report, self.note)
+                    receive_file(target, out, fetcher, worker, report, self.note)
                 finally:
                     fetcher.release()
+                if out.kind == "dir":
+                    unpack_directory(target, dest, out.path, worker)
             return report
         finally:
             shas = {o[0] for rel, o in (manifest.items() if isinstance(manifest, dict) else ())

@@ -27,6 +27,7 @@ from snakemake_executor_plugin_vastaidask.retrieval import (
     destination,
     part_path,
     receive_file,
+    unpack_directory,
 )
 from snakemake_executor_plugin_vastaidask.settings import ExecutorSettings
 from snakemake_executor_plugin_vastaidask.staging import Chunk, unpack_results
@@ -179,6 +180,7 @@ def test_chunk_sizes_other_than_the_ones_asked_for_are_refused_before_any_fetch(
     (["a" * 64, "many", []], "malformed"),
     (["../../etc/passwd", CHUNK, [["b" * 64, CHUNK]]], "not a SHA-256"),
     (["a" * 64, CHUNK, [["B" * 64, CHUNK]]], "not a SHA-256"),
+    (["a" * 64, CHUNK, [["b" * 64, CHUNK]], "symlink"], "malformed"),
 ])
 def test_a_malformed_manifest_is_refused(entry: object, why: str) -> None:
     with pytest.raises(OutputRefused, match=why):
@@ -257,6 +259,37 @@ def test_the_inline_tar_refuses_a_symlink_leading_out(tmp_path: Path, link: str)
     with pytest.raises(ValueError, match="'a.txt', refused"):
         unpack_results(_tar([("a.txt", link)]), tmp_path, ["a.txt"])
     assert not (tmp_path / "a.txt").is_symlink()
+
+
+def test_a_directory_output_is_unpacked_beside_and_moved_into_place_whole(tmp_path: Path) -> None:
+    tar = tmp_path / "wd" / ".idx.x.vastaidask-tar"
+    tar.parent.mkdir()
+    tar.write_bytes(_tar([("res/idx/a.bin", b"a"), ("res/idx/sub/b.bin", b"b"), ("res/idx/link", "a.bin")]))
+    dest = tmp_path / "wd" / "res" / "idx"
+    dest.parent.mkdir()
+    unpack_directory(tar, dest, "res/idx", WORKER)
+    assert (dest / "sub/b.bin").read_bytes() == b"b" and (dest / "link").read_bytes() == b"a"
+    assert sorted(p.name for p in (tmp_path / "wd").iterdir()) == ["res"], "no tar nor unpacking dir left"
+
+
+@pytest.mark.parametrize("members, why", [
+    ([("res/idx/a.bin", b"a"), ("Snakefile", b"evil")], "'Snakefile', which lies outside the directory"),
+    ([("res/idx/a.bin", b"a"), ("res/idxother/x", b"evil")], "lies outside the directory"),
+    ([("res/idx/link", "/etc/passwd")], "'res/idx/link'"),
+    ([("res/idx/link", "../../../../outside")], "'res/idx/link'"),
+    ([("res/idx", b"a file, not a directory")], "no directory of that name"),
+], ids=["foreign file", "sibling prefix", "absolute link", "link out", "not a directory"])
+def test_a_directory_tar_with_anything_outside_it_is_refused(tmp_path: Path, members: list, why: str) -> None:
+    wd = tmp_path / "wd"
+    (wd / "res").mkdir(parents=True)
+    (wd / "Snakefile").write_text("rule a: ...")
+    tar = wd / "res" / ".idx.x.vastaidask-tar"
+    tar.write_bytes(_tar(members))
+    with pytest.raises(OutputRefused, match=why) as refused:
+        unpack_directory(tar, wd / "res" / "idx", "res/idx", WORKER)
+    assert "'res/idx'" in str(refused.value) and WORKER in str(refused.value)
+    assert (wd / "Snakefile").read_text() == "rule a: ..."
+    assert sorted(p.name for p in (wd / "res").iterdir()) == [], "nothing of a refused directory is left"
 
 
 def test_a_bad_network_value_is_refused_naming_it_and_the_choices() -> None:

@@ -68,6 +68,40 @@ def test_a_large_output_is_pulled_in_chunks_from_an_attached_worker(dask_pool: s
     assert not (worker_dir / "blobs" / sha).exists(), "no later job consumes it: its cached copy went too"
 
 
+DIR_SNAKEFILE = """
+rule index:
+    output: directory("res/idx")
+    resources: gpu=1
+    shell: "mkdir -p {output}/sub; head -c 3000000 /dev/urandom > {output}/a.bin; "
+           "head -c 2500000 /dev/urandom > {output}/sub/b.bin; ln -s a.bin {output}/link; "
+           "cd {output} && sha256sum a.bin sub/b.bin > SUMS"
+"""
+
+
+def test_a_large_directory_output_comes_back_as_a_pulled_tar(dask_pool: str, tmp_path: Path) -> None:
+    """A directory() output over the budget: packed on the worker, pulled in 1 MB chunks, unpacked
+    beside its destination and moved into place, its files (hashed on the worker) and symlink intact."""
+    import hashlib
+
+    (tmp_path / "Snakefile").write_text(DIR_SNAKEFILE)
+    run = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--executor", "vastaidask", "--jobs", "1",
+         "--vastaidask-scheduler-address", dask_pool, "--vastaidask-worker-cache-dir", str(tmp_path / "cache"),
+         "--vastaidask-chunk-mb", "1"],
+        cwd=tmp_path, env=checkout_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-5000:]
+    idx = tmp_path / "res/idx"
+    sums = dict(reversed(line.split()) for line in (idx / "SUMS").read_text().splitlines())
+    assert sums.keys() == {"a.bin", "sub/b.bin"}
+    for name, sha in sums.items():
+        assert hashlib.sha256((idx / name).read_bytes()).hexdigest() == sha, name
+    assert (idx / "link").is_symlink() and (idx / "link").read_bytes() == (idx / "a.bin").read_bytes()
+    [line] = [json.loads(x) for x in (tmp_path / ".snakemake/vastaidask/transfers.jsonl").read_text().splitlines()]
+    assert line["pulled_bytes"] > 5_500_000 and line["pulled_chunks"] == -(-line["pulled_bytes"] // (1 << 20)), line
+    assert line["returned_bytes"] < 100_000, "the directory was not in the job's result"
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["idx"], "no tar nor unpacking dir left"
+
+
 @pytest.mark.sandbox
 def test_a_large_output_comes_back_from_a_rented_direct_worker(market, tmp_path: Path) -> None:
     """``--vastaidask-network direct`` reaches the plugin's cluster: the worker that ran the job
