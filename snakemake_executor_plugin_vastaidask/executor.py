@@ -513,6 +513,8 @@ class Executor(RemoteExecutor):
             job.pull = self._pulls.submit(self.puller.pull, key, str(result.get("worker")), pull, declared,
                                           job.payload["uncache"], kept_shas)
             job.pull.add_done_callback(lambda _: self._job_ended.set())
+            self.stager.release(job.shas)  # its inputs are not needed while its outputs come back
+            job.shas = []
             return True
         self._forget(key)
         if pull:  # a job that failed or was cancelled stowed nothing; a worker that says so is not believed
