@@ -133,9 +133,9 @@ def temp_outputs(job: JobExecutorInterface, workflow: Any) -> list[str]:
 
 def consumed_outputs(job: JobExecutorInterface, workflow: Any) -> set[str]:
     """The outputs of ``job`` (every member of a group) that a job outside it consumes on a
-    worker (a local rule, such as ``all``, reads this machine's copy): the worker keeps its
-    cached copy of those (a consumer placed there needs no transfer) and drops the others'
-    once this machine has them."""
+    worker (a local rule, such as ``all``, reads this machine's copy): the worker caches those
+    (a consumer placed there needs no transfer), and keeps no copy of the others once this
+    machine has them."""
     depending = getattr(workflow.dag, "depending", {})
     members = [j for level in job.toposorted for j in level] if job.is_group() else [job]
     out: set[str] = set()
@@ -333,6 +333,7 @@ class Executor(RemoteExecutor):
                 # Outputs beyond this many bytes in all stay on the worker and are pulled in chunks.
                 "pull_outputs": not self.storage_mode,
                 "inline_bytes": self.stager.chunk_bytes,
+                # Outputs no later job consumes on a worker: the worker keeps no copy in its cache.
                 "uncache": [] if self.storage_mode else
                 [self._relative(p, job) for p in outputs if p not in consumed_outputs(job, self.workflow)],
                 "logs": [self._relative(p, job) for p in logs],
@@ -509,9 +510,7 @@ class Executor(RemoteExecutor):
         if succeeded and pull:
             declared = [p for p in job.payload["outputs"] if p not in (result.get("kept") or {})]
             job.result = result
-            kept_shas = [m[0] for m in (result.get("kept") or {}).values()] + self.stager.kept_shas()
-            job.pull = self._pulls.submit(self.puller.pull, key, str(result.get("worker")), pull, declared,
-                                          job.payload["uncache"], kept_shas)
+            job.pull = self._pulls.submit(self.puller.pull, key, str(result.get("worker")), pull, declared)
             job.pull.add_done_callback(lambda _: self._job_ended.set())
             self.stager.release(job.shas)  # its inputs are not needed while its outputs come back
             job.shas = []

@@ -35,7 +35,8 @@ lets its hosts act only as workers, and this code must run there without the clu
    outputs that do not fit in the tar's budget (``inline_bytes``) move to this worker's
    outbox instead, named in the result by hash, size and chunk hashes, and the client pulls
    them chunk by chunk (``outbox_chunk``), then has the outbox deleted (``outbox_discard``).
-   Produced files enter the cache too, so a consumer placed on the same worker needs no copy;
+   Produced files that a later job consumes enter the cache too, so a consumer placed on the
+   same worker needs no copy (the others leave no copy on the worker once the client has them);
    the outputs the client marks ``keep_remote`` (intermediates) stay only there: the result
    names them (hash, size, chunk hashes) and ``serve_chunk`` hands their chunks to the worker
    of a later job that needs them.
@@ -342,7 +343,8 @@ def _pack(root: str, rels: list[str]) -> tuple[bytes, list[str]]:
 
 
 def _cache_outputs(root: str, rels: list[str], blobs: str, quota_bytes: int, keep: set[str],
-                   chunk_bytes: int, manifests: dict[str, list[Any]] | None = None) -> dict[str, list[Any]]:
+                   chunk_bytes: int, manifests: dict[str, list[Any]] | None = None,
+                   uncached: frozenset[str] = frozenset()) -> dict[str, list[Any]]:
     """Produced files enter the cache, so a consumer on this worker gets them without a copy.
 
     The outputs in ``keep`` (intermediates the client's disk need not hold) stay here: the
@@ -350,6 +352,8 @@ def _cache_outputs(root: str, rels: list[str], blobs: str, quota_bytes: int, kee
     and a consumer's worker fetches their chunks from this worker (``serve_chunk``). One that
     could not be cached (over the quota, not a plain file) is not in it, and travels back.
     ``manifests`` receives every plain file's manifest (read once: a 1 GB output is hashed once).
+    The outputs in ``uncached`` (no later job consumes them on a worker) are not cached: once the
+    client has them, this worker keeps no copy.
     """
     kept: dict[str, list[Any]] = {}
     for rel in rels:
@@ -359,6 +363,8 @@ def _cache_outputs(root: str, rels: list[str], blobs: str, quota_bytes: int, kee
                 sha, size, chunks = _file_manifest(path, chunk_bytes)
                 if manifests is not None:
                     manifests[rel] = [sha, size, chunks]
+                if rel in uncached and rel not in keep:
+                    continue
                 cached = os.path.join(blobs, sha)
                 if os.path.exists(cached) or _cache_put(blobs, sha, None, path, quota_bytes):
                     if rel in keep and size > 0:
@@ -430,15 +436,9 @@ def outbox_chunk(cache_dir: str | None, key: str, sha: str, offset: int, size: i
         return f.read(size)
 
 
-def outbox_discard(cache_dir: str | None, key: str, uncache: list[str]) -> None:
-    """Delete job ``key``'s outbox (the client has its outputs, or gave up on them), and the cached
-    copies of those outputs no later job consumes (``uncache``: their hashes)."""
+def outbox_discard(cache_dir: str | None, key: str) -> None:
+    """Delete job ``key``'s outbox: the client has its outputs, or gave up on them."""
     shutil.rmtree(_outbox_dir(cache_dir, key), ignore_errors=True)
-    blobs = os.path.join(os.path.dirname(os.path.dirname(_outbox_dir(cache_dir, key))), "blobs")
-    for sha in uncache:
-        if len(sha) == 64 and all(c in "0123456789abcdef" for c in sha):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(blobs, sha))
 
 
 def _sweep_outboxes(base: str, max_age_s: float) -> None:
@@ -865,7 +865,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             chunk_bytes = int(payload.get("chunk_bytes") or 1 << 25)
             manifests: dict[str, list[Any]] = {}
             kept = _cache_outputs(scratch, payload["outputs"], blobs, quota, set(payload.get("keep_remote") or ()),
-                                  chunk_bytes, manifests)
+                                  chunk_bytes, manifests, frozenset(payload.get("uncache") or ()))
             if payload.get("pull_outputs"):
                 stowed = _stow_outputs(scratch, [p for p in payload["outputs"] if p not in kept], manifests,
                                        _outbox_dir(payload.get("cache_dir"), payload["key"]),

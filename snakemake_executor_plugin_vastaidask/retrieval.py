@@ -227,8 +227,7 @@ def unpack_directory(tar_path: Path, dest: Path, rel: str, worker: str) -> None:
 
 class OutputPuller:
     """Pulls the outputs a worker kept in its outbox, one chunk (plus ``PREFETCH_CHUNKS`` ahead)
-    at a time, through tasks pinned to that worker; then has the worker delete its outbox and
-    the cached copies of outputs no later job needs."""
+    at a time, through tasks pinned to that worker; then has the worker delete its outbox."""
 
     def __init__(self, client: Any, workdir: Path, chunk_bytes: int, cache_dir: str | None,
                  note: Callable[[str], None] | None = None) -> None:
@@ -245,12 +244,10 @@ class OutputPuller:
         """Stop every pull under way (the run ends); their part files stay for a later run."""
         self._closed.set()
 
-    def pull(self, key: str, worker: str, manifest: Any, declared: Iterable[str], uncache: Iterable[str] = (),
-             keep_shas: Iterable[str] = ()) -> PullReport:
+    def pull(self, key: str, worker: str, manifest: Any, declared: Iterable[str]) -> PullReport:
         """Pull job ``key``'s outbox from ``worker`` into the workdir; ``OutputRefused`` names the
         file when one cannot be had. The outbox is deleted in any case (a retried job makes
-        its outputs anew), and the cached copies of the outputs in ``uncache`` (paths) unless
-        their hash is in ``keep_shas`` (the same bytes kept for a temp() output's consumers)."""
+        its outputs anew)."""
         report = PullReport()
         declared = list(declared)
         try:
@@ -270,14 +267,12 @@ class OutputPuller:
                     unpack_directory(target, dest, out.path, worker)
             return report
         finally:
-            shas = {o[0] for rel, o in (manifest.items() if isinstance(manifest, dict) else ())
-                    if rel in set(uncache) and isinstance(o, list | tuple) and o} - set(keep_shas)
             with contextlib.suppress(Exception):
                 if worker in self.client.scheduler_info(n_workers=-1).get("workers", {}):
                     from distributed import fire_and_forget, wait
 
                     discard = self.client.submit(
-                        self._discard, self.cache_dir, key, sorted(map(str, shas)), workers=[worker],
+                        self._discard, self.cache_dir, key, workers=[worker],
                         allow_other_workers=False, pure=False, key=f"vastaidask-discard-{key}")
                     fire_and_forget(discard)  # runs even if the worker is slow to answer
                     wait(discard, timeout=DISCARD_WAIT_S)

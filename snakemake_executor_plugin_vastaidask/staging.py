@@ -319,11 +319,6 @@ class Stager:
             workers=[kept.worker], allow_other_workers=False, pure=False,
         )
 
-    def kept_shas(self) -> list[str]:
-        """The hashes of the outputs kept on workers (their cached copies must stay)."""
-        with self._lock:
-            return [k.sha for k in self._kept.values()]
-
     def sweep_kept(self) -> None:
         """Let go of kept outputs whose stand-in Snakemake deleted (their consumers are done)."""
         with self._lock:

@@ -3,8 +3,7 @@
 A real ``snakemake --executor vastaidask`` run whose rule writes a 100 MB random file (and a
 small one, which comes back inline) with 8 MB chunks: the file arrives whole (its hash is the
 one the job computed on the worker), in 13 chunks, never inside the job's result; no part
-file is left behind, and the worker keeps neither its outbox nor a cached copy that no later
-job consumes. Attached to a local Dask pool, and rented from the emulator's sandboxes with
+file is left behind, and the worker keeps no copy (no later job consumes it). Attached to a local Dask pool, and rented from the emulator's sandboxes with
 ``--vastaidask-network direct``, whose worker must then be the one at the instance's public
 address and mapped port.
 """
@@ -65,7 +64,7 @@ def test_a_large_output_is_pulled_in_chunks_from_an_attached_worker(dask_pool: s
     [worker_dir] = [d for d in cache.iterdir() if any((d / "blobs").iterdir())]
     assert list((worker_dir / "outbox").iterdir()) == [], "the worker deleted its outbox once the client had it"
     sha = (tmp_path / "out/big.sha").read_text().strip()
-    assert not (worker_dir / "blobs" / sha).exists(), "no later job consumes it: its cached copy went too"
+    assert not (worker_dir / "blobs" / sha).exists(), "no later job consumes it: the worker keeps no copy"
 
 
 DIR_SNAKEFILE = """
