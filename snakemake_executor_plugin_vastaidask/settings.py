@@ -109,7 +109,7 @@ class ExecutorSettings(ExecutorSettingsBase):
                   "connection inside SSH; data between workers relays through this machine), 'direct' "
                   "(workers talk on the instances' mapped public ports with mutual TLS; only offers with "
                   "enough direct ports), 'auto' (direct where an instance's ports answer, else tunnel) "
-                  "(default: the dask config's vastai.network, tunnel unless set).",
+                  "(default: the dask config's vastai.network).",
                   "choices": NETWORK_CHOICES},
     )
     no_datacenter: bool = field(
