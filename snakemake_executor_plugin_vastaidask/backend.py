@@ -16,7 +16,7 @@ import re
 import threading
 from typing import Any
 
-from .settings import ExecutorSettings
+from .settings import NETWORK_CHOICES, ExecutorSettings
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ SHAPE_SETTINGS = {
     "order": "order",
     "query": "vastai_query",
     "datacenter": "no_datacenter",
+    "network": "network",
 }
 #: VastAICluster option -> setting, for the options that are not shape options
 CLUSTER_SETTINGS = {
@@ -117,6 +118,16 @@ def pool_shape(settings: ExecutorSettings, **overrides: Any) -> dict[str, Any]:
     shape["datacenter"] = False if settings.no_datacenter else None
     shape.update({k: v for k, v in overrides.items() if v is not None})
     return {k: v for k, v in shape.items() if v is not None}
+
+
+def check_network(settings: ExecutorSettings) -> None:
+    """``ValueError`` naming ``--vastaidask-network``'s value and its choices when it is none of them
+    (argparse checks the flag itself; a profile's or an API caller's value arrives unchecked)."""
+    if settings.network is not None and settings.network not in NETWORK_CHOICES:
+        raise ValueError(
+            f"--vastaidask-network={settings.network!r} is not a network mode: give one of "
+            f"{', '.join(NETWORK_CHOICES)}, or leave it out to use the dask config's vastai.network"
+        )
 
 
 def flag(setting: str) -> str:
@@ -236,7 +247,11 @@ class DaskBackend:
         self.renting = settings.scheduler_address is None
         self._pools_lock = threading.Lock()
         self._closed = False
+        check_network(settings)
         if not self.renting:
+            if settings.network is not None:
+                logger.warning("--vastaidask-network=%s is left unused: the workers of the cluster at "
+                               "--vastaidask-scheduler-address keep their own addresses", settings.network)
             self.client = Client(settings.scheduler_address, timeout="30s", set_as_default=False)
             return
         from dask_vastai import NoOfferAvailable, VastAICluster

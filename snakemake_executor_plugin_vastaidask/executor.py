@@ -22,6 +22,7 @@ Snakemake's traps this class answers (each one found in snakemake's executor int
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import io
@@ -52,6 +53,7 @@ from .joblog import (
     tail,
     unshipped_files,
 )
+from .retrieval import OutputPuller, PullReport
 from .settings import ExecutorSettings
 from .staging import Stager, remote_function, restamp, sha256_bytes, unpack_results
 
@@ -76,6 +78,8 @@ class _Job:
     shas: list[str] = field(default_factory=list)  # blob references held for this attempt
     submitted_at: float = field(default_factory=time.monotonic)
     future: Any = None
+    result: dict[str, Any] | None = None  # the task's result, while its large outputs are pulled
+    pull: concurrent.futures.Future[PullReport] | None = None
 
 
 def job_resources(job: JobExecutorInterface) -> dict[str, float]:
@@ -124,6 +128,21 @@ def temp_outputs(job: JobExecutorInterface, workflow: Any) -> list[str]:
             flags = getattr(f, "flags", None) or {}
             if "temp" in flags and "directory" not in flags and str(f) not in targets:
                 out.append(str(f))
+    return out
+
+
+def consumed_outputs(job: JobExecutorInterface, workflow: Any) -> set[str]:
+    """The outputs of ``job`` (every member of a group) that a job outside it consumes on a
+    worker (a local rule, such as ``all``, reads this machine's copy): the worker caches those
+    (a consumer placed there needs no transfer), and keeps no copy of the others once this
+    machine has them."""
+    depending = getattr(workflow.dag, "depending", {})
+    members = [j for level in job.toposorted for j in level] if job.is_group() else [job]
+    out: set[str] = set()
+    for j in members:
+        for dependent, files in depending.get(j, {}).items():
+            if dependent not in members and not getattr(dependent, "is_local", False):
+                out.update(str(f) for f in files)
     return out
 
 
@@ -198,6 +217,10 @@ class Executor(RemoteExecutor):
                                  cache_dir=self.settings.worker_cache_dir)
             #: bytes of job results (outputs, logs) received on this machine
             self.received_bytes = 0
+            self.puller = OutputPuller(self.backend.client, self.workdir, self.stager.chunk_bytes,
+                                       self.settings.worker_cache_dir, note=lambda line: self.logger.info(PREFIX + line))
+            # One pull at a time: the client holds two chunks of it, not two per job that ends.
+            self._pulls = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vastaidask-pull")
             self._remote = remote_function()
             if self.storage_mode:
                 # Bucket mode: jobs fetch the sources (--deploy-sources) and read and write
@@ -307,6 +330,12 @@ class Executor(RemoteExecutor):
                 "keep_remote": [] if self.storage_mode or self.settings.no_keep_temp_remote
                 else [self._relative(p, job) for p in temp_outputs(job, self.workflow)],
                 "chunk_bytes": self.stager.chunk_bytes,
+                # Outputs beyond this many bytes in all stay on the worker and are pulled in chunks.
+                "pull_outputs": not self.storage_mode,
+                "inline_bytes": self.stager.chunk_bytes,
+                # Outputs no later job consumes on a worker: the worker keeps no copy in its cache.
+                "uncache": [] if self.storage_mode else
+                [self._relative(p, job) for p in outputs if p not in consumed_outputs(job, self.workflow)],
                 "logs": [self._relative(p, job) for p in logs],
                 "env": self.envvars(),
                 "cache_dir": self.settings.worker_cache_dir,
@@ -423,10 +452,14 @@ class Executor(RemoteExecutor):
                     self._forget(key)
                     self.report_job_error(info, msg=f"no worker can run {info.job}: {why}")
                     continue
-                if job.future is None or job.future.status == "pending":
+                if job.future is None or job.future.status == "pending" or (
+                        job.pull is not None and not job.pull.done()):
                     yield info
                     continue
-                await self._finish(job)
+                if job.pull is not None:
+                    self._pulled(job)
+                elif await self._finish(job):
+                    yield info  # its large outputs are on their way
             except Exception as e:  # one job's trouble must not stop the status loop
                 self._forget(key)
                 self.report_job_error(info, msg=f"vastaidask lost {info.job} ({key}): {e!r}")
@@ -448,7 +481,9 @@ class Executor(RemoteExecutor):
             job.future.release()
         self.stager.release(job.shas)
 
-    async def _finish(self, job: _Job) -> None:
+    async def _finish(self, job: _Job) -> bool:
+        """Report a job whose task ended; True when it stays active while its large outputs are
+        pulled (``_pulled`` reports it then)."""
         info = job.info
         key = job.payload["key"]
         future = job.future
@@ -456,24 +491,68 @@ class Executor(RemoteExecutor):
             error = await asyncio.to_thread(future.exception) if future.status == "error" else future.status
             self._forget(key)
             self.report_job_error(info, msg=f"{info.job} ({key}) failed on the cluster: {error!r}")
-            return
+            return False
         result = await asyncio.to_thread(future.result)
-        self._forget(key)
         log_path = job.log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text(result.get("output", ""))
-        await asyncio.to_thread(unpack_results, result.get("tar", b""), self.workdir)
+        pull = result.get("pull") or {}
+        succeeded = result.get("rc") == 0 and not result.get("cancelled")
+        try:
+            await asyncio.to_thread(unpack_results, result.get("tar", b""), self.workdir,
+                                    job.payload["outputs"] + job.payload["logs"])
+        except ValueError as e:
+            self._discard_pull(job, result)
+            self._forget(key)
+            self.report_job_error(info, msg=f"{info.job} ({key}) on worker {result.get('worker_name')}: {e}")
+            return False
         self.received_bytes += len(result.get("tar", b""))
+        if succeeded and pull:
+            declared = [p for p in job.payload["outputs"] if p not in (result.get("kept") or {})]
+            job.result = result
+            job.pull = self._pulls.submit(self.puller.pull, key, str(result.get("worker")), pull, declared)
+            job.pull.add_done_callback(lambda _: self._job_ended.set())
+            self.stager.release(job.shas)  # its inputs are not needed while its outputs come back
+            job.shas = []
+            return True
+        self._forget(key)
+        if pull:  # a job that failed or was cancelled stowed nothing; a worker that says so is not believed
+            self._discard_pull(job, result)
+        self._report(job, result, PullReport())
+        return False
+
+    def _discard_pull(self, job: _Job, result: dict[str, Any]) -> None:
+        """Have the worker delete an outbox that will not be pulled (the job's results were refused)."""
+        if result.get("pull"):
+            self._pulls.submit(self.puller.pull, job.payload["key"], str(result.get("worker")), {}, [])
+
+    def _pulled(self, job: _Job) -> None:
+        """Report a job whose large outputs were being pulled: whole and checked, or refused."""
+        key, result = job.payload["key"], job.result or {}
+        self._forget(key)
+        try:
+            report = job.pull.result() if job.pull is not None else PullReport()
+        except Exception as e:  # noqa: BLE001 - OutputRefused names the file; anything else, as it is
+            self._record_transfers(key, result, time.monotonic() - job.submitted_at)
+            self.report_job_error(job.info, msg=f"{job.info.job} ({key}) ran on worker {result.get('worker_name')}, "
+                                  f"but its outputs did not come back: {e}", aux_logs=[str(job.log_path)])
+            return
+        self.received_bytes += report.bytes
+        self._report(job, result, report)
+
+    def _report(self, job: _Job, result: dict[str, Any], report: PullReport) -> None:
+        """Success (outputs in place, kept ones recorded, restamped) or the failure's story."""
+        info, key = job.info, job.payload["key"]
         if result.get("rc") == 0 and not result.get("cancelled"):
             for rel, manifest in (result.get("kept") or {}).items():
                 if rel in job.payload["keep_remote"]:  # a worker names only what it was asked to keep
                     self.stager.keep(rel, manifest, str(result.get("worker")))
             restamp(job.payload["outputs"], self.workdir)
-            self._record_transfers(key, result, time.monotonic() - job.submitted_at)
+            self._record_transfers(key, result, time.monotonic() - job.submitted_at, report)
             self.report_job_success(info)
             return
-        self._record_transfers(key, result, time.monotonic() - job.submitted_at)
-        self.report_job_error(info, msg=self._failure_message(job, result), aux_logs=[str(log_path)])
+        self._record_transfers(key, result, time.monotonic() - job.submitted_at, report)
+        self.report_job_error(info, msg=self._failure_message(job, result), aux_logs=[str(job.log_path)])
 
     def _failure_message(self, job: _Job, result: dict[str, Any]) -> str:
         """What failed where, the log's path, the job's own last lines, and a missing file's fix."""
@@ -502,7 +581,8 @@ class Executor(RemoteExecutor):
                 return [m.name for m in tf.getmembers() if m.isfile()]
         return sorted(self.workflow.dag.get_sources())
 
-    def _record_transfers(self, key: str, result: dict[str, Any], latency_s: float) -> None:
+    def _record_transfers(self, key: str, result: dict[str, Any], latency_s: float,
+                          pulled: PullReport | None = None) -> None:
         """One JSON line per job: what crossed to which worker, and hand-off -> outputs on disk."""
         cache = result.get("cache", {})
         line = {
@@ -514,6 +594,10 @@ class Executor(RemoteExecutor):
             "chunks": cache.get("chunks", 0),
             "resumed_chunks": cache.get("resumed_chunks", 0),
             "returned_bytes": len(result.get("tar", b"")),
+            "pulled_bytes": pulled.bytes if pulled else 0,
+            "pulled_chunks": pulled.chunks if pulled else 0,
+            "resumed_pull_chunks": pulled.resumed_chunks if pulled else 0,
+            "refetched": pulled.refetched if pulled else [],
             "kept": [[rel, m[0], m[1]] for rel, m in (result.get("kept") or {}).items()],
             "seconds": round(float(result.get("seconds", 0.0)), 3),
             "start": result.get("start"),
@@ -541,6 +625,7 @@ class Executor(RemoteExecutor):
             if self._closed:
                 return
             self._closed = True
+        self.puller.close()
         self.stager.release_all()
         self.logger.info(
             f"{PREFIX}data: {self.stager.uploaded_bytes / 1e6:.1f} MB staged from this machine, "
@@ -548,6 +633,7 @@ class Executor(RemoteExecutor):
             f"{self.stager.worker_bytes / 1e6:.1f} MB of temp() outputs went worker to worker"
         )
         self.backend.close()
+        self._pulls.shutdown(wait=True, cancel_futures=True)
         if self.backend.renting:
             # After close: every rental destroyed, so this is the final bill.
             self.logger.info(self.progress.summary(self.backend.instances(), self.backend.cost_usd,

@@ -31,8 +31,12 @@ No client is made here (no ``get_client()``, ``Event`` or dataset): a dask-vasta
 lets its hosts act only as workers, and this code must run there without the cluster's
 ``allow_worker_clients``.
 3. Pack the outputs, logs and benchmarks of every job of the group (on failure: whatever
-   logs exist) into a tar returned with the exit code and the tail of the job's output.
-   Produced files enter the cache too, so a consumer placed on the same worker needs no copy;
+   logs exist) into a tar returned with the exit code and the tail of the job's output;
+   outputs that do not fit in the tar's budget (``inline_bytes``) move to this worker's
+   outbox instead, named in the result by hash, size and chunk hashes, and the client pulls
+   them chunk by chunk (``outbox_chunk``), then has the outbox deleted (``outbox_discard``).
+   Produced files that a later job consumes enter the cache too, so a consumer placed on the
+   same worker needs no copy (the others leave no copy on the worker once the client has them);
    the outputs the client marks ``keep_remote`` (intermediates) stay only there: the result
    names them (hash, size, chunk hashes) and ``serve_chunk`` hands their chunks to the worker
    of a later job that needs them.
@@ -78,6 +82,8 @@ BLOB_WAIT_S = 60.0
 #: one again (``staging.RESEND_TOPIC``): this module cannot import staging
 MAX_RESENDS = 3
 RESEND_TOPIC = "vastaidask-resend"
+#: an outbox (outputs waiting for the client to pull them) older than this lost its client
+OUTBOX_MAX_AGE_S = 24 * 3600.0
 
 
 def _source_of(name: str) -> str:
@@ -101,14 +107,6 @@ WARM_FORK_TIMEOUT_S = 30.0
 WARM_MAX_STARTS = 3
 #: environment variables an interpreter reads as it starts (a forked job would not see a change)
 WARM_STARTUP_VARS = ("PYTHON", "LD_")
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _cache_size(blobs: str) -> list[tuple[float, int, str]]:
@@ -345,34 +343,112 @@ def _pack(root: str, rels: list[str]) -> tuple[bytes, list[str]]:
 
 
 def _cache_outputs(root: str, rels: list[str], blobs: str, quota_bytes: int, keep: set[str],
-                   chunk_bytes: int) -> dict[str, list[Any]]:
+                   chunk_bytes: int, manifests: dict[str, list[Any]] | None = None,
+                   uncached: frozenset[str] = frozenset()) -> dict[str, list[Any]]:
     """Produced files enter the cache, so a consumer on this worker gets them without a copy.
 
     The outputs in ``keep`` (intermediates the client's disk need not hold) stay here: the
     manifest returned names each one cached (``{rel: [sha, size, [[chunk sha, size], ...]]}``),
     and a consumer's worker fetches their chunks from this worker (``serve_chunk``). One that
     could not be cached (over the quota, not a plain file) is not in it, and travels back.
+    ``manifests`` receives every plain file's manifest (read once: a 1 GB output is hashed once).
+    The outputs in ``uncached`` (no later job consumes them on a worker) are not cached: once the
+    client has them, this worker keeps no copy.
     """
     kept: dict[str, list[Any]] = {}
     for rel in rels:
         path = _safe_join(root, rel)
         if os.path.isfile(path) and not os.path.islink(path):
             with contextlib.suppress(OSError):
-                sha = _sha256_file(path)
+                sha, size, chunks = _file_manifest(path, chunk_bytes)
+                if manifests is not None:
+                    manifests[rel] = [sha, size, chunks]
+                if rel in uncached and rel not in keep:
+                    continue
                 cached = os.path.join(blobs, sha)
                 if os.path.exists(cached) or _cache_put(blobs, sha, None, path, quota_bytes):
-                    if rel in keep and os.path.getsize(cached) > 0:
-                        kept[rel] = [sha, os.path.getsize(cached), _chunk_hashes(cached, chunk_bytes)]
+                    if rel in keep and size > 0:
+                        kept[rel] = [sha, size, chunks]
     return kept
 
 
-def _chunk_hashes(path: str, chunk_bytes: int) -> list[list[Any]]:
-    """[[sha256, size], ...] of ``path`` in chunks of ``chunk_bytes`` (``staging.chunk_file``)."""
+def _file_manifest(path: str, chunk_bytes: int) -> tuple[str, int, list[list[Any]]]:
+    """(sha256, size, [[chunk sha256, size], ...]) of ``path`` in chunks of ``chunk_bytes``
+    (``staging.chunk_file``), in one read."""
+    whole = hashlib.sha256()
     out = []
     with open(path, "rb") as f:
         while data := f.read(chunk_bytes):
+            whole.update(data)
             out.append([hashlib.sha256(data).hexdigest(), len(data)])
-    return out
+    return whole.hexdigest(), sum(size for _, size in out), out
+
+
+def _outbox_dir(cache_dir: str | None, key: str) -> str:
+    """Where this worker keeps job ``key``'s outputs until the client has pulled them."""
+    _address, name = _worker_identity()
+    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    safe_key = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+    cache_root = os.path.expanduser(cache_dir or "~/.cache/snakemake-vastaidask")
+    return os.path.join(cache_root, f"worker-{safe_name}", "outbox", safe_key)
+
+
+def _stow_outputs(root: str, rels: list[str], manifests: dict[str, list[Any]], outbox: str,
+                  inline_bytes: int, chunk_bytes: int) -> dict[str, list[Any]]:
+    """Move the outputs that do not fit in the result's tar into ``outbox`` (``<outbox>/<sha>``),
+    for the client to pull chunk by chunk (``outbox_chunk``); their manifests, by path.
+
+    The smallest outputs stay inline while their sum fits in ``inline_bytes`` (a pull costs
+    round trips); a symlink always travels in the tar. A directory that does not fit is packed
+    into a tar in the outbox (its manifest ends with ``"dir"``), which the client unpacks.
+    """
+    sizes = {rel: manifests[rel][1] for rel in rels if rel in manifests}
+    for rel in rels:
+        path = _safe_join(root, rel)
+        if rel not in sizes and os.path.isdir(path) and not os.path.islink(path):
+            sizes[rel] = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+    stowed: dict[str, list[Any]] = {}
+    budget = inline_bytes
+    for rel in sorted(sizes, key=lambda r: sizes[r]):
+        if sizes[rel] <= budget:
+            budget -= sizes[rel]
+            continue
+        os.makedirs(outbox, exist_ok=True)
+        if rel in manifests:
+            os.replace(_safe_join(root, rel), os.path.join(outbox, manifests[rel][0]))
+            stowed[rel] = manifests[rel]
+            continue
+        packed = os.path.join(outbox, f"dir-{len(stowed)}.tar")
+        with tarfile.open(packed, "w") as tf:
+            tf.add(_safe_join(root, rel), arcname=rel, recursive=True)
+        sha, size, chunks = _file_manifest(packed, chunk_bytes)
+        os.replace(packed, os.path.join(outbox, sha))
+        stowed[rel] = [sha, size, chunks, "dir"]
+    return stowed
+
+
+def outbox_chunk(cache_dir: str | None, key: str, sha: str, offset: int, size: int) -> bytes:
+    """One chunk of an output this worker keeps for the client (``_stow_outputs``), as a task's
+    result. The client checks its hash and size; this worker is not trusted for them."""
+    path = os.path.join(_outbox_dir(cache_dir, key), sha)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def outbox_discard(cache_dir: str | None, key: str) -> None:
+    """Delete job ``key``'s outbox: the client has its outputs, or gave up on them."""
+    shutil.rmtree(_outbox_dir(cache_dir, key), ignore_errors=True)
+
+
+def _sweep_outboxes(base: str, max_age_s: float) -> None:
+    """Delete outboxes no client pulled for ``max_age_s`` (a client that died mid-run)."""
+    now = time.time()
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(os.path.join(base, "outbox")):
+            with contextlib.suppress(OSError):
+                if now - entry.stat().st_mtime > max_age_s:
+                    shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def serve_chunk(cache_dir: str | None, sha: str, offset: int, size: int) -> bytes:
@@ -726,6 +802,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     base = os.path.join(cache_root, f"worker-{safe_name}")
     blobs = os.path.join(base, "blobs")
     os.makedirs(blobs, exist_ok=True)
+    _sweep_outboxes(base, OUTBOX_MAX_AGE_S)
     quota = int(payload["cache_quota_bytes"])
     stats: dict[str, Any] = {"hits": 0, "fetched": [], "uncached": 0, "chunks": 0, "resumed_chunks": 0}
     scratch = os.path.join(base, "jobs", payload["key"])
@@ -783,12 +860,21 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         result["output"] = text
         result["log_tail"] = text[-LOG_TAIL_CHARS:]
         kept: dict[str, list[Any]] = {}
+        stowed: dict[str, list[Any]] = {}
         if rc == 0:
+            chunk_bytes = int(payload.get("chunk_bytes") or 1 << 25)
+            manifests: dict[str, list[Any]] = {}
             kept = _cache_outputs(scratch, payload["outputs"], blobs, quota, set(payload.get("keep_remote") or ()),
-                                  int(payload.get("chunk_bytes") or 1 << 25))
-        wanted = [p for p in payload["outputs"] if p not in kept] + payload["logs"] if rc == 0 else payload["logs"]
+                                  chunk_bytes, manifests, frozenset(payload.get("uncache") or ()))
+            if payload.get("pull_outputs"):
+                stowed = _stow_outputs(scratch, [p for p in payload["outputs"] if p not in kept], manifests,
+                                       _outbox_dir(payload.get("cache_dir"), payload["key"]),
+                                       int(payload.get("inline_bytes", chunk_bytes)), chunk_bytes)
+        wanted = [p for p in payload["outputs"] if p not in kept and p not in stowed] + payload["logs"] \
+            if rc == 0 else payload["logs"]
         result["tar"], result["missing"] = _pack(scratch, wanted)
         result["kept"] = kept
+        result["pull"] = stowed
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         result["cache"] = stats

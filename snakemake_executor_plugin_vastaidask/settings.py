@@ -18,6 +18,9 @@ from typing import Optional
 
 from snakemake_interface_executor_plugins.settings import ExecutorSettingsBase
 
+#: ``--vastaidask-network``'s values: dask-vastai's network modes
+NETWORK_CHOICES = ["tunnel", "direct", "auto"]
+
 
 @dataclass
 class ExecutorSettings(ExecutorSettingsBase):
@@ -100,6 +103,15 @@ class ExecutorSettings(ExecutorSettingsBase):
         metadata={"help": "Extra `vastai search offers` filters for every rental, e.g. "
                   "'cuda_max_good>=12.4 inet_down>500'."},
     )
+    network: Optional[str] = field(
+        default=None,
+        metadata={"help": "How the workers reach each other and this machine: 'tunnel' (every "
+                  "connection inside SSH; data between workers relays through this machine), 'direct' "
+                  "(workers talk on the instances' mapped public ports with mutual TLS; only offers with "
+                  "enough direct ports), 'auto' (direct where an instance's ports answer, else tunnel) "
+                  "(default: the dask config's vastai.network).",
+                  "choices": NETWORK_CHOICES},
+    )
     no_datacenter: bool = field(
         default=False,
         metadata={"help": "Also rent from hobbyist (non-datacenter) hosts. Jobs' inputs and "
@@ -149,7 +161,8 @@ class ExecutorSettings(ExecutorSettingsBase):
         default=32,
         metadata={"help": "Input files larger than this many MB travel to the workers in chunks of this "
                   "size (each checked, a lost one sent again alone); the client holds about three "
-                  "chunks in memory at a time."},
+                  "chunks in memory at a time. A job's outputs beyond this many MB in all stay on its "
+                  "worker and are pulled back in chunks of this size the same way."},
     )
     worker_cache_dir: Optional[str] = field(
         default=None,

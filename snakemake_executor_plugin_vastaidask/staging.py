@@ -8,8 +8,10 @@ a blob's future (a dependency would keep a GPU job out of the demand that rents
 instances while the blob task waits for a worker). On the worker (``remote.py``)
 a blob already in the worker's disk cache is used as is, so a worker that has a file
 never receives it twice; a missing one is fetched by key from the worker holding it,
-through that worker's own connections (no client runs on a worker). Results come back as a tar that is unpacked here with tarfile's ``data``
-filter and restamped, so outputs are never older than their inputs.
+through that worker's own connections (no client runs on a worker). Small results come back
+as a tar that is unpacked here with tarfile's ``data`` filter (only the job's declared outputs
+and logs), large outputs are pulled chunk by chunk (``retrieval.py``); all are restamped, so
+outputs are never older than their inputs.
 
 A file larger than ``CHUNK_BYTES`` travels in chunks, each its own blob keyed by its own
 SHA-256: the client streams it from disk (one chunk in its memory at a time, from a thread
@@ -108,13 +110,19 @@ class StagedInput:
 
 
 @dataclass(frozen=True)
-class KeptOutput:
-    """An output that stayed on the worker that produced it: its hash, size, chunks, and where."""
+class ChunkedFile:
+    """A file a worker holds, as it names it: workdir-relative path, hash, size, chunks."""
 
     path: str
     sha: str
     size: int
     chunks: tuple[Chunk, ...]
+
+
+@dataclass(frozen=True)
+class KeptOutput(ChunkedFile):
+    """An output that stayed on the worker that produced it: its hash, size, chunks, and where."""
+
     worker: str
 
 
@@ -507,11 +515,24 @@ def _tar_dir(path: Path, rel: str) -> bytes:
     return buf.getvalue()
 
 
-def unpack_results(tar_bytes: bytes, workdir: Path) -> list[str]:
-    """Unpack a job's results into the workdir (``data`` filter: no absolute paths, no ``..``)."""
+def unpack_results(tar_bytes: bytes, workdir: Path, declared: Iterable[str] | None = None) -> list[str]:
+    """Unpack a job's results into the workdir (``data`` filter: no absolute paths, no ``..``, no
+    link leading out). With ``declared`` (the job's outputs and logs), a member that is none of
+    them nor inside one (a directory output) refuses the whole tar before anything is written:
+    a worker must not write the user's other files (the Snakefile, a script)."""
     with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tf:
         names = tf.getnames()
-        tf.extractall(workdir, filter="data")
+        if declared is not None:
+            allowed = {os.path.normpath(d) for d in declared}
+            for name in names:
+                norm = os.path.normpath(name)
+                if not any(norm == a or norm.startswith(a + os.sep) for a in allowed):
+                    raise ValueError(f"the worker's results hold {name!r}, which is not an output or log of the "
+                                     "job: refused (nothing unpacked)")
+        try:
+            tf.extractall(workdir, filter="data")
+        except tarfile.FilterError as e:
+            raise ValueError(f"the worker's results hold {e.tarinfo.name!r}, refused: {e}") from None
     return names
 
 
