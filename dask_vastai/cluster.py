@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import inspect
 import logging
 import math
-import textwrap
 import time
 import warnings
 from collections.abc import Collection, Mapping, Sequence
@@ -33,7 +33,7 @@ from tornado.ioloop import PeriodicCallback
 from .adaptive import GPUAdaptive, GPUDemandPolicy, idle_timeout_s, ignored_keywords
 from .bootstrap import onstart_script
 from .budget import BudgetGuard
-from .cluster_options import CLUSTER_OPTIONS_DOC, ClusterOptions
+from .cluster_options import ClusterArguments, ClusterOptions, cluster_parameters
 from .config import option
 from .exceptions import (
     BootFailed,
@@ -93,37 +93,13 @@ class VastAICluster(ClusterReadout, SpecCluster):
     ...     client = Client(cluster)
     """
 
-    def __init__(
-        self,
-        gpu: str | Sequence[str] | None = None,
-        n: int | None = None,
-        *,
-        n_workers: int | None = None,
-        secret_env: Mapping[str, str] | None = None,
-        packages: Sequence[str] | None = None,
-        pip_args: Sequence[str] | None = None,
-        python: str | None = None,
-        boot_timeout: float | None = None,
-        orphan_timeout: float | None = None,
-        api_key: str | None = None,
-        api_url: str | None = None,
-        name: str | None = None,
-        allow_worker_clients: bool | None = None,
-        pools: Sequence[Mapping[str, Any]] | None = None,
-        max_cost: float | None = None,
-        max_hourly: float | None = None,
-        dashboard_address: str | None = None,
-        scheduler_options: Mapping[str, Any] | None = None,
-        asynchronous: bool = False,
-        loop: Any = None,
-        quiet: bool = False,
-        silence_logs: str | int | bool | None = None,
-        **shape_options: Any,
-    ) -> None:
-        # Every argument but the display's and distributed's goes to ClusterOptions.read, which
-        # reads each one's default from vastai.yaml and fails here, on a bad value, naming it.
-        arguments = {k: v for k, v in locals().items() if k in ClusterOptions.ARGUMENTS}
-        options = ClusterOptions.read(**arguments, shape_options=shape_options)
+    def __init__(self, *args: Any, asynchronous: bool = False, loop: Any = None, **keywords: Any) -> None:
+        # The signature shown (help(), notebooks) is built from ClusterArguments and the shape
+        # options, where each option is written once (see the end of this module).
+        arguments, shape_options = ClusterArguments.from_call(args, keywords, also=("asynchronous", "loop"))
+        # ClusterOptions.read reads each option's default from vastai.yaml and fails here, on
+        # a bad value, naming it.
+        options = ClusterOptions.read(arguments, shape_options)
         cluster_name = options.name
         self._initial_n = options.initial_n
         self.boot_timeout_s, self.orphan_timeout_s = options.boot_timeout_s, options.orphan_timeout_s
@@ -143,11 +119,11 @@ class VastAICluster(ClusterReadout, SpecCluster):
         self._budget_guard: BudgetGuard | None = None
         self.hub: TunnelHub | None = None
         self.context: ClusterContext | None = None
-        self._quiet = quiet
+        self._quiet = options.quiet
         #: the last phase each instance reported (kept after it is gone: failures keep their reason)
         self._phases = PhaseBook()
         self._progress = Progress(
-            lambda: self.instances, mode=choose_mode(quiet),
+            lambda: self.instances, mode=choose_mode(options.quiet),
             message_every_s=float(option("progress.message-every")),
         )
         self._cluster_widget: ClusterWidget | None = None
@@ -160,7 +136,7 @@ class VastAICluster(ClusterReadout, SpecCluster):
                 scheduler={"cls": GuardedScheduler, "options": scheduler_opts},
                 worker={"cls": VastInstance, "options": {"pool": self.pools.default}},
                 asynchronous=asynchronous, loop=loop, security=self.security, name=cluster_name,
-                silence_logs=option("silence-logs", silence_logs),
+                silence_logs=options.silence_logs,
             )
         except BaseException:
             # SpecCluster leaves its loop thread running when _start() raises.
@@ -656,7 +632,12 @@ class VastAICluster(ClusterReadout, SpecCluster):
 
 
 VastAICluster.__doc__ = (VastAICluster.__doc__ or "").replace(
-    "CLUSTER_OPTIONS", textwrap.indent(CLUSTER_OPTIONS_DOC, "    ").strip()
+    "CLUSTER_OPTIONS", ClusterArguments.docs(indent="        ").strip()
 ).replace("SHAPE_OPTIONS", PoolShape.docs(indent="        ").strip())
-VastAICluster.__init__.__signature__ = with_shape_options(VastAICluster.__init__)  # type: ignore[attr-defined]
+# What help(), IDEs and notebooks show: the options by name and type (ClusterArguments and
+# PoolShape are their one list), then distributed's own two.
+_init = inspect.signature(VastAICluster.__init__).parameters
+VastAICluster.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [_init["self"], *cluster_parameters(), _init["asynchronous"], _init["loop"]], return_annotation="None",
+)
 VastAICluster.add_pool.__signature__ = with_shape_options(VastAICluster.add_pool)  # type: ignore[attr-defined]
