@@ -546,6 +546,9 @@ class VastAICluster(ClusterReadout, SpecCluster):
             await self._ask_traffic(self._traffic.direct_addresses(self.scheduler))  # what the workers counted last
         # SpecCluster's close scales only what scale(0) reaches: empty every pool.
         self.worker_spec.clear()
+        if self.broker is not None:
+            # The closing instances' destroys and the broker's close are one round, one deadline.
+            self.broker.begin_close()
         try:
             if self.status != Status.created:
                 with contextlib.suppress(asyncio.TimeoutError, TimeoutError, VastError):
@@ -553,8 +556,8 @@ class VastAICluster(ClusterReadout, SpecCluster):
                 with contextlib.suppress(Exception):
                     self._count_traffic()  # the closing workers' last reports
         finally:
-            # Whatever happened above, nothing may stay rented: the broker keeps trying through
-            # an outage (vastai.api.outage-timeout), then says what may still bill.
+            # Whatever happened above, nothing may stay rented: the broker's round rides out an
+            # outage for up to vastai.api.outage-timeout, then this says once what may still bill.
             if self.broker is not None:
                 try:
                     await self.broker.close()
