@@ -562,7 +562,9 @@ class VastAICluster(ClusterReadout, SpecCluster):
                 try:
                     await self.broker.close()
                 except VastError as e:
-                    self._say_left_billing(e)
+                    message = self.broker.left_billing(e)
+                    self.log(f"ERROR {message}")
+                    logger.error("%s", message)
             if self.hub is not None:
                 with contextlib.suppress(Exception):
                     await self.hub.close()
@@ -574,19 +576,6 @@ class VastAICluster(ClusterReadout, SpecCluster):
             if self._cluster_widget is not None:
                 with contextlib.suppress(Exception):
                     self._cluster_widget.update()
-
-    def _say_left_billing(self, error: VastError) -> None:
-        """Close could not destroy everything: which rentals may bill, and what stops them."""
-        assert self.broker is not None
-        left = sorted(i for i, r in self.broker.records.items() if r.destroyed_at is None)
-        message = (
-            f"could not destroy rental(s) {left} of cluster {self.name!r}: {error}. They may still "
-            f"bill. Their watchdogs destroy them within orphan_timeout={self.orphan_timeout_s:.0f}s of "
-            f"this client's last heartbeat; to destroy them sooner, once Vast answers again, run "
-            f"`dask-vastai cleanup --cluster {self.name}`."
-        )
-        self.log(f"ERROR {message}")
-        logger.error("%s", message)
 
     # -------------------------------------------------------------- previews
     async def _offers(self) -> OfferPreview:

@@ -836,6 +836,16 @@ class RentalBroker:
                 if task is not None and not task.done():
                     task.cancel()
 
+    def left_billing(self, error: VastError) -> str:
+        """What to tell the user when :meth:`close` raised ``error``: the rentals that may bill, and what stops them."""
+        left = sorted(i for i, r in self.records.items() if r.destroyed_at is None)
+        watchdog = (f"Their watchdogs destroy them within orphan_timeout={self.orphan_timeout_s:.0f}s of this "
+                    "client's last heartbeat; to destroy them sooner" if self.orphan_timeout_s else "To destroy them")
+        return (
+            f"could not destroy rental(s) {left} of cluster {self.cluster_name!r}: {error}. They may still "
+            f"bill. {watchdog}, once Vast answers again, run `dask-vastai cleanup --cluster {self.cluster_name}`."
+        )
+
     # ------------------------------------------------------------------ money
     @property
     def cost_usd(self) -> float:

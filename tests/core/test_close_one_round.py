@@ -60,6 +60,9 @@ def test_close_through_an_outage_is_one_round_within_its_deadline(emulator_rate_
             print(f"\nclose of 3 rentals through an outage: {took:.1f} s (deadline {OUTAGE_TIMEOUT_S:.0f} s)")
             assert took <= OUTAGE_TIMEOUT_S + SLACK_S, took
             assert "over" in str(raised.value), raised.value  # how long Vast was tried
+            said = broker.left_billing(raised.value)  # the one sentence the cluster logs
+            assert all(str(i) in said for i in ids) and "may still bill" in said, said
+            assert "`dask-vastai cleanup --cluster oneround`" in said and "503" in said, said
             deletes = [r for r in emu.requests
                        if r["method"] == "DELETE" and wall_started <= r["time"] <= wall_closed]
             assert deletes and all(r["status"] == 503 for r in deletes), deletes
