@@ -31,7 +31,7 @@ from .tunnel import ClusterKey
 from .vast import VastAPI
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # holds api_key and secret_env as given: no repr
 class ClusterArguments:
     """``VastAICluster``'s own options as given (None: the default in ``vastai.yaml``).
 

@@ -93,3 +93,9 @@ def test_too_many_positional_options_say_which_go_by_position() -> None:
         VastAICluster("RTX_3090", 1, 2)
     with pytest.raises(TypeError, match="multiple values for argument 'n'"):
         VastAICluster("RTX_3090", 1, n=2)
+
+
+def test_the_arguments_as_given_show_no_secret() -> None:
+    arguments, _ = ClusterArguments.from_call((), {"api_key": "sekrit-key", "secret_env": {"T": "sekrit-env"}})
+    for text in (repr(arguments), str(arguments)):
+        assert "sekrit" not in text, text
