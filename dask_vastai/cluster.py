@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import inspect
 import logging
 import math
-import textwrap
 import time
 import warnings
 from collections.abc import Collection, Mapping, Sequence
@@ -33,7 +33,7 @@ from tornado.ioloop import PeriodicCallback
 from .adaptive import GPUAdaptive, GPUDemandPolicy, idle_timeout_s, ignored_keywords
 from .bootstrap import onstart_script
 from .budget import BudgetGuard
-from .cluster_options import CLUSTER_OPTIONS_DOC, ClusterOptions
+from .cluster_options import ClusterArguments, ClusterOptions, cluster_parameters
 from .config import option
 from .exceptions import (
     BootFailed,
@@ -93,37 +93,13 @@ class VastAICluster(ClusterReadout, SpecCluster):
     ...     client = Client(cluster)
     """
 
-    def __init__(
-        self,
-        gpu: str | Sequence[str] | None = None,
-        n: int | None = None,
-        *,
-        n_workers: int | None = None,
-        secret_env: Mapping[str, str] | None = None,
-        packages: Sequence[str] | None = None,
-        pip_args: Sequence[str] | None = None,
-        python: str | None = None,
-        boot_timeout: float | None = None,
-        orphan_timeout: float | None = None,
-        api_key: str | None = None,
-        api_url: str | None = None,
-        name: str | None = None,
-        allow_worker_clients: bool | None = None,
-        pools: Sequence[Mapping[str, Any]] | None = None,
-        max_cost: float | None = None,
-        max_hourly: float | None = None,
-        dashboard_address: str | None = None,
-        scheduler_options: Mapping[str, Any] | None = None,
-        asynchronous: bool = False,
-        loop: Any = None,
-        quiet: bool = False,
-        silence_logs: str | int | bool | None = None,
-        **shape_options: Any,
-    ) -> None:
-        # Every argument but the display's and distributed's goes to ClusterOptions.read, which
-        # reads each one's default from vastai.yaml and fails here, on a bad value, naming it.
-        arguments = {k: v for k, v in locals().items() if k in ClusterOptions.ARGUMENTS}
-        options = ClusterOptions.read(**arguments, shape_options=shape_options)
+    def __init__(self, *args: Any, asynchronous: bool = False, loop: Any = None, **keywords: Any) -> None:
+        # The signature shown (help(), notebooks) is built from ClusterArguments and the shape
+        # options, where each option is written once (see the end of this module).
+        arguments, shape_options = ClusterArguments.from_call(args, keywords, also=("asynchronous", "loop"))
+        # ClusterOptions.read reads each option's default from vastai.yaml and fails here, on
+        # a bad value, naming it.
+        options = ClusterOptions.read(arguments, shape_options)
         cluster_name = options.name
         self._initial_n = options.initial_n
         self.boot_timeout_s, self.orphan_timeout_s = options.boot_timeout_s, options.orphan_timeout_s
@@ -143,11 +119,11 @@ class VastAICluster(ClusterReadout, SpecCluster):
         self._budget_guard: BudgetGuard | None = None
         self.hub: TunnelHub | None = None
         self.context: ClusterContext | None = None
-        self._quiet = quiet
+        self._quiet = options.quiet
         #: the last phase each instance reported (kept after it is gone: failures keep their reason)
         self._phases = PhaseBook()
         self._progress = Progress(
-            lambda: self.instances, mode=choose_mode(quiet),
+            lambda: self.instances, mode=choose_mode(options.quiet),
             message_every_s=float(option("progress.message-every")),
         )
         self._cluster_widget: ClusterWidget | None = None
@@ -160,7 +136,7 @@ class VastAICluster(ClusterReadout, SpecCluster):
                 scheduler={"cls": GuardedScheduler, "options": scheduler_opts},
                 worker={"cls": VastInstance, "options": {"pool": self.pools.default}},
                 asynchronous=asynchronous, loop=loop, security=self.security, name=cluster_name,
-                silence_logs=option("silence-logs", silence_logs),
+                silence_logs=options.silence_logs,
             )
         except BaseException:
             # SpecCluster leaves its loop thread running when _start() raises.
@@ -570,6 +546,9 @@ class VastAICluster(ClusterReadout, SpecCluster):
             await self._ask_traffic(self._traffic.direct_addresses(self.scheduler))  # what the workers counted last
         # SpecCluster's close scales only what scale(0) reaches: empty every pool.
         self.worker_spec.clear()
+        if self.broker is not None:
+            # The closing instances' destroys and the broker's close are one round, one deadline.
+            self.broker.begin_close()
         try:
             if self.status != Status.created:
                 with contextlib.suppress(asyncio.TimeoutError, TimeoutError, VastError):
@@ -577,13 +556,15 @@ class VastAICluster(ClusterReadout, SpecCluster):
                 with contextlib.suppress(Exception):
                     self._count_traffic()  # the closing workers' last reports
         finally:
-            # Whatever happened above, nothing may stay rented: the broker keeps trying through
-            # an outage (vastai.api.outage-timeout), then says what may still bill.
+            # Whatever happened above, nothing may stay rented: the broker's round rides out an
+            # outage for up to vastai.api.outage-timeout, then this says once what may still bill.
             if self.broker is not None:
                 try:
                     await self.broker.close()
                 except VastError as e:
-                    self._say_left_billing(e)
+                    message = self.broker.left_billing(e)
+                    self.log(f"ERROR {message}")
+                    logger.error("%s", message)
             if self.hub is not None:
                 with contextlib.suppress(Exception):
                     await self.hub.close()
@@ -595,19 +576,6 @@ class VastAICluster(ClusterReadout, SpecCluster):
             if self._cluster_widget is not None:
                 with contextlib.suppress(Exception):
                     self._cluster_widget.update()
-
-    def _say_left_billing(self, error: VastError) -> None:
-        """Close could not destroy everything: which rentals may bill, and what stops them."""
-        assert self.broker is not None
-        left = sorted(i for i, r in self.broker.records.items() if r.destroyed_at is None)
-        message = (
-            f"could not destroy rental(s) {left} of cluster {self.name!r}: {error}. They may still "
-            f"bill. Their watchdogs destroy them within orphan_timeout={self.orphan_timeout_s:.0f}s of "
-            f"this client's last heartbeat; to destroy them sooner, once Vast answers again, run "
-            f"`dask-vastai cleanup --cluster {self.name}`."
-        )
-        self.log(f"ERROR {message}")
-        logger.error("%s", message)
 
     # -------------------------------------------------------------- previews
     async def _offers(self) -> OfferPreview:
@@ -656,7 +624,12 @@ class VastAICluster(ClusterReadout, SpecCluster):
 
 
 VastAICluster.__doc__ = (VastAICluster.__doc__ or "").replace(
-    "CLUSTER_OPTIONS", textwrap.indent(CLUSTER_OPTIONS_DOC, "    ").strip()
+    "CLUSTER_OPTIONS", ClusterArguments.docs(indent="        ").strip()
 ).replace("SHAPE_OPTIONS", PoolShape.docs(indent="        ").strip())
-VastAICluster.__init__.__signature__ = with_shape_options(VastAICluster.__init__)  # type: ignore[attr-defined]
+# What help(), IDEs and notebooks show: the options by name and type (ClusterArguments and
+# PoolShape are their one list), then distributed's own two.
+_init = inspect.signature(VastAICluster.__init__).parameters
+VastAICluster.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [_init["self"], *cluster_parameters(), _init["asynchronous"], _init["loop"]], return_annotation="None",
+)
 VastAICluster.add_pool.__signature__ = with_shape_options(VastAICluster.add_pool)  # type: ignore[attr-defined]

@@ -664,10 +664,11 @@ class VastInstance(ProcessInterface):
             try:
                 await self.context.broker.destroy(self.record.instance_id)
             except VastError as e:
-                # Vast stays down (the broker retried through api.outage-timeout): the record
-                # stays undestroyed, so the broker's close tries again and then says what may
-                # still bill; raised from here it was a traceback out of SpecCluster's scale-down.
-                logger.info("could not destroy instance %s now: %s", self.record.instance_id, e)
+                # Vast stays down: the record stays undestroyed (and in the ledger). At the
+                # cluster's close this destroy was part of the broker's one round, whose close
+                # says once what may still bill; raised from here it was a traceback out of
+                # SpecCluster's scale-down.
+                logger.debug("could not destroy instance %s now: %s", self.record.instance_id, e)
             else:
                 if self.phase not in (Phase.FAILED, Phase.LOST):
                     self._enter(Phase.DESTROYED)

@@ -36,7 +36,7 @@ from dask.utils import parse_timedelta
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol import pickle
 
-from .config import option
+from .config import documented, option, option_docs, option_parameters
 from .environment import split_env
 from .exceptions import BootFailed, ImpossibleResources
 from .images import check_image_name
@@ -55,8 +55,7 @@ STANDARD_RESOURCES = ("GPU", "CPU", "MEMORY")
 DEFAULT_POOL = "default"
 
 
-def _doc(text: str) -> Any:
-    return field(default=None, metadata={"doc": text})
+_doc = documented
 
 
 @dataclass(frozen=True)
@@ -135,11 +134,7 @@ class PoolShape:
     @classmethod
     def docs(cls, indent: str = "    ") -> str:
         """The options' docs, numpydoc style, for the docstrings of the classes that take them."""
-        lines = []
-        for f in dataclasses.fields(cls):
-            lines.append(f"{indent[:-4]}{f.name}:")
-            lines.append(textwrap.fill(f.metadata["doc"], 92, initial_indent=indent, subsequent_indent=indent))
-        return "\n".join(lines)
+        return option_docs(cls, indent)
 
 
 def with_shape_options(func: Callable[..., Any]) -> inspect.Signature:
@@ -150,10 +145,7 @@ def with_shape_options(func: Callable[..., Any]) -> inspect.Signature:
     sig = inspect.signature(func)
     params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     taken = {p.name for p in params}
-    params += [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
-        for name in PoolShape.option_names() if name not in taken
-    ]
+    params += [p for p in option_parameters(PoolShape) if p.name not in taken]
     return sig.replace(parameters=params)
 
 

@@ -21,6 +21,13 @@ Spending caps (:mod:`dask_vastai.budget`) act here, on every rental whoever asks
 create that would pass ``max_hourly`` or ``max_cost`` is not sent (:class:`BudgetExceeded`),
 and once ``max_cost`` is near every rental is destroyed and no more are made
 (:class:`BudgetExhausted`).
+
+Closing is one round, owned here: from :meth:`RentalBroker.begin_close` on, the destroys the
+closing instances hand in (batched as always) and :meth:`RentalBroker.close`'s own share one
+deadline, ``vastai.api.outage-timeout`` from the start of the close (every call of the round
+stops retrying there: :meth:`VastAPI.until`). What is still not destroyed then stays in the
+ledger (the exit handler and ``dask-vastai cleanup`` take it from there) and close raises once,
+with what Vast last answered; it is never tried a second time over.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import re
 import secrets
 import time
@@ -252,6 +260,11 @@ class RentalBroker:
         #: the instances' watchdog timeout: what a long pause of this process means for them
         self.orphan_timeout_s = orphan_timeout_s
         self._background: set[asyncio.Task[Any]] = set()
+        #: when (``time.monotonic()``) the close's one round of destroys ends (None: not closing;
+        #: inf: no deadline, each call's own attempts decide)
+        self.close_deadline: float | None = None
+        #: the last failed destroy of the close's round: what close says when time has run out
+        self._close_error: VastError | None = None
 
     # ------------------------------------------------------------------ renting
     async def rent(
@@ -735,8 +748,11 @@ class RentalBroker:
             await asyncio.sleep(self.batch_window_s)
             batch, self._destroy_queue = self._destroy_queue, []
             try:
-                await self._destroy_now(sorted({i for i, _ in batch}))
+                with self.api.until(self._until()):
+                    await self._destroy_now(sorted({i for i, _ in batch}))
             except BaseException as e:
+                if isinstance(e, VastError) and self.close_deadline is not None:
+                    self._close_error = e  # close says it, once, if time runs out
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(e)
@@ -746,6 +762,10 @@ class RentalBroker:
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
+
+    def _until(self) -> float | None:
+        """The deadline of the calls made now: the close's, once closing has begun."""
+        return None if self.close_deadline in (None, math.inf) else self.close_deadline
 
     async def _destroy_now(self, ids: list[int]) -> None:
         if not ids:
@@ -776,19 +796,55 @@ class RentalBroker:
                 logger.warning("could not list this cluster's rentals for strays: %s", e)
         await self._destroy_now(alive)
 
-    async def close(self) -> None:
-        """Stop renting, then destroy everything (strays of a bulk create cut short included)."""
+    def begin_close(self) -> None:
+        """Stop renting; from now on every destroy (the closing instances', then :meth:`close`'s)
+        belongs to one round that ends ``vastai.api.outage-timeout`` seconds from now."""
+        if self.close_deadline is not None:
+            return
+        timeout_s = self.api.outage_timeout_s
+        self.close_deadline = time.monotonic() + timeout_s if timeout_s > 0 else math.inf
         flush = self._rent_flush
         if flush is not None and not flush.done():
             flush.cancel()
+
+    async def close(self) -> None:
+        """Stop renting, then destroy everything (strays of a bulk create cut short included), in
+        the one round :meth:`begin_close` started: the instances' destroys in flight are waited
+        for, then what is left is destroyed within the same deadline. Raises the round's
+        :class:`VastError` when rentals are left (they stay in the ledger)."""
+        self.begin_close()
+        flush = self._rent_flush
+        if flush is not None and not flush.done():
             with contextlib.suppress(BaseException):
                 await flush
         try:
-            await self.destroy_all()
+            # The instances' destroys first (they may be riding out an outage: not twice at once).
+            destroying = self._destroy_flush
+            if destroying is not None and not destroying.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(destroying)
+            if not self._batch_labels and all(r.destroyed_at is not None for r in self.records.values()):
+                return
+            if self._close_error is not None:
+                # Its calls retried until the deadline (or gave up for good): the round is over,
+                # said once by the caller, not tried a second time.
+                raise self._close_error
+            with self.api.until(self._until()):
+                await self.destroy_all()
         finally:
             for task in (self._poller, self._destroy_flush, self._budget_watch, *self._labelling, *self._background):
                 if task is not None and not task.done():
                     task.cancel()
+
+    def left_billing(self, error: VastError) -> str:
+        """What to tell the user when :meth:`close` raised ``error``: the rentals that may bill, and what stops them."""
+        left = sorted(i for i, r in self.records.items() if r.destroyed_at is None)
+        watchdog = (f"Their watchdogs destroy them within orphan_timeout={self.orphan_timeout_s:.0f}s of this "
+                    "client's last heartbeat; to destroy them sooner" if self.orphan_timeout_s else "To destroy them")
+        return (
+            f"could not destroy rental(s) {left} of cluster {self.cluster_name!r}: {error}. They may still "
+            f"bill. {watchdog}, once Vast answers again, run `dask-vastai cleanup --cluster {self.cluster_name}`."
+        )
 
     # ------------------------------------------------------------------ money
     @property

@@ -188,6 +188,10 @@ class Pacer:
     def interval(self, endpoint: str) -> float:
         return self.intervals_s.get(endpoint, 0.0)
 
+    def wait_s(self, endpoint: str) -> float:
+        """Seconds before ``endpoint``'s next turn, as far as this process knows."""
+        return max(0.0, self._next_at.get(endpoint, 0.0) - time.monotonic())
+
     async def _wait_local(self, endpoint: str) -> None:
         delay = self._next_at.get(endpoint, 0.0) - time.monotonic()
         if delay > 0:

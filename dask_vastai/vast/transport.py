@@ -25,6 +25,8 @@ What a caller can rely on:
   every ``outage-notice-every`` seconds (to :attr:`VastTransport.on_outage`). Before its
   first answer, a refused connection or an unknown host fails within ``first-contact-timeout``
   (a few quick tries), naming the URL: that is a wrong ``api_url`` or no network, not an outage.
+  A caller with one deadline for many calls (a cluster's close) sets it with
+  :meth:`VastTransport.until`: retries and requests then stop there, however many calls.
 * **Redirects** to the same origin (scheme, host and port of ``api_url``) are followed with
   the key, as the SDK does (Vast's route table has trailing slashes: ``/users/current/``); a
   redirect to any other origin is refused *before* the key could go there.
@@ -40,13 +42,16 @@ What a caller can rely on:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import random
 import re
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Self
@@ -89,6 +94,15 @@ _AMBIGUOUS_CREATE_STATUS = frozenset({500, 504})
 MAX_REDIRECTS = 5
 #: a 429 asking to wait longer than this fails at once instead of stalling the caller
 MAX_RETRY_AFTER_S = 300.0
+#: the ``time.monotonic()`` by which the calls of this task (and the tasks it starts) end, retries
+#: included (None: each call's own limits); set by :meth:`VastTransport.until`
+_DEADLINE: ContextVar[float | None] = ContextVar("dask_vastai_vast_call_deadline", default=None)
+
+
+def _left_s(default: float) -> float:
+    """Seconds left before the deadline of :meth:`VastTransport.until`; ``default`` without one."""
+    deadline = _DEADLINE.get()
+    return default if deadline is None else deadline - time.monotonic()
 
 
 def _retry_after_s(value: str | None) -> float | None:
@@ -297,8 +311,22 @@ class VastTransport:
         return yarl.URL(text, encoded=True)
 
     def _backoff(self, attempt: int) -> float:
+        """Seconds before retry ``attempt + 1``: doubling with jitter, never past :meth:`until`'s deadline."""
         base = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1))
-        return base * random.uniform(0.5, 1.0)
+        return min(base * random.uniform(0.5, 1.0), _left_s(math.inf))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def until(deadline: float | None) -> Iterator[None]:
+        """Calls made inside (and in tasks started inside) retry no later than ``deadline``
+        (``time.monotonic()``), and no request outlives it: they then raise their usual error,
+        naming what Vast last answered. For a caller with one deadline for many calls (a
+        cluster's close), where each call's own ``outage_timeout_s`` would add up."""
+        token = _DEADLINE.set(deadline)
+        try:
+            yield
+        finally:
+            _DEADLINE.reset(token)
 
     async def _call(
         self,
@@ -321,13 +349,19 @@ class VastTransport:
         where = f"{method} {path}"
         last_problem = ""
         outage_since: float | None = None  # when this call first failed as in an outage
+        #: what this call raises if it stops before its next try (the caller's deadline came)
+        pending: VastError | None = None
         first_try = time.monotonic()
         attempt = 0
         while True:
             attempt += 1
             started = time.monotonic()
+            if pending is not None and self._pacer.wait_s(endpoint) >= _left_s(math.inf):
+                raise pending  # this endpoint's next turn comes after until()'s deadline
             try:
                 async with self._pacer.turn(endpoint):
+                    if pending is not None and _left_s(1.0) <= 0:
+                        raise pending  # the wait for this endpoint's turn ran past until()'s deadline
                     started = time.monotonic()
                     status, text, retry_after = await self._send(method, url, body, where)
             except (TimeoutError, aiohttp.ClientError) as e:
@@ -353,14 +387,16 @@ class VastTransport:
                         "and the network; Vast's status is at https://status.vast.ai"
                     ) from e
                 outage_since = started if outage_since is None else outage_since
-                if not hopeless and self._keep_trying(attempt, outage_since, where, last_problem):
-                    await asyncio.sleep(self._backoff(attempt))
-                    continue
-                raise VastUnreachable(
+                unreachable = VastUnreachable(
                     f"Could not reach Vast at {self.api_url} ({where} {last_problem}, {attempt} attempts"
                     f"{_over(outage_since)}). Check the network and api_url; Vast's status is at "
                     "https://status.vast.ai"
-                ) from e
+                )
+                if not hopeless and self._keep_trying(attempt, outage_since, where, last_problem):
+                    pending = unreachable
+                    await asyncio.sleep(self._backoff(attempt))
+                    continue
+                raise unreachable from e
             if status < 500:
                 self.answered = True  # a 5xx may come from a proxy in front of a Vast never reached
             elapsed_ms = 1000 * (time.monotonic() - started)
@@ -397,15 +433,17 @@ class VastTransport:
                 if create and status in _AMBIGUOUS_CREATE_STATUS:
                     raise AmbiguousCreate(f"{where} answered {status} ({msg or error or 'no message'})", settled=False)
                 outage_since = started if outage_since is None else outage_since
-                if self._keep_trying(attempt, outage_since, where, f"answered {status}"):
-                    await asyncio.sleep(self._backoff(attempt))
-                    continue
-                raise VastServerError(
+                server_error = VastServerError(
                     f"Vast answered {status} to {where} {attempt} times{_over(outage_since)} "
                     f"({msg or error or 'no message'}). Vast may be having trouble (https://status.vast.ai); "
                     "retry later.",
                     status=status, error=error, msg=msg,
                 )
+                if self._keep_trying(attempt, outage_since, where, f"answered {status}"):
+                    pending = server_error
+                    await asyncio.sleep(self._backoff(attempt))
+                    continue
+                raise server_error
             if status < 300 and isinstance(parsed, str) and not create:  # a create's caller reads it
                 raise VastRequestError(
                     f"{self.api_url} answered {where} with something that is not JSON "
@@ -428,6 +466,8 @@ class VastTransport:
         Up to ``max_attempts``; beyond, through an outage of a Vast that answered before, for up
         to ``outage_timeout_s``, saying every ``outage-notice-every`` seconds that it waits.
         """
+        if _left_s(1.0) <= 0:
+            return False  # the caller's deadline (until()) has come
         elapsed = time.monotonic() - since
         outage = self.answered and elapsed < self.outage_timeout_s
         if attempt >= self.max_attempts and not outage:
@@ -435,7 +475,7 @@ class VastTransport:
         if self.answered and elapsed >= self.outage_notice_every_s and \
                 time.monotonic() - self._last_notice >= self.outage_notice_every_s:
             self._last_notice = time.monotonic()
-            left = max(0.0, self.outage_timeout_s - elapsed)
+            left = max(0.0, min(self.outage_timeout_s - elapsed, _left_s(math.inf)))
             notice = (f"waiting for Vast: {where} {problem} for {elapsed:.0f}s ({self.api_url}; status at "
                       f"https://status.vast.ai); retrying for up to {left:.0f}s more (vastai.api.outage-timeout)")
             if self.on_outage is not None:
@@ -454,8 +494,10 @@ class VastTransport:
         """
         origin = yarl.URL(self.api_url).origin()
         for _hop in range(MAX_REDIRECTS + 1):
+            left = _left_s(self.request_timeout_s)  # a request ends by the caller's deadline too
             async with self._get_session().request(
                 method, url, json=body, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=max(0.1, min(self.request_timeout_s, left))),
                 headers={**self._headers, "Authorization": f"Bearer {self._api_key.reveal()}"},
             ) as resp:
                 status = resp.status
