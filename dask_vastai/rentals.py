@@ -282,6 +282,8 @@ class RentalBroker:
         """
         if self.exhausted is not None:
             raise self.exhausted
+        if self.close_deadline is not None:
+            raise BootFailed(f"not renting for {worker_name}: the cluster is closing")
         if LEDGER.closing:
             # A signal or the interpreter's exit is destroying this process's rentals from
             # another thread: one rented now would outlive it (billing until its watchdog).
@@ -310,9 +312,12 @@ class RentalBroker:
         try:
             records = await self._rent_batch([name for name, _, _ in group], requirements, create_request)
         except BaseException as e:
+            # Cancelled (the cluster closes while the create is in flight): its waiters get a
+            # boot failure, never a CancelledError of a task that was not theirs.
+            error = e if isinstance(e, Exception) else BootFailed("the cluster closed while this rental was being created")
             for _, _, fut in group:
                 if not fut.done():
-                    fut.set_exception(e)
+                    fut.set_exception(error)
             if not isinstance(e, Exception):
                 raise
             return
@@ -831,6 +836,12 @@ class RentalBroker:
         flush = self._rent_flush
         if flush is not None and not flush.done():
             flush.cancel()
+        # Rents still waiting for their batch: refused, or their instances' starts (which
+        # SpecCluster's scale-down waits for) would wait forever.
+        queued, self._rent_queue = self._rent_queue, []
+        for worker_name, _, fut in queued:
+            if not fut.done():
+                fut.set_exception(BootFailed(f"not renting for {worker_name}: the cluster is closing"))
 
     async def close(self) -> None:
         """Stop renting, then destroy everything (strays of a bulk create cut short included), in

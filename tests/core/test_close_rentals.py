@@ -1,4 +1,5 @@
-"""Closing destroys every rental in one bulk call, however the instances' closes straggle.
+"""Closing: every rental destroyed in one bulk call, however the instances' closes straggle,
+and a rental still waiting for its create refused at once.
 
 At a cluster's close each instance tears its SSH link down, then asks the broker to destroy
 its rental. Those calls arrive spread over the teardowns; with Vast's paced destroy endpoint
@@ -12,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
+from dask_vastai.exceptions import BootFailed
 from dask_vastai.offers import OfferRequirements
 from dask_vastai.rentals import RentalBroker
 from dask_vastai.vast import CreateRequest, VastAPI
@@ -80,4 +84,32 @@ def test_a_rental_destroyed_twice_at_once_costs_one_call(emulator_rate_limited) 
 
     started = asyncio.run(scenario())
     assert len(_deletes_since(emu, started)) == 2, _deletes_since(emu, started)
+    assert emu.instances() == []
+
+
+def test_a_rent_waiting_for_its_create_at_close_is_refused_at_once(emulator_rate_limited) -> None:
+    """``scale(2)`` then ``close()`` at once: the second rental's create waits Vast's paced turn
+    (4.5 s after the first). Close refuses it within a second (its instance's start, which
+    SpecCluster's scale-down waits for, had waited forever), and nothing is left rented."""
+    emu = emulator_rate_limited
+
+    async def scenario() -> float:
+        async with VastAPI(api_key=emu.api_key, api_url=emu.url) as api:
+            broker = _broker(api, "late")
+            await broker.rent("late-0")
+            late = asyncio.create_task(broker.rent("late-1"))
+            await asyncio.sleep(0.5)
+            assert not late.done(), "its create waits for the endpoint's next turn"
+            closing = time.monotonic()
+            broker.begin_close()
+            with pytest.raises(BootFailed, match="clos"):
+                await asyncio.wait_for(late, 10)
+            refused_s = time.monotonic() - closing
+            with pytest.raises(BootFailed, match="the cluster is closing"):
+                await broker.rent("late-2")
+            await broker.close()
+            return refused_s
+
+    refused_s = asyncio.run(scenario())
+    assert refused_s < 1.0, refused_s
     assert emu.instances() == []
