@@ -242,6 +242,10 @@ class VastInstance(ProcessInterface):
                     if self.record.lost is not None:
                         self._replacing = self.record.instance_id
                     await self._drop_rental(self.record, e)
+                if self.context.broker.close_deadline is not None:
+                    # The cluster is closing: no retry, and not a boot failure of the pool's.
+                    self.status = Status.failed
+                    return False
                 if attempts >= self.context.max_boot_attempts or not retry:
                     self.status = Status.failed
                     if self.context.on_boot_outcome is not None:

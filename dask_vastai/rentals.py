@@ -231,6 +231,9 @@ class RentalBroker:
         self._rent_flush: asyncio.Task[None] | None = None
         self._destroy_queue: list[tuple[int, asyncio.Future[None]]] = []
         self._destroy_flush: asyncio.Task[None] | None = None
+        #: rentals queued for or in a destroy call, and the future that call's end sets: a second
+        #: destroy of one of them joins it (never a second paced call for the same rental)
+        self._destroying: dict[int, asyncio.Future[None]] = {}
         self._poller: asyncio.Task[None] | None = None
         self._tried_offers: set[int] = set()
         #: seconds a boot may sit in a state before it counts as failed (vastai.boot-state-grace)
@@ -279,6 +282,8 @@ class RentalBroker:
         """
         if self.exhausted is not None:
             raise self.exhausted
+        if self.close_deadline is not None:
+            raise BootFailed(f"not renting for {worker_name}: the cluster is closing")
         if LEDGER.closing:
             # A signal or the interpreter's exit is destroying this process's rentals from
             # another thread: one rented now would outlive it (billing until its watchdog).
@@ -307,9 +312,12 @@ class RentalBroker:
         try:
             records = await self._rent_batch([name for name, _, _ in group], requirements, create_request)
         except BaseException as e:
+            # Cancelled (the cluster closes while the create is in flight): its waiters get a
+            # boot failure, never a CancelledError of a task that was not theirs.
+            error = e if isinstance(e, Exception) else BootFailed("the cluster closed while this rental was being created")
             for _, _, fut in group:
                 if not fut.done():
-                    fut.set_exception(e)
+                    fut.set_exception(error)
             if not isinstance(e, Exception):
                 raise
             return
@@ -733,19 +741,37 @@ class RentalBroker:
 
     # -------------------------------------------------------------- destroying
     async def destroy(self, instance_id: int) -> None:
-        """Destroy one rental; calls arriving together share one bulk destroy."""
+        """Destroy one rental; calls arriving together share one bulk destroy, and a rental
+        already queued or in a destroy call is waited for, not destroyed again."""
         record = self.records.get(instance_id)
         if record is not None and record.destroyed_at is not None:
             return
+        fut = self._destroying.get(instance_id)
+        if fut is None:
+            fut = self._queue_destroy(instance_id)
+        await asyncio.shield(fut)
+
+    def _queue_destroy(self, instance_id: int) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A destroy nobody awaits (the close's, below) must not warn "exception never retrieved".
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._destroying[instance_id] = fut
         self._destroy_queue.append((instance_id, fut))
         if self._destroy_flush is None or self._destroy_flush.done():
             self._destroy_flush = asyncio.create_task(self._flush_destroys())
-        await asyncio.shield(fut)
+        return fut
 
     async def _flush_destroys(self) -> None:
         while self._destroy_queue:  # as in _flush_rents: late arrivals get the next round
             await asyncio.sleep(self.batch_window_s)
+            if self.close_deadline is not None:
+                # Closing: every rental goes, so the first instance's destroy takes them all in
+                # one bulk call. The instances close one by one (each tears its SSH link down
+                # first); a straggler would wait Vast's paced destroy interval (3 s) for a
+                # second call, every rental of the cluster billing meanwhile.
+                for instance_id, record in list(self.records.items()):
+                    if record.destroyed_at is None and instance_id not in self._destroying:
+                        self._queue_destroy(instance_id)
             batch, self._destroy_queue = self._destroy_queue, []
             try:
                 with self.api.until(self._until()):
@@ -759,6 +785,10 @@ class RentalBroker:
                 if not isinstance(e, Exception):
                     raise
                 continue
+            finally:
+                for instance_id, fut in batch:
+                    if self._destroying.get(instance_id) is fut:
+                        del self._destroying[instance_id]
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
@@ -806,6 +836,12 @@ class RentalBroker:
         flush = self._rent_flush
         if flush is not None and not flush.done():
             flush.cancel()
+        # Rents still waiting for their batch: refused, or their instances' starts (which
+        # SpecCluster's scale-down waits for) would wait forever.
+        queued, self._rent_queue = self._rent_queue, []
+        for worker_name, _, fut in queued:
+            if not fut.done():
+                fut.set_exception(BootFailed(f"not renting for {worker_name}: the cluster is closing"))
 
     async def close(self) -> None:
         """Stop renting, then destroy everything (strays of a bulk create cut short included), in

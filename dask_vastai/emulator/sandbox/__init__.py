@@ -45,6 +45,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,6 +157,7 @@ class SandboxRuntime:
         self._logs_after_stop: dict[int, str] = {}
         #: bytes (up, down) of the sandboxes a rental had before its current one (reboots, stops)
         self._traffic_before: dict[int, tuple[int, int]] = {}
+        self._traffic_lock = threading.Lock()
         #: each rental's /etc/ssh host keys, made at its first boot and kept across reboots
         self._host_keys: dict[int, dict[str, str]] = {}
         self._api = ApiRelay()
@@ -391,10 +393,13 @@ class SandboxRuntime:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(box.meter_reader), 2)  # the pipe ends with pid 1
             box.meter_reader.cancel()
-        before = self._traffic_before.get(instance_id, (0, 0))
-        self._traffic_before[instance_id] = (before[0] + box.traffic[0], before[1] + box.traffic[1])
+        # One step under the lock (the meter is read from other threads): a read between the
+        # two would count this sandbox's bytes twice, or not at all.
+        with self._traffic_lock:
+            before = self._traffic_before.get(instance_id, (0, 0))
+            self._traffic_before[instance_id] = (before[0] + box.traffic[0], before[1] + box.traffic[1])
+            self._sandboxes.pop(instance_id, None)
         await asyncio.to_thread(shutil.rmtree, box.directory, True)
-        self._sandboxes.pop(instance_id, None)
         self._slots.discard(box.slot)
         self._gpus_taken.difference_update(g.index for g in box.gpus)
 
@@ -405,9 +410,10 @@ class SandboxRuntime:
         TCP counters, relayed ports as they pass): what the instance sent and received on its
         "public" network, SSH and TLS overhead, installs and API calls included.
         """
-        before = self._traffic_before.get(instance_id, (0, 0))
-        box = self._sandboxes.get(instance_id)
-        now = box.traffic if box is not None else (0, 0)
+        with self._traffic_lock:
+            before = self._traffic_before.get(instance_id, (0, 0))
+            box = self._sandboxes.get(instance_id)
+            now = box.traffic if box is not None else (0, 0)
         return before[0] + now[0], before[1] + now[1]
 
     async def _read_meter(self, box: _Sandbox, fd: int) -> None:
