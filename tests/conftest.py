@@ -11,12 +11,15 @@
   behaviour, ``docs/emulator-variants.md``): the tests' default marketplace. A test that
   contradicts a strict variant by design pins it off (``market.variants.set(...)``), saying why.
 
-The doubles and helpers themselves live in ``tests/helpers/``; this file only makes fixtures.
+The doubles and helpers themselves live in ``tests/helpers/``; this file only makes fixtures,
+and gives Ctrl-C back to a suite started in the background (below).
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +30,13 @@ from dask_vastai.emulator import Emulator
 from tests.helpers.fake_vast import FakeVast
 from tests.helpers.oracle import Oracle
 from tests.helpers.sandbox import SANDBOX_OK, SANDBOX_WHY
+
+# A suite started in the background of a non-interactive shell (``bash -c '... &'``, some CI
+# runners) gets SIGINT ignored, and every process it starts inherits that: the tests that press
+# Ctrl-C on a snakemake run or a cluster script would wait for an exit that never comes. A
+# handler here (in the controller and in each xdist worker) becomes SIGINT's default in them.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 #: Under the strict profile a quarter of the hosts drop SYNs on their direct SSH port. A healthy
 #: emulated port accepts at once, so the suite gives a silent one 5 s (the default, 45 s, covers
