@@ -549,6 +549,8 @@ class VastAICluster(ClusterReadout, SpecCluster):
         if self.broker is not None:
             # The closing instances' destroys and the broker's close are one round, one deadline.
             self.broker.begin_close()
+        if self.hub is not None:
+            self.hub.expect_ends()
         try:
             if self.status != Status.created:
                 with contextlib.suppress(asyncio.TimeoutError, TimeoutError, VastError):

@@ -197,6 +197,9 @@ class VastInstance(ProcessInterface):
             record = self.record
             assert record is not None
             await self._until_lost(record)
+            if record.lost is None and (record.destroyed_at is not None
+                                        or (self.link is not None and self.link.end_expected)):
+                return  # destroyed, or its link closed, on purpose (the cluster closes): no loss
             if record.lost is None:
                 await self._reconnect(record)
             if record.lost is not None:

@@ -179,6 +179,15 @@ class InstanceLink:
         """Call ``callback()`` when the link is lost, not when it is closed on purpose."""
         self._callbacks.append(callback)
 
+    def expect_end(self) -> None:
+        """The instance is about to be destroyed on purpose (the cluster closes): its end is no loss."""
+        self._closing = True
+
+    @property
+    def end_expected(self) -> bool:
+        """Closed, or about to be, on purpose: its end is no loss."""
+        return self._closing
+
     async def run(self, command: str, *, timeout_s: float, check: bool = True) -> tuple[int, str, str]:
         """Run ``command`` through the instance's shell; (exit status, stdout, stderr).
 
@@ -557,6 +566,13 @@ class TunnelHub:
         for exposed in dropped:
             await _close_listeners(exposed)
         await link.close()
+
+    def expect_ends(self) -> None:
+        """Every instance is about to be destroyed (the cluster closes, and destroys them all in
+        one call while some links are still being torn down): their ends are not losses, neither
+        logged as such nor answered with a reconnect."""
+        for link in self.links.values():
+            link.expect_end()
 
     async def close(self) -> None:
         """Close every link (their workers are asked to stop first)."""

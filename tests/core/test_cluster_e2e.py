@@ -17,7 +17,7 @@ import pytest
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
 
-def test_user_story_four_instances(market) -> None:
+def test_user_story_four_instances(market, caplog) -> None:
     # Asserts the destroyed rows are gone once close returns: no lingering rows (strict: 5 s, unbilled).
     market.variants.set(destroy_linger_s=0)
     from distributed import Client, get_worker
@@ -53,8 +53,13 @@ def test_user_story_four_instances(market) -> None:
         rows = cluster.instances
         assert len(rows) == 4 and all(r["state"] == "registered" for r in rows)
         assert "instances=4" in repr(cluster)
+        caplog.clear()
     # after the with block: nothing rented, the meter stopped, the cost agrees with it
     assert market.instances() == []
+    # The close destroyed all four in one call while links were still being torn down: none
+    # of those ends is a loss (no "SSH link ... lost" warning, no reconnect).
+    ends = [r.getMessage() for r in caplog.records if "lost" in r.getMessage() or "reconnect" in r.getMessage()]
+    assert ends == [], ends
     meter = market.meter()
     billed = meter["total_usd"]
     assert billed > 0
