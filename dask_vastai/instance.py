@@ -245,7 +245,7 @@ class VastInstance(ProcessInterface):
                     if self.record.lost is not None:
                         self._replacing = self.record.instance_id
                     await self._drop_rental(self.record, e)
-                if self.context.broker.close_deadline is not None:
+                if self.context.broker.closing:
                     # The cluster is closing: no retry, and not a boot failure of the pool's.
                     self.status = Status.failed
                     return False

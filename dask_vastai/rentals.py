@@ -282,7 +282,7 @@ class RentalBroker:
         """
         if self.exhausted is not None:
             raise self.exhausted
-        if self.close_deadline is not None:
+        if self.closing:
             raise BootFailed(f"not renting for {worker_name}: the cluster is closing")
         if LEDGER.closing:
             # A signal or the interpreter's exit is destroying this process's rentals from
@@ -764,7 +764,7 @@ class RentalBroker:
     async def _flush_destroys(self) -> None:
         while self._destroy_queue:  # as in _flush_rents: late arrivals get the next round
             await asyncio.sleep(self.batch_window_s)
-            if self.close_deadline is not None:
+            if self.closing:
                 # Closing: every rental goes, so the first instance's destroy takes them all in
                 # one bulk call. The instances close one by one (each tears its SSH link down
                 # first); a straggler would wait Vast's paced destroy interval (3 s) for a
@@ -777,7 +777,7 @@ class RentalBroker:
                 with self.api.until(self._until()):
                     await self._destroy_now(sorted({i for i, _ in batch}))
             except BaseException as e:
-                if isinstance(e, VastError) and self.close_deadline is not None:
+                if isinstance(e, VastError) and self.closing:
                     self._close_error = e  # close says it, once, if time runs out
                 for _, fut in batch:
                     if not fut.done():
@@ -826,10 +826,15 @@ class RentalBroker:
                 logger.warning("could not list this cluster's rentals for strays: %s", e)
         await self._destroy_now(alive)
 
+    @property
+    def closing(self) -> bool:
+        """:meth:`begin_close` was called: nothing is rented any more, every destroy is the close's."""
+        return self.close_deadline is not None
+
     def begin_close(self) -> None:
         """Stop renting; from now on every destroy (the closing instances', then :meth:`close`'s)
         belongs to one round that ends ``vastai.api.outage-timeout`` seconds from now."""
-        if self.close_deadline is not None:
+        if self.closing:
             return
         timeout_s = self.api.outage_timeout_s
         self.close_deadline = time.monotonic() + timeout_s if timeout_s > 0 else math.inf
